@@ -1,0 +1,16 @@
+"""The `actex` command. Each area registers its subcommands from its own module; no logic lives here."""
+
+import typer
+
+from actex.cli import data, extract, fleet, reader
+
+app = typer.Typer(
+    name="actex",
+    help="Extract decoder-LLM activations exactly once into local disk, GCS or S3, and read them back.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+for area in (extract, data, reader, fleet):
+    area.register(app)
