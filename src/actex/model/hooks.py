@@ -1,0 +1,151 @@
+"""Hook point names (TransformerLens's), their validation, order and widths.
+
+A hook name is either global (`hook_embed`, `ln_final.hook_normalized`) or per block
+(`blocks.{l}.hook_resid_post`, ...). Everything else in actex refers to activations by
+these strings; this module is the only place that parses them.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import NamedTuple
+
+HOOK_EMBED = "hook_embed"
+HOOK_LN_FINAL = "ln_final.hook_normalized"
+
+# Per-block hook suffixes, in the order they are computed inside a block.
+BLOCK_HOOKS = (
+    "hook_resid_pre",
+    "hook_attn_out",
+    "hook_resid_mid",
+    "mlp.hook_post",
+    "hook_mlp_out",
+    "hook_resid_post",
+)
+
+# The legacy system's activation types, and the `activation` argument of hooks_for_layers.
+ACTIVATIONS = {
+    "residual": "hook_resid_post",
+    "mlp": "hook_mlp_out",
+    "attn": "hook_attn_out",
+}
+
+_BLOCK_RE = re.compile(r"blocks\.(\d+)\.(.+)")
+
+
+class HookPoint(NamedTuple):
+    """A parsed hook name: `layer` is None for the global hooks."""
+
+    name: str
+    layer: int | None
+    kind: str  # a BLOCK_HOOKS suffix, HOOK_EMBED or HOOK_LN_FINAL
+
+
+def _expected_names(n_layers: int) -> str:
+    return (
+        f"{HOOK_EMBED}, {HOOK_LN_FINAL}, or blocks.{{0..{n_layers - 1}}}."
+        f"{{{', '.join(BLOCK_HOOKS)}}}"
+    )
+
+
+def _check_layer(layer: int, n_layers: int) -> None:
+    if not 0 <= layer < n_layers:
+        raise ValueError(
+            f"layer {layer} out of range: model has {n_layers} layers (0-{n_layers - 1})"
+        )
+
+
+def parse_hook(name: str, n_layers: int) -> HookPoint:
+    """Validate one hook name against a model with `n_layers` blocks."""
+    if name in (HOOK_EMBED, HOOK_LN_FINAL):
+        return HookPoint(name, None, name)
+    match = _BLOCK_RE.fullmatch(name)
+    if match is None or match.group(2) not in BLOCK_HOOKS:
+        raise ValueError(f"unknown hook {name!r}; expected one of {_expected_names(n_layers)}")
+    layer = int(match.group(1))
+    _check_layer(layer, n_layers)
+    return HookPoint(name, layer, match.group(2))
+
+
+def _order_key(point: HookPoint, n_layers: int) -> tuple[int, int]:
+    # Canonical order is the order of computation: embed, blocks in depth order, ln_final.
+    if point.kind == HOOK_EMBED:
+        return (-1, 0)
+    if point.kind == HOOK_LN_FINAL:
+        return (n_layers, 0)
+    return (point.layer, BLOCK_HOOKS.index(point.kind))
+
+
+def parse_hooks(names, n_layers: int) -> tuple[str, ...]:
+    """Validated, de-duplicated hook names in canonical (computation) order.
+
+    `names` is an iterable of hook names or one comma-separated string.
+    """
+    if isinstance(names, str):
+        names = [part.strip() for part in names.split(",") if part.strip()]
+    points = {name: parse_hook(name, n_layers) for name in names}
+    if not points:
+        raise ValueError("no hooks given: name at least one hook point")
+    ordered = sorted(points.values(), key=lambda p: _order_key(p, n_layers))
+    return tuple(p.name for p in ordered)
+
+
+def parse_layers(layers: str | int | list[int], n_layers: int) -> list[int]:
+    """Layer selection: "all", "0-23", "0,4,8", "3", a list of ints; each in range."""
+    if isinstance(layers, int):
+        layers = [layers]
+    if isinstance(layers, str):
+        text = layers.strip()
+        if text == "all":
+            return list(range(n_layers))
+        selected: list[int] = []
+        for part in text.split(","):
+            part = part.strip()
+            span = re.fullmatch(r"(\d+)\s*-\s*(\d+)", part)
+            if span:
+                start, stop = int(span.group(1)), int(span.group(2))
+                if start > stop:
+                    raise ValueError(f"bad layer range {part!r}: start > end")
+                selected.extend(range(start, stop + 1))
+            elif part.isdigit():
+                selected.append(int(part))
+            else:
+                raise ValueError(
+                    f"bad layer selection {layers!r}: expected 'all', 'a-b' or 'a,b,c'"
+                )
+        layers = selected
+    for layer in layers:
+        _check_layer(int(layer), n_layers)
+    return sorted({int(layer) for layer in layers})
+
+
+def hooks_for_layers(layers: str | int | list[int], activation: str, n_layers: int) -> list[str]:
+    """Hook names for an activation type (residual/mlp/attn or a block hook suffix) at layers."""
+    kind = ACTIVATIONS.get(activation, activation)
+    if kind not in BLOCK_HOOKS:
+        raise ValueError(
+            f"unknown activation {activation!r}; expected one of "
+            f"{', '.join([*ACTIVATIONS, *BLOCK_HOOKS])}"
+        )
+    return [f"blocks.{layer}.{kind}" for layer in parse_layers(layers, n_layers)]
+
+
+def hook_width(config, hook: str) -> int:
+    """Width of a hook's activation per token: d_mlp for mlp.hook_post, else d_model."""
+    point = parse_hook(hook, config.n_layers)
+    return config.d_mlp if point.kind == "mlp.hook_post" else config.d_model
+
+
+def layers_needed(hooks: tuple[str, ...], n_layers: int) -> int:
+    """How many decoder blocks must run to produce `hooks` (no block past the deepest)."""
+    needed = 0
+    for name in hooks:
+        point = parse_hook(name, n_layers)
+        if point.kind == HOOK_LN_FINAL:
+            needed = max(needed, n_layers)
+        elif point.kind == "hook_resid_pre":
+            # The input of block l is the output of block l - 1: block l itself need not run.
+            needed = max(needed, point.layer)
+        elif point.layer is not None:
+            needed = max(needed, point.layer + 1)
+    return needed

@@ -1,0 +1,242 @@
+"""Hugging Face checkpoints (safetensors, single or sharded) -> actex parameters.
+
+No torch: tensors are read with safetensors' numpy backend (bfloat16 via ml_dtypes),
+transposed to [in, out] and stacked over layers on the host, then put on the device once.
+Every tensor the config implies is checked by name and shape before anything is stacked;
+tensors the model does not use are an error, except an LM head (never computed here).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+
+from actex.model.qwen2 import ModelConfig, Params, global_param_axes, layer_param_axes
+
+# Files a model needs: config, weights, tokenizer. Nothing else is downloaded.
+HUB_PATTERNS = [
+    "config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "generation_config.json",
+]
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+# HF tensor name (after "model.layers.{i}.") -> (actex name, transposed to [in, out]).
+_LAYER_NAMES = {
+    "input_layernorm.weight": ("attn_norm", False),
+    "self_attn.q_proj.weight": ("wq", True),
+    "self_attn.k_proj.weight": ("wk", True),
+    "self_attn.v_proj.weight": ("wv", True),
+    "self_attn.o_proj.weight": ("wo", True),
+    "self_attn.q_proj.bias": ("bq", False),
+    "self_attn.k_proj.bias": ("bk", False),
+    "self_attn.v_proj.bias": ("bv", False),
+    "self_attn.q_norm.weight": ("q_norm", False),
+    "self_attn.k_norm.weight": ("k_norm", False),
+    "post_attention_layernorm.weight": ("mlp_norm", False),
+    "mlp.gate_proj.weight": ("w_gate", True),
+    "mlp.up_proj.weight": ("w_up", True),
+    "mlp.down_proj.weight": ("w_down", True),
+}
+_GLOBAL_NAMES = {"embed_tokens.weight": "embed", "norm.weight": "final_norm"}
+# Present in some checkpoints, never needed: the LM head and RoPE buffers.
+_IGNORED = {"lm_head.weight"}
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    config: ModelConfig
+    params: Params
+    path: Path  # local directory holding config, weights and tokenizer
+    fingerprint: str  # sha256 of config.json + safetensors headers/index + revision
+    dtype: str  # parameter dtype: "float32" or "bfloat16"
+
+
+def resolve_model_dir(model: str, revision: str | None = None) -> tuple[Path, str]:
+    """A local directory, or a hub repo id downloaded into (or found in) the HF cache.
+
+    Returns (directory, revision): "local" for a directory, else the snapshot's commit.
+    With HF_HUB_OFFLINE=1 the cached snapshot is used without touching the network.
+    """
+    if Path(model).is_dir():
+        return Path(model), revision or "local"
+    from huggingface_hub import snapshot_download
+
+    path = Path(snapshot_download(model, revision=revision, allow_patterns=HUB_PATTERNS))
+    # Snapshot folders are named after the commit they hold: the revision that was used.
+    return path, path.name
+
+
+def _tensor_files(model_dir: Path) -> tuple[dict[str, Path], bytes]:
+    """Tensor name -> file holding it, and the index bytes (b"" for one file)."""
+    index = model_dir / INDEX_FILE
+    if index.exists():
+        index_bytes = index.read_bytes()
+        weight_map = json.loads(index_bytes)["weight_map"]
+        return {name: model_dir / file for name, file in weight_map.items()}, index_bytes
+    single = model_dir / SINGLE_FILE
+    if not single.exists():
+        raise FileNotFoundError(f"{model_dir}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
+    with safe_open(single, framework="np") as f:
+        return {name: single for name in f.keys()}, b""
+
+
+def _safetensors_header(path: Path) -> bytes:
+    """The JSON header of a safetensors file (names, dtypes, shapes, offsets): cheap to hash."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        return f.read(size)
+
+
+def fingerprint(model_dir: Path, files: set[Path], index_bytes: bytes, revision: str) -> str:
+    """Identity of the weights without hashing gigabytes: headers fix every tensor's
+    name, dtype, shape and byte offsets; the revision pins hub content."""
+    digest = hashlib.sha256((model_dir / "config.json").read_bytes())
+    digest.update(index_bytes)
+    for path in sorted(files):
+        digest.update(path.name.encode())
+        digest.update(_safetensors_header(path))
+    digest.update(revision.encode())
+    return digest.hexdigest()
+
+
+def _hf_names(config: ModelConfig, prefix: str) -> dict[str, tuple[str, int | None, bool]]:
+    """Expected HF tensor name -> (actex name, layer or None, transposed)."""
+    wanted = {}
+    layer_names = layer_param_axes(config)
+    for hf_suffix, (name, transposed) in _LAYER_NAMES.items():
+        if name in layer_names:
+            for layer in range(config.n_layers):
+                wanted[f"{prefix}layers.{layer}.{hf_suffix}"] = (name, layer, transposed)
+    for hf_suffix, name in _GLOBAL_NAMES.items():
+        wanted[prefix + hf_suffix] = (name, None, False)
+    return wanted
+
+
+def _check_names(found: dict[str, Path], wanted: dict, model_dir: Path) -> None:
+    for name in wanted:
+        if name not in found:
+            raise ValueError(f"{model_dir}: missing tensor {name!r}")
+    for name, path in found.items():
+        if name not in wanted and name not in _IGNORED and not name.endswith(_IGNORED_SUFFIXES):
+            raise ValueError(f"{path}: unexpected tensor {name!r} for this config")
+
+
+def _open_all(files: set[Path]):
+    return {path: safe_open(path, framework="np") for path in files}
+
+
+def load_params(
+    model_dir: Path, config: ModelConfig, dtype, max_layers: int | None = None
+) -> tuple[Params, bytes, set[Path]]:
+    """Read, check, transpose and stack the checkpoint's tensors (host numpy arrays)."""
+    found, index_bytes = _tensor_files(model_dir)
+    prefix = "model." if any(n.startswith("model.") for n in found) else ""
+    wanted = _hf_names(config, prefix)
+    _check_names(found, wanted, model_dir)
+    n_keep = config.n_layers if max_layers is None else min(max_layers, config.n_layers)
+    shapes = layer_param_axes(config) | global_param_axes(config)
+    handles = _open_all(set(found.values()))
+    np_dtype = np.dtype(dtype)
+
+    def check_shape(hf_name: str, expected: tuple[int, ...]) -> None:
+        stored = tuple(handles[found[hf_name]].get_slice(hf_name).get_shape())
+        if stored != tuple(expected):
+            raise ValueError(
+                f"{found[hf_name]}: tensor {hf_name!r} has shape {list(stored)}, "
+                f"expected {list(expected)} from config.json"
+            )
+
+    def stored_shape(name: str, transposed: bool) -> tuple[int, ...]:
+        shape = shapes[name][0]
+        return shape[::-1] if transposed else shape
+
+    # Check every shape, including layers not kept and an untied LM head, before loading.
+    for hf_name, (name, _, transposed) in wanted.items():
+        check_shape(hf_name, stored_shape(name, transposed))
+    head = "lm_head.weight"
+    if head in found:
+        check_shape(head, (config.vocab_size, config.d_model))
+
+    def read(hf_name: str, transposed: bool) -> np.ndarray:
+        tensor = handles[found[hf_name]].get_tensor(hf_name)
+        return (tensor.T if transposed else tensor).astype(np_dtype, copy=False)
+
+    by_name: dict[str, list] = {}
+    params: Params = {"layers": {}}
+    for hf_name, (name, layer, transposed) in wanted.items():
+        if layer is None:
+            params[name] = read(hf_name, transposed)
+        elif layer < n_keep:
+            by_name.setdefault(name, [None] * n_keep)[layer] = (hf_name, transposed)
+    for name, entries in by_name.items():
+        # [L, ...]: one contiguous stack per weight kind, so the blocks can be scanned.
+        params["layers"][name] = np.stack([read(h, t) for h, t in entries])
+    return params, index_bytes, set(found.values())
+
+
+def param_dtype(config: ModelConfig, dtype: str | None) -> str:
+    """The requested dtype, else the checkpoint's when supported, else float32."""
+    chosen = dtype or (config.dtype if config.dtype in _DTYPES else "float32")
+    if chosen not in _DTYPES:
+        raise ValueError(f"dtype {chosen!r} not supported; expected one of {sorted(_DTYPES)}")
+    return chosen
+
+
+def load_model(
+    model: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    dtype: str | None = None,
+    max_layers: int | None = None,
+) -> LoadedModel:
+    """Load config and weights from a local directory or a hub repo id.
+
+    `max_layers` keeps only the first blocks (enough for hooks up to that depth), which
+    saves host and device memory on big models; shapes of all tensors are still checked.
+    """
+    model_dir, resolved_revision = resolve_model_dir(str(model), revision)
+    config_path = model_dir / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{model_dir}: config.json not found")
+    config = ModelConfig.from_hf_config(json.loads(config_path.read_text()))
+    chosen = param_dtype(config, dtype)
+    host, index_bytes, files = load_params(model_dir, config, _DTYPES[chosen], max_layers)
+    params = jax.tree.map(jnp.asarray, host)
+    return LoadedModel(
+        config=config,
+        params=params,
+        path=model_dir,
+        fingerprint=fingerprint(model_dir, files, index_bytes, resolved_revision),
+        dtype=chosen,
+    )
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The fast tokenizer stored next to the weights."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path), use_fast=True)
+    if not tokenizer.is_fast:
+        raise ValueError(f"{path}: no fast tokenizer (tokenizer.json) found")
+    return tokenizer
