@@ -1,0 +1,65 @@
+"""Token ids per sample, with the long-sample policy applied and recorded in its meta.
+
+ARC prompts are already rendered through the chat template (special tokens included as
+text), so they are encoded without extra special tokens; text documents get a BOS token
+when `add_bos` is set. A sample longer than `max_seq_len` is truncated, split into windows
+(one document, several segments whose positions each restart at 0), or skipped (kept with
+no tokens so sample ids never shift).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from actex.data.config import DataConfig
+from actex.data.plan import Sample
+
+# Texts per call of the Rust tokenizer, which parallelises over a batch's texts.
+ENCODE_BATCH = 256
+
+
+@dataclass(frozen=True)
+class TokenizedSample:
+    sample_id: int
+    token_ids: np.ndarray  # [n_tokens] int32: every token stored for this sample
+    windows: tuple[tuple[int, int], ...]  # (start, stop) into token_ids, each <= max_seq_len
+    meta: dict[str, Any]  # the Sample's meta + n_tokens, n_source_tokens, truncated, windows, skipped
+
+
+def apply_long_policy(ids: np.ndarray, cfg: DataConfig) -> tuple[np.ndarray, tuple[tuple[int, int], ...], dict]:
+    """(kept ids, windows, meta additions) for one sample's full token ids."""
+    n, limit = len(ids), cfg.max_seq_len
+    info: dict[str, Any] = {"n_source_tokens": n, "truncated": False, "skipped": None}
+    if n > limit and cfg.long_policy == "skip":
+        ids = ids[:0]
+        info["skipped"] = f"{n} tokens > max_seq_len {limit}"
+    elif n > limit and cfg.long_policy == "truncate":
+        ids = ids[:limit]
+        info["truncated"] = True
+    windows = tuple((start, min(start + limit, len(ids))) for start in range(0, len(ids), limit))
+    info.update(n_tokens=len(ids), windows=len(windows))
+    return ids, windows, info
+
+
+def tokenize_samples(samples: Sequence[Sample], tokenizer, cfg: DataConfig) -> list[TokenizedSample]:
+    """Encode in batches with the fast tokenizer, then apply the long-sample policy."""
+    bos = _bos_id(tokenizer) if cfg.add_bos and cfg.format == "text" else None
+    out: list[TokenizedSample] = []
+    for begin in range(0, len(samples), ENCODE_BATCH):
+        batch = samples[begin : begin + ENCODE_BATCH]
+        encoded = tokenizer([s.text for s in batch], add_special_tokens=False)["input_ids"]
+        for sample, ids in zip(batch, encoded):
+            full = np.asarray(([bos] if bos is not None else []) + list(ids), dtype=np.int32)
+            kept, windows, info = apply_long_policy(full, cfg)
+            out.append(TokenizedSample(sample.sample_id, kept, windows, {**sample.meta, **info}))
+    return out
+
+
+def _bos_id(tokenizer) -> int:
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        raise ValueError(f"add_bos is set but tokenizer {tokenizer.name_or_path!r} has no BOS token")
+    return bos
