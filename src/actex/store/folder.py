@@ -1,0 +1,560 @@
+"""One folder on local disk, memory, GCS or S3, addressed by paths relative to its root.
+
+Every byte actex stores goes through `Store`. Plain reads, listings and deletes use the
+fsspec filesystem as is; the four operations whose semantics differ per backend live in a
+small backend class each:
+
+* `write`              local: temp file + fsync + rename, so a reader never sees half a file;
+                       object stores: one single-shot or resumable upload (atomic by nature).
+* `create_exclusive`   conditional create, the primitive behind commit records and run.json:
+                       GCS `ifGenerationMatch=0`, S3 `If-None-Match: *`, local `link(2)` of a
+                       fsynced temp file (fails with EEXIST), memory: a process-wide lock.
+* `read_versioned`     bytes plus an opaque version token (GCS generation, S3 ETag, local
+                       inode + mtime + content hash, memory counter), read in one response.
+* `replace_if_version` compare-and-swap on that token (GCS `ifGenerationMatch=<gen>`,
+                       S3 `If-Match: <etag>`, local rename under flock of the directory).
+
+Transient failures (5xx, 429, timeouts, resets) are retried by one `RetryPolicy` that
+wraps every operation; the final error names the object and the cause.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import itertools
+import json
+import os
+import random
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, TypeVar
+from urllib.parse import quote
+
+import fsspec
+
+T = TypeVar("T")
+
+# Local temp files carry this prefix; `Store.list` hides them.
+TEMP_PREFIX = ".actex-tmp-"
+
+
+class StoreError(OSError):
+    """A store operation failed for good (after retries, or for a non-transient reason)."""
+
+
+class TransientStoreError(StoreError):
+    """A failure worth retrying; also what tests raise to inject faults."""
+
+
+# ----------------------------------------------------------------------------- retries
+
+_TRANSIENT_HTTP = {408, 429, 500, 502, 503, 504}
+# S3 answers concurrent conditional writes on one key with 409 ConditionalRequestConflict
+# and asks the client to retry; the other codes are its spellings of 5xx / throttling.
+_TRANSIENT_S3_CODES = {
+    "ConditionalRequestConflict", "InternalError", "ServiceUnavailable", "SlowDown",
+    "RequestTimeout", "RequestTimeTooSkewed", "Throttling", "ThrottlingException",
+}
+
+
+def _transient_library_errors() -> tuple[type[BaseException], ...]:
+    """Connection-level error classes of the HTTP stacks under gcsfs and s3fs, if installed."""
+    found: list[type[BaseException]] = []
+    try:
+        import aiohttp
+
+        found += [aiohttp.ClientConnectionError, aiohttp.ClientPayloadError]
+    except ImportError:
+        pass
+    try:
+        import botocore.exceptions as bce
+
+        found += [bce.HTTPClientError, bce.ConnectionError]
+    except ImportError:
+        pass
+    return tuple(found)
+
+
+_LIBRARY_TRANSIENT = _transient_library_errors()
+
+
+def _http_status(exc: BaseException) -> int | None:
+    """The HTTP status an exception carries: gcsfs HttpError `.code`, botocore `.response`."""
+    code = getattr(exc, "code", None)
+    if isinstance(code, int):
+        return code
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return status if isinstance(status, int) else None
+    return None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for failures another attempt may cure: 5xx/429/408, timeouts, resets.
+
+    Libraries wrap their errors (s3fs turns botocore errors into OSError), so the whole
+    `__cause__` / `__context__` chain is inspected.
+    """
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, (FileNotFoundError, FileExistsError, PermissionError)):
+            return False
+        if isinstance(cur, (TransientStoreError, ConnectionError, TimeoutError) + _LIBRARY_TRANSIENT):
+            return True
+        if _http_status(cur) in _TRANSIENT_HTTP:
+            return True
+        response = getattr(cur, "response", None)
+        if isinstance(response, dict) and response.get("Error", {}).get("Code") in _TRANSIENT_S3_CODES:
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter, bounded attempts.
+
+    Delay before retry n (1-based) is uniform in [0, min(max_delay, base_delay * 2**(n-1))];
+    full jitter spreads a fleet of workers that all saw the same outage.
+    """
+
+    attempts: int = 6
+    base_delay: float = 0.25
+    max_delay: float = 10.0
+
+    def call(self, fn: Callable[[], T], *, what: str) -> T:
+        for attempt in itertools.count(1):
+            try:
+                return fn()
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                if attempt >= self.attempts:
+                    raise StoreError(
+                        f"{what} failed after {attempt} attempts: {type(exc).__name__}: {exc}"
+                    ) from exc
+                time.sleep(random.uniform(0, min(self.max_delay, self.base_delay * 2 ** (attempt - 1))))
+        raise AssertionError("unreachable")
+
+
+# ----------------------------------------------------------------------------- backends
+
+
+class _Backend:
+    """Writes and conditional operations of one filesystem family; `path` is absolute."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem):
+        self.fs = fs
+
+    def write(self, path: str, data: bytes) -> None:
+        self.fs.pipe_file(path, data)
+
+    def create_exclusive(self, path: str, data: bytes) -> bool:
+        try:
+            self.fs.pipe_file(path, data, mode="create")
+        except FileExistsError:
+            return False
+        return True
+
+    def read_versioned(self, path: str) -> tuple[bytes, str]:
+        raise StoreError(f"{self.fs.protocol} has no versioned reads; use gs://, s3://, memory:// or a local path")
+
+    def replace_if_version(self, path: str, data: bytes, version: str) -> bool:
+        raise StoreError(f"{self.fs.protocol} has no conditional replace; use gs://, s3://, memory:// or a local path")
+
+
+class _LocalBackend(_Backend):
+    """POSIX: rename for atomic writes, link(2) for exclusive create, flock for compare-and-swap."""
+
+    def _write_temp(self, path: str, data: bytes) -> str:
+        directory = os.path.dirname(path)
+        os.makedirs(directory, exist_ok=True)
+        temp = os.path.join(directory, f"{TEMP_PREFIX}{secrets.token_hex(8)}")
+        with open(temp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return temp
+
+    @staticmethod
+    def _fsync_dir(directory: str) -> None:
+        # The new directory entry must survive a crash too, not just the file's bytes.
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def write(self, path: str, data: bytes) -> None:
+        temp = self._write_temp(path, data)
+        try:
+            os.replace(temp, path)
+        except BaseException:
+            os.unlink(temp)
+            raise
+        self._fsync_dir(os.path.dirname(path))
+
+    def create_exclusive(self, path: str, data: bytes) -> bool:
+        # link(2) publishes the complete, fsynced file under its final name or fails with
+        # EEXIST; O_CREAT|O_EXCL on the final name would expose a half-written file.
+        temp = self._write_temp(path, data)
+        try:
+            os.link(temp, path)
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(temp)
+        self._fsync_dir(os.path.dirname(path))
+        return True
+
+    @staticmethod
+    def _version(fd: int, data: bytes) -> str:
+        # inode + mtime alone can repeat (inode reuse, coarse timestamps); the content hash
+        # closes that gap.
+        st = os.fstat(fd)
+        return f"{st.st_ino}-{st.st_mtime_ns}-{hashlib.sha256(data).hexdigest()[:16]}"
+
+    def read_versioned(self, path: str) -> tuple[bytes, str]:
+        # Files are only ever replaced by rename, never edited, so one open fd gives bytes
+        # and metadata of the same version.
+        with open(path, "rb") as f:
+            data = f.read()
+            return data, self._version(f.fileno(), data)
+
+    def replace_if_version(self, path: str, data: bytes, version: str) -> bool:
+        directory = os.path.dirname(path)
+        lock_fd = os.open(directory, os.O_RDONLY)
+        try:
+            # One exclusive flock per directory serialises compare-and-swap between
+            # processes; plain readers need no lock because rename is atomic.
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            try:
+                current = self.read_versioned(path)[1]
+            except FileNotFoundError:
+                return False
+            if current != version:
+                return False
+            self.write(path, data)
+            return True
+        finally:
+            os.close(lock_fd)  # closing the fd releases the flock
+
+
+class _MemoryBackend(_Backend):
+    """fsspec's process-wide memory filesystem; a lock makes conditional ops atomic."""
+
+    _lock = threading.Lock()
+    _generations: dict[str, int] = {}
+    _counter = itertools.count(1)
+
+    def _put(self, path: str, data: bytes) -> None:
+        self.fs.pipe_file(path, data)
+        self._generations[path] = next(self._counter)
+
+    def write(self, path: str, data: bytes) -> None:
+        with self._lock:
+            self._put(path, data)
+
+    def create_exclusive(self, path: str, data: bytes) -> bool:
+        with self._lock:
+            if self.fs.exists(path):
+                return False
+            self._put(path, data)
+            return True
+
+    def read_versioned(self, path: str) -> tuple[bytes, str]:
+        with self._lock:
+            return self.fs.cat_file(path), str(self._generations.get(path, 0))
+
+    def replace_if_version(self, path: str, data: bytes, version: str) -> bool:
+        with self._lock:
+            if not self.fs.exists(path) or str(self._generations.get(path, 0)) != version:
+                return False
+            self._put(path, data)
+            return True
+
+
+class _GCSBackend(_Backend):
+    """gcsfs: `pipe_file(mode="create")` sends ifGenerationMatch=0; a 412 is FileExistsError."""
+
+    def read_versioned(self, path: str) -> tuple[bytes, str]:
+        # One GET returns the bytes and the generation they belong to (x-goog-generation).
+        headers, data = self.fs.call("GET", self.fs.url(path))
+        return data, str(headers["x-goog-generation"])
+
+    def replace_if_version(self, path: str, data: bytes, version: str) -> bool:
+        bucket, key, _ = self.fs.split_path(path)
+        # A multipart upload (object resource + bytes), as gcsfs itself sends small files:
+        # fake-gcs-server ignores preconditions on `uploadType=media`, GCS honours both.
+        body = b"".join([
+            b"--==0==\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n",
+            json.dumps({"name": key}).encode(),
+            b"\r\n--==0==\r\nContent-Type: application/octet-stream\r\n\r\n",
+            data,
+            b"\r\n--==0==--",
+        ])
+        try:
+            self.fs.call(
+                "POST",
+                f"{self.fs._location}/upload/storage/v1/b/{quote(bucket, safe='')}/o",
+                uploadType="multipart",
+                ifGenerationMatch=version,
+                data=body,
+                headers={"Content-Type": 'multipart/related; boundary="==0=="'},
+            )
+        except (FileExistsError, FileNotFoundError):  # gcsfs maps 412 to FileExistsError
+            return False
+        finally:
+            self.fs.invalidate_cache(path)
+        return True
+
+
+def _is_precondition_failure(exc: BaseException) -> bool:
+    cur: BaseException | None = exc
+    while cur is not None:
+        response = getattr(cur, "response", None)
+        if isinstance(response, dict) and (
+            response.get("Error", {}).get("Code") == "PreconditionFailed"
+            or response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412
+        ):
+            return True
+        cur = cur.__cause__
+    return False
+
+
+class _S3Backend(_Backend):
+    """s3fs: `pipe_file(mode="create")` sends If-None-Match: *; replace sends If-Match: <etag>."""
+
+    def read_versioned(self, path: str) -> tuple[bytes, str]:
+        bucket, key, _ = self.fs.split_path(path)
+
+        async def get() -> tuple[bytes, str]:
+            # One GET: the body and the ETag of that very object version.
+            response = await self.fs._call_s3("get_object", Bucket=bucket, Key=key)
+            async with response["Body"] as body:
+                return await body.read(), response["ETag"]
+
+        return fsspec.asyn.sync(self.fs.loop, get)
+
+    def replace_if_version(self, path: str, data: bytes, version: str) -> bool:
+        bucket, key, _ = self.fs.split_path(path)
+        try:
+            self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfMatch=version)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            if _is_precondition_failure(exc):
+                return False
+            raise
+        finally:
+            self.fs.invalidate_cache(path)
+        return True
+
+
+def _backend_for(fs: fsspec.AbstractFileSystem) -> _Backend:
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    if protocols & {"file", "local"}:
+        return _LocalBackend(fs)
+    if "memory" in protocols:
+        return _MemoryBackend(fs)
+    if protocols & {"gs", "gcs"}:
+        return _GCSBackend(fs)
+    if protocols & {"s3", "s3a"}:
+        return _S3Backend(fs)
+    return _Backend(fs)
+
+
+# ----------------------------------------------------------------------------- the folder
+
+
+class Store:
+    """A folder: every method takes a path relative to its root, with `/` separators."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, url: str, retry: RetryPolicy):
+        self.fs = fs
+        self.root = root.rstrip("/")
+        self.url = url.rstrip("/")
+        self.retry = retry
+        self._backend = _backend_for(fs)
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r})"
+
+    # -- paths
+
+    def path(self, rel: str) -> str:
+        """Absolute path of `rel` in the filesystem's own spelling."""
+        rel = rel.strip("/")
+        if any(part in ("", ".", "..") for part in rel.split("/")) and rel:
+            raise ValueError(f"bad relative path {rel!r} in {self.url}")
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def url_of(self, rel: str) -> str:
+        return f"{self.url}/{rel.strip('/')}"
+
+    def child(self, rel: str) -> Store:
+        """The sub-folder `rel` as a Store of its own (shares filesystem and retry policy)."""
+        return Store(self.fs, self.path(rel), self.url_of(rel), self.retry)
+
+    def _call(self, op: str, rel: str, fn: Callable[[], T]) -> T:
+        return self.retry.call(fn, what=f"{op} {self.url_of(rel)}")
+
+    def _fresh(self, path: str) -> None:
+        # gcsfs / s3fs cache listings; other workers write here, so never trust that cache.
+        self.fs.invalidate_cache(path)
+
+    # -- reads
+
+    def read_bytes(self, rel: str) -> bytes:
+        path = self.path(rel)
+        return self._call("read", rel, lambda: self.fs.cat_file(path))
+
+    def read_range(self, rel: str, start: int, stop: int) -> bytes:
+        """Bytes [start, stop) of one object: one ranged GET on object stores."""
+        if not 0 <= start <= stop:
+            raise ValueError(f"bad byte range [{start}, {stop}) for {self.url_of(rel)}")
+        if start == stop:
+            return b""
+        path = self.path(rel)
+        return self._call("read", rel, lambda: self.fs.cat_file(path, start=start, end=stop))
+
+    def size(self, rel: str) -> int:
+        path = self.path(rel)
+
+        def size() -> int:
+            self._fresh(path)
+            return int(self.fs.info(path)["size"])
+
+        return self._call("stat", rel, size)
+
+    def exists(self, rel: str) -> bool:
+        path = self.path(rel)
+
+        def exists() -> bool:
+            self._fresh(path)
+            return self.fs.exists(path)
+
+        return self._call("stat", rel, exists)
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Relative paths of all objects under the folder `prefix`, sorted; [] if none.
+
+        One recursive listing (paged by the backend), never one request per object.
+        """
+        base = self.path(prefix)
+
+        def find() -> list[str]:
+            self._fresh(base)
+            try:
+                found = self.fs.find(base)
+            except FileNotFoundError:
+                return []
+            root = self.fs._strip_protocol(self.root).rstrip("/") + "/"
+            rels = []
+            for full in found:
+                full = self.fs._strip_protocol(full)
+                if full.startswith(root) and not os.path.basename(full).startswith(TEMP_PREFIX):
+                    rels.append(full[len(root):])
+            return sorted(rels)
+
+        return self._call("list", prefix or ".", find)
+
+    def read_versioned(self, rel: str) -> tuple[bytes, str]:
+        """Bytes and an opaque version token for `replace_if_version`; FileNotFoundError if absent."""
+        path = self.path(rel)
+        return self._call("read", rel, lambda: self._backend.read_versioned(path))
+
+    # -- writes
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Create or overwrite; readers see the old or the new bytes, never a mix."""
+        path = self.path(rel)
+        self._call("write", rel, lambda: self._backend.write(path, bytes(data)))
+
+    def delete(self, rel: str) -> None:
+        """Remove one object; a missing object is not an error."""
+        path = self.path(rel)
+
+        def delete() -> None:
+            try:
+                self.fs.rm_file(path)
+            except FileNotFoundError:
+                pass
+            self._fresh(path)
+
+        self._call("delete", rel, delete)
+
+    def create_exclusive(self, rel: str, data: bytes) -> bool:
+        """Create `rel` holding `data` unless it exists. True iff the object now holds our bytes.
+
+        When a retried request finds the object already there, it may be our own first
+        try that landed before its response was lost; reading it back tells the two
+        apart (our payloads name their attempt, so equal bytes mean it is ours).
+        """
+        path, data = self.path(rel), bytes(data)
+
+        def create() -> bool:
+            if self._backend.create_exclusive(path, data):
+                return True
+            return self._holds(path, data)
+
+        return self._call("create", rel, create)
+
+    def replace_if_version(self, rel: str, data: bytes, version: str) -> bool:
+        """Overwrite `rel` only if it is still at `version` (from `read_versioned`).
+
+        False if someone replaced or deleted it since. As with `create_exclusive`, a
+        retried request whose first try landed is recognised by reading back.
+        """
+        path, data = self.path(rel), bytes(data)
+
+        def replace() -> bool:
+            if self._backend.replace_if_version(path, data, version):
+                return True
+            return self._holds(path, data)
+
+        return self._call("replace", rel, replace)
+
+    def _holds(self, path: str, data: bytes) -> bool:
+        self._fresh(path)
+        try:
+            return self.fs.cat_file(path) == data
+        except FileNotFoundError:
+            return False
+
+
+def open_store(url: str | os.PathLike, *, retry: RetryPolicy | None = None, **storage_options) -> Store:
+    """Open a folder: a local path, file://, memory://, gs://bucket/prefix or s3://bucket/prefix.
+
+    `storage_options` go to the fsspec filesystem (e.g. `token=` for gcsfs,
+    `endpoint_url=` / `key=` / `secret=` for s3fs). The folder need not exist yet.
+    """
+    url = os.fspath(url)
+    if "://" not in url:
+        url = os.path.abspath(os.path.expanduser(url))
+    fs, root = fsspec.core.url_to_fs(url, **storage_options)
+    if "://" not in url:
+        shown = url
+    elif url.startswith("file://"):
+        shown = "file://" + root
+    else:
+        shown = url.rstrip("/")
+    if _backend_for(fs).__class__ is _LocalBackend:
+        os.makedirs(root, exist_ok=True)
+    return Store(fs, root, shown, retry or RetryPolicy())
+
+
+__all__ = [
+    "RetryPolicy",
+    "Store",
+    "StoreError",
+    "TransientStoreError",
+    "is_transient",
+    "open_store",
+]

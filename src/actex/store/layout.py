@@ -1,0 +1,80 @@
+"""Where everything lives in a run folder (store format v1). Paths only; no I/O.
+
+    run.json                                         manifest (manifest.py)
+    chunks/<chunk>/<attempt>/part-<k>.safetensors    activations (shards.py)
+    chunks/<chunk>/<attempt>/samples.jsonl           per-sample metadata
+    commits/<chunk>.json                             commit record; its existence IS the commit
+    claims/<chunk>.json                              lease for dynamic claiming
+    workers/<worker>.json                            heartbeat
+
+Chunk ids are zero-padded to 6 digits so listings sort numerically. Attempt ids are
+unique per write attempt (UTC time + worker + random), so a retried or duplicated chunk
+never writes over another attempt's files.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+
+FORMAT_VERSION = 1
+CHUNK_DIGITS = 6
+
+MANIFEST = "run.json"
+CHUNKS_DIR = "chunks"
+COMMITS_DIR = "commits"
+CLAIMS_DIR = "claims"
+WORKERS_DIR = "workers"
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_RECORD = re.compile(r"^(?:.*/)?(\d{%d,})\.json$" % CHUNK_DIGITS)
+
+
+def check_name(kind: str, name: str) -> str:
+    """Worker and attempt ids become path segments: letters, digits, '.', '_', '-' only."""
+    if not _NAME.match(name):
+        raise ValueError(f"bad {kind} id {name!r}: use 1-128 of [A-Za-z0-9._-], not starting with '.', '_' or '-'")
+    return name
+
+
+def chunk_name(chunk: int) -> str:
+    if chunk < 0:
+        raise ValueError(f"chunk id must be >= 0, got {chunk}")
+    return f"{chunk:0{CHUNK_DIGITS}d}"
+
+
+def new_attempt_id(worker: str) -> str:
+    """e.g. '20250101T120000Z-w3-9f2c1a0b': sorts by start time, unique without coordination."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    return f"{stamp}-{check_name('worker', worker)}-{secrets.token_hex(4)}"
+
+
+def attempt_dir(chunk: int, attempt: str) -> str:
+    return f"{CHUNKS_DIR}/{chunk_name(chunk)}/{check_name('attempt', attempt)}"
+
+
+def part_path(chunk: int, attempt: str, part: int) -> str:
+    return f"{attempt_dir(chunk, attempt)}/part-{part:05d}.safetensors"
+
+
+def samples_path(chunk: int, attempt: str) -> str:
+    return f"{attempt_dir(chunk, attempt)}/samples.jsonl"
+
+
+def commit_path(chunk: int) -> str:
+    return f"{COMMITS_DIR}/{chunk_name(chunk)}.json"
+
+
+def claim_path(chunk: int) -> str:
+    return f"{CLAIMS_DIR}/{chunk_name(chunk)}.json"
+
+
+def worker_path(worker: str) -> str:
+    return f"{WORKERS_DIR}/{check_name('worker', worker)}.json"
+
+
+def chunk_of_record(path: str) -> int | None:
+    """The chunk id of a `commits/` or `claims/` record path, or None for any other name."""
+    match = _RECORD.match(path)
+    return int(match.group(1)) if match else None
