@@ -1,0 +1,127 @@
+"""Running statistics of one hook's activations, mergeable across chunks and workers.
+
+The engine computes `HookStats.from_array` on every chunk it writes and stores
+`{hook: stats.to_json()}` under the commit record's key "stats"; readers merge the
+committed chunks' records with `HookStats.merge` (Chan et al.'s parallel update of the
+Welford sums), so the statistics of a run never need a second pass over its data.
+
+Everything is accumulated in float64 from the stored values, whatever their dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+# Rows converted to float64 at a time: bounds the temporary memory of `from_array` to
+# ROW_BLOCK * width * 8 bytes (32 MiB at width 512) whatever the chunk's size.
+ROW_BLOCK = 8192
+
+# Stored lists keep float32-like precision: enough for statistics, half the JSON of repr().
+_JSON_DIGITS = 9
+
+
+@dataclass(frozen=True)
+class HookStats:
+    """count, per-feature mean and sum of squared deviations (M2), and the sum of row L2 norms."""
+
+    count: int
+    mean: np.ndarray  # [width] float64
+    m2: np.ndarray  # [width] float64: sum over rows of (x - mean)^2
+    norm_sum: float  # sum over rows of ||x||_2
+
+    @property
+    def width(self) -> int:
+        return int(self.mean.shape[0])
+
+    @property
+    def variance(self) -> np.ndarray:
+        """Population variance per feature, [width]."""
+        return self.m2 / max(self.count, 1)
+
+    @property
+    def std(self) -> np.ndarray:
+        return np.sqrt(self.variance)
+
+    @property
+    def mean_l2_norm(self) -> float:
+        return self.norm_sum / max(self.count, 1)
+
+    @classmethod
+    def empty(cls, width: int) -> HookStats:
+        return cls(0, np.zeros(width), np.zeros(width), 0.0)
+
+    @classmethod
+    def from_array(cls, x: np.ndarray) -> HookStats:
+        """Statistics of x [tokens, width] (any float dtype, bfloat16 included)."""
+        if x.ndim != 2:
+            raise ValueError(f"HookStats.from_array expects [tokens, width], got shape {x.shape}")
+        if x.shape[0] == 0:
+            return cls.empty(x.shape[1])
+        return cls.merge_all(_block_stats(x[i : i + ROW_BLOCK]) for i in range(0, x.shape[0], ROW_BLOCK))
+
+    def merge(self, other: HookStats) -> HookStats:
+        """Statistics of the union of both sets of rows (Chan et al. pairwise update)."""
+        if self.width != other.width:
+            raise ValueError(f"cannot merge stats of width {self.width} with width {other.width}")
+        if other.count == 0:
+            return self
+        if self.count == 0:
+            return other
+        n = self.count + other.count
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.count / n)
+        m2 = self.m2 + other.m2 + delta**2 * (self.count * other.count / n)
+        return HookStats(n, mean, m2, self.norm_sum + other.norm_sum)
+
+    @staticmethod
+    def merge_all(parts: Iterable[HookStats]) -> HookStats:
+        total = None
+        for part in parts:
+            total = part if total is None else total.merge(part)
+        if total is None:
+            raise ValueError("merge_all needs at least one HookStats")
+        return total
+
+    def to_json(self) -> dict:
+        return {
+            "count": self.count,
+            "mean": _compact(self.mean),
+            "m2": _compact(self.m2),
+            "norm_sum": float(f"{self.norm_sum:.{_JSON_DIGITS + 6}g}"),
+        }
+
+    @classmethod
+    def from_json(cls, record: dict) -> HookStats:
+        try:
+            mean = np.asarray(record["mean"], dtype=np.float64)
+            m2 = np.asarray(record["m2"], dtype=np.float64)
+            stats = cls(int(record["count"]), mean, m2, float(record["norm_sum"]))
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"bad hook stats record: {err!r}") from None
+        if mean.shape != m2.shape or mean.ndim != 1:
+            raise ValueError(f"bad hook stats record: mean {mean.shape} and m2 {m2.shape} differ")
+        return stats
+
+    def summary(self) -> dict:
+        """Scalars for `actex inspect` and logs."""
+        return {
+            "count": self.count,
+            "mean_abs_mean": float(np.abs(self.mean).mean()) if self.width else 0.0,
+            "mean_variance": float(self.variance.mean()) if self.width else 0.0,
+            "mean_l2_norm": self.mean_l2_norm,
+        }
+
+
+def _block_stats(x: np.ndarray) -> HookStats:
+    x = x.astype(np.float64)  # [rows, width]
+    mean = x.mean(axis=0)
+    m2 = ((x - mean) ** 2).sum(axis=0)
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x))  # [rows]
+    return HookStats(x.shape[0], mean, m2, float(norms.sum()))
+
+
+def _compact(values: np.ndarray) -> list[float]:
+    return [float(f"{v:.{_JSON_DIGITS}g}") for v in values.tolist()]
