@@ -1,0 +1,270 @@
+"""Dynamic chunk claiming with leases (`actex extract --claim`).
+
+A fleet of pre-emptible workers shares one run without a coordinator: each worker takes
+any chunk that has no commit record by creating `claims/<chunk>.json` with a conditional
+create, keeps it alive with a heartbeat, and takes over leases whose owner stopped beating.
+
+    claims/<chunk>.json = {"chunk", "owner", "expiry" (unix s), "attempt" (1, 2, ...)}
+
+Every write of a claim is conditional, so two workers can never both believe they just
+took the same lease:
+* take a free chunk: `create_exclusive` (GCS ifGenerationMatch=0, S3 If-None-Match, O_EXCL);
+* renew, take over an expired lease, release: `replace_if_version` on the version read
+  (GCS generation, S3 ETag), which fails if anyone wrote the claim in between.
+
+The lease is an optimisation, not the authority. The commit record is: a chunk is done iff
+`commits/<chunk>.json` exists, and it is created exclusively too. So a worker whose lease
+expired (a long GC pause, a partitioned VM) may still finish and try to commit; if the
+new owner committed first, the late attempt loses the create and leaves only unreferenced
+parts for `actex gc`. Leases decide who *should* work on a chunk; they cannot make two
+commits happen.
+
+Clock skew: `expiry` is the owner's wall clock. A taker treats a lease as expired only once
+its own clock passes `expiry + skew_s`. With skew below `skew_s` nothing changes; with
+more, a taker whose clock runs ahead may start a live chunk early (duplicate work, one
+commit wins) and one whose clock runs behind waits longer (delay). Neither breaks
+exactly-once. GCE/TPU VMs keep clocks within milliseconds, so the default 5 s is generous.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from actex.store import layout
+from actex.store.folder import Store
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LEASE_S = 60.0
+DEFAULT_SKEW_S = 5.0
+
+
+@dataclass(frozen=True)
+class Lease:
+    """One claim record as stored, plus the store version it was read at."""
+
+    chunk: int
+    owner: str
+    expiry: float
+    attempt: int
+    version: object = field(default=None, compare=False)
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {"chunk": self.chunk, "owner": self.owner, "expiry": self.expiry, "attempt": self.attempt},
+            sort_keys=True,
+        ).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, version: object, where: str) -> "Lease":
+        try:
+            fields = json.loads(data)
+            return cls(int(fields["chunk"]), str(fields["owner"]), float(fields["expiry"]), int(fields["attempt"]), version)
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{where}: not a claim record ({err})") from None
+
+    def expired(self, now: float, skew_s: float) -> bool:
+        return now > self.expiry + skew_s
+
+
+def read_lease(store: Store, chunk: int) -> Lease | None:
+    """The current claim on `chunk`, or None when nobody has claimed it."""
+    path = layout.claim_path(chunk)
+    try:
+        data, version = store.read_versioned(path)
+    except FileNotFoundError:
+        return None
+    return Lease.from_json(data, version, path)
+
+
+def committed_chunks(store: Store) -> set[int]:
+    """Chunks whose commit record exists: one listing of `commits/`."""
+    return {k for k in map(layout.chunk_of_record, store.list(layout.COMMITS_DIR)) if k is not None}
+
+
+class ClaimedChunks:
+    """A ChunkSource that claims any uncommitted chunk under a lease (see module doc).
+
+    `chunks(stop)` yields a chunk only while this worker holds its lease; when every
+    uncommitted chunk is leased to someone else it waits (polling every `poll_s`) because a
+    holder may still die and its chunk must then be taken over. It ends once every chunk is
+    committed or `stop` is set. `finished(chunk)` releases the lease after the commit.
+    A heartbeat thread renews held leases every `lease_s / 3`.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        num_chunks: int,
+        owner: str,
+        *,
+        lease_s: float = DEFAULT_LEASE_S,
+        skew_s: float = DEFAULT_SKEW_S,
+        poll_s: float | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if lease_s <= 0:
+            raise ValueError(f"--lease-seconds must be > 0, got {lease_s}")
+        self.store = store
+        self.num_chunks = num_chunks
+        self.owner = owner
+        self.lease_s = lease_s
+        self.skew_s = skew_s
+        self.poll_s = poll_s if poll_s is not None else min(5.0, lease_s / 3)
+        self.clock = clock
+        self._held: dict[int, Lease] = {}
+        self._lost: set[int] = set()
+        self._lock = threading.Lock()
+        # Serialises our own conditional writes of one claim (renew vs release): otherwise a
+        # release could read a version the heartbeat just replaced and fail to release.
+        self._writing = threading.Lock()
+        self._closed = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+        # Workers start scanning at different places so they rarely race for one chunk.
+        self._rng = random.Random(owner)
+
+    # -- ChunkSource ---------------------------------------------------------------------
+
+    def chunks(self, stop: threading.Event) -> Iterator[int]:
+        self._start_heartbeat()
+        try:
+            while not stop.is_set():
+                pending = self._uncommitted()
+                if not pending:
+                    return
+                chunk = self._claim_any(pending)
+                if chunk is None:
+                    # Everything left is leased to live workers; wait for commits or expiries.
+                    stop.wait(self.poll_s)
+                    continue
+                yield chunk
+        finally:
+            self.close()
+
+    def finished(self, chunk: int) -> None:
+        """The chunk is committed: stop renewing its lease and mark it released."""
+        self._release(chunk)
+
+    def lost(self, chunk: int) -> bool:
+        """True if another worker took this chunk's lease over from us (we were too slow)."""
+        with self._lock:
+            return chunk in self._lost
+
+    @property
+    def held(self) -> list[int]:
+        with self._lock:
+            return sorted(self._held)
+
+    def close(self) -> None:
+        """Stop the heartbeat and release every lease still held (pre-emption, errors)."""
+        self._closed.set()
+        for chunk in self.held:
+            self._release(chunk)
+        if self._heartbeat is not None and self._heartbeat is not threading.current_thread():
+            self._heartbeat.join(timeout=self.lease_s)
+
+    # -- claiming ------------------------------------------------------------------------
+
+    def _uncommitted(self) -> list[int]:
+        committed = committed_chunks(self.store)
+        return [k for k in range(self.num_chunks) if k not in committed]
+
+    def _claim_any(self, pending: list[int]) -> int | None:
+        start = self._rng.randrange(len(pending))
+        for chunk in pending[start:] + pending[:start]:
+            if self.try_claim(chunk):
+                # The chunk may have been committed (and released) after we listed commits.
+                if self.store.exists(layout.commit_path(chunk)):
+                    self._release(chunk)
+                    continue
+                return chunk
+        return None
+
+    def try_claim(self, chunk: int) -> bool:
+        """Take `chunk`'s lease if it is free or expired. Exactly one racing worker wins."""
+        now = self.clock()
+        current = read_lease(self.store, chunk)
+        if current is None:
+            lease = Lease(chunk, self.owner, now + self.lease_s, attempt=1)
+            won = self.store.create_exclusive(layout.claim_path(chunk), lease.to_json())
+        elif current.expired(now, self.skew_s):
+            lease = Lease(chunk, self.owner, now + self.lease_s, attempt=current.attempt + 1)
+            won = self.store.replace_if_version(layout.claim_path(chunk), lease.to_json(), current.version)
+            if won:
+                log.info("chunk %d: took over the lease of %s (expired %.0f s ago)", chunk, current.owner, now - current.expiry)
+        else:
+            return False
+        if not won:
+            return False
+        # Read back for the version our next conditional write must match.
+        mine = read_lease(self.store, chunk)
+        if mine is None or mine.owner != self.owner or mine.attempt != lease.attempt:
+            return False
+        with self._lock:
+            self._held[chunk] = mine
+            self._lost.discard(chunk)
+        return True
+
+    def _release(self, chunk: int) -> None:
+        """Expire our lease now so nobody waits for it; a no-op if it is no longer ours."""
+        with self._writing:
+            with self._lock:
+                lease = self._held.pop(chunk, None)
+            if lease is None:
+                return
+            released = Lease(chunk, self.owner, expiry=0.0, attempt=lease.attempt)
+            try:
+                self.store.replace_if_version(layout.claim_path(chunk), released.to_json(), lease.version)
+            except OSError as err:
+                # The lease simply runs out instead; the commit record already decided.
+                log.warning("chunk %d: could not release lease (%s); it expires on its own", chunk, err)
+
+    # -- heartbeat -----------------------------------------------------------------------
+
+    def _start_heartbeat(self) -> None:
+        if self._heartbeat is None:
+            self._heartbeat = threading.Thread(target=self._beat, name=f"lease-heartbeat-{self.owner}", daemon=True)
+            self._heartbeat.start()
+
+    def _beat(self) -> None:
+        while not self._closed.wait(self.lease_s / 3):
+            self.renew()
+
+    def renew(self) -> None:
+        """Push every held lease's expiry forward; a lease someone else took is dropped."""
+        with self._lock:
+            held = list(self._held.values())
+        for lease in held:
+            with self._writing:
+                self._renew_one(lease)
+
+    def _renew_one(self, lease: Lease) -> None:
+        with self._lock:
+            if lease.chunk not in self._held:
+                return  # released since the heartbeat listed it
+        fresh = Lease(lease.chunk, self.owner, self.clock() + self.lease_s, lease.attempt)
+        try:
+            ok = self.store.replace_if_version(layout.claim_path(lease.chunk), fresh.to_json(), lease.version)
+            current = read_lease(self.store, lease.chunk) if ok else None
+        except OSError as err:
+            # Transient after the store's own retries: the next beat tries again, and the
+            # lease has two more beats of slack before it expires.
+            log.warning("chunk %d: lease renewal failed (%s); retrying next beat", lease.chunk, err)
+            return
+        with self._lock:
+            if ok and current is not None and current.owner == self.owner:
+                self._held[lease.chunk] = current
+                return
+            del self._held[lease.chunk]
+            self._lost.add(lease.chunk)
+        log.warning(
+            "chunk %d: lease taken over by another worker; finishing anyway, "
+            "the commit record decides which attempt counts",
+            lease.chunk,
+        )

@@ -1,0 +1,147 @@
+"""Leases for `--claim` mode, on every backend: exactly one winner per race, takeover, release."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from actex.store import layout
+from actex.store.claims import ClaimedChunks, Lease, read_lease
+from actex.store.folder import open_store
+
+
+class Clock:
+    """A wall clock the test moves by hand, shared by every worker of one test."""
+
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _source(store, owner, clock, num_chunks=4, lease_s=30.0):
+    return ClaimedChunks(store, num_chunks, owner, lease_s=lease_s, skew_s=5.0, poll_s=0.05, clock=clock)
+
+
+def _race(sources, chunk) -> list[bool]:
+    """All sources call try_claim(chunk) at the same moment; returns who won."""
+    barrier = threading.Barrier(len(sources))
+
+    def attempt(source):
+        barrier.wait()
+        return source.try_claim(chunk)
+
+    with ThreadPoolExecutor(len(sources)) as pool:
+        return list(pool.map(attempt, sources))
+
+
+def test_race_for_free_and_for_expired_lease_has_exactly_one_winner(store_url):
+    url, options = store_url
+    store, clock = open_store(url, **options), Clock()
+    workers = [_source(open_store(url, **options), f"w{i}", clock) for i in range(3)]
+
+    won = _race(workers, chunk=2)
+    assert sum(won) == 1
+    first = workers[won.index(True)]
+    lease = read_lease(store, 2)
+    assert (lease.owner, lease.attempt, lease.chunk) == (first.owner, 1, 2)
+
+    # The holder dies (stops renewing); others wait until expiry + skew, then race again.
+    clock.now += 30.0 + 4.0
+    assert not any(w.try_claim(2) for w in workers if w is not first)
+    clock.now += 2.0
+    won = _race([w for w in workers if w is not first], chunk=2)
+    assert sum(won) == 1
+    lease = read_lease(store, 2)
+    assert lease.attempt == 2 and lease.owner != first.owner
+
+    # The old holder's heartbeat now fails its conditional replace: it learns it lost.
+    first.renew()
+    assert first.lost(2) and first.held == []
+    assert read_lease(store, 2).owner == lease.owner
+
+
+def test_renew_extends_and_release_frees_at_once(store_url):
+    url, options = store_url
+    store, clock = open_store(url, **options), Clock()
+    a, b = _source(store, "a", clock), _source(store, "b", clock)
+    assert a.try_claim(0)
+    clock.now += 20.0
+    a.renew()
+    assert read_lease(store, 0).expiry == clock.now + 30.0
+    clock.now += 30.0  # past the original expiry, inside the renewed one
+    assert not b.try_claim(0)
+    a.finished(0)
+    assert read_lease(store, 0).expiry == 0.0 and a.held == []
+    assert b.try_claim(0) and read_lease(store, 0).attempt == 2
+
+
+def test_sources_share_the_run_and_stop_when_every_chunk_is_committed(tmp_path):
+    store = open_store(tmp_path / "run")
+    clock = Clock()
+    stop = threading.Event()
+    store.create_exclusive(layout.commit_path(1), b"{}")  # done before anyone started
+    computed: dict[str, list[int]] = {"a": [], "b": []}
+
+    def work(owner):
+        source = _source(open_store(tmp_path / "run"), owner, clock, num_chunks=6)
+        for chunk in source.chunks(stop):
+            assert read_lease(store, chunk).owner == owner
+            computed[owner].append(chunk)
+            store.create_exclusive(layout.commit_path(chunk), owner.encode())
+            source.finished(chunk)
+
+    threads = [threading.Thread(target=work, args=(owner,)) for owner in computed]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert not any(t.is_alive() for t in threads)
+    everything = computed["a"] + computed["b"]
+    assert sorted(everything) == [0, 2, 3, 4, 5]  # each chunk once, the committed one never
+
+
+def test_waits_for_live_leases_then_takes_over_a_dead_workers_chunk(tmp_path):
+    store, clock, stop = open_store(tmp_path / "run"), Clock(), threading.Event()
+    dead = _source(store, "dead", clock, num_chunks=1)
+    assert dead.try_claim(0)  # claimed, then the worker vanished: no heartbeat, no release
+    survivor = _source(store, "survivor", clock, num_chunks=1)
+    got: list[int] = []
+    thread = threading.Thread(target=lambda: got.extend(survivor.chunks(stop)))
+    thread.start()
+    thread.join(0.3)
+    assert thread.is_alive() and got == []  # the lease is live: wait, do not duplicate work
+    clock.now += 40.0
+    deadline = threading.Event()
+    for _ in range(100):
+        if got:
+            break
+        deadline.wait(0.05)
+    assert got == [0] and read_lease(store, 0).owner == "survivor"
+    store.create_exclusive(layout.commit_path(0), b"{}")
+    survivor.finished(0)
+    thread.join(5)
+    assert not thread.is_alive()
+
+
+def test_stop_ends_iteration_and_close_releases_held_leases(tmp_path):
+    store, clock, stop = open_store(tmp_path / "run"), Clock(), threading.Event()
+    source = _source(store, "w", clock, num_chunks=3)
+    chunks = source.chunks(stop)
+    first = next(chunks)
+    stop.set()  # pre-empted mid-chunk: the generator ends, the lease is handed back
+    assert list(chunks) == []
+    assert read_lease(store, first).expiry == 0.0
+    assert _source(store, "next", clock).try_claim(first)
+
+
+def test_claim_record_is_validated(tmp_path):
+    store = open_store(tmp_path / "run")
+    store.write_bytes(layout.claim_path(3), b'{"owner": "x"}')
+    with pytest.raises(ValueError, match="claims/000003.json: not a claim record"):
+        read_lease(store, 3)
+    lease = Lease(3, "x", 5.0, 1)
+    assert Lease.from_json(lease.to_json(), None, "here") == lease
