@@ -30,7 +30,8 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 from urllib.parse import quote
 
 import fsspec
@@ -414,6 +415,18 @@ class Store:
     def read_bytes(self, rel: str) -> bytes:
         path = self.path(rel)
         return self._call("read", rel, lambda: self.fs.cat_file(path))
+
+    def read_many(self, rels: Sequence[str]) -> dict[str, bytes]:
+        """Several whole objects; concurrent requests on object stores (fsspec `cat`)."""
+        if not rels:
+            return {}
+        paths = {self.path(rel): rel for rel in rels}
+
+        def cat() -> dict[str, bytes]:
+            got = self.fs.cat(list(paths), on_error="raise")
+            return {paths[self.fs._strip_protocol(p)]: data for p, data in got.items()}
+
+        return self._call("read", f"{len(rels)} objects under {rels[0].rsplit('/', 1)[0]}", cat)
 
     def read_range(self, rel: str, start: int, stop: int) -> bytes:
         """Bytes [start, stop) of one object: one ranged GET on object stores."""

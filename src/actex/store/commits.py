@@ -1,0 +1,192 @@
+"""Commit records and worker heartbeats.
+
+A chunk is done iff `commits/<chunk>.json` exists. The engine writes every part and
+samples.jsonl of an attempt first, and creates the record last, with a conditional create:
+so a record never points at missing data, a chunk is committed at most once however many
+workers raced on it, and the loser's attempt is unreferenced garbage for `actex gc`.
+
+    commits/000042.json = {
+      "chunk": 42, "attempt": "20250101T120000Z-w3-9f2c1a0b",
+      "parts": [{"path": "chunks/000042/<attempt>/part-00000.safetensors",
+                 "bytes": 123456, "sha256": "..."}],
+      "samples_path": "chunks/000042/<attempt>/samples.jsonl",
+      "samples": 64, "tokens": 581234, "worker": "w3",
+      "timings": {...}, "stats": {...}, "committed_at": 1735732800.0, "format_version": 1}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from actex.store import layout
+from actex.store.folder import Store
+
+
+@dataclass(frozen=True)
+class PartRecord:
+    path: str       # relative to the run root
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class CommitRecord:
+    chunk: int
+    attempt: str
+    parts: tuple[PartRecord, ...]
+    samples: int
+    tokens: int
+    worker: str
+    timings: dict[str, float] = field(default_factory=dict)   # seconds per phase, engine's names
+    stats: dict[str, Any] = field(default_factory=dict)       # opaque to the store (engine/reader own it)
+    committed_at: float = field(default_factory=time.time)
+    format_version: int = layout.FORMAT_VERSION
+
+    @property
+    def samples_path(self) -> str:
+        return layout.samples_path(self.chunk, self.attempt)
+
+    @property
+    def bytes(self) -> int:
+        return sum(p.bytes for p in self.parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "chunk": self.chunk,
+            "attempt": self.attempt,
+            "parts": [{"path": p.path, "bytes": p.bytes, "sha256": p.sha256} for p in self.parts],
+            "samples_path": self.samples_path,
+            "samples": self.samples,
+            "tokens": self.tokens,
+            "worker": self.worker,
+            "timings": self.timings,
+            "stats": self.stats,
+            "committed_at": self.committed_at,
+            "format_version": self.format_version,
+        }
+
+    def to_json(self) -> bytes:
+        return (json.dumps(self.to_dict(), sort_keys=True) + "\n").encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, where: str) -> CommitRecord:
+        try:
+            d = json.loads(data)
+            return cls(
+                chunk=int(d["chunk"]),
+                attempt=str(d["attempt"]),
+                parts=tuple(PartRecord(str(p["path"]), int(p["bytes"]), str(p["sha256"])) for p in d["parts"]),
+                samples=int(d["samples"]),
+                tokens=int(d["tokens"]),
+                worker=str(d.get("worker", "")),
+                timings=dict(d.get("timings", {})),
+                stats=dict(d.get("stats", {})),
+                committed_at=float(d.get("committed_at", 0.0)),
+                format_version=int(d.get("format_version", layout.FORMAT_VERSION)),
+            )
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: not a commit record ({type(exc).__name__}: {exc})") from None
+
+
+def commit(store: Store, record: CommitRecord) -> bool:
+    """Create the commit record: True if this attempt is now the chunk's, False if another won.
+
+    Call only after every part and samples.jsonl of the attempt is written: the record's
+    existence is the commit, readers trust it without checking the data.
+    """
+    return store.create_exclusive(layout.commit_path(record.chunk), record.to_json())
+
+
+def is_committed(store: Store, chunk: int) -> bool:
+    return store.exists(layout.commit_path(chunk))
+
+
+def committed_chunks(store: Store) -> set[int]:
+    """Ids of committed chunks, from one listing of commits/ (not one request per chunk)."""
+    found = (layout.chunk_of_record(path) for path in store.list(layout.COMMITS_DIR))
+    return {chunk for chunk in found if chunk is not None}
+
+
+def read_commit(store: Store, chunk: int) -> CommitRecord:
+    return read_commits(store, [chunk])[chunk]
+
+
+def read_commits(store: Store, chunks: Sequence[int] | None = None) -> dict[int, CommitRecord]:
+    """All commit records (or those of `chunks`), by chunk id."""
+    wanted = sorted(committed_chunks(store) if chunks is None else chunks)
+    raw = store.read_many([layout.commit_path(chunk) for chunk in wanted])
+    records = {}
+    for chunk in wanted:
+        path = layout.commit_path(chunk)
+        record = CommitRecord.from_json(raw[path], store.url_of(path))
+        if record.chunk != chunk:
+            raise ValueError(f"{store.url_of(path)}: record says chunk {record.chunk}")
+        records[chunk] = record
+    return records
+
+
+# ----------------------------------------------------------------------------- heartbeat
+
+
+class Heartbeat:
+    """A worker's counters, written to workers/<worker>.json at most every `interval_s`.
+
+    Monitoring only (nothing decides correctness from it), so a failed write is logged by
+    the caller and the worker goes on. Overwrites are atomic per backend (see folder.py).
+    """
+
+    def __init__(self, store: Store, worker: str, *, interval_s: float = 10.0, info: Mapping[str, Any] | None = None):
+        self.store = store
+        self.worker = layout.check_name("worker", worker)
+        self.interval_s = interval_s
+        self.info = dict(info or {})
+        self.started_at = time.time()
+        self.counters = {"chunks_done": 0, "samples": 0, "tokens": 0, "bytes": 0}
+        self.state = "running"
+        self._last_write = float("-inf")
+
+    def add(self, *, chunks_done: int = 0, samples: int = 0, tokens: int = 0, bytes: int = 0) -> None:
+        for key, value in (("chunks_done", chunks_done), ("samples", samples), ("tokens", tokens), ("bytes", bytes)):
+            self.counters[key] += value
+
+    def snapshot(self) -> dict[str, Any]:
+        now = time.time()
+        elapsed = max(now - self.started_at, 1e-9)
+        return {
+            "worker": self.worker,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "state": self.state,
+            "started_at": self.started_at,
+            "updated_at": now,
+            **self.counters,
+            "tokens_per_s": self.counters["tokens"] / elapsed,
+            "bytes_per_s": self.counters["bytes"] / elapsed,
+            **self.info,
+        }
+
+    def beat(self, *, state: str | None = None, force: bool = False) -> bool:
+        """Write the heartbeat if `interval_s` passed (or `force`); True if it wrote."""
+        if state is not None:
+            self.state = state
+        now = time.monotonic()
+        if not force and now - self._last_write < self.interval_s:
+            return False
+        self.store.write_bytes(layout.worker_path(self.worker), (json.dumps(self.snapshot(), sort_keys=True) + "\n").encode())
+        self._last_write = now
+        return True
+
+
+def read_heartbeats(store: Store) -> dict[str, dict[str, Any]]:
+    """Every worker's last heartbeat, by worker id (for monitors and `actex inspect`)."""
+    out = {}
+    for path in store.list(layout.WORKERS_DIR):
+        if path.endswith(".json"):
+            out[path[len(layout.WORKERS_DIR) + 1 : -len(".json")]] = json.loads(store.read_bytes(path))
+    return out

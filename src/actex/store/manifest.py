@@ -1,0 +1,148 @@
+"""run.json: what a run contains, written once, checked by every worker before any work.
+
+The first worker to arrive creates run.json with a conditional create; every later worker
+(and every rerun) reads it back and refuses to run unless its own manifest has the same
+identity: config hash, model / tokenizer / plan fingerprints, hooks and plan. The error
+names each differing field as a dotted path with both values, on one line.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from actex import __version__
+from actex.store import layout
+from actex.store.folder import Store
+
+
+class ManifestMismatchError(ValueError):
+    """This worker's run identity differs from the stored run.json. Message: one line."""
+
+
+@dataclass(frozen=True)
+class HookSpec:
+    name: str
+    width: int
+    dtype: str          # stored dtype: bfloat16 | float16 | float32
+
+
+@dataclass(frozen=True)
+class PlanSummary:
+    num_samples: int
+    chunk_size: int
+    num_chunks: int
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class RunManifest:
+    config: dict[str, Any]            # the full canonical config
+    config_hash: str
+    model_fingerprint: str
+    tokenizer_fingerprint: str
+    hooks: tuple[HookSpec, ...]
+    plan: PlanSummary
+    format_version: int = layout.FORMAT_VERSION
+    # Provenance only: excluded from the identity check.
+    created_at: float = field(default_factory=time.time)
+    actex_version: str = __version__
+
+    def identity(self) -> dict[str, Any]:
+        """Everything that must agree between workers of one run."""
+        full = self.to_dict()
+        return {k: v for k, v in full.items() if k not in ("created_at", "actex_version")}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "config": self.config,
+            "config_hash": self.config_hash,
+            "model_fingerprint": self.model_fingerprint,
+            "tokenizer_fingerprint": self.tokenizer_fingerprint,
+            "hooks": [{"name": h.name, "width": h.width, "dtype": h.dtype} for h in self.hooks],
+            "plan": {
+                "num_samples": self.plan.num_samples,
+                "chunk_size": self.plan.chunk_size,
+                "num_chunks": self.plan.num_chunks,
+                "fingerprint": self.plan.fingerprint,
+            },
+            "created_at": self.created_at,
+            "actex_version": self.actex_version,
+        }
+
+    def to_json(self) -> bytes:
+        return (json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n").encode()
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str = layout.MANIFEST) -> RunManifest:
+        version = d.get("format_version")
+        if version != layout.FORMAT_VERSION:
+            raise ValueError(f"{where}: format_version {version!r}, this actex reads {layout.FORMAT_VERSION}")
+        try:
+            return cls(
+                config=dict(d["config"]),
+                config_hash=str(d["config_hash"]),
+                model_fingerprint=str(d["model_fingerprint"]),
+                tokenizer_fingerprint=str(d["tokenizer_fingerprint"]),
+                hooks=tuple(HookSpec(str(h["name"]), int(h["width"]), str(h["dtype"])) for h in d["hooks"]),
+                plan=PlanSummary(**{k: d["plan"][k] for k in ("num_samples", "chunk_size", "num_chunks", "fingerprint")}),
+                format_version=version,
+                created_at=float(d.get("created_at", 0.0)),
+                actex_version=str(d.get("actex_version", "")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: not a run manifest ({type(exc).__name__}: {exc})") from None
+
+
+def diff_fields(ours: Any, stored: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted path, ours, stored) for every leaf where two JSON values differ; lists by index."""
+    if isinstance(ours, Mapping) and isinstance(stored, Mapping):
+        out = []
+        for key in sorted(set(ours) | set(stored), key=str):
+            out += diff_fields(ours.get(key), stored.get(key), f"{prefix}{key}.")
+        return out
+    if isinstance(ours, list) and isinstance(stored, list) and len(ours) == len(stored):
+        out = []
+        for i, (a, b) in enumerate(zip(ours, stored)):
+            out += diff_fields(a, b, f"{prefix}{i}.")
+        return out
+    return [] if ours == stored else [(prefix.rstrip("."), ours, stored)]
+
+
+def mismatch_message(url: str, diffs: list[tuple[str, Any, Any]], limit: int = 6) -> str:
+    shown = "; ".join(f"{path}: ours {a!r} vs stored {b!r}" for path, a, b in diffs[:limit])
+    more = f"; and {len(diffs) - limit} more" if len(diffs) > limit else ""
+    return f"{url} holds a different run: {shown}{more}. Use another --output or --run-name, or the stored config."
+
+
+def read_manifest(store: Store) -> RunManifest:
+    """The stored run.json; FileNotFoundError if the run was never started."""
+    data = store.read_bytes(layout.MANIFEST)
+    try:
+        raw = json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{store.url_of(layout.MANIFEST)}: bad JSON ({exc.msg} at line {exc.lineno})") from None
+    return RunManifest.from_dict(raw, where=store.url_of(layout.MANIFEST))
+
+
+def check_manifest(store: Store, ours: RunManifest, stored: RunManifest) -> None:
+    diffs = diff_fields(ours.identity(), stored.identity())
+    if diffs:
+        raise ManifestMismatchError(mismatch_message(store.url, diffs))
+
+
+def open_or_create_manifest(store: Store, ours: RunManifest) -> RunManifest:
+    """Create run.json from `ours`, or validate `ours` against the one already there.
+
+    Returns the stored manifest (ours if we created it). Raises ManifestMismatchError
+    before any work is done when the identities differ.
+    """
+    if store.create_exclusive(layout.MANIFEST, ours.to_json()):
+        return ours
+    stored = read_manifest(store)
+    check_manifest(store, ours, stored)
+    return stored
