@@ -1,3 +1,7 @@
 """actex: exactly-once extraction of decoder-LLM activations, and streaming them back."""
 
 __version__ = "0.1.0"
+
+from actex.store.reader import Run, open_run  # noqa: E402  (needs __version__ above)
+
+__all__ = ["Run", "open_run", "__version__"]

@@ -1,0 +1,435 @@
+"""Read a run back: committed parts -> shuffled training batches of one hook.
+
+    run = actex.open_run("gs://bucket/runs/qwen-arc")
+    for batch in run.iter_batches("blocks.12.hook_resid_post", batch_size=4096, seed=0):
+        batch.activations  # [4096, 896] in the stored dtype
+
+How bytes move (DESIGN "Store format v1"; parts are safetensors files):
+  1. Only committed chunks are visible: the commit records name the parts to read.
+  2. Each part's safetensors header is fetched with two small ranged reads (length, JSON).
+  3. A part is cut into row blocks; a block is one ranged read of the hook's rows plus the
+     matching rows of `token_ids`/`positions` and the part's small sample index. Other
+     hooks' bytes are never requested.
+  4. Background threads fetch the next `prefetch` blocks while the caller trains.
+  5. With shuffle, the blocks of all of this rank's parts are visited in a seeded random
+     order and mixed in a bounded buffer of `shuffle_tokens` rows (see docs/reader.md for
+     its memory), so one batch holds tokens from many chunks.
+Ranks split the run by whole parts (a seeded permutation dealt round-robin), so ranks
+never overlap and every committed token is yielded exactly once per epoch.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from functools import cached_property
+
+import numpy as np
+
+from actex.store import shards
+from actex.store.folder import Store, open_store
+from actex.store.commits import CommitRecord, read_commits
+from actex.store.manifest import RunManifest, read_manifest
+from actex.store.shards import TensorInfo
+from actex.store.stats import HookStats
+
+# Index tensors every part holds besides one tensor per hook (DESIGN "Store format v1").
+TOKEN_IDS, POSITIONS, SAMPLE_OFFSETS, SAMPLE_IDS = shards.INDEX_TENSORS
+
+# A block's hook rows are about this many bytes: big enough that per-request latency on
+# object stores is amortised, small enough that many blocks fit the shuffle buffer.
+DEFAULT_BLOCK_BYTES = 32 << 20
+DEFAULT_SHUFFLE_BYTES = 1 << 30
+
+
+# ---------------------------------------------------------------------------------------
+# Ranged tensor reads
+# ---------------------------------------------------------------------------------------
+
+
+def fetch_header(store: Store, path: str) -> dict[str, TensorInfo]:
+    """A part's tensor index from two ranged reads (length, then JSON); no tensor data."""
+    length = shards.header_length(store.read_range(path, 0, 8))
+    try:
+        return shards.read_header(store.read_range(path, 0, length)).tensors
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{store.url_of(path)}: not a safetensors part ({err})") from None
+
+
+def row_range(info: TensorInfo, lo: int, hi: int) -> tuple[int, int]:
+    """Absolute byte range of rows [lo, hi) along the tensor's first axis."""
+    row_bytes = (info.stop - info.start) // max(info.shape[0], 1)
+    return info.start + lo * row_bytes, info.start + hi * row_bytes
+
+
+def whole(info: TensorInfo) -> tuple[int, int]:
+    return info.start, info.stop
+
+
+def decode_rows(info: TensorInfo, raw: bytes, lo: int, hi: int) -> np.ndarray:
+    return replace(info, shape=(hi - lo, *info.shape[1:])).to_numpy(raw)
+
+
+def read_ranges(store: Store, path: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+    """Fetch byte ranges of one file, merging ranges that touch into one request."""
+    order = sorted(range(len(ranges)), key=lambda i: ranges[i])
+    out: list[bytes] = [b""] * len(ranges)
+    group: list[int] = []
+
+    def flush() -> None:
+        lo, hi = ranges[group[0]][0], max(ranges[i][1] for i in group)
+        data = memoryview(store.read_range(path, lo, hi))
+        for i in group:
+            out[i] = data[ranges[i][0] - lo : ranges[i][1] - lo]
+        group.clear()
+
+    for i in order:
+        if group and ranges[i][0] > max(ranges[j][1] for j in group):
+            flush()
+        group.append(i)
+    if group:
+        flush()
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Work units and batches
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Part:
+    """One committed part file: the unit ranks split the run by."""
+
+    chunk: int
+    index: int  # position in the commit record's `parts`
+    path: str  # relative to the run root
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Block:
+    """Rows [lo, hi) of one part: the unit of fetching and of shuffling."""
+
+    part: Part
+    lo: int
+    hi: int
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Aligned rows of one hook: row i of every field describes the same stored token."""
+
+    activations: np.ndarray  # [batch, width], the stored dtype unless converted
+    token_ids: np.ndarray  # [batch] int32
+    positions: np.ndarray  # [batch] int32, position inside the sample's forward window
+    sample_ids: np.ndarray  # [batch] int64
+
+    def __len__(self) -> int:
+        return int(self.token_ids.shape[0])
+
+    def take(self, index: np.ndarray | slice) -> Batch:
+        return Batch(self.activations[index], self.token_ids[index], self.positions[index], self.sample_ids[index])
+
+    @staticmethod
+    def concat(batches: Sequence[Batch]) -> Batch:
+        if len(batches) == 1:
+            return batches[0]
+        return Batch(*(np.concatenate([getattr(b, f) for b in batches]) for f in _BATCH_FIELDS))
+
+
+_BATCH_FIELDS = ("activations", "token_ids", "positions", "sample_ids")
+
+
+def deal_parts(parts: Sequence[Part], rank: int, world_size: int, seed: int | None) -> list[Part]:
+    """This rank's parts: all parts in a (seeded) order dealt round-robin, so ranks never overlap."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    order = list(parts) if seed is None else [parts[i] for i in np.random.default_rng(seed).permutation(len(parts))]
+    return order[rank::world_size]
+
+
+def cut_blocks(part: Part, tokens: int, block_tokens: int) -> list[Block]:
+    return [Block(part, lo, min(lo + block_tokens, tokens)) for lo in range(0, tokens, block_tokens)]
+
+
+def mix(blocks: Iterator[Batch], batch_size: int, buffer_tokens: int, rng: np.random.Generator) -> Iterator[Batch]:
+    """Shuffle rows across blocks through a buffer of at most ~buffer_tokens rows.
+
+    Blocks arrive in random order; the pool fills to `buffer_tokens`, is permuted, and all but
+    half of it leaves as batches; the kept half mixes with the next blocks. Yields batches of
+    exactly `batch_size` rows except a smaller last one; every row leaves exactly once.
+    """
+    keep = buffer_tokens // 2
+    pool: list[Batch] = []
+    pooled = 0
+    for block in blocks:
+        pool.append(block)
+        pooled += len(block)
+        if pooled < buffer_tokens:
+            continue
+        rows = Batch.concat(pool)
+        perm = rng.permutation(pooled)
+        n_out = (pooled - keep) // batch_size * batch_size
+        for lo in range(0, n_out, batch_size):
+            yield rows.take(perm[lo : lo + batch_size])
+        pool, pooled = [rows.take(perm[n_out:])], pooled - n_out
+    if pooled:
+        rows = Batch.concat(pool)
+        perm = rng.permutation(pooled)
+        for lo in range(0, pooled, batch_size):
+            yield rows.take(perm[lo : lo + batch_size])
+
+
+def rebatch(blocks: Iterator[Batch], batch_size: int) -> Iterator[Batch]:
+    """Cut a stream of blocks into consecutive batches of batch_size rows (last one smaller)."""
+    pending: list[Batch] = []
+    pending_rows = 0
+    for block in blocks:
+        pending.append(block)
+        pending_rows += len(block)
+        if pending_rows < batch_size:
+            continue
+        rows = Batch.concat(pending)
+        n_out = pending_rows // batch_size * batch_size
+        for lo in range(0, n_out, batch_size):
+            yield rows.take(slice(lo, lo + batch_size))
+        pending, pending_rows = [rows.take(slice(n_out, None))], pending_rows - n_out
+    if pending_rows:
+        yield Batch.concat(pending)
+
+
+def prefetched(items: Sequence, fetch: Callable, threads: int, depth: int) -> Iterator:
+    """fetch(item) for each item in order, keeping `depth` fetches in flight on `threads` threads."""
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="actex-read")
+    inflight: deque[Future] = deque()
+    try:
+        for item in items:
+            inflight.append(pool.submit(fetch, item))
+            if len(inflight) > depth:
+                yield inflight.popleft().result()
+        while inflight:
+            yield inflight.popleft().result()
+    finally:
+        # The caller may stop early (break, exception): drop the queued reads.
+        for fut in inflight:
+            fut.cancel()
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Run
+# ---------------------------------------------------------------------------------------
+
+
+class Run:
+    """A run's committed contents. Cheap to create: reads run.json and the commit records."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.manifest: RunManifest = read_manifest(store)
+        self.commits: dict[int, CommitRecord] = read_commits(store)
+        self._headers: dict[str, dict[str, TensorInfo]] = {}
+        self._lock = threading.Lock()
+
+    # -- what the run holds ------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return self.store.url
+
+    @property
+    def config(self) -> dict:
+        return self.manifest.config
+
+    @cached_property
+    def hooks(self) -> dict[str, int]:
+        """hook name -> width, in the manifest's (computation) order."""
+        return {h.name: h.width for h in self.manifest.hooks}
+
+    @property
+    def dtype(self) -> str:
+        """Stored activation dtype name, e.g. 'bfloat16'."""
+        return self.manifest.hooks[0].dtype
+
+    @property
+    def chunks(self) -> list[int]:
+        """Committed chunk ids, sorted."""
+        return sorted(self.commits)
+
+    @property
+    def num_chunks(self) -> int:
+        """Chunks in the plan, committed or not."""
+        return self.manifest.plan.num_chunks
+
+    @property
+    def num_samples(self) -> int:
+        return sum(c.samples for c in self.commits.values())
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.tokens for c in self.commits.values())
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(c.bytes for c in self.commits.values())
+
+    def parts(self, chunks: Sequence[int] | None = None) -> list[Part]:
+        """Committed parts (optionally of some chunks), in (chunk, index) order."""
+        chosen = self.chunks if chunks is None else sorted(chunks)
+        return [
+            Part(chunk, i, p.path, p.bytes)
+            for chunk in chosen
+            for i, p in enumerate(self.commits[chunk].parts)
+        ]
+
+    def stats(self, hook: str) -> HookStats:
+        """Statistics of the hook over all committed chunks, merged from the commit records."""
+        self.check_hook(hook)
+        records = [c.stats.get(hook) for c in self.commits.values()]
+        if any(r is None for r in records):
+            raise ValueError(f"{self.url}: some commit records carry no stats for {hook}")
+        return HookStats.merge_all([HookStats.empty(self.hooks[hook])] + [HookStats.from_json(r) for r in records])
+
+    def samples(self, chunk: int) -> list[dict]:
+        """Per-sample metadata of a committed chunk (samples.jsonl of its committed attempt)."""
+        if chunk not in self.commits:
+            raise KeyError(f"{self.url}: chunk {chunk} is not committed")
+        path = self.commits[chunk].samples_path
+        return shards.decode_samples_jsonl(self.store.read_bytes(path), self.store.url_of(path))
+
+    def summary(self) -> dict:
+        """What `actex inspect` prints: counts, hooks and merged stats where recorded."""
+        hooks = {}
+        for hook, width in self.hooks.items():
+            entry: dict = {"width": width}
+            if self.commits and all(hook in c.stats for c in self.commits.values()):
+                entry["stats"] = self.stats(hook).summary()
+            hooks[hook] = entry
+        return {
+            "url": self.url,
+            "dtype": self.dtype,
+            "hooks": hooks,
+            "chunks_committed": len(self.commits),
+            "chunks_total": self.num_chunks,
+            "samples": self.num_samples,
+            "tokens": self.num_tokens,
+            "bytes": self.num_bytes,
+            "config": self.config,
+        }
+
+    # -- reading tensors ---------------------------------------------------------------
+
+    def header(self, part: Part) -> dict[str, TensorInfo]:
+        """The part's tensor index (cached: fetched once per part per Run)."""
+        with self._lock:
+            cached = self._headers.get(part.path)
+        if cached is None:
+            cached = fetch_header(self.store, part.path)
+            with self._lock:
+                self._headers[part.path] = cached
+        return cached
+
+    def num_part_tokens(self, part: Part) -> int:
+        return self.header(part)[TOKEN_IDS].shape[0]
+
+    def read_block(self, block: Block, hook: str) -> Batch:
+        """The hook's rows of one block with their index rows: ranged reads, touching ones merged."""
+        spec = self.header(block.part)
+        lo, hi = block.lo, block.hi
+        acts, tokens, positions, ids, offsets = read_ranges(self.store, block.part.path, [
+            row_range(spec[hook], lo, hi),
+            row_range(spec[TOKEN_IDS], lo, hi),
+            row_range(spec[POSITIONS], lo, hi),
+            whole(spec[SAMPLE_IDS]),
+            whole(spec[SAMPLE_OFFSETS]),
+        ])
+        offsets = spec[SAMPLE_OFFSETS].to_numpy(offsets)  # [samples + 1]
+        # Token t belongs to sample s where offsets[s] <= t < offsets[s+1].
+        owner = np.searchsorted(offsets, np.arange(lo, hi), side="right") - 1
+        return Batch(
+            activations=decode_rows(spec[hook], acts, lo, hi),
+            token_ids=decode_rows(spec[TOKEN_IDS], tokens, lo, hi),
+            positions=decode_rows(spec[POSITIONS], positions, lo, hi),
+            sample_ids=spec[SAMPLE_IDS].to_numpy(ids)[owner],
+        )
+
+    def read_index(self, part: Part) -> tuple[np.ndarray, np.ndarray]:
+        """The part's sample_ids [samples] and sample_offsets [samples+1] (token offsets)."""
+        spec = self.header(part)
+        ids, offsets = read_ranges(self.store, part.path, [whole(spec[SAMPLE_IDS]), whole(spec[SAMPLE_OFFSETS])])
+        return spec[SAMPLE_IDS].to_numpy(ids), spec[SAMPLE_OFFSETS].to_numpy(offsets)
+
+    def read_part(self, part: Part, hook: str) -> Batch:
+        return self.read_block(Block(part, 0, self.num_part_tokens(part)), hook)
+
+    def iter_batches(
+        self,
+        hook: str,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        epoch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle_bytes: int = DEFAULT_SHUFFLE_BYTES,
+        block_bytes: int = DEFAULT_BLOCK_BYTES,
+        prefetch: int = 8,
+        threads: int = 8,
+        dtype: np.dtype | str | None = None,
+        chunks: Sequence[int] | None = None,
+    ) -> Iterator[Batch]:
+        """Yield every committed token of `hook` on this rank once, in batches of batch_size.
+
+        shuffle: rows are mixed across blocks of all this rank's parts through a buffer of
+          about `shuffle_bytes` of activations (order depends on seed and epoch only).
+        rank/world_size: parts are dealt to ranks without overlap; ranks may get a few
+          tokens more or fewer than each other.
+        prefetch: blocks (about `block_bytes` of activations each) fetched ahead on `threads`.
+        dtype: convert activations per batch (e.g. np.float32); default the stored dtype.
+        """
+        self.check_hook(hook)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        row_bytes = self.hooks[hook] * shards.activation_dtype(self.dtype).itemsize
+        block_tokens = max(1, block_bytes // row_bytes)
+        rng = np.random.default_rng([seed, epoch]) if shuffle else None
+        mine = deal_parts(self.parts(chunks), rank, world_size, None if rng is None else seed)
+        threads = max(1, threads)
+        blocks = [
+            b
+            for part, tokens in zip(mine, self._map(self.num_part_tokens, mine, threads))
+            for b in cut_blocks(part, tokens, block_tokens)
+        ]
+        if rng is not None:
+            blocks = [blocks[i] for i in rng.permutation(len(blocks))]
+        fetched = prefetched(blocks, lambda b: self.read_block(b, hook), threads, max(1, prefetch))
+        if rng is None:
+            batches = rebatch(fetched, batch_size)
+        else:
+            batches = mix(fetched, batch_size, max(batch_size, shuffle_bytes // row_bytes), rng)
+        for batch in batches:
+            if dtype is not None:
+                batch = Batch(batch.activations.astype(dtype), batch.token_ids, batch.positions, batch.sample_ids)
+            yield batch
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def check_hook(self, hook: str) -> None:
+        if hook not in self.hooks:
+            raise KeyError(f"{self.url}: no hook {hook!r}; stored hooks: {', '.join(self.hooks)}")
+
+    @staticmethod
+    def _map(fn: Callable, items: Sequence, threads: int) -> list:
+        # Headers are tiny: fetch them concurrently so object-store latency is paid once.
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            return list(pool.map(fn, items))
+
+
+def open_run(url: str, **storage_options) -> Run:
+    """Open a run written by `actex extract` (local path, file://, memory://, gs://, s3://)."""
+    return Run(open_store(url, **storage_options))

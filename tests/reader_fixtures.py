@@ -1,0 +1,107 @@
+"""Small runs in store format v1, written with the store's own encoders, for reader tests.
+
+`write_run` lays out run.json, parts, samples.jsonl and commit records exactly as the
+engine does, from random values, and returns what a reader must find: every committed
+token's row in (chunk, part, row) order. Chunks listed in `uncommitted` get an attempt's
+data but no commit record, so readers must not see them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from actex.store import layout, shards
+from actex.store.commits import CommitRecord, PartRecord, commit
+from actex.store.folder import Store, open_store
+from actex.store.manifest import HookSpec, PlanSummary, RunManifest
+from actex.store.stats import HookStats
+
+HOOKS = {"blocks.0.hook_resid_post": 16, "blocks.1.mlp.hook_post": 24}
+
+
+@dataclass(frozen=True)
+class Expected:
+    """Committed contents in store order: row i of each array is the same token."""
+
+    url: str
+    storage_options: dict
+    hooks: dict[str, np.ndarray]  # hook -> [tokens, width] in the stored dtype
+    token_ids: np.ndarray  # [tokens]
+    positions: np.ndarray  # [tokens]
+    sample_ids: np.ndarray  # [tokens]
+    chunk_of_token: np.ndarray  # [tokens]
+
+
+def _positions(n: int, window: int | None) -> np.ndarray:
+    # A long sample cut into forward windows has positions restarting at 0 per window.
+    return np.arange(n) % window if window else np.arange(n)
+
+
+def write_run(url: str, storage_options: dict | None = None, *, lengths: list[list[list[int]]],
+              hooks: dict[str, int] = HOOKS, dtype: str = "bfloat16", uncommitted: tuple[int, ...] = (),
+              window: int | None = None, seed: int = 0, config: dict | None = None) -> Expected:
+    """lengths[chunk][part] = token counts of that part's samples (sample ids run in order)."""
+    storage_options = storage_options or {}
+    store = open_store(url, **storage_options)
+    rng = np.random.default_rng(seed)
+    num_samples = sum(len(p) for chunk in lengths for p in chunk)
+    manifest = RunManifest(
+        config=config or {"model": "tiny", "dtype": dtype, "compute_dtype": "float32"},
+        config_hash="0" * 64, model_fingerprint="m", tokenizer_fingerprint="t",
+        hooks=tuple(HookSpec(h, w, dtype) for h, w in hooks.items()),
+        plan=PlanSummary(num_samples=num_samples, chunk_size=8, num_chunks=len(lengths), fingerprint="p"),
+    )
+    store.create_exclusive(layout.MANIFEST, manifest.to_json())
+    kept: list[dict[str, np.ndarray]] = []
+    sample_id = 0
+    for chunk, parts in enumerate(lengths):
+        attempt = f"20250101T000000Z-w0-{chunk:08x}"
+        records, stats, metas, tokens = [], [], [], 0
+        for k, sample_lengths in enumerate(parts):
+            ids = np.arange(sample_id, sample_id + len(sample_lengths), dtype=np.int64)
+            sample_id += len(sample_lengths)
+            n = int(sum(sample_lengths))
+            acts = {h: rng.standard_normal((n, w)).astype(shards.activation_dtype(dtype)) for h, w in hooks.items()}
+            token_ids = rng.integers(0, 500, n).astype(np.int32)
+            positions = np.concatenate([_positions(m, window) for m in sample_lengths] or [np.zeros(0)]).astype(np.int32)
+            offsets = np.concatenate([[0], np.cumsum(sample_lengths)]).astype(np.int64)
+            part = shards.encode_part(acts, token_ids, positions, offsets, ids, chunk=chunk, attempt=attempt, part=k)
+            path = layout.part_path(chunk, attempt, k)
+            store.write_bytes(path, part.data)
+            records.append(PartRecord(path, len(part.data), part.sha256))
+            stats.append({h: HookStats.from_array(a) for h, a in acts.items()})
+            metas += [{"sample_id": int(i), "n_tokens": int(m)} for i, m in zip(ids, sample_lengths)]
+            tokens += n
+            if chunk not in uncommitted:
+                kept.append({**acts, "token_ids": token_ids, "positions": positions,
+                             "sample_ids": np.repeat(ids, sample_lengths), "chunk": np.full(n, chunk)})
+        store.write_bytes(layout.samples_path(chunk, attempt), shards.encode_samples_jsonl(metas))
+        if chunk in uncommitted:
+            continue
+        stats_json = {h: HookStats.merge_all([HookStats.empty(w)] + [s[h] for s in stats]).to_json()
+                      for h, w in hooks.items()}
+        assert commit(store, CommitRecord(chunk, attempt, tuple(records), len(metas), tokens, "w0", stats=stats_json))
+    cat = lambda key: np.concatenate([k[key] for k in kept])  # noqa: E731
+    return Expected(url, storage_options, {h: cat(h) for h in hooks}, cat("token_ids"), cat("positions"),
+                    cat("sample_ids"), cat("chunk"))
+
+
+class CountingStore(Store):
+    """A Store that records every ranged read, to prove which bytes a reader fetched."""
+
+    def __init__(self, inner: Store):
+        super().__init__(inner.fs, inner.root, inner.url, inner.retry)
+        self.ranges: list[tuple[str, int, int]] = []
+
+    def read_range(self, rel: str, start: int, stop: int) -> bytes:
+        self.ranges.append((rel, start, stop))
+        return super().read_range(rel, start, stop)
+
+    def read_bytes(self, rel: str) -> bytes:
+        if rel.endswith(".safetensors"):
+            raise AssertionError(f"whole-file read of {rel}")
+        return super().read_bytes(rel)
+
+
