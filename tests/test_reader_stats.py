@@ -1,0 +1,56 @@
+"""HookStats: mergeable statistics equal numpy's over a whole run."""
+
+from __future__ import annotations
+
+import json
+
+import ml_dtypes
+import numpy as np
+import pytest
+from reader_fixtures import HOOKS, write_run
+
+from actex import open_run
+from actex.store.stats import HookStats
+
+
+def numpy_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    x = x.astype(np.float64)
+    return x.mean(0), x.var(0), float(np.linalg.norm(x, axis=1).mean())
+
+
+def test_merge_of_pieces_equals_whole():
+    rng = np.random.default_rng(0)
+    x = (3.0 + rng.standard_normal((1000, 7)) * 5).astype(ml_dtypes.bfloat16)
+    pieces = [HookStats.from_array(x[a:b]) for a, b in [(0, 1), (1, 300), (300, 300), (300, 1000)]]
+    merged = HookStats.merge_all(pieces)
+    mean, var, norm = numpy_stats(x)
+    assert merged.count == 1000
+    np.testing.assert_allclose(merged.mean, mean, rtol=1e-12)
+    np.testing.assert_allclose(merged.variance, var, rtol=1e-10)
+    assert merged.mean_l2_norm == pytest.approx(norm, rel=1e-12)
+
+
+def test_json_round_trip_is_compact_and_close():
+    stats = HookStats.from_array(np.random.default_rng(1).standard_normal((50, 4)).astype(np.float32))
+    record = json.loads(json.dumps(stats.to_json()))
+    back = HookStats.from_json(record)
+    assert back.count == 50 and all(len(repr(v)) <= 16 for v in record["mean"])
+    np.testing.assert_allclose(back.mean, stats.mean, rtol=1e-8)
+    np.testing.assert_allclose(back.m2, stats.m2, rtol=1e-8)
+    with pytest.raises(ValueError, match="bad hook stats record"):
+        HookStats.from_json({"count": 1, "mean": [0.0], "m2": [0.0, 1.0], "norm_sum": 0.0})
+
+
+def test_run_stats_match_numpy_over_committed_tokens(tmp_path):
+    expected = write_run(str(tmp_path / "run"), lengths=[[[5, 9], [7]], [[12, 0, 8]], [[30]]], uncommitted=(1,))
+    run = open_run(expected.url)
+    for hook in HOOKS:
+        stats = run.stats(hook)
+        mean, var, norm = numpy_stats(expected.hooks[hook])
+        assert stats.count == len(expected.token_ids)
+        np.testing.assert_allclose(stats.mean, mean, rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(stats.variance, var, rtol=1e-6)
+        assert stats.mean_l2_norm == pytest.approx(norm, rel=1e-6)
+    summary = run.summary()
+    assert summary["chunks_committed"] == 2 and summary["tokens"] == 51
+    assert summary["hooks"]["blocks.0.hook_resid_post"]["stats"]["count"] == 51
