@@ -1,0 +1,190 @@
+"""The extraction loop: for each chunk of this worker without a commit record, tokenize,
+pack, run the jitted capture and hand the outputs to the pipeline, which writes and commits.
+
+    run = open_run(fields)              # load checkpoint, resolve config, plan, run.json
+    summary = extract(run, StaticChunks(run.plan.num_chunks, i, n), worker="w0")
+
+`open_run` does everything that can fail on bad input before any chunk is touched: unknown
+hooks, a missing dataset, an unwritable output, a config that disagrees with the run
+already there. Resuming is rerunning: committed chunks are skipped, the rest redone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from actex.config import RunConfig, resolve_config
+from actex.data import build_plan, pack, tokenize_samples
+from actex.data.plan import Plan
+from actex.engine.pipeline import Pipeline, PipelineConfig
+from actex.engine.work import SINGLE_PROCESS, ChunkSource, ProcessRole
+from actex.model import LoadedModel, ModelConfig, hook_width, layers_needed, load_model, load_tokenizer, make_capture_fn
+from actex.model.weights import param_dtype, resolve_model_dir
+from actex.store.commits import CommitRecord, Heartbeat, committed_chunks
+from actex.store.folder import Store, open_store
+from actex.store.manifest import HookSpec, PlanSummary, RunManifest, open_or_create_manifest
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_EVERY_S = 10.0
+
+
+@dataclass(frozen=True)
+class OpenRun:
+    """A run ready to extract into: its resolved config, store, plan, model and tokenizer."""
+
+    config: RunConfig
+    store: Store
+    plan: Plan
+    model: LoadedModel
+    tokenizer: Any
+    widths: dict[str, int]  # hook -> width, in canonical hook order
+
+
+def checkpoint_config(model: str, revision: str | None) -> ModelConfig:
+    """The checkpoint's ModelConfig from its config.json alone (no weights read yet)."""
+    model_dir, _ = resolve_model_dir(model, revision)
+    config_path = model_dir / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{model_dir}: config.json not found (is this a model directory?)")
+    return ModelConfig.from_hf_config(json.loads(config_path.read_text()))
+
+
+def open_run(fields: dict, *, storage_options: dict | None = None) -> OpenRun:
+    """Validate user fields against the checkpoint, plan the data and create or check run.json.
+
+    Raises ConfigError / ValueError / FileNotFoundError / PermissionError with one-line
+    messages; nothing in the store is modified except creating run.json on a fresh run.
+    """
+    ckpt = checkpoint_config(fields["model"], fields.get("revision"))
+    config = resolve_config(fields, n_layers=ckpt.n_layers, checkpoint_dtype=param_dtype(ckpt, None))
+    tokenizer_dir, _ = resolve_model_dir(config.model, config.revision)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    plan = build_plan(config.data, tokenizer, config.chunk_size)
+    store = open_store(config.run_url, **(storage_options or {}))
+    model = load_model(
+        config.model,
+        revision=config.revision,
+        dtype=config.compute_dtype,
+        max_layers=layers_needed(config.hooks, ckpt.n_layers),
+    )
+    widths = {hook: hook_width(model.config, hook) for hook in config.hooks}
+    open_or_create_manifest(store, run_manifest(config, model, tokenizer, plan, widths))
+    return OpenRun(config, store, plan, model, tokenizer, widths)
+
+
+def run_manifest(config: RunConfig, model: LoadedModel, tokenizer, plan: Plan, widths: dict[str, int]) -> RunManifest:
+    """run.json's contents: everything a reader or a joining worker must agree on."""
+    return RunManifest(
+        config=config.canonical(),
+        config_hash=config.config_hash,
+        model_fingerprint=model.fingerprint,
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        hooks=tuple(HookSpec(hook, width, config.dtype) for hook, width in widths.items()),
+        plan=PlanSummary(plan.num_samples, plan.chunk_size, plan.num_chunks, plan.fingerprint),
+    )
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the tokenizer's full serialisation (vocab, merges, normalisers, template)."""
+    payload = tokenizer.backend_tokenizer.to_str() + (tokenizer.chat_template or "")
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What one worker did in one `extract` call."""
+
+    committed: int  # chunks this worker committed
+    skipped: int  # chunks found already committed
+    lost: int  # chunks another worker committed first (our attempt is garbage)
+    progress: dict  # the final heartbeat: samples, tokens, bytes, rates
+
+
+def extract(
+    run: OpenRun,
+    source: ChunkSource,
+    *,
+    worker: str,
+    stop: threading.Event | None = None,
+    role: ProcessRole = SINGLE_PROCESS,
+    on_commit: Callable[[CommitRecord, dict], None] | None = None,
+    pipeline: PipelineConfig = PipelineConfig(),
+) -> Summary:
+    """Compute and commit every chunk `source` hands out that has no commit record yet.
+
+    `on_commit(record, progress)` runs after each chunk this worker committed, on the
+    commit thread; `progress` is the heartbeat's snapshot (counts and rates).
+    """
+    stop = stop or threading.Event()
+    config = run.config
+    capture = make_capture_fn(run.model.config, config.hooks, config.dtype)
+    done = committed_chunks(run.store)
+    heartbeat = Heartbeat(run.store, worker, interval_s=HEARTBEAT_EVERY_S, info={"run": config.name})
+    counts = {"committed": 0, "skipped": 0, "lost": 0}
+
+    def committed(record: CommitRecord, ours: bool) -> None:
+        # On the commit lane, after the record was created (or lost to another worker).
+        source.finished(record.chunk)
+        if not ours:
+            counts["lost"] += 1
+            return
+        counts["committed"] += 1
+        heartbeat.add(chunks_done=1, samples=record.samples, tokens=record.tokens, bytes=record.bytes)
+        _beat(heartbeat)
+        if on_commit is not None:
+            on_commit(record, heartbeat.snapshot())
+
+    pipe = Pipeline(
+        run.store,
+        widths=run.widths,
+        dtype=config.dtype,
+        shard_size=config.shard_size,
+        worker=worker,
+        on_commit=committed,
+        role=role,
+        config=pipeline,
+    )
+    _beat(heartbeat, force=True)
+    try:
+        for chunk in source.chunks(stop):
+            if chunk in done:
+                counts["skipped"] += 1
+                source.finished(chunk)
+                continue
+            tokenized = chunk_tokens(run, chunk)
+            job = pipe.begin(chunk, tokenized)
+            for batch in pack(tokenized, config.batch_tokens, config.data.max_seq_len):
+                # Async dispatch: returns at once with device arrays; the host lane fetches
+                # them while this thread already dispatches the next batch.
+                outputs = capture(run.model.params, batch.token_ids, batch.positions, batch.segment_ids)
+                pipe.add(job, batch, outputs)
+            pipe.end(job)
+            pipe.check()
+    finally:
+        pipe.close()
+        _beat(heartbeat, state="stopped" if stop.is_set() else "finished", force=True)
+    return Summary(counts["committed"], counts["skipped"], counts["lost"], heartbeat.snapshot())
+
+
+def chunk_tokens(run: OpenRun, chunk: int) -> list:
+    """Chunk k's samples, tokenized, each carrying its source row in its metadata."""
+    samples = run.plan.samples(chunk)
+    tokenized = tokenize_samples(samples, run.tokenizer, run.config.data)
+    return [
+        dataclasses.replace(t, meta={"source_row": s.source_row, **t.meta}) for s, t in zip(samples, tokenized)
+    ]
+
+
+def _beat(heartbeat: Heartbeat, **kwargs) -> None:
+    try:
+        heartbeat.beat(**kwargs)
+    except OSError as error:  # monitoring only: a run never fails over its heartbeat
+        log.warning("heartbeat %s not written: %s", heartbeat.worker, error)

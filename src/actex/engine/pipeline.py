@@ -1,0 +1,353 @@
+"""The extraction pipeline behind the forward pass: device->host, assembly, parts, commits.
+
+Three kinds of threads, so that the accelerator never waits for I/O:
+
+    main thread      tokenize, pack, dispatch the jitted capture of batch n+1, then hand
+                     batch n's device arrays to the host lane (JAX dispatch is async, so
+                     batch n+1 is already queued on the device while n is being fetched).
+    host lane (1)    jax.device_get, scatter rows into per-sample buffers, cut parts at the
+                     shard size; in submission order, so chunk ends follow their batches.
+    writers (N)      encode a part (safetensors), hash it, upload it; several at once for
+                     object stores, where one upload is latency-bound.
+    commit lane (1)  wait for a chunk's parts, write samples.jsonl, then the commit record.
+
+Each hand-off is bounded (the host lane's queue, the writers' in-flight parts), so a slow
+store slows the forward passes down instead of filling memory: backpressure.
+
+Exactly-once: a chunk's bytes go under a fresh attempt id, and the commit record, created
+exclusively and LAST, is what makes them exist. A crash at any moment leaves either no
+record (the chunk is redone under a new attempt; the old one is garbage) or a complete one.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import jax
+import numpy as np
+
+from actex.engine.work import SINGLE_PROCESS, ProcessRole
+from actex.store import layout
+from actex.store.commits import CommitRecord, PartRecord, commit
+from actex.store.folder import Store
+from actex.store.shards import EncodedPart, activation_dtype, encode_part, encode_samples_jsonl, split_samples, token_bytes
+from actex.store.stats import HookStats
+
+log = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------- assembly
+
+
+@dataclass
+class SampleBuffer:
+    """One sample's stored tokens: its windows concatenated in order."""
+
+    sample_id: int
+    meta: dict
+    token_ids: np.ndarray  # [n] int32
+    window_offset: dict[int, int]  # window start in the sample's token ids -> offset in buffer
+    acts: dict[str, np.ndarray] = field(default_factory=dict)  # hook -> [n, width]
+    positions: np.ndarray | None = None  # [n] int32
+    filled: int = 0
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.token_ids.shape[0])
+
+    @property
+    def complete(self) -> bool:
+        return self.filled == self.n_tokens
+
+
+def sample_buffer(tokenized) -> SampleBuffer:
+    """An empty buffer for a TokenizedSample; only its windows are stored."""
+    offsets, pieces, at = {}, [], 0
+    for start, stop in tokenized.windows:
+        offsets[start] = at
+        pieces.append(np.asarray(tokenized.token_ids[start:stop], dtype=np.int32))
+        at += stop - start
+    token_ids = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
+    return SampleBuffer(tokenized.sample_id, dict(tokenized.meta), token_ids, offsets)
+
+
+@dataclass(frozen=True)
+class PartData:
+    """The samples of one part, ready to encode."""
+
+    index: int
+    samples: tuple[SampleBuffer, ...]
+
+
+class ChunkAssembler:
+    """Turns a chunk's packed-batch outputs back into per-sample tokens, and cuts parts.
+
+    Samples are emitted in sample-id order; a part is cut before the sample that would
+    push it past `shard_size` bytes, so a sample never spans two parts (a sample larger
+    than the shard size gets a part of its own).
+    """
+
+    def __init__(self, tokenized: Sequence, widths: dict[str, int], dtype: str, shard_size: int):
+        self.widths = widths
+        self.dtype = activation_dtype(dtype)
+        self.shard_size = shard_size
+        self.samples = [sample_buffer(t) for t in sorted(tokenized, key=lambda t: t.sample_id)]
+        self.by_id = {s.sample_id: s for s in self.samples}
+        self._next = 0  # first sample not yet handed to a part
+        self._pending: list[SampleBuffer] = []
+        self._parts = 0
+        self.token_bytes = token_bytes(list(widths.values()), dtype)
+
+    def add(self, placements, token_positions: np.ndarray, host: dict[str, np.ndarray], role: ProcessRole) -> None:
+        """Scatter one batch's rows into sample buffers. host: {hook: [rows, seq, width]}."""
+        num_rows = token_positions.shape[0]
+        for sample_id, start, row, col, length in placements:
+            if not role.holds(row, num_rows):
+                continue
+            buf = self.by_id[sample_id]
+            if not buf.acts:
+                buf.acts = {h: np.empty((buf.n_tokens, w), self.dtype) for h, w in self.widths.items()}
+                buf.positions = np.empty(buf.n_tokens, np.int32)
+            at = buf.window_offset[start]
+            for hook, values in host.items():
+                buf.acts[hook][at : at + length] = values[row, col : col + length]
+            buf.positions[at : at + length] = token_positions[row, col : col + length]
+            buf.filled += length
+
+    def ready_parts(self, final: bool = False) -> list[PartData]:
+        """Parts whose samples are all complete; with `final`, the remainder too."""
+        parts = []
+        while self._next < len(self.samples) and self.samples[self._next].complete:
+            sample = self.samples[self._next]
+            sizes = [s.n_tokens for s in self._pending] + [sample.n_tokens]
+            if len(split_samples(sizes, self.token_bytes, self.shard_size)) > 1:
+                parts.append(self._cut())
+            self._pending.append(sample)
+            self._next += 1
+        if final:
+            if self._next != len(self.samples):
+                missing = self.samples[self._next]
+                raise RuntimeError(
+                    f"sample {missing.sample_id}: {missing.filled} of {missing.n_tokens} tokens "
+                    "came back from the packed batches (packing lost a window)"
+                )
+            if self._pending or not self._parts:
+                parts.append(self._cut())
+        return parts
+
+    def _cut(self) -> PartData:
+        part = PartData(self._parts, tuple(self._pending))
+        self._pending = []
+        self._parts += 1
+        return part
+
+
+def encode(part: PartData, widths: dict[str, int], dtype: np.dtype, *, chunk: int, attempt: str) -> EncodedPart:
+    """A part's samples concatenated along the token axis, as safetensors bytes."""
+    samples = part.samples
+
+    def cat(arrays: list, empty: np.ndarray) -> np.ndarray:
+        arrays = [a for a in arrays if a is not None and a.shape[0]]
+        return np.concatenate(arrays) if arrays else empty
+
+    lengths = np.array([s.n_tokens for s in samples], np.int64)
+    return encode_part(
+        {hook: cat([s.acts.get(hook) for s in samples], np.zeros((0, width), dtype)) for hook, width in widths.items()},
+        token_ids=cat([s.token_ids for s in samples], np.zeros(0, np.int32)),
+        positions=cat([s.positions for s in samples], np.zeros(0, np.int32)),
+        sample_offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        sample_ids=np.array([s.sample_id for s in samples], np.int64),
+        chunk=chunk,
+        attempt=attempt,
+        part=part.index,
+    )
+
+
+def part_stats(part: PartData, widths: dict[str, int]) -> dict[str, HookStats]:
+    """Per-hook statistics of a part, merged from its samples (no concatenated copy needed)."""
+    return {
+        hook: HookStats.merge_all([HookStats.empty(width)] + [HookStats.from_array(s.acts[hook]) for s in part.samples if s.acts])
+        for hook, width in widths.items()
+    }
+
+
+def sample_records(samples: Sequence[SampleBuffer]) -> list[dict]:
+    """samples.jsonl's lines: each sample's identity and the data layer's metadata."""
+    return [{"sample_id": s.sample_id, **s.meta, "n_tokens": s.n_tokens} for s in samples]
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Sizes of the hand-offs. Defaults suit a local disk and a GCS bucket alike."""
+
+    host_queue: int = 2  # batches whose device arrays may wait for the host lane
+    writers: int = 4  # concurrent part uploads
+    parts_in_flight: int = 6  # parts held in memory waiting for a writer
+
+
+class _Lane:
+    """One background thread running submitted callables in order, with a bounded queue.
+
+    The first exception stops the lane; `check()` re-raises it on the caller's thread.
+    """
+
+    def __init__(self, name: str, depth: int):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (job := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    job()
+                except BaseException as error:  # re-raised on the main thread by check()
+                    self._error = error
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self.check()
+        self._queue.put(job)  # blocks when full: backpressure
+
+    def check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self.check()
+
+
+@dataclass
+class ChunkJob:
+    """A chunk in flight: its assembler, attempt, parts being written."""
+
+    chunk: int
+    attempt: str
+    assembler: ChunkAssembler
+    started: float
+    parts: list[Future] = field(default_factory=list)
+
+
+class Pipeline:
+    """Background device->host copies, part writers and commits for one worker.
+
+    Use: `job = begin(chunk, tokenized)`, `add(job, batch, outputs)` per dispatched batch,
+    `end(job)`; `close()` waits for everything and re-raises the first background error.
+    `on_commit(record, committed)` runs on the commit lane after each chunk.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        widths: dict[str, int],
+        dtype: str,
+        shard_size: int,
+        worker: str,
+        on_commit: Callable[[CommitRecord, bool], None] = lambda record, committed: None,
+        role: ProcessRole = SINGLE_PROCESS,
+        config: PipelineConfig = PipelineConfig(),
+    ):
+        self.store = store
+        self.widths = widths
+        self.dtype = activation_dtype(dtype)
+        self.dtype_name = dtype
+        self.shard_size = shard_size
+        self.worker = worker
+        self.on_commit = on_commit
+        self.role = role
+        self._host = _Lane("actex-host", config.host_queue)
+        self._commit = _Lane("actex-commit", 2)
+        self._writers = ThreadPoolExecutor(config.writers, thread_name_prefix="actex-writer")
+        self._parts_slots = threading.BoundedSemaphore(config.parts_in_flight)
+
+    # -- main thread
+
+    def begin(self, chunk: int, tokenized: Sequence) -> ChunkJob:
+        assembler = ChunkAssembler(tokenized, self.widths, self.dtype_name, self.shard_size)
+        return ChunkJob(chunk, layout.new_attempt_id(self.worker), assembler, time.time())
+
+    def add(self, job: ChunkJob, batch, outputs: dict) -> None:
+        """Queue batch's device outputs {hook: [rows, seq, width]} for the host lane."""
+        self._host.submit(lambda: self._to_host(job, batch, outputs))
+
+    def end(self, job: ChunkJob) -> None:
+        self._host.submit(lambda: self._finish(job))
+
+    def check(self) -> None:
+        """Raise here any error a background thread hit (a failed upload, say)."""
+        self._host.check()
+        self._commit.check()
+
+    def close(self) -> None:
+        try:
+            self._host.close()
+            self._commit.close()
+        finally:
+            self._writers.shutdown(wait=True)
+
+    # -- host lane
+
+    def _to_host(self, job: ChunkJob, batch, outputs: dict) -> None:
+        # The only device sync of the pipeline, and it happens off the main thread.
+        host = jax.device_get(outputs)
+        job.assembler.add(batch.placements, np.asarray(batch.positions), host, self.role)
+        self._write(job, job.assembler.ready_parts())
+
+    def _finish(self, job: ChunkJob) -> None:
+        self._write(job, job.assembler.ready_parts(final=True))
+        self._commit.submit(lambda: self._commit_chunk(job))
+
+    def _write(self, job: ChunkJob, parts: list[PartData]) -> None:
+        for part in parts:
+            self._parts_slots.acquire()  # blocks while too many parts wait: backpressure
+            future = self._writers.submit(self._write_part, job, part)
+            future.add_done_callback(lambda _: self._parts_slots.release())
+            job.parts.append(future)
+
+    # -- writers
+
+    def _write_part(self, job: ChunkJob, part: PartData) -> tuple[PartRecord, dict[str, HookStats], int]:
+        encoded = encode(part, self.widths, self.dtype, chunk=job.chunk, attempt=job.attempt)
+        path = layout.part_path(job.chunk, job.attempt, part.index)
+        self.store.write_bytes(path, encoded.data)
+        record = PartRecord(path=path, bytes=len(encoded.data), sha256=encoded.sha256)
+        return record, part_stats(part, self.widths), encoded.tokens
+
+    # -- commit lane
+
+    def _commit_chunk(self, job: ChunkJob) -> None:
+        written = [future.result() for future in job.parts]  # re-raises a writer's error
+        samples = job.assembler.samples
+        self.store.write_bytes(layout.samples_path(job.chunk, job.attempt), encode_samples_jsonl(sample_records(samples)))
+        self.role.barrier(f"chunk-{job.chunk}-{job.attempt}")
+        tokens = sum(n for _, _, n in written)
+        stats = {
+            hook: HookStats.merge_all([HookStats.empty(width)] + [s[hook] for _, s, _ in written]).to_json()
+            for hook, width in self.widths.items()
+        }
+        record = CommitRecord(
+            chunk=job.chunk,
+            attempt=job.attempt,
+            parts=tuple(part for part, _, _ in written),
+            samples=len(samples),
+            tokens=tokens,
+            worker=self.worker,
+            stats=stats,
+            timings={"chunk_s": time.time() - job.started},
+        )
+        # The commit record is written LAST: its existence is what makes the parts exist.
+        committed = self.role.commits and commit(self.store, record)
+        if not committed:
+            log.warning("chunk %d was committed by another worker first; attempt %s is garbage", job.chunk, job.attempt)
+        self.on_commit(record, committed)
