@@ -1,0 +1,222 @@
+"""Store primitives on every backend: local, memory, gs (fake-gcs-server), s3 (moto)."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from actex.store import RetryPolicy, StoreError, open_store
+
+FAST_RETRY = RetryPolicy(attempts=4, base_delay=0.001, max_delay=0.005)
+
+
+@pytest.fixture
+def store(store_url):
+    url, options = store_url
+    return open_store(url, retry=FAST_RETRY, **options)
+
+
+def test_read_write_list_delete(store):
+    assert store.list() == []
+    store.write_bytes("a/one.bin", b"0123456789")
+    store.write_bytes("a/b/two.bin", b"xy")
+    store.write_bytes("a/one.bin", b"abcdefghij")  # overwrite
+    assert store.read_bytes("a/one.bin") == b"abcdefghij"
+    assert store.size("a/one.bin") == 10
+    assert store.exists("a/b/two.bin") and not store.exists("a/missing")
+    assert store.list() == ["a/b/two.bin", "a/one.bin"]
+    assert store.list("a/b") == ["a/b/two.bin"]
+    assert store.list("nothing/here") == []
+    assert store.read_many(["a/one.bin", "a/b/two.bin"]) == {"a/one.bin": b"abcdefghij", "a/b/two.bin": b"xy"}
+    store.delete("a/one.bin")
+    store.delete("a/one.bin")  # missing is fine
+    assert store.list() == ["a/b/two.bin"]
+    with pytest.raises(FileNotFoundError):
+        store.read_bytes("a/one.bin")
+
+
+def test_ranged_reads(store):
+    data = bytes(range(256)) * 8
+    store.write_bytes("blob", data)
+    assert store.read_range("blob", 0, 8) == data[:8]
+    assert store.read_range("blob", 1000, 1500) == data[1000:1500]
+    assert store.read_range("blob", 2040, 2048) == data[2040:]
+    assert store.read_range("blob", 5, 5) == b""
+    with pytest.raises(ValueError):
+        store.read_range("blob", 10, 5)
+
+
+def test_create_exclusive(store):
+    assert store.create_exclusive("commits/000001.json", b'{"attempt": "a"}')
+    assert not store.create_exclusive("commits/000001.json", b'{"attempt": "b"}')
+    assert store.read_bytes("commits/000001.json") == b'{"attempt": "a"}'
+    # A retried create whose first try landed finds its own bytes: it won.
+    assert store.create_exclusive("commits/000001.json", b'{"attempt": "a"}')
+    assert store.list("commits") == ["commits/000001.json"]  # no temp files left visible
+
+
+def test_create_exclusive_thread_race(store):
+    racers = 8
+    barrier = threading.Barrier(racers)
+    results = [None] * racers
+
+    def race(i):
+        barrier.wait()
+        results[i] = store.create_exclusive("claims/000007.json", f"worker-{i}".encode())
+
+    threads = [threading.Thread(target=race, args=(i,)) for i in range(racers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results.count(True) == 1
+    winner = results.index(True)
+    assert store.read_bytes("claims/000007.json") == f"worker-{winner}".encode()
+
+
+RACER = """
+import json, sys
+from actex.store import open_store
+url, options, name = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+store = open_store(url, **options)
+store.exists("warm-up")  # imports done, connections open: ready at the start line
+print("ready", flush=True)
+sys.stdin.readline()
+print(json.dumps(store.create_exclusive("commits/000003.json", name.encode())), flush=True)
+"""
+
+
+def test_create_exclusive_process_race(store_url, gcs_emulator, s3_emulator):
+    url, options = store_url
+    if url.startswith("memory://"):
+        pytest.skip("memory:// lives in one process")
+    env = {**os.environ, **gcs_emulator.env, **s3_emulator.env}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", RACER, url, json.dumps(options), f"p{i}"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+        for i in range(4)
+    ]
+    try:
+        assert [p.stdout.readline().strip() for p in procs] == ["ready"] * 4, [p.stderr.read()[-500:] for p in procs]
+        for p in procs:  # release them together
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        won = [json.loads(p.stdout.readline()) for p in procs]
+        assert [p.wait(timeout=60) for p in procs] == [0] * 4
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert won.count(True) == 1, won
+    assert open_store(url, **options).read_bytes("commits/000003.json") == f"p{won.index(True)}".encode()
+
+
+def test_replace_if_version(store):
+    with pytest.raises(FileNotFoundError):
+        store.read_versioned("claims/000001.json")
+    store.create_exclusive("claims/000001.json", b"lease-1")
+    data, v1 = store.read_versioned("claims/000001.json")
+    assert data == b"lease-1"
+    assert store.replace_if_version("claims/000001.json", b"lease-2", v1)
+    data, v2 = store.read_versioned("claims/000001.json")
+    assert data == b"lease-2" and v2 != v1
+    assert not store.replace_if_version("claims/000001.json", b"stale", v1)
+    assert store.read_bytes("claims/000001.json") == b"lease-2"
+    store.delete("claims/000001.json")
+    assert not store.replace_if_version("claims/000001.json", b"gone", v2)
+    assert not store.exists("claims/000001.json")
+
+
+def test_replace_if_version_race(store):
+    store.create_exclusive("claims/000002.json", b"expired")
+    _, version = store.read_versioned("claims/000002.json")
+    racers = 6
+    barrier = threading.Barrier(racers)
+    results = [None] * racers
+
+    def take_over(i):
+        barrier.wait()
+        results[i] = store.replace_if_version("claims/000002.json", f"taker-{i}".encode(), version)
+
+    threads = [threading.Thread(target=take_over, args=(i,)) for i in range(racers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results.count(True) == 1
+    assert store.read_bytes("claims/000002.json") == f"taker-{results.index(True)}".encode()
+
+
+def _flaky(real, failures, error=ConnectionResetError("connection reset by peer")):
+    """Wrap `real`: the first `failures` calls raise `error`, then delegate."""
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        calls.append(args)
+        if len(calls) <= failures:
+            raise error
+        return real(*args, **kwargs)
+
+    return wrapper, calls
+
+
+def test_transient_errors_are_retried(store, monkeypatch):
+    store.write_bytes("x.bin", b"payload")
+    flaky, calls = _flaky(store.fs.cat_file, failures=2)
+    monkeypatch.setattr(store.fs, "cat_file", flaky)
+    assert store.read_bytes("x.bin") == b"payload"
+    assert len(calls) == 3
+
+
+def test_retries_are_bounded_and_name_the_object(store, monkeypatch):
+    flaky, calls = _flaky(store.fs.cat_file, failures=100, error=TimeoutError("read timed out"))
+    monkeypatch.setattr(store.fs, "cat_file", flaky)
+    with pytest.raises(StoreError, match=r"read .*x\.bin failed after 4 attempts: TimeoutError: read timed out"):
+        store.read_bytes("x.bin")
+    assert len(calls) == FAST_RETRY.attempts
+
+
+def test_permanent_errors_are_not_retried(store, monkeypatch):
+    flaky, calls = _flaky(store.fs.cat_file, failures=100, error=PermissionError("403 forbidden"))
+    monkeypatch.setattr(store.fs, "cat_file", flaky)
+    with pytest.raises(PermissionError):
+        store.read_bytes("x.bin")
+    assert len(calls) == 1
+
+
+def test_create_whose_response_was_lost_still_wins(store, monkeypatch):
+    # The request lands but the connection drops before the answer: the retry sees the
+    # object exists and must recognise it as its own, not report a lost race.
+    backend = store._backend
+    real = backend.create_exclusive
+    calls = []
+
+    def lands_then_resets(path, data):
+        calls.append(path)
+        ok = real(path, data)
+        if len(calls) == 1:
+            raise ConnectionResetError("reset after the write")
+        return ok
+
+    monkeypatch.setattr(backend, "create_exclusive", lands_then_resets)
+    assert store.create_exclusive("commits/000009.json", b"mine")
+    assert len(calls) == 2
+    monkeypatch.undo()
+    assert not store.create_exclusive("commits/000009.json", b"someone else")
+
+
+def test_local_write_never_exposes_partial_file(tmp_path):
+    store = open_store(tmp_path / "run")
+    store.write_bytes("p/part.bin", b"a" * 1000)
+    names = os.listdir(tmp_path / "run" / "p")
+    assert names == ["part.bin"]  # the temp file was renamed, not copied
+
+
+def test_bad_relative_paths_are_refused(tmp_path):
+    store = open_store(tmp_path / "run")
+    with pytest.raises(ValueError, match="bad relative path"):
+        store.write_bytes("../escape", b"")
