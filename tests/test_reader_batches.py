@@ -87,7 +87,7 @@ def test_dtype_conversion_and_bad_arguments(run_dir):
     batch = next(run.iter_batches(HOOK, 4, shuffle=False, dtype=np.float32))
     assert batch.activations.dtype == np.float32
     np.testing.assert_array_equal(batch.activations, run_dir.hooks[HOOK][:4].astype(np.float32))
-    with pytest.raises(KeyError, match="no hook 'blocks.9.hook_resid_post'"):
+    with pytest.raises(ValueError, match="no hook 'blocks.9.hook_resid_post'"):
         next(run.iter_batches("blocks.9.hook_resid_post", 4))
     with pytest.raises(ValueError, match="rank must be in"):
         next(run.iter_batches(HOOK, 4, rank=2, world_size=2))

@@ -1,7 +1,119 @@
-"""`actex` subcommands of the reader area."""
+"""`actex export`, `actex verify` and `actex gc`: flags in, library calls out.
+
+User errors end as one line on stderr with exit code 2 (shared with the extract area);
+`verify` exits 1 when a hook's error is above tolerance.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Optional
 
 import typer
+
+from actex.cli.extract import UserError, user_errors
+
+EXIT_VERIFY_FAILED = 1
+
+
+class ExportFormat(str, Enum):
+    saelens = "saelens"
+    legacy_pickle = "legacy-pickle"
+
+
+def export(
+    url: str = typer.Argument(..., help="Run URL: local dir, file://, gs://, s3:// or memory://."),
+    out: str = typer.Argument(..., help="Local output directory (created; must be empty)."),
+    to: ExportFormat = typer.Option(..., "--to", help="saelens: a Hugging Face dataset SAELens loads as "
+                                    "cached activations. legacy-pickle: shard_NNNN.pkl.gz + metadata.json of the "
+                                    "old worker; pickle runs code when loaded, so for TRUSTED USE ONLY."),
+    hook: Optional[list[str]] = typer.Option(None, "--hook", help="Hook to export (saelens: exactly one; "
+                                             "legacy-pickle: repeat it, default all hooks)."),
+    context_size: Optional[int] = typer.Option(None, "--context-size", min=1, help="saelens: tokens per row "
+                                               "(default: the common sample length; other windows are cut to it)."),
+    dtype: str = typer.Option("float32", "--dtype", help="Activation dtype in the export: float32 or float16."),
+    samples_per_shard: int = typer.Option(64, "--samples-per-shard", min=1, help="legacy-pickle: samples per shard."),
+) -> None:
+    """Export a run for other tools: SAELens cached activations or the legacy pickle layout."""
+    from actex.store.reader import open_run
+
+    with user_errors():
+        run = open_run(url)
+        if to is ExportFormat.saelens:
+            from actex.exports.saelens import export_saelens
+
+            if not hook or len(hook) != 1:
+                raise UserError(f"--to saelens needs exactly one --hook; stored hooks: {', '.join(run.hooks)}")
+            result = export_saelens(run, out, hook[0], context_size=context_size, dtype=dtype)
+            typer.echo(f"actex: wrote {result.rows:,} rows of {result.context_size} tokens of {result.hook} to "
+                       f"{result.path} ({result.tokens_dropped:,} tail tokens dropped)")
+        else:
+            from actex.exports.legacy import export_legacy
+
+            result = export_legacy(run, out, hooks=hook or None, samples_per_shard=samples_per_shard,
+                                   dtype=dtype, decode=_preview_decoder(run))
+            typer.echo(f"actex: wrote {result.samples:,} samples in {result.shards} legacy shard(s) to {result.path} "
+                       "(pickle: trusted use only)")
+
+
+def _preview_decoder(run):
+    """Text previews come from the run's tokenizer; without it (no local copy) they stay empty."""
+    from actex.model.weights import load_tokenizer, resolve_model_dir
+
+    try:
+        tokenizer = load_tokenizer(resolve_model_dir(run.config["model"], run.config.get("revision"))[0])
+    except Exception as error:  # noqa: BLE001 - any failure to find the tokenizer means "no previews"
+        typer.echo(f"actex: warning: no tokenizer for text previews ({type(error).__name__}); leaving them empty",
+                   err=True)
+        return None
+    return tokenizer.decode
+
+
+def verify(
+    url: str = typer.Argument(..., help="Run URL."),
+    samples: int = typer.Option(8, "--samples", min=1, help="Random committed samples to recompute."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the sample choice."),
+    tolerance: Optional[float] = typer.Option(None, "--tolerance", help="Max error relative to the reference's "
+                                              "max |value| (default by dtype: f32 1e-3, f16 5e-3, bf16 2e-2)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Checkpoint to use instead of run.json's "
+                                        "(e.g. a local copy of it)."),
+    device: str = typer.Option("cpu", "--device", help="torch device of the reference model."),
+) -> None:
+    """Recompute random stored samples with Hugging Face transformers and compare (needs the torch extra)."""
+    from actex.store.reader import open_run
+    from actex.verify import verify as run_verify
+
+    with user_errors():
+        report = run_verify(open_run(url), samples, seed=seed, tolerance=tolerance, model=model, device=device)
+    typer.echo(f"actex: verified {len(report.sample_ids)} sample(s), {report.tokens:,} tokens of {report.url}")
+    for check in report.checks:
+        verdict = "ok" if check.ok else "FAIL"
+        typer.echo(f"  {verdict:4}  {check.hook:32}  error {check.error:.3e}  (tolerance {check.tolerance:.0e})")
+    if not report.ok:
+        raise typer.Exit(EXIT_VERIFY_FAILED)
+
+
+def gc(
+    url: str = typer.Argument(..., help="Run URL."),
+    grace_hours: float = typer.Option(24.0, "--grace-hours", min=0.0, help="Keep uncommitted attempts younger "
+                                      "than this (must exceed the longest chunk write of a live worker)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List what would be deleted; delete nothing."),
+) -> None:
+    """Delete uncommitted attempts older than the grace period; never anything a commit record names."""
+    from actex.store.folder import open_store
+    from actex.store.gc import collect_garbage
+
+    with user_errors():
+        report = collect_garbage(open_store(url), grace_s=grace_hours * 3600, dry_run=dry_run)
+    action = "would delete" if dry_run else "deleted"
+    for attempt in report.deleted:
+        typer.echo(f"  {action} {attempt.dir} ({len(attempt.files)} files)")
+    typer.echo(f"actex: {action} {len(report.deleted)} orphaned attempt(s); kept {report.committed} committed and "
+               f"{len(report.kept_recent)} recent uncommitted")
 
 
 def register(app: typer.Typer) -> None:
     """Add this area's subcommands to the `actex` app."""
+    app.command("export")(export)
+    app.command("verify")(verify)
+    app.command("gc")(gc)

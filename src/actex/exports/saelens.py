@@ -75,7 +75,7 @@ def export_saelens(run: Run, out: str | Path, hook: str, *, context_size: int | 
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)} (Arrow has no bfloat16), got {dtype!r}")
     if hook not in run.hooks:
-        raise KeyError(f"{run.url}: no hook {hook!r}; stored hooks: {', '.join(run.hooks)}")
+        raise ValueError(f"{run.url}: no hook {hook!r}; stored hooks: {', '.join(run.hooks)}")
     context_size = context_size or infer_context_size(run)
     out = Path(out)
     if out.exists() and any(out.iterdir()):

@@ -421,7 +421,7 @@ class Run:
 
     def check_hook(self, hook: str) -> None:
         if hook not in self.hooks:
-            raise KeyError(f"{self.url}: no hook {hook!r}; stored hooks: {', '.join(self.hooks)}")
+            raise ValueError(f"{self.url}: no hook {hook!r}; stored hooks: {', '.join(self.hooks)}")
 
     @staticmethod
     def _map(fn: Callable, items: Sequence, threads: int) -> list:

@@ -1,0 +1,162 @@
+"""Check stored activations against the reference implementation (Hugging Face transformers).
+
+`actex verify URL --samples N` picks N random committed samples, feeds their stored token
+ids and positions to transformers' own Qwen2 (torch, float32, on CPU by default) with
+forward hooks at the TransformerLens points, and compares with what the store holds:
+
+    error(hook) = max |stored - reference| / max |reference|     over the checked samples
+
+A stored sample may consist of several forward windows (long-text policies restart
+positions at 0); each window is recomputed on its own, exactly as it was extracted.
+Tolerances depend on the stored dtype (its rounding alone is ~2^-9 relative for bfloat16)
+and on the compute dtype the run used; `--tolerance` overrides them.
+
+Needs the optional torch extra: `pip install 'actex[torch]'`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from actex.model.hooks import HOOK_EMBED, HOOK_LN_FINAL, parse_hook
+from actex.store.reader import Block, Part, Run
+
+# Relative error allowed per dtype (stored or compute, whichever is looser).
+TOLERANCE = {"float32": 1e-3, "float16": 5e-3, "bfloat16": 2e-2}
+
+
+@dataclass(frozen=True)
+class HookCheck:
+    hook: str
+    error: float  # max abs error / max abs reference value
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        return self.error <= self.tolerance
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    url: str
+    sample_ids: tuple[int, ...]
+    tokens: int
+    checks: tuple[HookCheck, ...]
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+
+def default_tolerance(run: Run) -> float:
+    compute = run.config.get("compute_dtype", "float32")
+    return max(TOLERANCE[run.dtype], TOLERANCE.get(compute, TOLERANCE["bfloat16"]))
+
+
+def pick_samples(run: Run, n: int, seed: int) -> list[tuple[Part, int, int, int]]:
+    """n random committed samples with tokens, as (part, sample_id, token lo, token hi)."""
+    candidates = []
+    for part in run.parts():
+        ids, offsets = run.read_index(part)
+        for sid, lo, hi in zip(ids.tolist(), offsets[:-1].tolist(), offsets[1:].tolist()):
+            if hi > lo:
+                candidates.append((part, sid, lo, hi))
+    if not candidates:
+        raise ValueError(f"{run.url}: no committed sample has tokens to verify")
+    chosen = np.random.default_rng(seed).choice(len(candidates), size=min(n, len(candidates)), replace=False)
+    return [candidates[i] for i in sorted(chosen)]
+
+
+def forward_windows(positions: np.ndarray) -> list[tuple[int, int]]:
+    """Split a sample's tokens where positions restart: each piece was one forward window."""
+    starts = [0] + [i for i in range(1, len(positions)) if positions[i] != positions[i - 1] + 1]
+    return list(zip(starts, starts[1:] + [len(positions)]))
+
+
+def load_reference(model: str, revision: str | None = None, device: str = "cpu"):
+    """transformers' Qwen2 backbone (no LM head) in float32, from a local dir or the HF cache."""
+    import torch
+    from transformers import AutoModel
+
+    reference = AutoModel.from_pretrained(model, revision=revision, dtype=torch.float32)
+    return reference.to(device).eval()
+
+
+def reference_activations(reference, hooks: list[str], token_ids: np.ndarray, positions: np.ndarray) -> dict[str, np.ndarray]:
+    """Run one forward window through `reference` and return {hook: [tokens, width]} float32."""
+    import torch
+
+    n_layers = len(reference.layers)
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        def hook(module, args, kwargs, output):
+            seen[name] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    def keep_input(name):
+        def hook(module, args, kwargs):
+            seen[name] = args[0] if args else kwargs["hidden_states"]
+
+        return hook
+
+    handles = [
+        reference.embed_tokens.register_forward_hook(keep(HOOK_EMBED), with_kwargs=True),
+        reference.norm.register_forward_hook(keep(HOOK_LN_FINAL), with_kwargs=True),
+    ]
+    for layer, block in enumerate(reference.layers):
+        handles += [
+            block.register_forward_pre_hook(keep_input(f"blocks.{layer}.hook_resid_pre"), with_kwargs=True),
+            block.register_forward_hook(keep(f"blocks.{layer}.hook_resid_post"), with_kwargs=True),
+            block.self_attn.register_forward_hook(keep(f"blocks.{layer}.hook_attn_out"), with_kwargs=True),
+            block.mlp.register_forward_hook(keep(f"blocks.{layer}.hook_mlp_out"), with_kwargs=True),
+            block.mlp.down_proj.register_forward_pre_hook(keep_input(f"blocks.{layer}.mlp.hook_post"), with_kwargs=True),
+        ]
+    device = next(reference.parameters()).device
+    try:
+        with torch.no_grad():
+            reference(
+                input_ids=torch.tensor(np.asarray(token_ids, np.int64), device=device)[None],
+                position_ids=torch.tensor(np.asarray(positions, np.int64), device=device)[None],
+                use_cache=False,
+            )
+    finally:
+        for handle in handles:
+            handle.remove()
+    out = {}
+    for hook in hooks:
+        point = parse_hook(hook, n_layers)
+        if point.kind == "hook_resid_mid":
+            value = seen[f"blocks.{point.layer}.hook_resid_pre"] + seen[f"blocks.{point.layer}.hook_attn_out"]
+        else:
+            value = seen[hook]
+        out[hook] = value[0].float().cpu().numpy()  # [tokens, width]
+    return out
+
+
+def verify(run: Run, n_samples: int, *, seed: int = 0, tolerance: float | None = None,
+           model: str | None = None, device: str = "cpu", reference=None) -> VerifyReport:
+    """Recompute n_samples random stored samples and compare every stored hook."""
+    hooks = list(run.hooks)
+    chosen = pick_samples(run, n_samples, seed)
+    if reference is None:
+        reference = load_reference(model or run.config["model"], run.config.get("revision"), device)
+    tol = default_tolerance(run) if tolerance is None else tolerance
+    max_err = dict.fromkeys(hooks, 0.0)
+    max_ref = dict.fromkeys(hooks, 0.0)
+    tokens = 0
+    for part, _, lo, hi in chosen:
+        stored = {hook: run.read_block(Block(part, lo, hi), hook) for hook in hooks}
+        first = stored[hooks[0]]
+        tokens += hi - lo
+        for a, b in forward_windows(first.positions):
+            ref = reference_activations(reference, hooks, first.token_ids[a:b], first.positions[a:b])
+            for hook in hooks:
+                diff = np.abs(stored[hook].activations[a:b].astype(np.float32) - ref[hook])
+                max_err[hook] = max(max_err[hook], float(diff.max()))
+                max_ref[hook] = max(max_ref[hook], float(np.abs(ref[hook]).max()))
+    checks = tuple(HookCheck(h, max_err[h] / max(max_ref[h], 1e-30), tol) for h in hooks)
+    return VerifyReport(run.url, tuple(sid for _, sid, _, _ in chosen), tokens, checks)

@@ -1,0 +1,88 @@
+"""actex verify on a run built by the engine: passes as extracted, fails once a tensor is altered.
+
+Also drives `actex export` / `actex gc` through the CLI on the same run.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from actex import open_run
+from actex.cli import app
+from actex.store import shards
+from actex.verify import forward_windows, verify
+
+HOOKS = ["hook_embed", "blocks.0.hook_resid_mid", "blocks.1.mlp.hook_post", "ln_final.hook_normalized"]
+
+
+@pytest.fixture(scope="module")
+def engine_run(tmp_path_factory) -> str:
+    """A tiny random Qwen2 over five text rows, long ones split into 32-token windows."""
+    from actex.data import build_tokenizer
+    from actex.engine.extract import extract
+    from actex.engine.extract import open_run as open_for_extraction
+    from actex.engine.work import StaticChunks
+    from actex.model.random_checkpoint import tiny_hf_config, write_random_checkpoint
+
+    root = tmp_path_factory.mktemp("verify")
+    model = root / "model"
+    tokenizer = build_tokenizer(model, vocab_size=300)
+    write_random_checkpoint(model, tiny_hf_config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48,
+                                                  num_hidden_layers=2), seed=0)
+    rows = [{"text": f"row {i} " + "the quick brown fox jumps " * (i + 1)} for i in range(5)]
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fields = {
+        "model": str(model), "hooks": HOOKS, "dtype": "float32", "output": str(root / "out"), "chunk_size": 2,
+        "data": {"dataset": str(root / "data.jsonl"), "format": "text", "max_seq_len": 32, "long_policy": "split"},
+    }
+    run = open_for_extraction(fields)
+    extract(run, StaticChunks(run.plan.num_chunks), worker="w0")
+    return run.config.run_url
+
+
+def test_forward_windows():
+    assert forward_windows(np.array([0, 1, 2, 0, 1, 0])) == [(0, 3), (3, 5), (5, 6)]
+
+
+def test_verify_passes_then_fails_on_altered_tensor(engine_run):
+    run = open_run(engine_run)
+    report = verify(run, 100)
+    assert report.ok and len(report.sample_ids) == run.num_samples == 5
+    assert all(c.error < 1e-5 for c in report.checks)
+    assert any(len(forward_windows(run.read_part(p, HOOKS[0]).positions)) > 1 for p in run.parts())
+    assert CliRunner().invoke(app, ["verify", engine_run, "--samples", "2"]).exit_code == 0
+
+    # Alter one value of one hook in every part, in place (same path, as corruption would).
+    for part in run.parts():
+        data = run.store.read_bytes(part.path)
+        decoded = shards.decode_part(data)
+        hooks = {h: a.copy() for h, a in decoded.hooks.items()}
+        mlp = hooks["blocks.1.mlp.hook_post"]
+        mlp[len(mlp) // 2, 3] += 0.05 * np.abs(mlp).max()
+        encoded = shards.encode_part(hooks, decoded.token_ids, decoded.positions, decoded.sample_offsets,
+                                     decoded.sample_ids, chunk=part.chunk, attempt="x", part=part.index)
+        run.store.write_bytes(part.path, encoded.data)
+    altered = verify(open_run(engine_run), 100)
+    failed = [c.hook for c in altered.checks if not c.ok]
+    assert failed == ["blocks.1.mlp.hook_post"]
+    result = CliRunner().invoke(app, ["verify", engine_run, "--samples", "100"])
+    assert result.exit_code == 1 and "FAIL  blocks.1.mlp.hook_post" in result.output
+
+
+def test_cli_export_and_gc(engine_run, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["export", engine_run, str(tmp_path / "sae"), "--to", "saelens",
+                                 "--hook", "hook_embed", "--context-size", "16"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "sae" / "dataset_info.json").exists()
+    result = runner.invoke(app, ["export", engine_run, str(tmp_path / "legacy"), "--to", "legacy-pickle",
+                                 "--hook", "blocks.0.hook_resid_mid"])
+    assert result.exit_code == 0 and (tmp_path / "legacy" / "shard_0000.pkl.gz").exists()
+    result = runner.invoke(app, ["export", engine_run, str(tmp_path / "x"), "--to", "saelens", "--hook", "nope"])
+    assert result.exit_code == 2 and "no hook 'nope'" in result.output
+    result = runner.invoke(app, ["gc", engine_run, "--dry-run"])
+    assert result.exit_code == 0 and "would delete 0 orphaned attempt(s); kept 3 committed" in result.output
