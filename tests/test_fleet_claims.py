@@ -132,10 +132,23 @@ def test_stop_ends_iteration_and_close_releases_held_leases(tmp_path):
     source = _source(store, "w", clock, num_chunks=3)
     chunks = source.chunks(stop)
     first = next(chunks)
-    stop.set()  # pre-empted mid-chunk: the generator ends, the lease is handed back
+    stop.set()  # pre-empted mid-chunk: no new chunk, but the in-flight one keeps its lease
     assert list(chunks) == []
+    assert read_lease(store, first).owner == "w" and source.held == [first]
+    source.close()  # the engine gave up on (or finished) the chunk: hand the lease back
     assert read_lease(store, first).expiry == 0.0
     assert _source(store, "next", clock).try_claim(first)
+
+
+def test_a_chunk_given_up_here_is_not_taken_again_by_this_worker(tmp_path):
+    store, clock, stop = open_store(tmp_path / "run"), Clock(), threading.Event()
+    source = _source(store, "w", clock, num_chunks=2)
+    seen = []
+    for chunk in source.chunks(stop):
+        seen.append(chunk)
+        source.finished(chunk)  # e.g. its writes failed for good: not committed
+    assert sorted(seen) == [0, 1] and source.held == []
+    assert _source(store, "other", clock).try_claim(0)  # free for another worker
 
 
 def test_claim_record_is_validated(tmp_path):

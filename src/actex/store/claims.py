@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from actex.store import layout
+from actex.store.commits import committed_chunks
 from actex.store.folder import Store
 
 log = logging.getLogger(__name__)
@@ -83,19 +84,17 @@ def read_lease(store: Store, chunk: int) -> Lease | None:
     return Lease.from_json(data, version, path)
 
 
-def committed_chunks(store: Store) -> set[int]:
-    """Chunks whose commit record exists: one listing of `commits/`."""
-    return {k for k in map(layout.chunk_of_record, store.list(layout.COMMITS_DIR)) if k is not None}
-
-
 class ClaimedChunks:
     """A ChunkSource that claims any uncommitted chunk under a lease (see module doc).
 
     `chunks(stop)` yields a chunk only while this worker holds its lease; when every
     uncommitted chunk is leased to someone else it waits (polling every `poll_s`) because a
     holder may still die and its chunk must then be taken over. It ends once every chunk is
-    committed or `stop` is set. `finished(chunk)` releases the lease after the commit.
-    A heartbeat thread renews held leases every `lease_s / 3`.
+    committed (or given up here) or `stop` is set. `finished(chunk)` releases the lease once
+    the chunk is no longer in flight here; this worker never takes that chunk again.
+    A heartbeat thread renews held leases every `lease_s / 3` until `close()`, so chunks
+    still being written after `chunks()` ended (the engine commits in the background) keep
+    their leases until the caller closes the source.
     """
 
     def __init__(
@@ -120,6 +119,7 @@ class ClaimedChunks:
         self.clock = clock
         self._held: dict[int, Lease] = {}
         self._lost: set[int] = set()
+        self._finished: set[int] = set()  # committed or given up while this source ran
         self._lock = threading.Lock()
         # Serialises our own conditional writes of one claim (renew vs release): otherwise a
         # release could read a version the heartbeat just replaced and fail to release.
@@ -133,22 +133,21 @@ class ClaimedChunks:
 
     def chunks(self, stop: threading.Event) -> Iterator[int]:
         self._start_heartbeat()
-        try:
-            while not stop.is_set():
-                pending = self._uncommitted()
-                if not pending:
-                    return
-                chunk = self._claim_any(pending)
-                if chunk is None:
-                    # Everything left is leased to live workers; wait for commits or expiries.
-                    stop.wait(self.poll_s)
-                    continue
-                yield chunk
-        finally:
-            self.close()
+        while not stop.is_set():
+            pending = self._uncommitted()
+            if not pending:
+                return
+            chunk = self._claim_any(pending)
+            if chunk is None:
+                # Everything left is leased to live workers; wait for commits or expiries.
+                stop.wait(self.poll_s)
+                continue
+            yield chunk
 
     def finished(self, chunk: int) -> None:
-        """The chunk is committed: stop renewing its lease and mark it released."""
+        """The chunk is no longer in flight here (committed, or given up): release its lease."""
+        with self._lock:
+            self._finished.add(chunk)
         self._release(chunk)
 
     def lost(self, chunk: int) -> bool:
@@ -172,8 +171,11 @@ class ClaimedChunks:
     # -- claiming ------------------------------------------------------------------------
 
     def _uncommitted(self) -> list[int]:
-        committed = committed_chunks(self.store)
-        return [k for k in range(self.num_chunks) if k not in committed]
+        # Chunks held here are in flight (the engine commits in the background): not work to take.
+        with self._lock:
+            skip = self._finished | set(self._held)
+        skip |= committed_chunks(self.store)
+        return [k for k in range(self.num_chunks) if k not in skip]
 
     def _claim_any(self, pending: list[int]) -> int | None:
         start = self._rng.randrange(len(pending))
