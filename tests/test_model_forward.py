@@ -141,3 +141,15 @@ def test_data_and_model_sharding_on_four_host_devices(tiny):
     result = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT.format(path=str(tiny.path))],
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+
+
+def test_attention_memory_grows_linearly_not_quadratically():
+    # Compile only: XLA's buffer plan for a 16k-token row must hold no [T, T] score tensor.
+    seq, heads = 16384, 4
+    q = jax.ShapeDtypeStruct((1, seq, heads, 16), jnp.float32)
+    kv = jax.ShapeDtypeStruct((1, seq, 2, 16), jnp.float32)
+    segments = jax.ShapeDtypeStruct((1, seq), jnp.int32)
+    compiled = jax.jit(attention).lower(q, kv, kv, segments).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    one_head_scores = seq * seq * 4  # 1 GiB
+    assert temp < one_head_scores / 16, f"{temp / 2**20:.0f} MiB of temporaries"
