@@ -58,20 +58,25 @@ def test_create_exclusive(store):
     assert store.list("commits") == ["commits/000001.json"]  # no temp files left visible
 
 
-def test_create_exclusive_thread_race(store):
-    racers = 8
+def race(racers, fn):
+    """Run fn(0..racers-1) in threads released together by a barrier; their results."""
     barrier = threading.Barrier(racers)
     results = [None] * racers
 
-    def race(i):
+    def run(i):
         barrier.wait()
-        results[i] = store.create_exclusive("claims/000007.json", f"worker-{i}".encode())
+        results[i] = fn(i)
 
-    threads = [threading.Thread(target=race, args=(i,)) for i in range(racers)]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(racers)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    return results
+
+
+def test_create_exclusive_thread_race(store):
+    results = race(8, lambda i: store.create_exclusive("claims/000007.json", f"worker-{i}".encode()))
     assert results.count(True) == 1
     winner = results.index(True)
     assert store.read_bytes("claims/000007.json") == f"worker-{winner}".encode()
@@ -134,19 +139,7 @@ def test_replace_if_version(store):
 def test_replace_if_version_race(store):
     store.create_exclusive("claims/000002.json", b"expired")
     _, version = store.read_versioned("claims/000002.json")
-    racers = 6
-    barrier = threading.Barrier(racers)
-    results = [None] * racers
-
-    def take_over(i):
-        barrier.wait()
-        results[i] = store.replace_if_version("claims/000002.json", f"taker-{i}".encode(), version)
-
-    threads = [threading.Thread(target=take_over, args=(i,)) for i in range(racers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = race(6, lambda i: store.replace_if_version("claims/000002.json", f"taker-{i}".encode(), version))
     assert results.count(True) == 1
     assert store.read_bytes("claims/000002.json") == f"taker-{results.index(True)}".encode()
 
