@@ -14,10 +14,13 @@ what a subprocess (an `actex` worker) needs in its environment to reach the same
 from __future__ import annotations
 
 import collections
+import ctypes
 import os
 import secrets
+import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -48,6 +51,13 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    # Runs in the child before exec: on Linux, SIGTERM it when pytest dies (even by
+    # SIGKILL), so a killed test session leaves no server behind.
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def _drain(pipe, tail: collections.deque) -> None:
@@ -85,6 +95,7 @@ def gcs_emulator():
          "-host", "127.0.0.1", "-port", str(port), "-external-url", endpoint,
          "-log-level", "error"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        preexec_fn=_die_with_parent,
     )
     tail: collections.deque = collections.deque(maxlen=20)
     threading.Thread(target=_drain, args=(proc.stdout, tail), daemon=True).start()
