@@ -546,7 +546,8 @@ def open_store(url: str | os.PathLike, *, retry: RetryPolicy | None = None, **st
     """Open a folder: a local path, file://, memory://, gs://bucket/prefix or s3://bucket/prefix.
 
     `storage_options` go to the fsspec filesystem (e.g. `token=` for gcsfs,
-    `endpoint_url=` / `key=` / `secret=` for s3fs). The folder need not exist yet.
+    `endpoint_url=` / `key=` / `secret=` for s3fs). Opening creates nothing: the folder
+    (and any parent directory on local disk) appears with the first write.
     """
     url = os.fspath(url)
     if "://" not in url:
@@ -558,8 +559,6 @@ def open_store(url: str | os.PathLike, *, retry: RetryPolicy | None = None, **st
         shown = "file://" + root
     else:
         shown = url.rstrip("/")
-    if _backend_for(fs).__class__ is _LocalBackend:
-        os.makedirs(root, exist_ok=True)
     return Store(fs, root, shown, retry or RetryPolicy())
 
 
