@@ -2,10 +2,10 @@
 
 Each batch is [rows, seq] with seq from a few power-of-two buckets (so XLA compiles a few
 programs) and rows = batch_tokens // seq (so every batch costs about the same memory).
-Segments (a sample, or one window of a split document) are placed first-fit-decreasing:
-the longest remaining segment picks the batch's bucket, every other segment goes into the
-first row with room. Long segments thus get rows of their own and short ones fill the gaps.
-A final, partly filled batch shrinks its row count to a power of two.
+Segments (a sample, or one window of a split document) are placed first-fit-decreasing
+into rows of max_seq_len tokens: longest first, each into the first row with room, so long
+segments get rows of their own and short ones fill the gaps. Each row is then cut to the
+smallest bucket that holds it, and rows of one bucket are grouped into batches.
 
 Call `pack` on one chunk's samples at a time: a batch never mixes chunks, because a chunk
 is the unit of commit.
@@ -78,28 +78,19 @@ def _segments(tokenized: Sequence[TokenizedSample], max_seq_len: int) -> list[_S
     return segments
 
 
-def _fill_rows(segments: list[_Segment], seq: int, max_rows: int) -> tuple[list[list[_Segment]], list[_Segment]]:
-    """First-fit of longest-first segments into at most max_rows rows of `seq` tokens.
-
-    Returns (rows, segments that did not fit, still longest first)."""
+def _fill_rows(segments: list[_Segment], capacity: int) -> list[list[_Segment]]:
+    """First-fit-decreasing: each segment (longest first) goes into the first row with room."""
     rows: list[list[_Segment]] = []
-    free: list[int] = []
-    left: list[_Segment] = []
-    for k, segment in enumerate(segments):
-        if len(rows) == max_rows and max(free) < segments[-1].length:
-            left.extend(segments[k:])  # nothing left can fit: stop scanning
-            break
-        row = next((r for r, room in enumerate(free) if room >= segment.length), None)
-        if row is None and len(rows) < max_rows:
+    free = np.zeros(len(segments), np.int64)  # room left per row; at most one row per segment
+    for segment in segments:
+        fits = free[: len(rows)] >= segment.length
+        row = int(np.argmax(fits)) if fits.any() else len(rows)
+        if row == len(rows):
             rows.append([])
-            free.append(seq)
-            row = len(rows) - 1
-        if row is None:
-            left.append(segment)
-            continue
+            free[row] = capacity
         rows[row].append(segment)
         free[row] -= segment.length
-    return rows, left
+    return rows
 
 
 def _to_arrays(rows: list[list[_Segment]], n_rows: int, seq: int) -> PackedBatch:
@@ -119,15 +110,24 @@ def _to_arrays(rows: list[list[_Segment]], n_rows: int, seq: int) -> PackedBatch
 
 
 def pack(tokenized: Sequence[TokenizedSample], batch_tokens: int = DEFAULT_BATCH_TOKENS, max_seq_len: int = 8192) -> list[PackedBatch]:
-    """One chunk's samples -> batches [rows, seq]; samples with no tokens are left out."""
+    """One chunk's samples -> batches [rows, seq]; samples with no tokens are left out.
+
+    Rows are filled up to max_seq_len, then each is cut to the smallest bucket that holds it,
+    and rows of one bucket are grouped into batches of batch_tokens // seq rows (longest
+    bucket first). Each bucket's last batch shrinks to a power-of-two number of rows.
+    """
     buckets = seq_buckets(max_seq_len)
-    remaining = _segments(tokenized, max_seq_len)
+    rows = _fill_rows(_segments(tokenized, max_seq_len), max_seq_len)
+    by_bucket: dict[int, list[list[_Segment]]] = {}
+    for row in rows:
+        used = sum(s.length for s in row)
+        by_bucket.setdefault(next(b for b in buckets if b >= used), []).append(row)
     batches = []
-    while remaining:
-        seq = next(b for b in buckets if b >= remaining[0].length)
+    for seq in sorted(by_bucket, reverse=True):
         max_rows = max(1, batch_tokens // seq)
-        rows, remaining = _fill_rows(remaining, seq, max_rows)
-        # Only the last batch can be short of rows; a power of two keeps its shapes few.
-        n_rows = min(max_rows, 1 << (len(rows) - 1).bit_length())
-        batches.append(_to_arrays(rows, n_rows, seq))
+        bucket_rows = by_bucket[seq]
+        for begin in range(0, len(bucket_rows), max_rows):
+            group = bucket_rows[begin : begin + max_rows]
+            n_rows = min(max_rows, 1 << (len(group) - 1).bit_length())
+            batches.append(_to_arrays(group, n_rows, seq))
     return batches

