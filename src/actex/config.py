@@ -67,7 +67,9 @@ class RunConfig(BaseModel):
 
     @property
     def run_url(self) -> str:
-        return f"{self.output.rstrip('/')}/{self.name}"
+        # "gs://bucket/" -> "gs://bucket/<name>"; a bare "memory://" keeps its slashes.
+        base = self.output if self.output.endswith("://") else self.output.rstrip("/") + "/"
+        return base + self.name
 
 
 def canonical_json(value: Any) -> str:

@@ -156,12 +156,13 @@ class ProgressView:
 def run_extract(fields: dict, *, worker_index: int | None, num_workers: int, claim: bool, lease_seconds: float,
                 log_json: bool, progress: bool | None, storage_options: dict | None = None) -> None:
     """The body of `actex extract` (and of `actex demo`): open, extract, report."""
-    from actex.engine.extract import extract, open_run
+    from actex.engine.extract import enable_compilation_cache, extract, open_run
     from actex.engine.preemption import PreemptionGuard, watch_gce_preemption
     from actex.engine.work import StaticChunks, worker_index_from_env
     from actex.store.claims import ClaimedChunks
     from actex.store.commits import committed_chunks
 
+    enable_compilation_cache()
     with user_errors():
         if worker_index is None:
             worker_index = worker_index_from_env() or 0

@@ -13,14 +13,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from actex.engine.extract import cache_dir
+
 DEMO_VERSION = 1
 DEMO_LAYERS = 4
 DEMO_HOOKS = tuple(f"blocks.{layer}.hook_resid_post" for layer in range(DEMO_LAYERS)) + ("blocks.1.mlp.hook_post",)
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "actex"
 
 
 def demo_model_dir(root: Path | None = None) -> Path:

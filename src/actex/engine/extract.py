@@ -15,10 +15,14 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+import jax
 
 from actex.config import RunConfig, resolve_config
 from actex.data import build_plan, pack, tokenize_samples
@@ -34,6 +38,18 @@ from actex.store.manifest import HookSpec, PlanSummary, RunManifest, open_or_cre
 log = logging.getLogger(__name__)
 
 HEARTBEAT_EVERY_S = 10.0
+
+
+def cache_dir() -> Path:
+    """actex's per-user cache: $XDG_CACHE_HOME/actex or ~/.cache/actex."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "actex"
+
+
+def enable_compilation_cache() -> None:
+    """Keep compiled XLA programs on disk, so a restarted (pre-empted, resumed) worker
+    skips recompiling its few bucket shapes. $JAX_COMPILATION_CACHE_DIR wins if set."""
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax"))
 
 
 @dataclass(frozen=True)
