@@ -439,7 +439,9 @@ class Run:
             blocks = [blocks[i] for i in rng.permutation(len(blocks))]
         fetched = prefetched(blocks, lambda b: self.read_block(b, hook), threads, max(1, prefetch))
         if rng is not None:
-            fetched = mix(fetched, batch_size, max(batch_size, shuffle_bytes // row_bytes), rng)
+            # Never allocate more buffer than this rank has rows.
+            buffer_tokens = min(max(batch_size, shuffle_bytes // row_bytes), sum(b.hi - b.lo for b in blocks))
+            fetched = mix(fetched, batch_size, max(buffer_tokens, 1), rng)
         for batch in rebatch(fetched, batch_size):
             if dtype is not None:
                 batch = batch.with_activations(batch.activations.astype(dtype))
