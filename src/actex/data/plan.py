@@ -27,18 +27,25 @@ class Sample:
     meta: dict[str, Any]  # JSON-ready: source, row, task_id, test_index, augmentation ...
 
 
-def bad_row_message(row: Row, reason: str) -> str:
-    return f"{row.source}:row {row.row}: {reason}"
-
-
-def row_sample_count(row: Row, cfg: DataConfig) -> int:
-    """How many samples a row yields; raises arc.BadRow with the reason if it yields none."""
+def parse_row(row: Row, cfg: DataConfig) -> arc.ArcTask | str:
+    """The row's ARC task or text; raises arc.BadRow with the reason if it has none."""
     if row.error is not None:
         raise arc.BadRow(row.error)
     if cfg.format == "arc":
-        return arc.samples_per_task(arc.task_from_row(row.data, row.index, cfg.examples_column), cfg)
-    _row_text(row, cfg)
-    return 1
+        return arc.task_from_row(row.data, row.index, cfg.examples_column)
+    return _row_text(row, cfg)
+
+
+def valid_rows(cfg: DataConfig, skipped: list[dict]) -> Iterator[tuple[Row, arc.ArcTask | str]]:
+    """Rows that parse, under the bad-row policy: a bad row raises a one-line ValueError
+    ("path:row N: reason") or is appended to `skipped` as {source, row, index, reason}."""
+    for row in iter_rows(cfg):
+        try:
+            yield row, parse_row(row, cfg)
+        except arc.BadRow as e:
+            if cfg.on_bad_row == "error":
+                raise ValueError(f"{row.source}:row {row.row}: {e}") from None
+            skipped.append({"source": row.source, "row": row.row, "index": row.index, "reason": str(e)})
 
 
 def _row_text(row: Row, cfg: DataConfig) -> str:
@@ -159,17 +166,10 @@ def build_plan(cfg: DataConfig, tokenizer, chunk_size: int) -> Plan:
     row_first_ids: list[int] = []
     skipped: list[dict] = []
     num_samples = 0
-    for row in iter_rows(cfg):
-        try:
-            n = row_sample_count(row, cfg)
-        except arc.BadRow as e:
-            if cfg.on_bad_row == "error":
-                raise ValueError(bad_row_message(row, str(e))) from None
-            skipped.append({"source": row.source, "row": row.row, "index": row.index, "reason": str(e)})
-            continue
+    for row, parsed in valid_rows(cfg, skipped):
         row_indices.append(row.index)
         row_first_ids.append(num_samples)
-        num_samples += n
+        num_samples += arc.samples_per_task(parsed, cfg) if cfg.format == "arc" else 1
     return Plan(
         cfg=cfg,
         chunk_size=chunk_size,
