@@ -111,8 +111,9 @@ def merge_fields(base: dict, overrides: dict) -> dict:
     for key, value in overrides.items():
         if value is None:
             continue
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = merge_fields(merged[key], value)
+        if isinstance(value, dict):
+            base_value = merged.get(key)
+            merged[key] = merge_fields(base_value if isinstance(base_value, dict) else {}, value)
         else:
             merged[key] = value
     return merged
