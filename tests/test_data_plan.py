@@ -177,12 +177,21 @@ DIGEST_SCRIPT = textwrap.dedent(
 
 
 def test_identical_samples_across_processes(tokenizer_dir):
-    digests = []
-    for hash_seed in ("1", "2"):
-        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
-        out = subprocess.run(
-            [sys.executable, "-c", DIGEST_SCRIPT, str(tokenizer_dir)], env=env, capture_output=True, text=True, check=True
+    # Two processes at once (different hash seeds), each computing the plan alone.
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", DIGEST_SCRIPT, str(tokenizer_dir)],
+            env={**os.environ, "PYTHONHASHSEED": hash_seed},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
-        digests.append(out.stdout.strip())
+        for hash_seed in ("1", "2")
+    ]
+    digests = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        digests.append(out.strip())
     assert digests[0] == digests[1] and len(digests[0]) == 64
     assert digests[0] != hashlib.sha256(b"").hexdigest()
