@@ -31,21 +31,21 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 
 
+class UserError(Exception):
+    """Raised with a one-line message meant for the user."""
+
+
 def parse_size(text: str) -> int:
     """'1GB', '512MB', '1.5g', '4096' -> bytes (decimal units; KiB/MiB/GiB binary)."""
     match = _SIZE.match(text)
     if not match:
-        raise typer.BadParameter(f"{text!r} is not a size (e.g. 1GB, 512MB, 4096)")
+        raise UserError(f"--shard-size {text!r} is not a size (e.g. 1GB, 512MB, 4096)")
     unit = (match.group(2) or "").lower()
     scale = _UNITS[unit[:1]] if "i" not in unit else 1024 ** " kmgt".index(unit[0])
     return int(float(match.group(1)) * scale)
 
 
 # ----------------------------------------------------------------------------- errors
-
-
-class UserError(Exception):
-    """Raised with a one-line message meant for the user."""
 
 
 # Errors that come from what the user asked for, not from a bug in actex.

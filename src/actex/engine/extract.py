@@ -66,6 +66,8 @@ class OpenRun:
 
 def checkpoint_config(model: str, revision: str | None) -> ModelConfig:
     """The checkpoint's ModelConfig from its config.json alone (no weights read yet)."""
+    if model.startswith((".", "/", "~")) and not Path(model).expanduser().is_dir():
+        raise FileNotFoundError(f"--model {model}: no such directory (nor a Hugging Face repo id)")
     model_dir, _ = resolve_model_dir(model, revision)
     config_path = model_dir / "config.json"
     if not config_path.exists():
