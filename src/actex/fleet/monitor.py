@@ -1,0 +1,81 @@
+"""A run's live progress, read from the store alone: commits/, claims/ and workers/.
+
+Nothing here talks to a worker. Whoever can read the bucket can see how far a fleet got,
+which chunks are leased to whom, and which workers stopped beating (a worker writes its
+heartbeat at least every 10 s while it runs, see engine/extract.py).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from actex.store import layout
+from actex.store.claims import read_lease
+from actex.store.commits import committed_chunks, read_heartbeats
+from actex.store.folder import Store
+from actex.store.manifest import read_manifest
+
+# A worker whose last heartbeat is older than this is reported as silent (likely dead).
+DEFAULT_SILENT_AFTER_S = 60.0
+
+
+@dataclass(frozen=True)
+class WorkerView:
+    worker: str
+    state: str  # the worker's own word: running, finished, stopped
+    chunks_done: int
+    tokens_per_s: float
+    age_s: float  # seconds since its last heartbeat
+    silent: bool  # 'running' but no heartbeat for too long: probably killed
+
+
+@dataclass(frozen=True)
+class Progress:
+    total: int  # chunks in the plan
+    committed: int
+    leased: dict[int, str]  # uncommitted chunk -> owner of its live lease
+    workers: tuple[WorkerView, ...]
+
+    @property
+    def complete(self) -> bool:
+        return self.total > 0 and self.committed == self.total
+
+
+def read_progress(store: Store, *, silent_after_s: float = DEFAULT_SILENT_AFTER_S, now: float | None = None) -> Progress:
+    """Progress of the run at `store`; FileNotFoundError if no worker created run.json yet."""
+    now = time.time() if now is None else now
+    total = read_manifest(store).plan.num_chunks
+    committed = committed_chunks(store)
+    leased = {}
+    for path in store.list(layout.CLAIMS_DIR):
+        chunk = layout.chunk_of_record(path)
+        if chunk is None or chunk in committed:
+            continue
+        lease = read_lease(store, chunk)
+        if lease is not None and lease.expiry > now:
+            leased[chunk] = lease.owner
+    workers = []
+    for name, beat in sorted(read_heartbeats(store).items()):
+        age = now - float(beat.get("updated_at", 0.0))
+        state = str(beat.get("state", "unknown"))
+        workers.append(
+            WorkerView(
+                worker=name,
+                state=state,
+                chunks_done=int(beat.get("chunks_done", 0)),
+                tokens_per_s=float(beat.get("tokens_per_s", 0.0)),
+                age_s=age,
+                silent=state == "running" and age > silent_after_s,
+            )
+        )
+    return Progress(total, len(committed), leased, tuple(workers))
+
+
+def run_complete(store: Store) -> bool:
+    """True once every chunk of the plan has its commit record (False before run.json exists)."""
+    try:
+        total = read_manifest(store).plan.num_chunks
+    except FileNotFoundError:
+        return False
+    return len(committed_chunks(store)) == total
