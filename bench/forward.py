@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -119,12 +118,21 @@ def long_prompt(loaded, seq, n_layers=None):
     return seq / seconds, seconds
 
 
+def peak_rss_gib() -> float:
+    """This process's resident high-water mark. VmHWM, not ru_maxrss: ru_maxrss survives
+    exec, so a child would report its parent's peak at fork time."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+
+
 def memory_child(seq: int, n_layers: int) -> None:
     """Run in a fresh process: one seq-token forward through n_layers, print peak RSS."""
     loaded = load_model(checkpoint(), max_layers=n_layers)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    before = peak_rss_gib()
     tokens_per_s, seconds = long_prompt(loaded, seq, n_layers)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    peak = peak_rss_gib()
     print(json.dumps({"peak_gib": peak, "after_load_gib": before, "seconds": seconds}))
 
 
