@@ -7,14 +7,26 @@ the engine and the lease logic rely on must come through with the right answer.
 from __future__ import annotations
 
 import pytest
+from engine_fixtures import jax_cache, tiny_model_dir  # noqa: F401 (fixtures)
 from faultproxy import FaultPlan, FaultProxy
+from fleet_fixtures import WORKER_ENV, check_run, fleet_dataset, fleet_fields, reference_tensors, timeline, worker_argv, write_config
 
+from actex.fleet.local import LocalFleet
+from actex.fleet.monitor import run_complete
 from actex.store import layout
 from actex.store.claims import ClaimedChunks, read_lease
 from actex.store.folder import RetryPolicy, open_store
 
 # Fast backoff: the faults are injected at random, not an outage to ride out.
 FAST_RETRY = RetryPolicy(attempts=8, base_delay=0.02, max_delay=0.2)
+FAULT_CHUNKS = 24
+
+
+@pytest.fixture(scope="module")
+def fleet_case(tiny_model_dir, tmp_path_factory):  # noqa: F811
+    base = tmp_path_factory.mktemp("faults")
+    fields = fleet_fields(tiny_model_dir, fleet_dataset(base / "rows.jsonl", FAULT_CHUNKS), output="unused")
+    return fields, reference_tensors(fields, base / "reference")
 
 
 @pytest.fixture
@@ -62,3 +74,28 @@ def test_lease_renewals_and_takeover_survive_injected_faults(faulty_gcs):
     a.renew()
     assert a.held == [] and all(a.lost(chunk) for chunk in range(3))
     assert sum(proxy.counts.values()) >= 3, proxy.counts
+
+
+def test_claim_fleet_through_faulty_network_stores_identical_output(fleet_case, gcs_emulator, gcs_bucket, tmp_path):
+    """Two `--claim` workers whose every store request crosses the fault proxy."""
+    fields, reference = fleet_case
+    fields = {**fields, "output": gcs_bucket}
+    url = f"{gcs_bucket}/{fields['run_name']}"
+    plan = FaultPlan(seed=11, rate=0.05, kinds=("503", "reset", "reset_after", "delay"), delay_s=0.2)
+    with FaultProxy(gcs_emulator.endpoint, plan) as proxy:
+        fleet = LocalFleet(
+            worker_argv(write_config(tmp_path / "run.yaml", fields)),
+            2,
+            is_complete=lambda: run_complete(open_store(url, **gcs_emulator.storage_options)),
+            env={**gcs_emulator.env, "STORAGE_EMULATOR_HOST": proxy.url, **WORKER_ENV},
+            log_dir=tmp_path / "logs",
+            max_restarts=0,  # a worker that fails on a transient fault fails the test
+            poll_s=0.2,
+        )
+        fleet.run(timeout_s=85)
+        injected, requests = proxy.counts, proxy.requests
+    print(f"faults: {injected} in {requests} requests")
+    check = check_run(url, gcs_emulator.storage_options, reference)
+    assert check.chunks == FAULT_CHUNKS
+    assert sum(injected.values()) >= 10 and set(injected) == set(plan.kinds), injected
+    assert all(w.returncode == 0 for w in fleet.result.exited if w.signalled is None), timeline(fleet)
