@@ -1,0 +1,74 @@
+"""`--claim` fleets on local disk and on s3:// (moto), and a worker with a different config.
+
+The gs:// fleet is exercised hardest in test_fleet_chaos.py; here each backend gets a
+smaller fleet with one worker killed mid-run, then the run is compared to one clean worker.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+
+import pytest
+from engine_fixtures import jax_cache, tiny_model_dir  # noqa: F401 (fixtures)
+from fleet_fixtures import (
+    WORKER_ENV,
+    Chaos,
+    check_run,
+    fleet_dataset,
+    fleet_fields,
+    reference_tensors,
+    timeline,
+    worker_argv,
+    write_config,
+)
+
+from actex.fleet.local import LocalFleet
+from actex.fleet.monitor import run_complete
+from actex.store.folder import open_store
+
+CHUNKS = 24
+
+
+@pytest.fixture(scope="module")
+def fleet_case(tiny_model_dir, tmp_path_factory):  # noqa: F811
+    base = tmp_path_factory.mktemp("backends")
+    fields = fleet_fields(tiny_model_dir, fleet_dataset(base / "rows.jsonl", CHUNKS), output="unused")
+    return fields, reference_tensors(fields, base / "reference")
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_claim_fleet_with_a_killed_worker(backend, fleet_case, tmp_path, request):
+    fields, reference = fleet_case
+    if backend == "s3":
+        emulator = request.getfixturevalue("s3_emulator")
+        output, options, env = request.getfixturevalue("s3_bucket"), emulator.storage_options, emulator.env
+    else:
+        output, options, env = str(tmp_path / "out"), {}, {}
+    fields = {**fields, "output": output}
+    url = f"{output}/{fields['run_name']}"
+    config = write_config(tmp_path / "run.yaml", fields)
+    fleet = LocalFleet(
+        worker_argv(config),
+        2,
+        is_complete=lambda: run_complete(open_store(url, **options)),
+        env={**env, **WORKER_ENV},
+        log_dir=tmp_path / "logs",
+        poll_s=0.1,
+    )
+    chaos = Chaos(signal.SIGKILL, every_s=0.2, times=1, seed=1)
+    try:
+        chaos.drive(fleet, timeout_s=80)
+    finally:
+        print(timeline(fleet))
+    assert len(chaos.sent) == 1
+    assert check_run(url, options, reference).chunks == CHUNKS
+
+    # A worker that joins with a different stored dtype refuses before touching anything.
+    changed = write_config(tmp_path / "changed.yaml", {**fields, "dtype": "bfloat16"})
+    before = sorted(open_store(url, **options).list())
+    refused = subprocess.run(worker_argv(changed), env={**fleet.env}, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("actex: error:")]
+    assert len(errors) == 1 and "dtype" in errors[0] and "bfloat16" in errors[0], refused.stderr[-2000:]
+    assert sorted(open_store(url, **options).list()) == before
