@@ -154,7 +154,8 @@ class ProgressView:
 
 
 def run_extract(fields: dict, *, worker_index: int | None, num_workers: int, claim: bool, lease_seconds: float,
-                log_json: bool, progress: bool | None, storage_options: dict | None = None) -> None:
+                log_json: bool, progress: bool | None, storage_options: dict | None = None,
+                preempt_deadline: float = 25.0, on_write_failure: str = "exit") -> None:
     """The body of `actex extract` (and of `actex demo`): open, extract, report."""
     from actex.engine.extract import enable_compilation_cache, extract, open_run
     from actex.engine.preemption import PreemptionGuard, watch_gce_preemption
@@ -181,16 +182,25 @@ def run_extract(fields: dict, *, worker_index: int | None, num_workers: int, cla
                              "num_chunks": run.plan.num_chunks, "todo": todo, "worker": worker}})
     stop = threading.Event()
     show_bar = sys.stderr.isatty() and not log_json if progress is None else progress
-    with PreemptionGuard(stop) as guard, ProgressView(todo, show_bar=show_bar) as view:
+    # Past the deadline the in-flight chunk is abandoned; handing its lease back lets another
+    # worker start on it at once instead of after the lease runs out.
+    abandon = source.close if claim else None
+    with PreemptionGuard(stop, deadline_s=preempt_deadline, on_abandon=abandon) as guard, \
+            ProgressView(todo, show_bar=show_bar) as view:
         watch_gce_preemption(guard)
         try:
             with user_errors():
-                summary = extract(run, source, worker=worker, stop=stop, on_commit=view.committed)
+                summary = extract(run, source, worker=worker, stop=stop, on_commit=view.committed,
+                                  on_write_failure=on_write_failure)
         finally:
             if claim:
                 source.close()
     snap = summary.progress
     log.info("done", extra={"data": {"event": "done", "committed": summary.committed, "skipped": summary.skipped, "lost": summary.lost, **snap}})
+    if summary.failed:
+        typer.echo(f"actex: error: {summary.failed} chunk(s) not committed after write failures (see log); "
+                   "rerun to redo them", err=True)
+        raise typer.Exit(1)
     if guard.reason is not None:
         typer.echo(guard.exit_line(summary.committed))
         return
@@ -243,7 +253,9 @@ def extract_command(
     worker_index: Optional[int] = typer.Option(None, "--worker-index", min=0, help="This worker's index (default: $TPU_WORKER_ID, $CLOUD_TPU_TASK_ID, $JOB_COMPLETION_INDEX or 0).", rich_help_panel="Workers"),
     num_workers: int = typer.Option(1, "--num-workers", min=1, help="Static split: chunk k goes to worker k mod N.", rich_help_panel="Workers"),
     claim: bool = typer.Option(False, "--claim", help="Claim chunks dynamically with leases instead of the static split.", rich_help_panel="Workers"),
-    lease_seconds: float = typer.Option(60.0, "--lease-seconds", help="Lease length in --claim mode.", rich_help_panel="Workers"),
+    lease_seconds: float = typer.Option(60.0, "--lease-seconds", min=1.0, help="Lease length in --claim mode; renewed every third of it.", rich_help_panel="Workers"),
+    preempt_deadline: float = typer.Option(25.0, "--preempt-deadline", min=0.1, help="On SIGTERM / GCE pre-emption notice: seconds to finish the in-flight chunk before abandoning it.", rich_help_panel="Workers"),
+    on_write_failure: str = typer.Option("exit", "--on-write-failure", help="A chunk whose writes fail after retries: exit (stop the worker) | continue (leave it uncommitted, go on, exit 1 at the end).", rich_help_panel="Workers"),
     log_json: bool = typer.Option(False, "--log-json", help="Structured JSON log lines on stderr instead of a progress bar.", rich_help_panel="Output"),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bar (default: when stderr is a TTY).", rich_help_panel="Output"),
 ) -> None:
@@ -298,8 +310,11 @@ def extract_command(
             raise UserError("missing --dataset (or `data: {dataset: ...}` in --config)")
         if fields.get("layers") is not None and fields.get("hooks"):
             raise UserError("give either --hooks or --layers/--activation, not both")
+        if on_write_failure not in ("exit", "continue"):
+            raise UserError(f"--on-write-failure must be exit or continue, got {on_write_failure!r}")
     run_extract(fields, worker_index=worker_index, num_workers=num_workers, claim=claim,
-                lease_seconds=lease_seconds, log_json=log_json, progress=progress)
+                lease_seconds=lease_seconds, log_json=log_json, progress=progress,
+                preempt_deadline=preempt_deadline, on_write_failure=on_write_failure)
 
 
 # ----------------------------------------------------------------------------- demo

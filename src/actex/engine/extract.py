@@ -124,6 +124,7 @@ class Summary:
     skipped: int  # chunks found already committed
     lost: int  # chunks another worker committed first (our attempt is garbage)
     progress: dict  # the final heartbeat: samples, tokens, bytes, rates
+    failed: int = 0  # chunks left uncommitted after their writes failed for good (policy "continue")
 
 
 def extract(
@@ -134,19 +135,24 @@ def extract(
     stop: threading.Event | None = None,
     role: ProcessRole = SINGLE_PROCESS,
     on_commit: Callable[[CommitRecord, dict], None] | None = None,
+    on_write_failure: str = "exit",
     pipeline: PipelineConfig = PipelineConfig(),
 ) -> Summary:
     """Compute and commit every chunk `source` hands out that has no commit record yet.
 
     `on_commit(record, progress)` runs after each chunk this worker committed, on the
     commit thread; `progress` is the heartbeat's snapshot (counts and rates).
+    `on_write_failure`: "exit" raises the first write that failed for good (after the
+    store's retries); "continue" logs it, leaves that chunk uncommitted and goes on.
     """
+    if on_write_failure not in ("exit", "continue"):
+        raise ValueError(f"--on-write-failure must be exit or continue, got {on_write_failure!r}")
     stop = stop or threading.Event()
     config = run.config
     capture = make_capture_fn(run.model.config, config.hooks, config.dtype)
     done = committed_chunks(run.store)
     heartbeat = Heartbeat(run.store, worker, interval_s=HEARTBEAT_EVERY_S, info={"run": config.name})
-    counts = {"committed": 0, "skipped": 0, "lost": 0}
+    counts = {"committed": 0, "skipped": 0, "lost": 0, "failed": 0}
 
     def committed(record: CommitRecord, ours: bool) -> None:
         # On the commit lane, after the record was created (or lost to another worker).
@@ -160,6 +166,12 @@ def extract(
         if on_commit is not None:
             on_commit(record, heartbeat.snapshot())
 
+    def write_failed(chunk: int, error: Exception) -> None:
+        # The error names the object and the cause (see store/folder.py RetryPolicy).
+        log.error("chunk %d not committed: %s; going on (--on-write-failure continue)", chunk, error)
+        counts["failed"] += 1
+        source.finished(chunk)
+
     pipe = Pipeline(
         run.store,
         widths=run.widths,
@@ -167,6 +179,7 @@ def extract(
         shard_size=config.shard_size,
         worker=worker,
         on_commit=committed,
+        on_write_failure=write_failed if on_write_failure == "continue" else None,
         role=role,
         config=pipeline,
     )
@@ -189,7 +202,7 @@ def extract(
     finally:
         pipe.close()
         _beat(heartbeat, state="stopped" if stop.is_set() else "finished", force=True)
-    return Summary(counts["committed"], counts["skipped"], counts["lost"], heartbeat.snapshot())
+    return Summary(counts["committed"], counts["skipped"], counts["lost"], heartbeat.snapshot(), counts["failed"])
 
 
 def chunk_tokens(run: OpenRun, chunk: int) -> list:

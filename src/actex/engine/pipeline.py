@@ -36,7 +36,7 @@ import numpy as np
 from actex.engine.work import SINGLE_PROCESS, ProcessRole
 from actex.store import layout
 from actex.store.commits import CommitRecord, PartRecord, commit
-from actex.store.folder import Store
+from actex.store.folder import Store, StoreError
 from actex.store.shards import EncodedPart, activation_dtype, encode_part, encode_samples_jsonl, split_samples, token_bytes
 from actex.store.stats import HookStats
 
@@ -265,7 +265,10 @@ class Pipeline:
 
     Use: `job = begin(chunk, tokenized)`, `add(job, batch, outputs)` per dispatched batch,
     `end(job)`; `close()` waits for everything and re-raises the first background error.
-    `on_commit(record, committed)` runs on the commit lane after each chunk.
+    `on_commit(record, committed)` runs on the commit lane after each chunk. With
+    `on_write_failure(chunk, error)` given, a chunk whose writes failed for good (after the
+    store's retries) is reported there and left uncommitted, and the pipeline goes on;
+    without it, that error stops the pipeline.
     """
 
     def __init__(
@@ -277,6 +280,7 @@ class Pipeline:
         shard_size: int,
         worker: str,
         on_commit: Callable[[CommitRecord, bool], None] = lambda record, committed: None,
+        on_write_failure: Callable[[int, StoreError], None] | None = None,
         role: ProcessRole = SINGLE_PROCESS,
         config: PipelineConfig = PipelineConfig(),
     ):
@@ -287,6 +291,7 @@ class Pipeline:
         self.shard_size = shard_size
         self.worker = worker
         self.on_commit = on_commit
+        self.on_write_failure = on_write_failure
         self.role = role
         self._host = _Lane("actex-host", config.host_queue)
         self._commit = _Lane("actex-commit", 2)
@@ -352,6 +357,15 @@ class Pipeline:
     # -- commit lane
 
     def _commit_chunk(self, job: ChunkJob) -> None:
+        try:
+            self._write_and_commit(job)
+        except StoreError as error:
+            if self.on_write_failure is None:
+                raise
+            # No commit record, so the chunk stays undone: a rerun or another worker redoes it.
+            self.on_write_failure(job.chunk, error)
+
+    def _write_and_commit(self, job: ChunkJob) -> None:
         written = [future.result() for future in job.parts]  # re-raises a writer's error
         samples = job.assembler.samples
         self.store.write_bytes(layout.samples_path(job.chunk, job.attempt), encode_samples_jsonl(sample_records(samples)))

@@ -34,7 +34,8 @@ class ChunkSource(Protocol):
         ...
 
     def finished(self, chunk: int) -> None:
-        """The chunk's commit record exists now (written by this worker or another)."""
+        """The chunk is no longer in flight here: its commit record exists (written by this
+        worker or another), or this worker gave up on it (its writes failed for good)."""
         ...
 
 

@@ -1,0 +1,46 @@
+"""A chunk whose writes fail for good is never committed; the worker exits or goes on by policy."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from engine_fixtures import committed_tensors, jax_cache, run_fields, text_dataset, tiny_model_dir  # noqa: F401
+
+from actex.engine.extract import extract, open_run
+from actex.engine.work import StaticChunks
+from actex.store import layout
+from actex.store.commits import committed_chunks
+from actex.store.folder import Store, StoreError
+
+
+@pytest.fixture
+def broken_chunk_1(monkeypatch):
+    """Every write under chunk 1's attempts fails as if retries were exhausted."""
+    prefix = f"{layout.CHUNKS_DIR}/{layout.chunk_name(1)}/"
+    write = Store.write_bytes
+
+    def failing(self, rel, data):
+        if rel.startswith(prefix):
+            raise StoreError(f"write {self.url_of(rel)} failed after 6 attempts: 503 Service Unavailable")
+        return write(self, rel, data)
+
+    monkeypatch.setattr(Store, "write_bytes", failing)
+
+
+@pytest.mark.parametrize("policy", ["exit", "continue"])
+def test_write_failure_policy(policy, broken_chunk_1, tiny_model_dir, text_dataset, tmp_path, caplog):  # noqa: F811
+    run = open_run(run_fields(tiny_model_dir, text_dataset, str(tmp_path)))
+    assert run.plan.num_chunks >= 3
+    source = StaticChunks(run.plan.num_chunks)
+    if policy == "exit":
+        with pytest.raises(StoreError, match="chunks/000001/.*503"):
+            extract(run, source, worker="w0", on_write_failure=policy)
+        assert 1 not in committed_chunks(run.store)
+        return
+    with caplog.at_level(logging.ERROR, logger="actex"):
+        summary = extract(run, source, worker="w0", on_write_failure=policy)
+    assert summary.failed == 1 and summary.committed == run.plan.num_chunks - 1
+    assert committed_chunks(run.store) == set(range(run.plan.num_chunks)) - {1}
+    assert any("chunk 1 not committed" in r.message and "chunks/000001/" in r.message for r in caplog.records)
+    assert committed_tensors(run.config.run_url)  # what was committed reads back
