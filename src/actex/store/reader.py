@@ -143,6 +143,12 @@ class Batch:
             getattr(self, f)[index] = getattr(rows, f)
 
     @staticmethod
+    def empty(like: Batch, rows: int) -> Batch:
+        """Uninitialised rows with `like`'s widths; activations as same-width unsigned ints."""
+        like = as_bits(like)
+        return Batch(*(np.empty((rows, *getattr(like, f).shape[1:]), getattr(like, f).dtype) for f in _BATCH_FIELDS))
+
+    @staticmethod
     def concat(batches: Sequence[Batch]) -> Batch:
         if len(batches) == 1:
             return batches[0]
@@ -169,32 +175,77 @@ def mix(blocks: Iterator[Batch], batch_size: int, buffer_tokens: int, rng: np.ra
 
     The buffer fills from the (randomly ordered) blocks; from then on every incoming row
     takes the slot of a row drawn uniformly from the buffer, which leaves in the output.
-    Each row is copied twice (into the buffer, out of it), never re-shuffled wholesale.
-    At the end the buffer's rest leaves in random order. Every row leaves exactly once.
+    Rows move in batch-sized slices (one vectorised gather out, one scatter in), so each
+    row is copied twice in all and never re-shuffled wholesale. At the end the buffer's
+    rest leaves in random order, one batch at a time. Every row leaves exactly once, and
+    every batch but the last has exactly batch_size rows.
     """
     pool: Batch | None = None
-    dtype = None
+    out: Outbox | None = None
     filled = 0
     for block in blocks:
-        dtype, block = block.activations.dtype, as_bits(block)
-        start = 0
         if pool is None:
-            pool = Batch(*(np.empty((buffer_tokens, *getattr(block, f).shape[1:]), getattr(block, f).dtype)
-                           for f in _BATCH_FIELDS))
+            pool = Batch.empty(block, buffer_tokens)
+            out = Outbox(block.activations.dtype, pool, batch_size)
+        block = as_bits(block)
+        start = 0
         if filled < buffer_tokens:
             start = min(buffer_tokens - filled, len(block))
             pool.put(slice(filled, filled + start), block.take(slice(0, start)))
             filled += start
         while start < len(block):
-            stop = min(start + batch_size, len(block))
-            slots = rng.choice(buffer_tokens, stop - start, replace=False)
-            out = pool.take(slots)
-            pool.put(slots, block.take(slice(start, stop)))
-            start = stop
-            yield out.with_activations(out.activations.view(dtype))
-    if filled:
-        out = pool.take(rng.permutation(filled))
-        yield out.with_activations(out.activations.view(dtype))
+            n = min(out.room, len(block) - start)
+            slots = rng.choice(buffer_tokens, n, replace=False)
+            out.gather(slots)  # these rows leave the buffer...
+            pool.put(slots, block.take(slice(start, start + n)))  # ...and incoming rows take their slots
+            start += n
+            yield from out.full()
+    if pool is None:
+        return
+    order = rng.permutation(filled)  # [filled] int64: the only drain-time allocation besides batches
+    start = 0
+    while start < filled:
+        n = min(out.room, filled - start)
+        out.gather(order[start : start + n])
+        start += n
+        yield from out.full()
+    yield from out.rest()
+
+
+class Outbox:
+    """The batch being assembled from buffer rows: filled by gathers, handed out when full.
+
+    Gathering straight into a fresh batch (np.take with out=) copies each row once; the
+    caller owns every batch it receives, so nothing here is reused after it leaves.
+    """
+
+    def __init__(self, dtype: np.dtype, pool: Batch, batch_size: int):
+        self.dtype, self.pool, self.batch_size = dtype, pool, batch_size
+        self.batch = Batch.empty(pool, batch_size)
+        self.written = 0
+
+    @property
+    def room(self) -> int:
+        return self.batch_size - self.written
+
+    def gather(self, slots: np.ndarray) -> None:
+        """Append the buffer rows at `slots` (all valid, so mode="clip" only skips numpy's
+        bounds-check buffering of `out`)."""
+        at = slice(self.written, self.written + len(slots))
+        for f in _BATCH_FIELDS:
+            np.take(getattr(self.pool, f), slots, axis=0, out=getattr(self.batch, f)[at], mode="clip")
+        self.written += len(slots)
+
+    def full(self) -> Iterator[Batch]:
+        if self.written == self.batch_size:
+            yield from self.rest()
+            self.batch = Batch.empty(self.pool, self.batch_size)
+
+    def rest(self) -> Iterator[Batch]:
+        if self.written:
+            batch = self.batch.take(slice(0, self.written))
+            self.written = 0
+            yield batch.with_activations(batch.activations.view(self.dtype))
 
 
 def as_bits(batch: Batch) -> Batch:
@@ -441,8 +492,10 @@ class Run:
         if rng is not None:
             # Never allocate more buffer than this rank has rows.
             buffer_tokens = min(max(batch_size, shuffle_bytes // row_bytes), sum(b.hi - b.lo for b in blocks))
-            fetched = mix(fetched, batch_size, max(buffer_tokens, 1), rng)
-        for batch in rebatch(fetched, batch_size):
+            batches = mix(fetched, batch_size, max(buffer_tokens, 1), rng)
+        else:
+            batches = rebatch(fetched, batch_size)
+        for batch in batches:
             if dtype is not None:
                 batch = batch.with_activations(batch.activations.astype(dtype))
             yield batch
