@@ -11,7 +11,6 @@ import json
 import random
 import re
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,13 +20,12 @@ from engine_fixtures import TINY_HOOKS, committed_tensors, write_jsonl
 
 from actex.engine.extract import extract, open_run
 from actex.engine.work import StaticChunks
-from actex.fleet.local import LocalFleet
+from actex.fleet.local import LocalFleet, actex_command
 from actex.fleet.monitor import run_complete
 from actex.store.commits import read_commits
 from actex.store.folder import open_store
 from actex.store.gc import list_attempts
 
-ACTEX = str(Path(sys.executable).parent / "actex")
 RUN_NAME = "fleet"
 
 
@@ -66,7 +64,7 @@ def write_config(path: Path, fields: dict) -> Path:
 
 
 def worker_argv(config: Path, *extra: str, lease_s: float = 4.0) -> list[str]:
-    return [ACTEX, "extract", "--config", str(config), "--claim", "--lease-seconds", str(lease_s), "--log-json", *extra]
+    return [*actex_command(), "extract", "--config", str(config), "--claim", "--lease-seconds", str(lease_s), "--log-json", *extra]
 
 
 def reference_tensors(fields: dict, output: Path) -> dict:

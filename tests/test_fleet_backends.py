@@ -6,6 +6,8 @@ smaller fleet with one worker killed mid-run, then the run is compared to one cl
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import subprocess
 
@@ -23,7 +25,7 @@ from fleet_fixtures import (
     write_config,
 )
 
-from actex.fleet.local import LocalFleet
+from actex.fleet.local import LocalFleet, actex_command
 from actex.fleet.monitor import run_complete
 from actex.store.folder import open_store
 
@@ -72,3 +74,24 @@ def test_claim_fleet_with_a_killed_worker(backend, fleet_case, tmp_path, request
     errors = [line for line in refused.stderr.splitlines() if line.startswith("actex: error:")]
     assert len(errors) == 1 and "dtype" in errors[0] and "bfloat16" in errors[0], refused.stderr[-2000:]
     assert sorted(open_store(url, **options).list()) == before
+
+
+def test_fleet_and_status_commands(fleet_case, tmp_path):
+    """`actex fleet` runs claim workers to completion; `actex status` reads progress back."""
+    fields, reference = fleet_case
+    fields = {**fields, "output": str(tmp_path / "out")}
+    url = f"{fields['output']}/{fields['run_name']}"
+    config = write_config(tmp_path / "run.yaml", fields)
+    env = {**os.environ, **WORKER_ENV}
+    fleet = subprocess.run(
+        [*actex_command(), "fleet", "--workers", "2", "--log-dir", str(tmp_path / "logs"), "--", "--config", str(config), "--lease-seconds", "4"],
+        env=env, capture_output=True, text=True, timeout=80,
+    )
+    assert fleet.returncode == 0 and "run complete" in fleet.stdout, fleet.stderr[-2000:]
+    assert check_run(url, {}, reference).chunks == CHUNKS
+    status = subprocess.run([*actex_command(), "status", url, "--json"], env=env, capture_output=True, text=True, timeout=60)
+    progress = json.loads(status.stdout)
+    assert progress["complete"] and progress["committed"] == CHUNKS and progress["leased"] == {}
+    assert sum(w["chunks_done"] for w in progress["workers"]) >= CHUNKS
+    # The first worker to finish ends the fleet; the other is stopped gracefully.
+    assert all(w["state"] in ("finished", "stopped") and not w["silent"] for w in progress["workers"])

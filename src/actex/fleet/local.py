@@ -4,8 +4,8 @@ The executor knows nothing about chunks: the store does. Workers claim chunks wi
 so a restarted worker simply joins in again; the executor's only decision is "is the run
 complete?", which it reads from the store (every chunk has a commit record). A worker that
 exits before then, for any reason (killed, crashed, pre-empted, a failed upload), gets a
-replacement, up to `max_restarts` in total so that a worker that fails at once for a
-deterministic reason (a bad flag, a config mismatch) does not loop forever.
+replacement, up to `max_restarts` in total; an exit code in `fatal_codes` (a bad flag, a
+config mismatch) ends the fleet at once, as a replacement would fail the same way.
 
     fleet = LocalFleet(["actex", "extract", "--config", "run.yaml", "--claim"], workers=4,
                        is_complete=lambda: run_complete(open_store(run_url)))
@@ -16,14 +16,27 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+
+def actex_command() -> list[str]:
+    """How to start `actex` from here: the console script next to this interpreter (a venv's
+    bin/), else the one on PATH, else the CLI module run by this interpreter."""
+    beside = Path(sys.executable).parent / "actex"
+    if beside.exists():
+        return [str(beside)]
+    if found := shutil.which("actex"):
+        return [found]
+    return [sys.executable, "-c", "from actex.cli import app; app()"]
 
 
 class FleetError(RuntimeError):
@@ -62,6 +75,7 @@ class LocalFleet:
         env: dict[str, str] | None = None,
         log_dir: Path | None = None,
         max_restarts: int = 50,
+        fatal_codes: tuple[int, ...] = (2,),
         poll_s: float = 0.5,
     ) -> None:
         if workers < 1:
@@ -72,6 +86,9 @@ class LocalFleet:
         self.env = {**os.environ, **(env or {})}
         self.log_dir = log_dir
         self.max_restarts = max_restarts
+        # Exit codes a replacement would hit again (`actex extract` exits 2 on a bad flag or
+        # a config that disagrees with run.json): restarting would only loop.
+        self.fatal_codes = fatal_codes
         self.poll_s = poll_s
         self.live: dict[int, WorkerProcess] = {}
         self.result = FleetResult()
@@ -80,16 +97,24 @@ class LocalFleet:
     def _launch(self, slot: int) -> WorkerProcess:
         self._incarnations += 1
         log_path = None
+        out = None  # without a log dir, workers write to this process's stdout/stderr
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             log_path = self.log_dir / f"worker-{slot}-{self._incarnations}.log"
             out = open(log_path, "wb")
-        else:
-            out = subprocess.DEVNULL
         try:
-            process = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            # A session of its own: a Ctrl-C in the terminal reaches the executor only, which
+            # then stops the workers itself (instead of each one exiting 0 as if done).
+            process = subprocess.Popen(
+                self.argv,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT if out is not None else None,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         finally:
-            if out is not subprocess.DEVNULL:
+            if out is not None:
                 out.close()  # the child holds its own copy of the descriptor
         worker = WorkerProcess(slot, self._incarnations, process, log_path)
         self.live[slot] = worker
@@ -119,6 +144,8 @@ class LocalFleet:
         if self.is_complete():
             return True
         for slot, worker in exited:
+            if worker.returncode in self.fatal_codes:
+                raise FleetError(f"worker slot {slot} exited with {worker.returncode} (bad arguments or config); not restarting")
             if self.result.restarts >= self.max_restarts:
                 raise FleetError(f"gave up after {self.result.restarts} worker restarts (last exit code {worker.returncode})")
             self.result.restarts += 1
