@@ -8,7 +8,8 @@ from reader_fixtures import HOOKS, CountingStore, write_run
 
 from actex import open_run
 from actex.store.folder import open_store
-from actex.store.reader import Run
+from actex.store.reader import Run, only_index_between, read_ranges, row_range, whole
+from actex.store.shards import TensorInfo
 
 HOOK = "blocks.1.mlp.hook_post"
 # chunk -> part -> sample lengths; chunk 2 is written but never committed.
@@ -118,3 +119,34 @@ def test_gcs_emulator(gcs_emulator, gcs_bucket):
     expected = write_run(f"{gcs_bucket}/run", gcs_emulator.storage_options, lengths=LENGTHS, uncommitted=(2,))
     run = open_run(expected.url, **gcs_emulator.storage_options)
     check_values(expected, list(run.iter_batches(HOOK, 9, seed=1, block_bytes=6 * 24 * 2)))
+
+
+def test_two_requests_per_block(run_dir):
+    """A block is one read of the hook's rows and one of its index rows (plus 2 header reads per part)."""
+    store = CountingStore(open_store(run_dir.url))
+    run = Run(store)
+    block_tokens = 6
+    check_values(run_dir, list(run.iter_batches(HOOK, 8, block_bytes=block_tokens * 24 * 2)))
+    blocks = sum(-(-run.num_part_tokens(p) // block_tokens) for p in run.parts() if run.num_part_tokens(p))
+    assert len(store.ranges) == 2 * len(run.parts()) + 2 * blocks
+
+
+def test_index_gap_never_spans_a_hook(tmp_path):
+    """Index ranges are read as one span only when no hook tensor lies inside it."""
+    spec = {
+        "token_ids": TensorInfo("I32", (10,), 100, 140),
+        "positions": TensorInfo("I32", (10,), 140, 180),
+        "hook": TensorInfo("BF16", (10, 2), 180, 220),
+        "sample_ids": TensorInfo("I64", (1,), 220, 228),
+    }
+    store = CountingStore(open_store(str(tmp_path)))
+    store.write_bytes("f", bytes(range(256)))
+    ranges = [row_range(spec["token_ids"], 2, 4), row_range(spec["positions"], 2, 4)]
+    assert only_index_between(spec, ranges)
+    assert not only_index_between(spec, [*ranges, whole(spec["sample_ids"])])
+    got = read_ranges(store, "f", ranges, max_gap=1 << 20)
+    assert [bytes(g) for g in got] == [bytes(range(108, 116)), bytes(range(148, 156))]
+    assert store.ranges == [("f", 108, 156)]  # one request, gap included
+    store.ranges.clear()
+    read_ranges(store, "f", ranges)
+    assert store.ranges == [("f", 108, 116), ("f", 148, 156)]  # max_gap=0: touching ranges only

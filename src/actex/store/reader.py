@@ -7,9 +7,10 @@
 How bytes move (DESIGN "Store format v1"; parts are safetensors files):
   1. Only committed chunks are visible: the commit records name the parts to read.
   2. Each part's safetensors header is fetched with two small ranged reads (length, JSON).
-  3. A part is cut into row blocks; a block is one ranged read of the hook's rows plus the
-     matching rows of `token_ids`/`positions` and the part's small sample index. Other
-     hooks' bytes are never requested.
+  3. A part is cut into row blocks; a block is one ranged read of the hook's rows plus one
+     of the matching rows of `token_ids`/`positions` and the part's small sample index
+     (the small gaps between those are read too; they never hold another hook's bytes).
+     Other hooks' bytes are never requested.
   4. Background threads fetch the next `prefetch` blocks while the caller trains.
   5. With shuffle, the blocks of all of this rank's parts are visited in a seeded random
      order and mixed in a bounded buffer of `shuffle_tokens` rows (see docs/reader.md for
@@ -41,8 +42,11 @@ TOKEN_IDS, POSITIONS, SAMPLE_OFFSETS, SAMPLE_IDS = shards.INDEX_TENSORS
 
 # A block's hook rows are about this many bytes: big enough that per-request latency on
 # object stores is amortised, small enough that many blocks fit the shuffle buffer.
-DEFAULT_BLOCK_BYTES = 32 << 20
+DEFAULT_BLOCK_BYTES = 16 << 20
 DEFAULT_SHUFFLE_BYTES = 1 << 30
+# A request to an object store costs tens of milliseconds, the time to stream about a MiB:
+# a block's index rows (token ids, positions, sample index) closer than this are one request.
+INDEX_GAP_BYTES = 1 << 20
 
 
 # ---------------------------------------------------------------------------------------
@@ -73,26 +77,34 @@ def decode_rows(info: TensorInfo, raw: bytes, lo: int, hi: int) -> np.ndarray:
     return replace(info, shape=(hi - lo, *info.shape[1:])).to_numpy(raw)
 
 
-def read_ranges(store: Store, path: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
-    """Fetch byte ranges of one file, merging ranges that touch into one request."""
+def read_ranges(store: Store, path: str, ranges: Sequence[tuple[int, int]], max_gap: int = 0) -> list[bytes]:
+    """Fetch byte ranges of one file; ranges at most `max_gap` bytes apart share one request."""
     order = sorted(range(len(ranges)), key=lambda i: ranges[i])
     out: list[bytes] = [b""] * len(ranges)
     group: list[int] = []
+    end = 0
 
     def flush() -> None:
-        lo, hi = ranges[group[0]][0], max(ranges[i][1] for i in group)
-        data = memoryview(store.read_range(path, lo, hi))
+        lo = ranges[group[0]][0]
+        data = memoryview(store.read_range(path, lo, end))
         for i in group:
             out[i] = data[ranges[i][0] - lo : ranges[i][1] - lo]
         group.clear()
 
     for i in order:
-        if group and ranges[i][0] > max(ranges[j][1] for j in group):
+        if group and ranges[i][0] > end + max_gap:
             flush()
+        end = max(end, ranges[i][1]) if group else ranges[i][1]
         group.append(i)
     if group:
         flush()
     return out
+
+
+def only_index_between(spec: dict[str, TensorInfo], ranges: Sequence[tuple[int, int]]) -> bool:
+    """True when no hook tensor has bytes inside the span of `ranges` (so the gaps may be read)."""
+    lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
+    return all(t.stop <= lo or t.start >= hi for name, t in spec.items() if name not in shards.INDEX_TENSORS)
 
 
 # ---------------------------------------------------------------------------------------
@@ -418,16 +430,19 @@ class Run:
         return self.header(part)[TOKEN_IDS].shape[0]
 
     def read_block(self, block: Block, hook: str) -> Batch:
-        """The hook's rows of one block with their index rows: ranged reads, touching ones merged."""
+        """The hook's rows of one block with their index rows: two ranged reads when the
+        index tensors sit together (the store format's layout), more only if a hook lies between."""
         spec = self.header(block.part)
         lo, hi = block.lo, block.hi
-        acts, tokens, positions, ids, offsets = read_ranges(self.store, block.part.path, [
-            row_range(spec[hook], lo, hi),
+        index = [
             row_range(spec[TOKEN_IDS], lo, hi),
             row_range(spec[POSITIONS], lo, hi),
             whole(spec[SAMPLE_IDS]),
             whole(spec[SAMPLE_OFFSETS]),
-        ])
+        ]
+        gap = INDEX_GAP_BYTES if only_index_between(spec, index) else 0
+        tokens, positions, ids, offsets = read_ranges(self.store, block.part.path, index, max_gap=gap)
+        acts = self.store.read_range(block.part.path, *row_range(spec[hook], lo, hi))
         offsets = spec[SAMPLE_OFFSETS].to_numpy(offsets)  # [samples + 1]
         # Token t belongs to sample s where offsets[s] <= t < offsets[s+1].
         owner = np.searchsorted(offsets, np.arange(lo, hi), side="right") - 1
