@@ -119,6 +119,21 @@ def merge_fields(base: dict, overrides: dict) -> dict:
     return merged
 
 
+# Input-only fields: resolved into `hooks` by resolve_config.
+HOOK_SELECTORS = ("layers", "activation")
+
+
+def check_field_names(fields: dict) -> None:
+    """Refuse unknown field names before anything slow (a model download) happens."""
+    known = set(RunConfig.model_fields) | set(HOOK_SELECTORS)
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ConfigError(f"unknown config field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    data_unknown = sorted(set(fields.get("data") or {}) - set(DataConfig.model_fields))
+    if data_unknown:
+        raise ConfigError(f"unknown data field(s) {', '.join(data_unknown)}; see DataConfig in actex.data.config")
+
+
 def resolve_config(fields: dict, *, n_layers: int, checkpoint_dtype: str) -> RunConfig:
     """Turn user fields into a RunConfig for a checkpoint with `n_layers` blocks.
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import jax
 
-from actex.config import RunConfig, resolve_config
+from actex.config import RunConfig, check_field_names, resolve_config
 from actex.data import build_plan, pack, tokenize_samples
 from actex.data.plan import Plan
 from actex.engine.pipeline import Pipeline, PipelineConfig
@@ -81,6 +81,7 @@ def open_run(fields: dict, *, storage_options: dict | None = None) -> OpenRun:
     Raises ConfigError / ValueError / FileNotFoundError / PermissionError with one-line
     messages; nothing in the store is modified except creating run.json on a fresh run.
     """
+    check_field_names(fields)
     ckpt = checkpoint_config(fields["model"], fields.get("revision"))
     config = resolve_config(fields, n_layers=ckpt.n_layers, checkpoint_dtype=param_dtype(ckpt, None))
     tokenizer_dir, _ = resolve_model_dir(config.model, config.revision)
