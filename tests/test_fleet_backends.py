@@ -64,7 +64,9 @@ def test_claim_fleet_with_a_killed_worker(backend, fleet_case, tmp_path, request
     finally:
         print(timeline(fleet))
     assert len(chaos.sent) == 1
-    assert check_run(url, options, reference).chunks == CHUNKS
+    check = check_run(url, options, reference)
+    assert check.chunks == CHUNKS
+    print(f"{backend}: 1 kill, {fleet.result.restarts} restarts, {len(check.orphans)} orphan attempts")
 
     # A worker that joins with a different stored dtype refuses before touching anything.
     changed = write_config(tmp_path / "changed.yaml", {**fields, "dtype": "bfloat16"})

@@ -63,6 +63,11 @@ def test_fleet_completes_exactly_once_under_chaos(signame, fleet_case, gcs_emula
         print(timeline(fleet))
 
     check = check_run(url, gcs_emulator.storage_options, reference)
+    print(
+        f"chaos {signame}: {len(chaos.sent)} signals, {fleet.result.restarts} restarts, "
+        f"{len(fleet.result.exited)} worker processes, {len(check.orphans)} orphan attempts, "
+        f"{check.chunks} chunks committed once"
+    )
     assert check.chunks == CHUNKS
     assert len(chaos.sent) >= 3, f"only {len(chaos.sent)} signals landed before the run completed"
     hit = {pid for _, pid in chaos.sent}
