@@ -74,6 +74,12 @@ def reference_tensors(fields: dict, output: Path) -> dict:
     return committed_tensors(run.config.run_url)
 
 
+def fleet_case(model_dir: Path, base: Path, chunks: int) -> tuple[dict, dict]:
+    """(run fields without `output`, reference tensors) for a run of `chunks` chunks."""
+    fields = fleet_fields(model_dir, fleet_dataset(base / "rows.jsonl", chunks), output="unused")
+    return fields, reference_tensors(fields, base / "reference")
+
+
 @dataclass
 class Chaos:
     """Sends `signum` to a random busy worker every `every_s` (jittered), `times` times."""

@@ -17,9 +17,7 @@ from fleet_fixtures import (
     WORKER_ENV,
     Chaos,
     check_run,
-    fleet_dataset,
-    fleet_fields,
-    reference_tensors,
+    fleet_case,
     timeline,
     worker_argv,
     write_config,
@@ -33,15 +31,13 @@ CHUNKS = 24
 
 
 @pytest.fixture(scope="module")
-def fleet_case(tiny_model_dir, tmp_path_factory):  # noqa: F811
-    base = tmp_path_factory.mktemp("backends")
-    fields = fleet_fields(tiny_model_dir, fleet_dataset(base / "rows.jsonl", CHUNKS), output="unused")
-    return fields, reference_tensors(fields, base / "reference")
+def case(tiny_model_dir, tmp_path_factory):  # noqa: F811
+    return fleet_case(tiny_model_dir, tmp_path_factory.mktemp("backends"), CHUNKS)
 
 
 @pytest.mark.parametrize("backend", ["local", "s3"])
-def test_claim_fleet_with_a_killed_worker(backend, fleet_case, tmp_path, request):
-    fields, reference = fleet_case
+def test_claim_fleet_with_a_killed_worker(backend, case, tmp_path, request):
+    fields, reference = case
     if backend == "s3":
         emulator = request.getfixturevalue("s3_emulator")
         output, options, env = request.getfixturevalue("s3_bucket"), emulator.storage_options, emulator.env
@@ -78,9 +74,9 @@ def test_claim_fleet_with_a_killed_worker(backend, fleet_case, tmp_path, request
     assert sorted(open_store(url, **options).list()) == before
 
 
-def test_fleet_and_status_commands(fleet_case, tmp_path):
+def test_fleet_and_status_commands(case, tmp_path):
     """`actex fleet` runs claim workers to completion; `actex status` reads progress back."""
-    fields, reference = fleet_case
+    fields, reference = case
     fields = {**fields, "output": str(tmp_path / "out")}
     url = f"{fields['output']}/{fields['run_name']}"
     config = write_config(tmp_path / "run.yaml", fields)

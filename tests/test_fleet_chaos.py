@@ -13,15 +13,13 @@ import signal
 import pytest
 from engine_fixtures import jax_cache, tiny_model_dir  # noqa: F401 (fixtures)
 from fleet_fixtures import (
+    WORKER_ENV,
     Chaos,
     attempt_pid,
     check_run,
-    fleet_dataset,
-    fleet_fields,
-    reference_tensors,
+    fleet_case,
     timeline,
     worker_argv,
-    WORKER_ENV,
     write_config,
 )
 
@@ -34,16 +32,13 @@ WORKERS = 4
 
 
 @pytest.fixture(scope="module")
-def fleet_case(tiny_model_dir, tmp_path_factory):  # noqa: F811
-    base = tmp_path_factory.mktemp("fleet")
-    dataset = fleet_dataset(base / "rows.jsonl", CHUNKS)
-    fields = fleet_fields(tiny_model_dir, dataset, output="unused")
-    return fields, reference_tensors(fields, base / "reference")
+def case(tiny_model_dir, tmp_path_factory):  # noqa: F811
+    return fleet_case(tiny_model_dir, tmp_path_factory.mktemp("chaos"), CHUNKS)
 
 
 @pytest.mark.parametrize("signame", ["SIGKILL", "SIGTERM"])
-def test_fleet_completes_exactly_once_under_chaos(signame, fleet_case, gcs_emulator, gcs_bucket, tmp_path):
-    fields, reference = fleet_case
+def test_fleet_completes_exactly_once_under_chaos(signame, case, gcs_emulator, gcs_bucket, tmp_path):
+    fields, reference = case
     fields = {**fields, "output": gcs_bucket}
     url = f"{gcs_bucket}/{fields['run_name']}"
     store = open_store(url, **gcs_emulator.storage_options)

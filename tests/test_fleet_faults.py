@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 from engine_fixtures import jax_cache, tiny_model_dir  # noqa: F401 (fixtures)
 from faultproxy import FaultPlan, FaultProxy
-from fleet_fixtures import WORKER_ENV, check_run, fleet_dataset, fleet_fields, reference_tensors, timeline, worker_argv, write_config
+from fleet_fixtures import WORKER_ENV, check_run, fleet_case, timeline, worker_argv, write_config
 
 from actex.fleet.local import LocalFleet
 from actex.fleet.monitor import run_complete
@@ -23,10 +23,8 @@ FAULT_CHUNKS = 24
 
 
 @pytest.fixture(scope="module")
-def fleet_case(tiny_model_dir, tmp_path_factory):  # noqa: F811
-    base = tmp_path_factory.mktemp("faults")
-    fields = fleet_fields(tiny_model_dir, fleet_dataset(base / "rows.jsonl", FAULT_CHUNKS), output="unused")
-    return fields, reference_tensors(fields, base / "reference")
+def case(tiny_model_dir, tmp_path_factory):  # noqa: F811
+    return fleet_case(tiny_model_dir, tmp_path_factory.mktemp("faults"), FAULT_CHUNKS)
 
 
 @pytest.fixture
@@ -60,9 +58,9 @@ def test_lease_renewals_and_takeover_survive_injected_faults(faulty_gcs):
     assert sum(proxy.counts.values()) >= 3, proxy.counts
 
 
-def test_claim_fleet_through_faulty_network_stores_identical_output(fleet_case, gcs_emulator, gcs_bucket, tmp_path):
+def test_claim_fleet_through_faulty_network_stores_identical_output(case, gcs_emulator, gcs_bucket, tmp_path):
     """Two `--claim` workers whose every store request crosses the fault proxy."""
-    fields, reference = fleet_case
+    fields, reference = case
     fields = {**fields, "output": gcs_bucket}
     url = f"{gcs_bucket}/{fields['run_name']}"
     plan = FaultPlan(seed=11, rate=0.05, kinds=("503", "reset", "reset_after", "delay"), delay_s=0.2)
