@@ -369,7 +369,10 @@ class Pipeline:
         written = [future.result() for future in job.parts]  # re-raises a writer's error
         samples = job.assembler.samples
         self.store.write_bytes(layout.samples_path(job.chunk, job.attempt), encode_samples_jsonl(sample_records(samples)))
+        # Every process's parts are written before the one committer may commit.
         self.role.barrier(f"chunk-{job.chunk}-{job.attempt}")
+        if not self.role.commits:
+            return
         tokens = sum(n for _, n in written)
         stats = {
             hook: job.stats.get(hook, HookStats.empty(width)).to_json() for hook, width in self.widths.items()
@@ -385,7 +388,7 @@ class Pipeline:
             timings={"chunk_s": time.time() - job.started},
         )
         # The commit record is written LAST: its existence is what makes the parts exist.
-        committed = self.role.commits and commit(self.store, record)
+        committed = commit(self.store, record)
         if not committed:
             log.warning("chunk %d was committed by another worker first; attempt %s is garbage", job.chunk, job.attempt)
         self.on_commit(record, committed)

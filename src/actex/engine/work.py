@@ -87,6 +87,9 @@ class ProcessRole:
 
     `holds(row)` selects the packed rows whose activations this process copies to host and
     writes; `barrier(name)` returns once every process reached it (before the commit).
+    Only the single-process role is built today. A pod-slice role (jax.distributed) sets
+    index/count from jax.process_index()/process_count(), its barrier from the
+    coordination service, and must hand the committer the other processes' part records.
     """
 
     index: int = 0
