@@ -7,6 +7,12 @@ whole `--claim` fleet must come through with the right answer.
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import time
+
 import pytest
 from engine_fixtures import jax_cache, tiny_model_dir  # noqa: F401 (fixtures)
 from faultproxy import FaultPlan, FaultProxy
@@ -15,6 +21,7 @@ from fleet_fixtures import WORKER_ENV, check_run, fleet_case, timeline, worker_a
 from actex.fleet.local import LocalFleet
 from actex.fleet.monitor import run_complete
 from actex.store.claims import ClaimedChunks, read_lease
+from actex.store.commits import committed_chunks
 from actex.store.folder import RetryPolicy, open_store
 
 # Fast backoff: the faults are injected at random, not an outage to ride out.
@@ -81,3 +88,42 @@ def test_claim_fleet_through_faulty_network_stores_identical_output(case, gcs_em
     assert check.chunks == FAULT_CHUNKS
     assert sum(injected.values()) >= 10 and set(injected) == set(plan.kinds), injected
     assert all(w.returncode == 0 for w in fleet.result.exited if w.signalled is None), timeline(fleet)
+
+
+def test_preempted_worker_abandons_a_slow_chunk_at_the_deadline(case, gcs_emulator, gcs_bucket, tmp_path):
+    """SIGTERM while every store request takes 1 s: the in-flight chunk cannot finish within a
+    0.5 s deadline, so it is abandoned, its lease handed back, the heartbeat says so, exit 0."""
+    fields, _ = case
+    fields = {**fields, "output": gcs_bucket}
+    url = f"{gcs_bucket}/{fields['run_name']}"
+    store = open_store(url, **gcs_emulator.storage_options)
+    with FaultProxy(gcs_emulator.endpoint, FaultPlan(rate=1.0, kinds=("delay",), delay_s=1.0)) as proxy:
+        proxy.set_enabled(False)
+        log = tmp_path / "worker.log"
+        with open(log, "wb") as out:
+            worker = subprocess.Popen(
+                worker_argv(write_config(tmp_path / "run.yaml", fields), "--preempt-deadline", "0.5"),
+                env={**os.environ, **gcs_emulator.env, "STORAGE_EMULATOR_HOST": proxy.url, **WORKER_ENV},
+                stdout=out, stderr=subprocess.STDOUT,
+            )
+        try:
+            deadline = time.monotonic() + 60
+            while b'"event": "commit"' not in log.read_bytes():
+                assert worker.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+                time.sleep(0.05)
+            proxy.set_enabled(True)  # from now on every request is slow
+            time.sleep(0.3)
+            worker.send_signal(signal.SIGTERM)
+            assert worker.wait(timeout=30) == 0, log.read_text()[-2000:]
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+    text = log.read_text()
+    assert "in-flight chunk was abandoned" in text, text[-2000:]
+    committed = committed_chunks(store)
+    assert 0 < len(committed) < FAULT_CHUNKS
+    leases = [read_lease(store, k) for k in range(FAULT_CHUNKS)]
+    assert all(lease.expiry == 0.0 for lease in leases if lease is not None)  # all handed back
+    assert any(lease is not None and lease.chunk not in committed for lease in leases)  # the abandoned one
+    assert [json.loads(b) for b in [store.read_bytes(p) for p in store.list("workers")]][0]["state"] == "abandoned"

@@ -157,7 +157,7 @@ def run_extract(fields: dict, *, worker_index: int | None, num_workers: int, cla
                 log_json: bool, progress: bool | None, storage_options: dict | None = None,
                 preempt_deadline: float = 25.0, on_write_failure: str = "exit") -> None:
     """The body of `actex extract` (and of `actex demo`): open, extract, report."""
-    from actex.engine.extract import enable_compilation_cache, extract, open_run
+    from actex.engine.extract import enable_compilation_cache, extract, open_run, worker_heartbeat
     from actex.engine.preemption import PreemptionGuard, watch_gce_preemption
     from actex.engine.work import StaticChunks, worker_index_from_env
     from actex.store.claims import ClaimedChunks
@@ -182,16 +182,22 @@ def run_extract(fields: dict, *, worker_index: int | None, num_workers: int, cla
                              "num_chunks": run.plan.num_chunks, "todo": todo, "worker": worker}})
     stop = threading.Event()
     show_bar = sys.stderr.isatty() and not log_json if progress is None else progress
-    # Past the deadline the in-flight chunk is abandoned; handing its lease back lets another
-    # worker start on it at once instead of after the lease runs out.
-    abandon = source.close if claim else None
+    heartbeat = worker_heartbeat(run, worker)
+
+    def abandon() -> None:
+        # Past the deadline the in-flight chunk is dropped: hand its lease back so another
+        # worker starts on it at once, and say so in this worker's heartbeat.
+        if claim:
+            source.close()
+        heartbeat.beat(state="abandoned", force=True)
+
     with PreemptionGuard(stop, deadline_s=preempt_deadline, on_abandon=abandon) as guard, \
             ProgressView(todo, show_bar=show_bar) as view:
         watch_gce_preemption(guard)
         try:
             with user_errors():
                 summary = extract(run, source, worker=worker, stop=stop, on_commit=view.committed,
-                                  on_write_failure=on_write_failure)
+                                  on_write_failure=on_write_failure, heartbeat=heartbeat)
         finally:
             if claim:
                 source.close()

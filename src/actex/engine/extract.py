@@ -138,6 +138,7 @@ def extract(
     on_commit: Callable[[CommitRecord, dict], None] | None = None,
     on_write_failure: str = "exit",
     pipeline: PipelineConfig = PipelineConfig(),
+    heartbeat: Heartbeat | None = None,
 ) -> Summary:
     """Compute and commit every chunk `source` hands out that has no commit record yet.
 
@@ -145,6 +146,7 @@ def extract(
     commit thread; `progress` is the heartbeat's snapshot (counts and rates).
     `on_write_failure`: "exit" raises the first write that failed for good (after the
     store's retries); "continue" logs it, leaves that chunk uncommitted and goes on.
+    `heartbeat`: the worker's heartbeat (see `worker_heartbeat`), created here if not given.
     """
     if on_write_failure not in ("exit", "continue"):
         raise ValueError(f"--on-write-failure must be exit or continue, got {on_write_failure!r}")
@@ -152,7 +154,7 @@ def extract(
     config = run.config
     capture = make_capture_fn(run.model.config, config.hooks, config.dtype)
     done = committed_chunks(run.store)
-    heartbeat = Heartbeat(run.store, worker, interval_s=HEARTBEAT_EVERY_S, info={"run": config.name})
+    heartbeat = heartbeat or worker_heartbeat(run, worker)
     counts = {"committed": 0, "skipped": 0, "lost": 0, "failed": 0}
 
     def committed(record: CommitRecord, ours: bool) -> None:
@@ -204,6 +206,12 @@ def extract(
         pipe.close()
         _beat(heartbeat, state="stopped" if stop.is_set() else "finished", force=True)
     return Summary(counts["committed"], counts["skipped"], counts["lost"], heartbeat.snapshot(), counts["failed"])
+
+
+def worker_heartbeat(run: OpenRun, worker: str) -> Heartbeat:
+    """The worker's `workers/<id>.json`; a caller that must write it too (on pre-emption)
+    creates it here and hands it to `extract`."""
+    return Heartbeat(run.store, worker, interval_s=HEARTBEAT_EVERY_S, info={"run": run.config.name})
 
 
 def chunk_tokens(run: OpenRun, chunk: int) -> list:
