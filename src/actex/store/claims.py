@@ -198,7 +198,7 @@ class ClaimedChunks:
         elif current.expired(now, self.skew_s):
             lease = Lease(chunk, self.owner, now + self.lease_s, attempt=current.attempt + 1)
             won = self.store.replace_if_version(layout.claim_path(chunk), lease.to_json(), current.version)
-            if won:
+            if won and current.expiry > 0:  # expiry 0 is a lease its owner released
                 log.info("chunk %d: took over the lease of %s (expired %.0f s ago)", chunk, current.owner, now - current.expiry)
         else:
             return False
