@@ -1,15 +1,20 @@
-"""Leases for `--claim` mode, on every backend: exactly one winner per race, takeover, release."""
+"""Leases for `--claim` mode, on every backend: exactly one winner per race, takeover, release;
+and the progress a monitor reads back from commits, claims and heartbeats."""
 
 from __future__ import annotations
 
+import json
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from actex.fleet.monitor import read_progress, run_complete
 from actex.store import layout
 from actex.store.claims import ClaimedChunks, Lease, read_lease
 from actex.store.folder import open_store
+from actex.store.manifest import PlanSummary, RunManifest
 
 
 class Clock:
@@ -158,3 +163,21 @@ def test_claim_record_is_validated(tmp_path):
         read_lease(store, 3)
     lease = Lease(3, "x", 5.0, 1)
     assert Lease.from_json(lease.to_json(), None, "here") == lease
+
+
+def test_progress_reports_commits_live_leases_and_silent_workers(tmp_path):
+    store, clock = open_store(tmp_path / "run"), Clock(now=time.time())
+    assert not run_complete(store)  # no run.json yet
+    manifest = RunManifest({}, "hash", "model", "tokenizer", (), PlanSummary(9, 3, 3, "plan"))
+    store.create_exclusive(layout.MANIFEST, manifest.to_json())
+    store.create_exclusive(layout.commit_path(0), b"{}")
+    assert _source(store, "alive", clock, num_chunks=3).try_claim(1)
+    _source(store, "gone", clock, num_chunks=3).try_claim(2)
+    store.write_bytes(layout.claim_path(2), Lease(2, "gone", clock.now - 100, 1).to_json())  # expired
+    for worker, age in (("alive", 2.0), ("gone", 600.0)):
+        beat = {"state": "running", "updated_at": clock.now - age, "chunks_done": 1, "tokens_per_s": 5.0}
+        store.write_bytes(layout.worker_path(worker), json.dumps(beat).encode())
+    progress = read_progress(store, silent_after_s=60, now=clock.now)
+    assert (progress.total, progress.committed, progress.leased) == (3, 1, {1: "alive"})
+    assert [(w.worker, w.silent) for w in progress.workers] == [("alive", False), ("gone", True)]
+    assert not progress.complete and not run_complete(store)
