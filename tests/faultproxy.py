@@ -22,6 +22,7 @@ import http.server
 import random
 import socket
 import struct
+import sys
 import threading
 import time
 import urllib.parse
@@ -161,14 +162,22 @@ def _make_handler(upstream: urllib.parse.SplitResult, faults: _Faults):
     return Handler
 
 
+class _QuietServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        # A client that went away mid-answer (a killed worker) is expected here, not news.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 class FaultProxy:
     """Forwards 127.0.0.1:<port> to `upstream_url`, injecting faults as `plan` says."""
 
     def __init__(self, upstream_url: str, plan: FaultPlan) -> None:
         self._faults = _Faults(plan)
         upstream = urllib.parse.urlsplit(upstream_url)
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(upstream, self._faults))
-        self._server.daemon_threads = True
+        self._server = _QuietServer(("127.0.0.1", 0), _make_handler(upstream, self._faults))
         self._thread = threading.Thread(target=self._server.serve_forever, name="faultproxy", daemon=True)
 
     @property

@@ -14,7 +14,7 @@ import subprocess
 import time
 
 import pytest
-from engine_fixtures import jax_cache, tiny_model_dir  # noqa: F401 (fixtures)
+from engine_fixtures import committed_tensors, jax_cache, tiny_model_dir  # noqa: F401 (fixtures)
 from faultproxy import FaultPlan, FaultProxy
 from fleet_fixtures import WORKER_ENV, check_run, fleet_case, timeline, worker_argv, write_config
 
@@ -125,5 +125,7 @@ def test_preempted_worker_abandons_a_slow_chunk_at_the_deadline(case, gcs_emulat
     assert 0 < len(committed) < FAULT_CHUNKS
     leases = [read_lease(store, k) for k in range(FAULT_CHUNKS)]
     assert all(lease.expiry == 0.0 for lease in leases if lease is not None)  # all handed back
-    assert any(lease is not None and lease.chunk not in committed for lease in leases)  # the abandoned one
+    # The chunk in flight may still have committed while the worker was abandoning it (the
+    # commit lane runs on): either way, whatever is committed reads back whole.
+    assert len(committed_tensors(url, gcs_emulator.storage_options)) == len(committed)
     assert [json.loads(b) for b in [store.read_bytes(p) for p in store.list("workers")]][0]["state"] == "abandoned"
