@@ -16,6 +16,7 @@ from actex.engine.work import SINGLE_PROCESS, StaticChunks
 from actex.model import make_capture_fn
 from actex.store.commits import read_commits
 from actex.store.manifest import ManifestMismatchError
+from actex.store import shards
 from actex.store.stats import HookStats
 
 
@@ -122,31 +123,41 @@ def test_run_name_derives_from_the_config_hash(tmp_path, tiny_model_dir, text_da
 
 
 def test_assembler_reassembles_windows_out_of_order_and_cuts_parts():
-    widths = {"h": 2}
     samples = [
         TokenizedSample(10, np.arange(5, dtype=np.int32), ((0, 3), (3, 5)), {}),
         TokenizedSample(11, np.arange(2, dtype=np.int32), ((0, 2),), {}),
         TokenizedSample(12, np.zeros(0, np.int32), (), {"skipped": "too long"}),
     ]
-    # One sample's bytes: 5 tokens * (2 * 4 + 8) = 80; a shard of 1 byte gives a part each.
-    assembler = ChunkAssembler(samples, widths, "float32", shard_size=1)
+    # A shard of 1 byte is below any sample's size: one part per sample.
+    assembler = ChunkAssembler(samples, {"h": 2}, "float32", shard_size=1)
     host = {"h": np.arange(2 * 4 * 2, dtype=np.float32).reshape(2, 4, 2)}  # [rows, seq, width]
     positions = np.array([[0, 1, 0, 1], [0, 1, 2, 0]], np.int32)
     # Row 0: window 2 of sample 10 then sample 11; row 1: window 1 of sample 10.
     assembler.add([(10, 3, 0, 0, 2)], positions, host, SINGLE_PROCESS)
-    assert assembler.ready_parts() == []  # sample 10 still lacks its first window
+    first = assembler.ready_parts()
+    assert [p.sample_ids.tolist() for p in first] == [[12]]  # empty: complete from the start
     assembler.add([(11, 0, 0, 2, 2), (10, 0, 1, 0, 3)], positions, host, SINGLE_PROCESS)
-    parts = assembler.ready_parts() + assembler.ready_parts(final=True)
+    parts = sorted(first + assembler.ready_parts(final=True), key=lambda p: p.index)
 
-    assert [[s.sample_id for s in p.samples] for p in parts] == [[10], [11], [12]]
-    first = parts[0].samples[0]
-    np.testing.assert_array_equal(first.acts["h"], np.concatenate([host["h"][1, :3], host["h"][0, :2]]))
-    assert first.positions.tolist() == [0, 1, 2, 0, 1]
-    np.testing.assert_array_equal(parts[1].samples[0].acts["h"], host["h"][0, 2:4])
+    assert [p.sample_ids.tolist() for p in parts] == [[10], [11], [12]]
+    np.testing.assert_array_equal(parts[0].acts["h"], np.concatenate([host["h"][1, :3], host["h"][0, :2]]))
+    assert parts[0].positions.tolist() == [0, 1, 2, 0, 1]
+    np.testing.assert_array_equal(parts[1].acts["h"], host["h"][0, 2:4])
+    assert [r["n_tokens"] for r in assembler.records] == [5, 2, 0] and assembler.records[2]["skipped"] == "too long"
+
+
+def test_assembler_keeps_samples_together_under_the_shard_size():
+    samples = [TokenizedSample(i, np.arange(n, dtype=np.int32), ((0, n),), {}) for i, n in enumerate([3, 3, 3, 9])]
+    # 16 bytes per token (float32 width 2 + ids), 16 per sample of index, plus the header
+    # allowance: exactly two 3-token samples fit.
+    shard_size = shards.part_bytes([3, 3], token_bytes=16)
+    assembler = ChunkAssembler(samples, {"h": 2}, "float32", shard_size=shard_size)
+    assert [p.sample_ids.tolist() for p in assembler.parts] == [[0, 1], [2], [3]]
+    assert assembler.parts[0].sample_offsets.tolist() == [0, 3, 6]
 
 
 def test_assembler_refuses_to_finish_a_chunk_with_missing_tokens():
     samples = [TokenizedSample(0, np.arange(4, dtype=np.int32), ((0, 4),), {})]
     assembler = ChunkAssembler(samples, {"h": 1}, "float32", shard_size=1 << 20)
-    with pytest.raises(RuntimeError, match="sample 0: 0 of 4 tokens"):
+    with pytest.raises(RuntimeError, match=r"samples \[0\]\): 0 of 4 tokens"):
         assembler.ready_parts(final=True)

@@ -46,123 +46,107 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class SampleBuffer:
-    """One sample's stored tokens: its windows concatenated in order."""
+class PartBuffer:
+    """One part being filled: its samples' windows laid end to end, in sample-id order.
 
-    sample_id: int
-    meta: dict
-    token_ids: np.ndarray  # [n] int32
-    window_offset: dict[int, int]  # window start in the sample's token ids -> offset in buffer
-    acts: dict[str, np.ndarray] = field(default_factory=dict)  # hook -> [n, width]
-    positions: np.ndarray | None = None  # [n] int32
+    Activations are scattered straight into the part's own arrays, so encoding needs no
+    concatenation copy; they are allocated when the first row arrives.
+    """
+
+    index: int
+    sample_ids: np.ndarray  # [samples] int64
+    sample_offsets: np.ndarray  # [samples + 1] int64: sample i is rows offsets[i]:offsets[i+1]
+    token_ids: np.ndarray  # [tokens] int32
+    positions: np.ndarray  # [tokens] int32, filled from the packed batches
+    acts: dict[str, np.ndarray] = field(default_factory=dict)  # hook -> [tokens, width]
     filled: int = 0
 
     @property
-    def n_tokens(self) -> int:
+    def num_tokens(self) -> int:
         return int(self.token_ids.shape[0])
 
     @property
     def complete(self) -> bool:
-        return self.filled == self.n_tokens
+        return self.filled == self.num_tokens
 
 
-def sample_buffer(tokenized) -> SampleBuffer:
-    """An empty buffer for a TokenizedSample; only its windows are stored."""
+def stored_tokens(tokenized) -> tuple[np.ndarray, dict[int, int]]:
+    """A sample's stored token ids (its windows, in order) and where each window starts there."""
     offsets, pieces, at = {}, [], 0
     for start, stop in tokenized.windows:
         offsets[start] = at
         pieces.append(np.asarray(tokenized.token_ids[start:stop], dtype=np.int32))
         at += stop - start
-    token_ids = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
-    return SampleBuffer(tokenized.sample_id, dict(tokenized.meta), token_ids, offsets)
-
-
-@dataclass(frozen=True)
-class PartData:
-    """The samples of one part, ready to encode."""
-
-    index: int
-    samples: tuple[SampleBuffer, ...]
+    return (np.concatenate(pieces) if pieces else np.zeros(0, np.int32)), offsets
 
 
 class ChunkAssembler:
-    """Turns a chunk's packed-batch outputs back into per-sample tokens, and cuts parts.
+    """Turns a chunk's packed-batch outputs back into per-sample tokens, in parts.
 
-    Samples are emitted in sample-id order; a part is cut before the sample that would
-    push it past `shard_size` bytes, so a sample never spans two parts (a sample larger
-    than the shard size gets a part of its own).
+    The parts are planned up front from the samples' token counts (store.shards.split_samples):
+    a sample never spans two parts, and a part stays under `shard_size` bytes unless one
+    sample alone is larger. A part is handed out as soon as all of its rows have arrived.
     """
 
     def __init__(self, tokenized: Sequence, widths: dict[str, int], dtype: str, shard_size: int):
         self.widths = widths
         self.dtype = activation_dtype(dtype)
-        self.shard_size = shard_size
-        self.samples = [sample_buffer(t) for t in sorted(tokenized, key=lambda t: t.sample_id)]
-        self.by_id = {s.sample_id: s for s in self.samples}
-        self._next = 0  # first sample not yet handed to a part
-        self._pending: list[SampleBuffer] = []
-        self._parts = 0
-        self.token_bytes = token_bytes(list(widths.values()), dtype)
+        ordered = sorted(tokenized, key=lambda t: t.sample_id)
+        stored = [stored_tokens(t) for t in ordered]
+        lengths = [len(ids) for ids, _ in stored]
+        self.records = [{"sample_id": t.sample_id, **t.meta, "n_tokens": n} for t, n in zip(ordered, lengths)]
+        self.parts: list[PartBuffer] = []
+        # sample id -> (its part, {window start in the sample -> row in the part})
+        self.rows: dict[int, tuple[PartBuffer, dict[int, int]]] = {}
+        for index, span in enumerate(split_samples(lengths, token_bytes(list(widths.values()), dtype), shard_size)):
+            offsets = np.concatenate([[0], np.cumsum([lengths[i] for i in span], dtype=np.int64)]).astype(np.int64)
+            token_ids = np.concatenate([stored[i][0] for i in span]) if span else np.zeros(0, np.int32)
+            part = PartBuffer(
+                index, np.array([ordered[i].sample_id for i in span], np.int64), offsets, token_ids,
+                np.zeros(len(token_ids), np.int32),
+            )
+            self.parts.append(part)
+            for i, base in zip(span, offsets):
+                self.rows[ordered[i].sample_id] = (part, {start: int(base) + at for start, at in stored[i][1].items()})
+        self._handed_out: set[int] = set()
 
     def add(self, placements, token_positions: np.ndarray, host: dict[str, np.ndarray], role: ProcessRole) -> None:
-        """Scatter one batch's rows into sample buffers. host: {hook: [rows, seq, width]}."""
+        """Scatter one batch's rows into their parts. host: {hook: [rows, seq, width]}."""
         num_rows = token_positions.shape[0]
         for sample_id, start, row, col, length in placements:
             if not role.holds(row, num_rows):
                 continue
-            buf = self.by_id[sample_id]
-            if not buf.acts:
-                buf.acts = {h: np.empty((buf.n_tokens, w), self.dtype) for h, w in self.widths.items()}
-                buf.positions = np.empty(buf.n_tokens, np.int32)
-            at = buf.window_offset[start]
+            part, window_rows = self.rows[sample_id]
+            if not part.acts:
+                part.acts = {h: np.empty((part.num_tokens, w), self.dtype) for h, w in self.widths.items()}
+            at = window_rows[start]
             for hook, values in host.items():
-                buf.acts[hook][at : at + length] = values[row, col : col + length]
-            buf.positions[at : at + length] = token_positions[row, col : col + length]
-            buf.filled += length
+                part.acts[hook][at : at + length] = values[row, col : col + length]
+            part.positions[at : at + length] = token_positions[row, col : col + length]
+            part.filled += length
 
-    def ready_parts(self, final: bool = False) -> list[PartData]:
-        """Parts whose samples are all complete; with `final`, the remainder too."""
-        parts = []
-        while self._next < len(self.samples) and self.samples[self._next].complete:
-            sample = self.samples[self._next]
-            sizes = [s.n_tokens for s in self._pending] + [sample.n_tokens]
-            if len(split_samples(sizes, self.token_bytes, self.shard_size)) > 1:
-                parts.append(self._cut())
-            self._pending.append(sample)
-            self._next += 1
-        if final:
-            if self._next != len(self.samples):
-                missing = self.samples[self._next]
-                raise RuntimeError(
-                    f"sample {missing.sample_id}: {missing.filled} of {missing.n_tokens} tokens "
-                    "came back from the packed batches (packing lost a window)"
-                )
-            if self._pending or not self._parts:
-                parts.append(self._cut())
-        return parts
-
-    def _cut(self) -> PartData:
-        part = PartData(self._parts, tuple(self._pending))
-        self._pending = []
-        self._parts += 1
-        return part
+    def ready_parts(self, final: bool = False) -> list[PartBuffer]:
+        """Complete parts not handed out yet; with `final`, every part must be complete."""
+        ready = [p for p in self.parts if p.complete and p.index not in self._handed_out]
+        self._handed_out.update(p.index for p in ready)
+        if final and len(self._handed_out) != len(self.parts):
+            part = next(p for p in self.parts if not p.complete)
+            raise RuntimeError(
+                f"part {part.index} (samples {part.sample_ids.tolist()}): {part.filled} of {part.num_tokens} "
+                "tokens came back from the packed batches (packing lost a window)"
+            )
+        return ready
 
 
-def encode(part: PartData, widths: dict[str, int], dtype: np.dtype, *, chunk: int, attempt: str) -> EncodedPart:
-    """A part's samples concatenated along the token axis, as safetensors bytes."""
-    samples = part.samples
-
-    def cat(arrays: list, empty: np.ndarray) -> np.ndarray:
-        arrays = [a for a in arrays if a is not None and a.shape[0]]
-        return np.concatenate(arrays) if arrays else empty
-
-    lengths = np.array([s.n_tokens for s in samples], np.int64)
+def encode(part: PartBuffer, widths: dict[str, int], dtype: np.dtype, *, chunk: int, attempt: str) -> EncodedPart:
+    """A part as safetensors bytes (a part of empty samples has empty activations)."""
+    acts = part.acts or {hook: np.zeros((0, width), dtype) for hook, width in widths.items()}
     return encode_part(
-        {hook: cat([s.acts.get(hook) for s in samples], np.zeros((0, width), dtype)) for hook, width in widths.items()},
-        token_ids=cat([s.token_ids for s in samples], np.zeros(0, np.int32)),
-        positions=cat([s.positions for s in samples], np.zeros(0, np.int32)),
-        sample_offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-        sample_ids=np.array([s.sample_id for s in samples], np.int64),
+        acts,
+        token_ids=part.token_ids,
+        positions=part.positions,
+        sample_offsets=part.sample_offsets,
+        sample_ids=part.sample_ids,
         chunk=chunk,
         attempt=attempt,
         part=part.index,
@@ -195,11 +179,6 @@ def to_stats(moments: dict) -> dict[str, HookStats]:
         hook: HookStats(int(count), np.asarray(mean, np.float64), np.asarray(m2, np.float64), float(norm_sum))
         for hook, (count, mean, m2, norm_sum) in moments.items()
     }
-
-
-def sample_records(samples: Sequence[SampleBuffer]) -> list[dict]:
-    """samples.jsonl's lines: each sample's identity and the data layer's metadata."""
-    return [{"sample_id": s.sample_id, **s.meta, "n_tokens": s.n_tokens} for s in samples]
 
 
 # --------------------------------------------------------------------------- pipeline
@@ -338,7 +317,7 @@ class Pipeline:
         self._write(job, job.assembler.ready_parts(final=True))
         self._commit.submit(lambda: self._commit_chunk(job))
 
-    def _write(self, job: ChunkJob, parts: list[PartData]) -> None:
+    def _write(self, job: ChunkJob, parts: list[PartBuffer]) -> None:
         for part in parts:
             self._parts_slots.acquire()  # blocks while too many parts wait: backpressure
             future = self._writers.submit(self._write_part, job, part)
@@ -347,7 +326,7 @@ class Pipeline:
 
     # -- writers
 
-    def _write_part(self, job: ChunkJob, part: PartData) -> tuple[PartRecord, int]:
+    def _write_part(self, job: ChunkJob, part: PartBuffer) -> tuple[PartRecord, int]:
         encoded = encode(part, self.widths, self.dtype, chunk=job.chunk, attempt=job.attempt)
         path = layout.part_path(job.chunk, job.attempt, part.index)
         self.store.write_bytes(path, encoded.data)
@@ -367,8 +346,8 @@ class Pipeline:
 
     def _write_and_commit(self, job: ChunkJob) -> None:
         written = [future.result() for future in job.parts]  # re-raises a writer's error
-        samples = job.assembler.samples
-        self.store.write_bytes(layout.samples_path(job.chunk, job.attempt), encode_samples_jsonl(sample_records(samples)))
+        samples = job.assembler.records
+        self.store.write_bytes(layout.samples_path(job.chunk, job.attempt), encode_samples_jsonl(samples))
         # Every process's parts are written before the one committer may commit.
         self.role.barrier(f"chunk-{job.chunk}-{job.attempt}")
         if not self.role.commits:
