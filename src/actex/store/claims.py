@@ -125,6 +125,9 @@ class ClaimedChunks:
         # release could read a version the heartbeat just replaced and fail to release.
         self._writing = threading.Lock()
         self._closed = threading.Event()
+        # Held for a whole claim attempt, so close() waits for one in flight to land in
+        # `_held` (and be released) rather than leave a claim behind that nobody works on.
+        self._claiming = threading.Lock()
         self._heartbeat: threading.Thread | None = None
         # Workers start scanning at different places so they rarely race for one chunk.
         self._rng = random.Random(owner)
@@ -137,7 +140,7 @@ class ClaimedChunks:
             pending = self._uncommitted()
             if not pending:
                 return
-            chunk = self._claim_any(pending)
+            chunk = self._claim_any(pending, stop)
             if chunk is None:
                 # Everything left is leased to live workers; wait for commits or expiries.
                 stop.wait(self.poll_s)
@@ -163,6 +166,8 @@ class ClaimedChunks:
     def close(self) -> None:
         """Stop the heartbeat and release every lease still held (pre-emption, errors)."""
         self._closed.set()
+        with self._claiming:
+            pass
         for chunk in self.held:
             self._release(chunk)
         if self._heartbeat is not None and self._heartbeat is not threading.current_thread():
@@ -177,9 +182,13 @@ class ClaimedChunks:
         skip |= committed_chunks(self.store)
         return [k for k in range(self.num_chunks) if k not in skip]
 
-    def _claim_any(self, pending: list[int]) -> int | None:
+    def _claim_any(self, pending: list[int], stop: threading.Event) -> int | None:
         start = self._rng.randrange(len(pending))
         for chunk in pending[start:] + pending[:start]:
+            # A scan over many leased chunks takes a request or two each: a stop request
+            # (pre-emption) must not wait for it, nor leave a chunk claimed and never worked on.
+            if stop.is_set():
+                return None
             if self.try_claim(chunk):
                 # The chunk may have been committed (and released) after we listed commits.
                 if self.store.exists(layout.commit_path(chunk)):
@@ -190,6 +199,12 @@ class ClaimedChunks:
 
     def try_claim(self, chunk: int) -> bool:
         """Take `chunk`'s lease if it is free or expired. Exactly one racing worker wins."""
+        with self._claiming:
+            if self._closed.is_set():
+                return False
+            return self._try_claim(chunk)
+
+    def _try_claim(self, chunk: int) -> bool:
         now = self.clock()
         current = read_lease(self.store, chunk)
         if current is None:
