@@ -86,3 +86,31 @@ def test_cli_export_and_gc(engine_run, tmp_path):
     assert result.exit_code == 2 and "no hook 'nope'" in result.output
     result = runner.invoke(app, ["gc", engine_run, "--dry-run"])
     assert result.exit_code == 0 and "would delete 0 orphaned attempt(s); kept 3 committed" in result.output
+
+
+def test_verify_fails_on_nan_in_stored_values(tmp_path, monkeypatch):
+    # A NaN is the most common corruption of all (overflow, a bad kernel): it must fail
+    # verify, not vanish in a max(). The reference is the clean stored data itself.
+    import actex.verify as verify_module
+    from reader_fixtures import write_run
+
+    expected = write_run(str(tmp_path / "run"), lengths=[[[5, 7]], [[6]]], dtype="float32")
+    clean = {}
+    for sid in np.unique(expected.sample_ids):
+        rows = expected.sample_ids == sid
+        clean[expected.token_ids[rows].tobytes()] = {h: a[rows] for h, a in expected.hooks.items()}
+    monkeypatch.setattr(verify_module, "reference_activations",
+                        lambda ref, hooks, token_ids, positions: clean[np.asarray(token_ids).tobytes()])
+    run = open_run(expected.url)
+    assert verify(run, 10, reference=object()).ok
+
+    part = run.parts()[0]
+    decoded = shards.decode_part(run.store.read_bytes(part.path))
+    hooks = {h: a.copy() for h, a in decoded.hooks.items()}
+    hooks["blocks.0.hook_resid_post"][-1, 2] = np.nan  # last token: compared after clean ones
+    encoded = shards.encode_part(hooks, decoded.token_ids, decoded.positions, decoded.sample_offsets,
+                                 decoded.sample_ids, chunk=part.chunk, attempt="x", part=part.index)
+    run.store.write_bytes(part.path, encoded.data)
+    checks = {c.hook: c for c in verify(open_run(expected.url), 10, reference=object()).checks}
+    assert not checks["blocks.0.hook_resid_post"].ok
+    assert checks["blocks.1.mlp.hook_post"].ok

@@ -156,7 +156,8 @@ def verify(run: Run, n_samples: int, *, seed: int = 0, tolerance: float | None =
             ref = reference_activations(reference, hooks, first.token_ids[a:b], first.positions[a:b])
             for hook in hooks:
                 diff = np.abs(stored[hook].activations[a:b].astype(np.float32) - ref[hook])
-                max_err[hook] = max(max_err[hook], float(diff.max()))
-                max_ref[hook] = max(max_ref[hook], float(np.abs(ref[hook]).max()))
+                # np.maximum, not max(): a NaN on either side must survive and fail the check.
+                max_err[hook] = float(np.maximum(max_err[hook], diff.max()))
+                max_ref[hook] = float(np.maximum(max_ref[hook], np.abs(ref[hook]).max()))
     checks = tuple(HookCheck(h, max_err[h] / max(max_ref[h], 1e-30), tol) for h in hooks)
     return VerifyReport(run.url, tuple(sid for _, sid, _, _ in chosen), tokens, checks)
