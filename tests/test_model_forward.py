@@ -153,3 +153,16 @@ def test_attention_memory_grows_linearly_not_quadratically():
     temp = compiled.memory_analysis().temp_size_in_bytes
     one_head_scores = seq * seq * 4  # 1 GiB
     assert temp < one_head_scores / 16, f"{temp / 2**20:.0f} MiB of temporaries"
+
+
+def test_forward_takes_hooks_in_any_order(tiny):
+    # resid_pre of block l is resid_post of block l - 1: both names must come back,
+    # whichever is listed first, with the same values.
+    from actex.model.qwen2 import forward
+
+    token_ids = np.arange(9, dtype=np.int32)[None]
+    positions, segment_ids = token_ids.copy(), np.ones_like(token_ids)
+    hooks = ("blocks.2.hook_resid_pre", "blocks.1.hook_resid_post")
+    out = forward(tiny.params, tiny.config, token_ids, positions, segment_ids, hooks)
+    assert set(out) == set(hooks)
+    np.testing.assert_array_equal(out[hooks[0]], out[hooks[1]])

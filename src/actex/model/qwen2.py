@@ -256,8 +256,10 @@ def forward(
                 captured[name] = stacks[kind][slot]
     for name in hooks:
         point = parse_hook(name, config.n_layers)
-        if point.kind == "hook_resid_pre" and name not in captured:
-            captured[name] = captured[slots["hook_resid_post"][point.layer - 1]]
+        if name not in captured and point.kind in ("hook_resid_pre", "hook_resid_post"):
+            # Its tensor was captured under the other name of the same slot.
+            layer = point.layer - (point.kind == "hook_resid_pre")
+            captured[name] = captured[slots["hook_resid_post"][layer]]
         if point.kind == HOOK_LN_FINAL:
             captured[name] = rms_norm(x, params["final_norm"], config.rms_norm_eps).astype(
                 out_dtype)
