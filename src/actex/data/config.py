@@ -42,7 +42,7 @@ class DataConfig(BaseModel):
     shuffle_pairs: bool = True
 
     # Tokens.
-    max_seq_len: int = Field(default=8192, ge=16)
+    max_seq_len: int = Field(default=32768, ge=16)
     long_policy: Literal["truncate", "split", "skip"] = "truncate"
     add_bos: bool = False
 
