@@ -139,3 +139,14 @@ def test_hub_repo_id_resolves_from_offline_cache(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     local = load_model(snapshot, revision=commit)  # same files, same revision
     assert result.stdout.strip().splitlines()[-1] == local.fingerprint
+
+
+def test_tokenizer_larger_than_embedding_is_refused(tmp_path):
+    # JAX clamps out-of-range gather indices: a token id >= vocab_size would silently get
+    # the last embedding row. A tokenizer that can emit such ids is refused at load.
+    write_tokenizer(tmp_path)  # about 100 tokens
+    write_random_checkpoint(tmp_path, tiny_hf_config(vocab_size=128), seed=0)
+    assert load_tokenizer(tmp_path).is_fast
+    write_random_checkpoint(tmp_path, tiny_hf_config(vocab_size=64), seed=0)
+    with pytest.raises(ValueError, match="tokens but the model's embedding has 64 rows"):
+        load_tokenizer(tmp_path)

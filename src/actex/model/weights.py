@@ -239,4 +239,14 @@ def load_tokenizer(path: str | os.PathLike):
     tokenizer = AutoTokenizer.from_pretrained(str(path), use_fast=True)
     if not tokenizer.is_fast:
         raise ValueError(f"{path}: no fast tokenizer (tokenizer.json) found")
+    # The embedding lookup clamps out-of-range ids under jit (no error, wrong values), so a
+    # tokenizer that can emit ids past the model's embedding is refused here.
+    config_path = Path(path) / "config.json"
+    if config_path.exists():
+        vocab_size = json.loads(config_path.read_text()).get("vocab_size")
+        if vocab_size is not None and len(tokenizer) > vocab_size:
+            raise ValueError(
+                f"{path}: tokenizer has {len(tokenizer)} tokens but the model's embedding has "
+                f"{vocab_size} rows (config.json vocab_size)"
+            )
     return tokenizer
