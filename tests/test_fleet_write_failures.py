@@ -44,3 +44,22 @@ def test_write_failure_policy(policy, broken_chunk_1, tiny_model_dir, text_datas
     assert committed_chunks(run.store) == set(range(run.plan.num_chunks)) - {1}
     assert any("chunk 1 not committed" in r.message and "chunks/000001/" in r.message for r in caplog.records)
     assert committed_tensors(run.config.run_url)  # what was committed reads back
+
+
+def test_cli_exit_code_after_write_failures_lets_the_fleet_restart(broken_chunk_1, tiny_model_dir, text_dataset, tmp_path):  # noqa: F811
+    """`actex fleet` never restarts a worker that exited 2 (bad flags, config mismatch): a
+    store that kept failing is no such thing, so the worker must exit 1 with one line."""
+    from typer.testing import CliRunner
+
+    from actex.cli import app
+
+    args = [
+        "extract", "--model", str(tiny_model_dir), "--dataset", str(text_dataset), "--format", "text",
+        "--output", str(tmp_path), "--run-name", "r", "--layers", "0", "--max-seq-len", "64",
+        "--long-policy", "split", "--chunk-size", "3", "--no-progress",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("actex: error: ") and "chunks/000001/" in lines[0], result.stderr
+    assert not (tmp_path / "r" / layout.commit_path(1)).exists()

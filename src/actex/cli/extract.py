@@ -162,6 +162,7 @@ def run_extract(fields: dict, *, worker_index: int | None, num_workers: int, cla
     from actex.engine.work import StaticChunks, worker_index_from_env
     from actex.store.claims import ClaimedChunks
     from actex.store.commits import committed_chunks
+    from actex.store.folder import StoreError
 
     enable_compilation_cache()
     with user_errors():
@@ -196,8 +197,14 @@ def run_extract(fields: dict, *, worker_index: int | None, num_workers: int, cla
         watch_gce_preemption(guard)
         try:
             with user_errors():
-                summary = extract(run, source, worker=worker, stop=stop, on_commit=view.committed,
-                                  on_write_failure=on_write_failure, heartbeat=heartbeat)
+                try:
+                    summary = extract(run, source, worker=worker, stop=stop, on_commit=view.committed,
+                                      on_write_failure=on_write_failure, heartbeat=heartbeat)
+                except StoreError as error:
+                    # The store kept failing after retries: not the user's input, so not exit 2,
+                    # which `actex fleet` takes for a bad config and never restarts.
+                    typer.echo(f"actex: error: {error}", err=True)
+                    raise typer.Exit(1) from None
         finally:
             if claim:
                 source.close()
@@ -250,7 +257,7 @@ def extract_command(
     colour: Optional[bool] = typer.Option(None, "--colour/--no-colour", help="Random colour permutations (default: on).", rich_help_panel="ARC prompts"),
     colour_all_prob: Optional[float] = typer.Option(None, "--colour-all-prob", help="Probability of permuting black too (default: 0.05).", rich_help_panel="ARC prompts"),
     shuffle_pairs: Optional[bool] = typer.Option(None, "--shuffle-pairs/--no-shuffle-pairs", help="Shuffle train pairs (default: on).", rich_help_panel="ARC prompts"),
-    max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len", help="Longest window the model sees (default: 8192).", rich_help_panel="Tokens"),
+    max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len", help="Longest window the model sees (default: 32768; longer samples follow --long-policy).", rich_help_panel="Tokens"),
     long_policy: Optional[str] = typer.Option(None, "--long-policy", help="Samples over --max-seq-len: truncate | split | skip (default: truncate).", rich_help_panel="Tokens"),
     add_bos: Optional[bool] = typer.Option(None, "--add-bos/--no-add-bos", help="Prepend BOS to text rows (default: off).", rich_help_panel="Tokens"),
     batch_tokens: Optional[int] = typer.Option(None, "--batch-tokens", help="Tokens per packed batch (default: 16384).", rich_help_panel="Performance"),
