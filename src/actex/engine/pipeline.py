@@ -328,6 +328,9 @@ class Pipeline:
 
     def _write_part(self, job: ChunkJob, part: PartBuffer) -> tuple[PartRecord, int]:
         encoded = encode(part, self.widths, self.dtype, chunk=job.chunk, attempt=job.attempt)
+        # The chunk's job keeps its parts until it commits; only the bytes are needed now,
+        # so drop the arrays, or a slow store would hold whole chunks, not `parts_in_flight`.
+        part.acts = {}
         path = layout.part_path(job.chunk, job.attempt, part.index)
         self.store.write_bytes(path, encoded.data)
         record = PartRecord(path=path, bytes=len(encoded.data), sha256=encoded.sha256)
