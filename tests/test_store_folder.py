@@ -213,3 +213,20 @@ def test_bad_relative_paths_are_refused(tmp_path):
     store = open_store(tmp_path / "run")
     with pytest.raises(ValueError, match="bad relative path"):
         store.write_bytes("../escape", b"")
+
+
+@pytest.mark.parametrize("op", ["write_bytes", "create_exclusive"])
+def test_local_writes_fsync_every_directory_they_create(tmp_path, monkeypatch, op):
+    """A commit record must not survive a power cut that loses the directories its parts
+    sit in: each new directory's entry is made durable in its parent, up to the first
+    directory that already existed."""
+    from actex.store.folder import _LocalBackend
+
+    synced = []
+    fsync_dir = _LocalBackend._fsync_dir
+    monkeypatch.setattr(_LocalBackend, "_fsync_dir", staticmethod(lambda d: (synced.append(d), fsync_dir(d))))
+    store = open_store(tmp_path / "run")
+    getattr(store, op)("chunks/000001/attempt/part-00000.safetensors", b"x")
+    run = tmp_path / "run"
+    expected = {tmp_path, run, run / "chunks", run / "chunks/000001", run / "chunks/000001/attempt"}
+    assert {os.path.realpath(d) for d in synced} >= {os.path.realpath(d) for d in expected}

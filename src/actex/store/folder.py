@@ -175,13 +175,28 @@ class _LocalBackend(_Backend):
 
     def _write_temp(self, path: str, data: bytes) -> str:
         directory = os.path.dirname(path)
-        os.makedirs(directory, exist_ok=True)
+        self._make_dirs(directory)
         temp = os.path.join(directory, f"{TEMP_PREFIX}{secrets.token_hex(8)}")
         with open(temp, "xb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         return temp
+
+    @classmethod
+    def _make_dirs(cls, directory: str) -> None:
+        # A new directory's entry lives in its parent: without fsyncing the parent, a crash
+        # could keep a commit record yet lose the attempt directory holding its parts.
+        missing = []
+        while not os.path.isdir(directory):
+            missing.append(directory)
+            directory = os.path.dirname(directory)
+        for new in reversed(missing):
+            try:
+                os.mkdir(new)
+            except FileExistsError:
+                pass  # made by a concurrent writer; its entry is synced below all the same
+            cls._fsync_dir(os.path.dirname(new))
 
     @staticmethod
     def _fsync_dir(directory: str) -> None:
