@@ -19,6 +19,13 @@ from actex.store import layout
 from actex.store.folder import Store
 
 
+# Config fields that say where a run lives, not what it is (the config hash leaves them out
+# too: actex.config.NOT_HASHED, not imported here to keep the store free of the model's
+# imports). `--output gs://b/runs/` and `gs://b/runs`, or no --run-name and the name it
+# derives, reach the same run.
+LOCATION_FIELDS = frozenset({"output", "run_name"})
+
+
 class ManifestMismatchError(ValueError):
     """This worker's run identity differs from the stored run.json. Message: one line."""
 
@@ -54,6 +61,7 @@ class RunManifest:
     def identity(self) -> dict[str, Any]:
         """Everything that must agree between workers of one run."""
         full = self.to_dict()
+        full["config"] = {k: v for k, v in self.config.items() if k not in LOCATION_FIELDS}
         return {k: v for k, v in full.items() if k not in ("created_at", "actex_version")}
 
     def to_dict(self) -> dict[str, Any]:
