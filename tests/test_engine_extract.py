@@ -161,3 +161,43 @@ def test_assembler_refuses_to_finish_a_chunk_with_missing_tokens():
     assembler = ChunkAssembler(samples, {"h": 1}, "float32", shard_size=1 << 20)
     with pytest.raises(RuntimeError, match=r"samples \[0\]\): 0 of 4 tokens"):
         assembler.ready_parts(final=True)
+
+
+def test_written_parts_free_their_activations_before_the_chunk_commits(tmp_path, tiny_model_dir, text_dataset, monkeypatch):
+    """Backpressure bounds the parts waiting for a writer; a part already written must not
+    stay in memory until its whole chunk commits (with a slow store, several chunks wait)."""
+    import gc
+    import weakref
+
+    from actex.engine import pipeline
+
+    alive: dict[int, list] = {}
+    encode, commit = pipeline.encode, pipeline.commit
+
+    def tracking_encode(part, *args, chunk, **kwargs):
+        alive.setdefault(chunk, []).extend(weakref.ref(a) for a in part.acts.values())
+        return encode(part, *args, chunk=chunk, **kwargs)
+
+    def checking_commit(store, record):
+        gc.collect()
+        held = sum(ref() is not None for ref in alive[record.chunk])
+        assert held == 0, f"chunk {record.chunk}: {held} written activation arrays still in memory"
+        return commit(store, record)
+
+    monkeypatch.setattr(pipeline, "encode", tracking_encode)
+    monkeypatch.setattr(pipeline, "commit", checking_commit)
+    run, summary = extract_all(run_fields(tiny_model_dir, text_dataset, str(tmp_path), shard_size=1))
+    assert summary.committed == run.plan.num_chunks and sum(map(len, alive.values())) > 0
+
+
+def test_the_same_run_reached_by_another_spelling_of_output_is_accepted(tmp_path, tiny_model_dir, text_dataset):
+    """`output` and `run_name` say where the run lives, not what it is (the config hash
+    leaves them out): `--output DIR/` and a named `run-<hash>` reach the same run."""
+    from actex.config import NOT_HASHED
+    from actex.store.manifest import LOCATION_FIELDS
+
+    fields = {**run_fields(tiny_model_dir, text_dataset, str(tmp_path)), "run_name": None}
+    first = open_run(fields)
+    again = open_run({**fields, "output": str(tmp_path) + "/", "run_name": first.config.name})
+    assert again.config.run_url == first.config.run_url
+    assert LOCATION_FIELDS == NOT_HASHED
