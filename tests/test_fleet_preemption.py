@@ -59,6 +59,24 @@ def test_second_signal_exits_at_once_with_128_plus_signum():
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
+def test_signal_landing_while_the_guard_holds_its_lock_does_not_deadlock():
+    """A signal handler runs on the main thread between two bytecodes, possibly inside
+    close()'s critical section (the fleet SIGTERMs workers as they finish)."""
+    stop, exits = threading.Event(), Exits()
+    guard = PreemptionGuard(stop, deadline_s=60, exit=exits)
+
+    def signal_inside_close() -> None:
+        with guard._lock:
+            guard._on_signal(signal.SIGTERM, None)
+
+    thread = threading.Thread(target=signal_inside_close, daemon=True)
+    thread.start()
+    thread.join(5)
+    assert not thread.is_alive() and stop.is_set()
+    guard.close()
+    assert exits.codes == []
+
+
 def test_rejects_non_positive_deadline():
     with pytest.raises(ValueError, match="deadline"):
         PreemptionGuard(threading.Event(), deadline_s=0)

@@ -65,7 +65,9 @@ class PreemptionGuard:
         # os._exit, not sys.exit: the deadline fires on a helper thread, where SystemExit
         # would end only that thread; in tests it is replaced to observe the exit code.
         self._exit = exit
-        self._lock = threading.Lock()
+        # Re-entrant: a signal handler runs on the main thread, possibly inside close()'s
+        # critical section, and request_stop takes the lock again.
+        self._lock = threading.RLock()
         self._deadline: threading.Timer | None = None
         self._previous: dict[int, object] = {}
 
