@@ -27,7 +27,7 @@ from actex.fleet.local import LocalFleet, actex_command
 from actex.fleet.monitor import run_complete
 from actex.store.folder import open_store
 
-CHUNKS = 24
+CHUNKS = 48
 
 
 @pytest.fixture(scope="module")
