@@ -215,3 +215,12 @@ def test_layout_names():
     assert a != b and "-w0-" in a
     with pytest.raises(ValueError, match="bad worker id"):
         layout.worker_path("../x")
+
+def test_heartbeat_abandoned_is_the_last_word(tmp_path):
+    """The pre-emption deadline writes `abandoned` from another thread just before the process
+    exits; the main thread's late `stopped` beat must not overwrite it."""
+    store = open_store(tmp_path / "run")
+    beat = Heartbeat(store, "w-1", interval_s=0)
+    assert beat.beat(state="abandoned", force=True)
+    assert not beat.beat(state="stopped", force=True)
+    assert read_heartbeats(store)["w-1"]["state"] == "abandoned"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -139,7 +140,11 @@ class Heartbeat:
 
     Monitoring only (nothing decides correctness from it), so a failed write is logged by
     the caller and the worker goes on. Overwrites are atomic per backend (see folder.py).
+    Writes are serialised, and a final state (`abandoned`: the process is about to exit
+    from another thread) is never overwritten by a later beat, so the last word stands.
     """
+
+    FINAL_STATES = frozenset({"abandoned"})
 
     def __init__(self, store: Store, worker: str, *, interval_s: float = 10.0, info: Mapping[str, Any] | None = None):
         self.store = store
@@ -150,6 +155,7 @@ class Heartbeat:
         self.counters = {"chunks_done": 0, "samples": 0, "tokens": 0, "bytes": 0}
         self.state = "running"
         self._last_write = float("-inf")
+        self._writing = threading.Lock()
 
     def add(self, *, chunks_done: int = 0, samples: int = 0, tokens: int = 0, bytes: int = 0) -> None:
         for key, value in (("chunks_done", chunks_done), ("samples", samples), ("tokens", tokens), ("bytes", bytes)):
@@ -173,14 +179,17 @@ class Heartbeat:
 
     def beat(self, *, state: str | None = None, force: bool = False) -> bool:
         """Write the heartbeat if `interval_s` passed (or `force`); True if it wrote."""
-        if state is not None:
-            self.state = state
-        now = time.monotonic()
-        if not force and now - self._last_write < self.interval_s:
-            return False
-        self.store.write_bytes(layout.worker_path(self.worker), (json.dumps(self.snapshot(), sort_keys=True) + "\n").encode())
-        self._last_write = now
-        return True
+        with self._writing:
+            if self.state in self.FINAL_STATES:
+                return False
+            if state is not None:
+                self.state = state
+            now = time.monotonic()
+            if not force and now - self._last_write < self.interval_s:
+                return False
+            self.store.write_bytes(layout.worker_path(self.worker), (json.dumps(self.snapshot(), sort_keys=True) + "\n").encode())
+            self._last_write = now
+            return True
 
 
 def read_heartbeats(store: Store) -> dict[str, dict[str, Any]]:
