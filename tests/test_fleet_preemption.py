@@ -49,6 +49,17 @@ def test_deadline_abandons_in_flight_chunk_and_exits_zero(capsys):
     assert "abandoned" in capsys.readouterr().out
 
 
+def test_supervised_worker_exits_with_the_code_its_supervisor_asked_for(capsys):
+    """`actex fleet` passes --preempted-exit-code 75 so a worker pre-empted from outside is
+    replaced instead of being taken for one that found the run complete (exit 0)."""
+    stop, exits = threading.Event(), Exits()
+    guard = PreemptionGuard(stop, deadline_s=0.1, exit_code=75, exit=exits)
+    guard.request_stop("SIGTERM")
+    assert exits.called.wait(2)
+    assert exits.codes == [75] and "exit 75" in capsys.readouterr().out
+    assert guard.exit_line(3).endswith("exit 75")
+
+
 def test_second_signal_exits_at_once_with_128_plus_signum():
     stop, exits = threading.Event(), Exits()
     with PreemptionGuard(stop, deadline_s=30, exit=exits):

@@ -155,7 +155,7 @@ class ProgressView:
 
 def run_extract(fields: dict, *, worker_index: int | None, num_workers: int, claim: bool, lease_seconds: float,
                 log_json: bool, progress: bool | None, storage_options: dict | None = None,
-                preempt_deadline: float = 25.0, on_write_failure: str = "exit") -> None:
+                preempt_deadline: float = 25.0, on_write_failure: str = "exit", preempted_exit_code: int = 0) -> None:
     """The body of `actex extract` (and of `actex demo`): open, extract, report."""
     from actex.engine.extract import enable_compilation_cache, extract, open_run, worker_heartbeat
     from actex.engine.preemption import PreemptionGuard, watch_gce_preemption
@@ -192,7 +192,7 @@ def run_extract(fields: dict, *, worker_index: int | None, num_workers: int, cla
             source.close()
         heartbeat.beat(state="abandoned", force=True)
 
-    with PreemptionGuard(stop, deadline_s=preempt_deadline, on_abandon=abandon) as guard, \
+    with PreemptionGuard(stop, deadline_s=preempt_deadline, on_abandon=abandon, exit_code=preempted_exit_code) as guard, \
             ProgressView(todo, show_bar=show_bar) as view:
         watch_gce_preemption(guard)
         try:
@@ -216,6 +216,8 @@ def run_extract(fields: dict, *, worker_index: int | None, num_workers: int, cla
         raise typer.Exit(1)
     if guard.reason is not None:
         typer.echo(guard.exit_line(summary.committed))
+        if preempted_exit_code:
+            raise typer.Exit(preempted_exit_code)
         return
     typer.echo(
         f"actex: {run.config.run_url}: committed {summary.committed} chunk(s) "
@@ -268,6 +270,7 @@ def extract_command(
     claim: bool = typer.Option(False, "--claim", help="Claim chunks dynamically with leases instead of the static split.", rich_help_panel="Workers"),
     lease_seconds: float = typer.Option(60.0, "--lease-seconds", min=1.0, help="Lease length in --claim mode; renewed every third of it.", rich_help_panel="Workers"),
     preempt_deadline: float = typer.Option(25.0, "--preempt-deadline", min=0.1, help="On SIGTERM / GCE pre-emption notice: seconds to finish the in-flight chunk before abandoning it.", rich_help_panel="Workers"),
+    preempted_exit_code: int = typer.Option(0, "--preempted-exit-code", min=0, max=255, help="Exit code after a pre-emption stop (default 0; `actex fleet` sets 75 to tell a stopped worker from a finished run).", rich_help_panel="Workers"),
     on_write_failure: str = typer.Option("exit", "--on-write-failure", help="A chunk whose writes fail after retries: exit (stop the worker) | continue (leave it uncommitted, go on, exit 1 at the end).", rich_help_panel="Workers"),
     log_json: bool = typer.Option(False, "--log-json", help="Structured JSON log lines on stderr instead of a progress bar.", rich_help_panel="Output"),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bar (default: when stderr is a TTY).", rich_help_panel="Output"),
@@ -327,7 +330,8 @@ def extract_command(
             raise UserError(f"--on-write-failure must be exit or continue, got {on_write_failure!r}")
     run_extract(fields, worker_index=worker_index, num_workers=num_workers, claim=claim,
                 lease_seconds=lease_seconds, log_json=log_json, progress=progress,
-                preempt_deadline=preempt_deadline, on_write_failure=on_write_failure)
+                preempt_deadline=preempt_deadline, on_write_failure=on_write_failure,
+                preempted_exit_code=preempted_exit_code)
 
 
 # ----------------------------------------------------------------------------- demo

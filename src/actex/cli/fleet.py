@@ -43,6 +43,9 @@ def status_command(
         )
 
 
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped before the run was complete; start another
+
+
 def fleet_command(
     ctx: typer.Context,
     workers: int = typer.Option(..., "--workers", min=1, help="Worker processes to keep running."),
@@ -54,13 +57,15 @@ def fleet_command(
     Everything after `--` goes to `actex extract`, e.g.
     `actex fleet --workers 4 -- --config run.yaml --output gs://bucket/runs`.
     A worker that dies is replaced. A `--claim` worker exits 0 on its own only once every
-    chunk has its commit record, so the first clean exit ends the fleet; Ctrl-C or SIGTERM
-    stops every worker gracefully (each finishes its in-flight chunk).
+    chunk has its commit record, so the first clean exit ends the fleet; a worker stopped
+    from outside (SIGTERM, GCE pre-emption notice) exits PREEMPTED_EXIT instead and is
+    replaced. Ctrl-C or SIGTERM to the fleet stops every worker gracefully (each finishes
+    its in-flight chunk).
     """
     from actex.fleet.local import FleetError, LocalFleet, actex_command
 
     fleet = LocalFleet(
-        [*actex_command(), "extract", "--claim", *ctx.args],
+        [*actex_command(), "extract", "--claim", "--preempted-exit-code", str(PREEMPTED_EXIT), *ctx.args],
         workers,
         is_complete=lambda: any(w.returncode == 0 and w.signalled is None for w in fleet.result.exited),
         log_dir=log_dir,

@@ -54,6 +54,7 @@ class PreemptionGuard:
         *,
         deadline_s: float = DEFAULT_DEADLINE_S,
         on_abandon: Callable[[], None] | None = None,
+        exit_code: int = 0,
         exit: Callable[[int], None] = os._exit,
     ) -> None:
         if deadline_s <= 0:
@@ -61,6 +62,9 @@ class PreemptionGuard:
         self.stop = stop
         self.deadline_s = deadline_s
         self.on_abandon = on_abandon
+        # The code a stopped worker exits with: 0 by default (a pre-empted VM did nothing
+        # wrong); a supervisor such as `actex fleet` asks for another to tell it from "done".
+        self.exit_code = exit_code
         self.reason: str | None = None
         # os._exit, not sys.exit: the deadline fires on a helper thread, where SystemExit
         # would end only that thread; in tests it is replaced to observe the exit code.
@@ -94,10 +98,10 @@ class PreemptionGuard:
                 log.error("while abandoning after %s: %s", self.reason, err)
         print(
             f"actex: stopped by {self.reason}; the in-flight chunk was abandoned after "
-            f"{self.deadline_s:.0f} s (not committed, it will be redone); exit 0",
+            f"{self.deadline_s:.0f} s (not committed, it will be redone); exit {self.exit_code}",
             flush=True,
         )
-        self._exit(0)
+        self._exit(self.exit_code)
 
     def _on_signal(self, signum: int, frame) -> None:
         name = signal.Signals(signum).name
@@ -134,7 +138,7 @@ class PreemptionGuard:
         """The one line printed when a stop request ended the run cleanly."""
         return (
             f"actex: stopped by {self.reason} after finishing the in-flight chunk; "
-            f"{committed} chunk(s) committed by this worker; nothing left half-committed; exit 0"
+            f"{committed} chunk(s) committed by this worker; nothing left half-committed; exit {self.exit_code}"
         )
 
 
