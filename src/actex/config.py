@@ -77,18 +77,6 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def differing_fields(a: dict, b: dict, prefix: str = "") -> list[str]:
-    """Dotted names of the leaves where two nested config dicts disagree."""
-    names = []
-    for key in sorted(set(a) | set(b)):
-        left, right = a.get(key), b.get(key)
-        if isinstance(left, dict) and isinstance(right, dict):
-            names += differing_fields(left, right, f"{prefix}{key}.")
-        elif left != right:
-            names.append(f"{prefix}{key}")
-    return names
-
-
 def load_config_file(path: str | Path) -> dict:
     """Fields from a YAML or JSON file (JSON is YAML); a one-line ConfigError if unreadable."""
     path = Path(path)
