@@ -10,7 +10,7 @@ from reader_fixtures import write_run
 from actex import open_run
 from actex.store import layout
 from actex.store.folder import open_store
-from actex.store.gc import attempt_started, collect_garbage, list_attempts
+from actex.store.gc import collect_garbage, list_attempts
 
 HOOK = "blocks.0.hook_resid_post"
 
@@ -40,6 +40,6 @@ def test_gc_deletes_old_orphans_only(tmp_path):
 
 
 def test_attempt_stamp():
-    assert attempt_started("20250101T000000Z-w0-00") == 1735689600.0
-    assert attempt_started("handmade") is None
-    assert abs(attempt_started(layout.new_attempt_id("w")) - time.time()) < 5
+    assert layout.attempt_started("20250101T000000Z-w0-00") == 1735689600.0
+    assert layout.attempt_started("handmade") is None
+    assert abs(layout.attempt_started(layout.new_attempt_id("w")) - time.time()) < 5

@@ -12,7 +12,6 @@ attempt is deleted only if
 from __future__ import annotations
 
 import time
-from calendar import timegm
 from dataclasses import dataclass
 
 from actex.store import layout
@@ -20,7 +19,6 @@ from actex.store.commits import read_commit, read_commits
 from actex.store.folder import Store
 
 DEFAULT_GRACE_S = 24 * 3600.0
-_STAMP = "%Y%m%dT%H%M%SZ"
 
 
 @dataclass(frozen=True)
@@ -42,14 +40,6 @@ class GcReport:
     dry_run: bool
 
 
-def attempt_started(attempt: str) -> float | None:
-    """Unix time of an attempt id's start stamp, or None when it has none."""
-    try:
-        return float(timegm(time.strptime(attempt.split("-", 1)[0], _STAMP)))
-    except ValueError:
-        return None
-
-
 def list_attempts(store: Store) -> list[Attempt]:
     """Every attempt directory under chunks/, from one recursive listing."""
     found: dict[tuple[int, str], list[str]] = {}
@@ -66,7 +56,7 @@ def collect_garbage(store: Store, *, grace_s: float = DEFAULT_GRACE_S, dry_run: 
     named = {(r.chunk, r.attempt) for r in read_commits(store).values()}
     now = time.time() if now is None else now
     orphans = [a for a in attempts if (a.chunk, a.attempt) not in named]
-    old = [a for a in orphans if (started := attempt_started(a.attempt)) is not None and now - started > grace_s]
+    old = [a for a in orphans if (started := layout.attempt_started(a.attempt)) is not None and now - started > grace_s]
     deleted = []
     for attempt in old:
         if dry_run:

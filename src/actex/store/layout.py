@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 import secrets
 import time
+from calendar import timegm
 
 FORMAT_VERSION = 1
 CHUNK_DIGITS = 6
@@ -26,6 +27,7 @@ CHUNKS_DIR = "chunks"
 COMMITS_DIR = "commits"
 CLAIMS_DIR = "claims"
 WORKERS_DIR = "workers"
+ATTEMPT_STAMP = "%Y%m%dT%H%M%SZ"  # UTC start time leading every attempt id
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _RECORD = re.compile(r"^(?:.*/)?(\d{%d,})\.json$" % CHUNK_DIGITS)
@@ -46,8 +48,16 @@ def chunk_name(chunk: int) -> str:
 
 def new_attempt_id(worker: str) -> str:
     """e.g. '20250101T120000Z-w3-9f2c1a0b': sorts by start time, unique without coordination."""
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    stamp = time.strftime(ATTEMPT_STAMP, time.gmtime())
     return f"{stamp}-{check_name('worker', worker)}-{secrets.token_hex(4)}"
+
+
+def attempt_started(attempt: str) -> float | None:
+    """Unix time of an attempt id's start stamp, or None when it has none."""
+    try:
+        return float(timegm(time.strptime(attempt.split("-", 1)[0], ATTEMPT_STAMP)))
+    except ValueError:
+        return None
 
 
 def attempt_dir(chunk: int, attempt: str) -> str:
