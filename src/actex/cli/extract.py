@@ -176,7 +176,7 @@ def run_extract(fields: dict, *, worker_index: int | None, num_workers: int, cla
             todo = run.plan.num_chunks - len(done)
         else:
             source = StaticChunks(run.plan.num_chunks, worker_index, num_workers)
-            todo = len(set(range(worker_index, run.plan.num_chunks, num_workers)) - done)
+            todo = len(set(source.assigned()) - done)
 
     log.info("run %s: %d chunks, %d to do by worker %s", run.config.run_url, run.plan.num_chunks, todo, worker,
              extra={"data": {"event": "start", "run": run.config.run_url, "config_hash": run.config.config_hash,

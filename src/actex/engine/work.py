@@ -55,8 +55,12 @@ class StaticChunks:
                 f"--worker-index {self.worker_index} out of range for {self.num_workers} worker(s)"
             )
 
+    def assigned(self) -> range:
+        """This worker's chunks, committed or not."""
+        return range(self.worker_index, self.num_chunks, self.num_workers)
+
     def chunks(self, stop: threading.Event) -> Iterator[int]:
-        for chunk in range(self.worker_index, self.num_chunks, self.num_workers):
+        for chunk in self.assigned():
             if stop.is_set():
                 return
             yield chunk
