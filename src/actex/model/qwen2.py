@@ -169,8 +169,12 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def self_attention(p: Params, x: jax.Array, config: ModelConfig, rope, segment_ids) -> jax.Array:
-    """Grouped-query attention with q/k/v biases and no output bias. x: [B, T, D]."""
+def self_attention(p: Params, x: jax.Array, config: ModelConfig, rope, segment_ids,
+                   attend=attention) -> jax.Array:
+    """Grouped-query attention with q/k/v biases and no output bias. x: [B, T, D].
+
+    `attend(q, k, v, segment_ids)` is the attention kernel (attention.make_attention).
+    """
     batch, seq, _ = x.shape
     heads = lambda t: t.reshape(batch, seq, -1, config.head_dim)  # noqa: E731
     q = heads(dense(x, p["wq"], p.get("bq")))  # [B, T, H, hd]
@@ -180,14 +184,15 @@ def self_attention(p: Params, x: jax.Array, config: ModelConfig, rope, segment_i
         q = rms_norm(q, p["q_norm"], config.rms_norm_eps)
         k = rms_norm(k, p["k_norm"], config.rms_norm_eps)
     q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    out = attention(q, k, v, segment_ids)  # [B, T, H, hd]
+    out = attend(q, k, v, segment_ids)  # [B, T, H, hd]
     return dense(out.reshape(batch, seq, -1), p["wo"])  # [B, T, D]
 
 
-def block(p: Params, x: jax.Array, config: ModelConfig, rope, segment_ids) -> dict[str, jax.Array]:
+def block(p: Params, x: jax.Array, config: ModelConfig, rope, segment_ids,
+          attend=attention) -> dict[str, jax.Array]:
     """One decoder block; returns its hook values (keyed by hook suffix), resid_post last."""
     attn_out = self_attention(p, rms_norm(x, p["attn_norm"], config.rms_norm_eps), config,
-                              rope, segment_ids)
+                              rope, segment_ids, attend)
     resid_mid = x + attn_out
     h = rms_norm(resid_mid, p["mlp_norm"], config.rms_norm_eps)
     mlp_post = jax.nn.silu(dense(h, p["w_gate"])) * dense(h, p["w_up"])  # [B, T, F]
@@ -227,10 +232,12 @@ def forward(
     segment_ids: jax.Array,  # [B, T] int32, 0 = padding
     hooks: tuple[str, ...],
     out_dtype=None,
+    attend=attention,
 ) -> dict[str, jax.Array]:
     """Run the decoder just deep enough for `hooks`; return {hook: [B, T, width]}.
 
     Values are cast to `out_dtype` (default: the parameter dtype) as they are captured.
+    `attend` is the attention kernel (default: the blockwise one).
     """
     x = params["embed"][token_ids]  # [B, T, D]
     out_dtype = out_dtype or x.dtype
@@ -250,7 +257,7 @@ def forward(
     if n_run:
         rope = rope_angles(positions, config.head_dim, config.rope_theta)
         x, stacks = _run_blocks(params["layers"], config, x, rope, segment_ids, n_run, slots,
-                                out_dtype)
+                                out_dtype, attend)
         for kind, by_layer in slots.items():
             for slot, (layer, name) in enumerate(sorted(by_layer.items())):
                 captured[name] = stacks[kind][slot]
@@ -266,7 +273,7 @@ def forward(
     return {name: captured[name] for name in hooks}
 
 
-def _run_blocks(layers, config, x, rope, segment_ids, n_run, slots, out_dtype):
+def _run_blocks(layers, config, x, rope, segment_ids, n_run, slots, out_dtype, attend=attention):
     """Scan blocks 0..n_run-1, writing each wanted hook value into a stacked buffer.
 
     Each hook kind gets a buffer [n_wanted + 1, B, T, W]; block i writes slot
@@ -286,7 +293,7 @@ def _run_blocks(layers, config, x, rope, segment_ids, n_run, slots, out_dtype):
     def body(carry, i):
         x, buffers = carry
         p = jax.tree.map(lambda w: w[i], layers)
-        values = block(p, x, config, rope, segment_ids)
+        values = block(p, x, config, rope, segment_ids, attend)
         buffers = {
             kind: jax.lax.dynamic_update_index_in_dim(
                 buf, values[kind].astype(out_dtype), slot_of[kind][i], axis=0)
