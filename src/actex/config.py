@@ -107,13 +107,46 @@ def merge_fields(base: dict, overrides: dict) -> dict:
     return merged
 
 
+class DeviceConfig(BaseModel):
+    """How THIS worker uses its devices. Not part of the run's identity (not in run.json,
+    not hashed): workers of one run may differ here, and the stored values do not (up to
+    float rounding: see docs/architecture.md, "Devices")."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    mesh: str = Field(
+        default="auto",
+        description="Device mesh over this host's devices: 'auto' (model axis the fewest devices "
+        "that hold the weights, the rest data) or 'data=D,model=M'.",
+    )
+    attention: Literal["auto", "blockwise", "splash", "pallas_gpu", "cudnn", "xla"] = Field(
+        default="auto",
+        description="Attention kernel: auto (splash on TPU, cuDNN/Pallas on GPU, blockwise on CPU) "
+        "or one by name.",
+    )
+
+
+# Config-file / flag fields that go to DeviceConfig, not RunConfig.
+DEVICE_FIELDS = tuple(DeviceConfig.model_fields)
+
+
+def device_config(fields: dict) -> tuple[DeviceConfig, dict]:
+    """Split DEVICE_FIELDS off user fields: (DeviceConfig, the rest). ConfigError if invalid."""
+    rest = {k: v for k, v in fields.items() if k not in DEVICE_FIELDS}
+    given = {k: fields[k] for k in DEVICE_FIELDS if fields.get(k) is not None}
+    try:
+        return DeviceConfig.model_validate(given), rest
+    except ValidationError as error:
+        raise ConfigError(one_line(error)) from None
+
+
 # Input-only fields: resolved into `hooks` by resolve_config.
 HOOK_SELECTORS = ("layers", "activation")
 
 
 def check_field_names(fields: dict) -> None:
     """Refuse unknown field names before anything slow (a model download) happens."""
-    known = set(RunConfig.model_fields) | set(HOOK_SELECTORS)
+    known = set(RunConfig.model_fields) | set(HOOK_SELECTORS) | set(DEVICE_FIELDS)
     unknown = sorted(set(fields) - known)
     if unknown:
         raise ConfigError(f"unknown config field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")

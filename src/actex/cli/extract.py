@@ -144,9 +144,11 @@ class ProgressView:
                     mb_s=f"{snap['bytes_per_s'] / 1e6:,.1f}",
                 )
         log.info(
-            "committed chunk %d (%d/%d): %d samples, %d tokens",
+            "committed chunk %d (%d/%d): %d samples, %d tokens, %.1f%% of computed slots useful",
             record.chunk, snap["chunks_done"], self.total, record.samples, record.tokens,
-            extra={"data": {"event": "commit", "chunk": record.chunk, "attempt": record.attempt, "total": self.total, **snap}},
+            100 * (record.useful_fraction or 1.0),
+            extra={"data": {"event": "commit", "chunk": record.chunk, "attempt": record.attempt, "total": self.total,
+                            "chunk_useful_fraction": record.useful_fraction, **snap}},
         )
 
 
@@ -265,6 +267,8 @@ def extract_command(
     batch_tokens: Optional[int] = typer.Option(None, "--batch-tokens", help="Tokens per packed batch (default: 16384).", rich_help_panel="Performance"),
     chunk_size: Optional[int] = typer.Option(None, "--chunk-size", help="Samples per chunk, the unit of commit and of resume (default: 64).", rich_help_panel="Performance"),
     shard_size: Optional[str] = typer.Option(None, "--shard-size", help="Max bytes per part file, e.g. 1GB, 256MB (default: 1GB).", rich_help_panel="Performance"),
+    mesh: Optional[str] = typer.Option(None, "--mesh", help="Devices of this host: auto (default) or data=D,model=M.", rich_help_panel="Performance"),
+    attention: Optional[str] = typer.Option(None, "--attention", help="auto (default) | blockwise | splash | pallas_gpu | cudnn | xla.", rich_help_panel="Performance"),
     worker_index: Optional[int] = typer.Option(None, "--worker-index", min=0, help="This worker's index (default: $TPU_WORKER_ID, $CLOUD_TPU_TASK_ID, $JOB_COMPLETION_INDEX or 0).", rich_help_panel="Workers"),
     num_workers: int = typer.Option(1, "--num-workers", min=1, help="Static split: chunk k goes to worker k mod N.", rich_help_panel="Workers"),
     claim: bool = typer.Option(False, "--claim", help="Claim chunks dynamically with leases instead of the static split.", rich_help_panel="Workers"),
@@ -295,6 +299,8 @@ def extract_command(
             "batch_tokens": batch_tokens,
             "chunk_size": chunk_size,
             "shard_size": parse_size(shard_size) if shard_size else None,
+            "mesh": mesh,
+            "attention": attention,
             "data": {
                 "dataset": dataset,
                 "format": data_format,
@@ -375,6 +381,7 @@ def inspect_command(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Hooks, widths, dtype, chunks committed/total, samples, tokens, bytes and config of a run."""
+    from actex.store.commits import useful_token_fraction
     from actex.store.folder import open_store
     from actex.store.reader import Run
 
@@ -382,7 +389,10 @@ def inspect_command(
         store = open_store(url)
         if not store.exists("run.json"):
             raise UserError(f"{store.url}: no run.json here (not an actex run)")
-        summary = Run(store).summary()
+        run = Run(store)
+        summary = run.summary()
+        # Real tokens / computed slots over the committed chunks: what packing wasted.
+        summary["useful_token_fraction"] = useful_token_fraction(run.commits.values())
     if as_json:
         typer.echo(json.dumps(summary, indent=2, default=str))
         return
@@ -395,6 +405,8 @@ def inspect_command(
         f"chunks {summary['chunks_committed']}/{summary['chunks_total']} committed, "
         f"{summary['samples']:,} samples, {summary['tokens']:,} tokens, {summary['bytes'] / 1e6:,.1f} MB, dtype {summary['dtype']}"
     )
+    if summary["useful_token_fraction"] is not None:
+        console.print(f"useful tokens {summary['useful_token_fraction']:.1%} of the slots computed (the rest: padding)")
     table = Table("hook", "width", "mean |mean|", "mean var", "mean L2 norm")
     for hook, entry in summary["hooks"].items():
         stats = entry.get("stats")

@@ -24,12 +24,14 @@ from typing import Any
 
 import jax
 
-from actex.config import RunConfig, check_field_names, resolve_config
-from actex.data import build_plan, pack, tokenize_samples
+from actex.config import DeviceConfig, RunConfig, check_field_names, device_config, resolve_config
+from actex.data import ShapeBudget, build_plan, pack, tokenize_samples
 from actex.data.plan import Plan
 from actex.engine.pipeline import Pipeline, PipelineConfig
 from actex.engine.work import SINGLE_PROCESS, ChunkSource, ProcessRole
 from actex.model import LoadedModel, ModelConfig, hook_width, layers_needed, load_model, load_tokenizer, make_capture_fn
+from actex.model.attention import resolve_backend
+from actex.model.mesh import DATA, choose_mesh, describe, global_batch
 from actex.model.weights import param_dtype, resolve_model_dir
 from actex.store.commits import CommitRecord, Heartbeat, committed_chunks
 from actex.store.folder import Store, open_store
@@ -62,6 +64,8 @@ class OpenRun:
     model: LoadedModel
     tokenizer: Any
     widths: dict[str, int]  # hook -> width, in canonical hook order
+    mesh: Any = None  # jax.sharding.Mesh (data, model) the parameters live on
+    attention: str = "blockwise"  # resolved attention backend
 
 
 def checkpoint_config(model: str, revision: str | None) -> ModelConfig:
@@ -82,8 +86,14 @@ def open_run(fields: dict, *, storage_options: dict | None = None) -> OpenRun:
     messages; nothing in the store is modified except creating run.json on a fresh run.
     """
     check_field_names(fields)
+    device, fields = device_config(fields)
     ckpt = checkpoint_config(fields["model"], fields.get("revision"))
     config = resolve_config(fields, n_layers=ckpt.n_layers, checkpoint_dtype=param_dtype(ckpt, None))
+    n_layers = layers_needed(config.hooks, ckpt.n_layers)
+    mesh = choose_mesh(device.mesh, ckpt, config.compute_dtype, n_layers)
+    attention = resolve_backend(device.attention, mesh.devices.flat[0].platform, config.compute_dtype)
+    log.info("mesh %s over %s devices, attention %s", describe(mesh), mesh.devices.flat[0].platform, attention,
+             extra={"data": {"event": "devices", "mesh": describe(mesh), "attention": attention}})
     tokenizer_dir, _ = resolve_model_dir(config.model, config.revision)
     tokenizer = load_tokenizer(tokenizer_dir)
     plan = build_plan(config.data, tokenizer, config.chunk_size)
@@ -92,11 +102,12 @@ def open_run(fields: dict, *, storage_options: dict | None = None) -> OpenRun:
         config.model,
         revision=config.revision,
         dtype=config.compute_dtype,
-        max_layers=layers_needed(config.hooks, ckpt.n_layers),
+        max_layers=n_layers,
+        mesh=mesh,
     )
     widths = {hook: hook_width(model.config, hook) for hook in config.hooks}
     open_or_create_manifest(store, run_manifest(config, model, tokenizer, plan, widths))
-    return OpenRun(config, store, plan, model, tokenizer, widths)
+    return OpenRun(config, store, plan, model, tokenizer, widths, mesh, attention)
 
 
 def run_manifest(config: RunConfig, model: LoadedModel, tokenizer, plan: Plan, widths: dict[str, int]) -> RunManifest:
@@ -152,7 +163,9 @@ def extract(
         raise ValueError(f"--on-write-failure must be exit or continue, got {on_write_failure!r}")
     stop = stop or threading.Event()
     config = run.config
-    capture = make_capture_fn(run.model.config, config.hooks, config.dtype)
+    capture = make_capture_fn(run.model.config, config.hooks, config.dtype, mesh=run.mesh, attention=run.attention)
+    data_shards = run.mesh.shape[DATA] if run.mesh is not None else 1
+    shapes = ShapeBudget()  # one per worker: caps the programs compiled for partial batches
     done = committed_chunks(run.store)
     heartbeat = heartbeat or worker_heartbeat(run, worker)
     counts = {"committed": 0, "skipped": 0, "lost": 0, "failed": 0}
@@ -164,7 +177,8 @@ def extract(
             counts["lost"] += 1
             return
         counts["committed"] += 1
-        heartbeat.add(chunks_done=1, samples=record.samples, tokens=record.tokens, bytes=record.bytes)
+        heartbeat.add(chunks_done=1, samples=record.samples, tokens=record.tokens, bytes=record.bytes,
+                      token_slots=record.token_slots)
         _beat(heartbeat)
         if on_commit is not None:
             on_commit(record, heartbeat.snapshot())
@@ -195,10 +209,15 @@ def extract(
                 continue
             tokenized = chunk_tokens(run, chunk)
             job = pipe.begin(chunk, tokenized)
-            for batch in pack(tokenized, config.batch_tokens, config.data.max_seq_len):
+            batches = pack(tokenized, config.batch_tokens, config.data.max_seq_len,
+                           row_multiple=data_shards, budget=shapes)
+            for batch in batches:
+                inputs = (batch.token_ids, batch.positions, batch.segment_ids)
+                if run.mesh is not None:
+                    inputs = global_batch(inputs, run.mesh)
                 # Async dispatch: returns at once with device arrays; the host lane fetches
                 # them while this thread already dispatches the next batch.
-                outputs = capture(run.model.params, batch.token_ids, batch.positions, batch.segment_ids)
+                outputs = capture(run.model.params, *inputs)
                 pipe.add(job, batch, outputs)
             pipe.end(job)
             pipe.check()

@@ -237,6 +237,7 @@ class ChunkJob:
     started: float
     parts: list[Future] = field(default_factory=list)
     stats: dict[str, HookStats] = field(default_factory=dict)  # merged over the chunk's batches
+    token_slots: int = 0  # [rows x seq] slots of the chunk's packed batches, padding included
 
 
 class Pipeline:
@@ -286,6 +287,7 @@ class Pipeline:
     def add(self, job: ChunkJob, batch, outputs: dict) -> None:
         """Queue batch's device outputs {hook: [rows, seq, width]} for the host lane."""
         moments = batch_moments(outputs, batch.segment_ids)  # async, like the capture itself
+        job.token_slots += batch.token_ids.size
         self._host.submit(lambda: self._to_host(job, batch, outputs, moments))
 
     def end(self, job: ChunkJob) -> None:
@@ -368,6 +370,7 @@ class Pipeline:
             worker=self.worker,
             stats=stats,
             timings={"chunk_s": time.time() - job.started},
+            token_slots=job.token_slots,
         )
         # The commit record is written LAST: its existence is what makes the parts exist.
         committed = commit(self.store, record)
