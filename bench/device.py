@@ -34,6 +34,7 @@ from actex.model.attention import resolve_backend
 from actex.model.mesh import DATA, choose_mesh, describe, global_batch, param_shardings
 from actex.model.qwen2 import ModelConfig, global_param_axes, layer_param_axes
 from actex.model.random_checkpoint import tiny_hf_config
+from forward import flops_per_token, timed  # bench/forward.py: the same FLOP count and timer
 
 SHAPES = {
     "0.5b": tiny_hf_config(vocab_size=151936, hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
@@ -55,13 +56,6 @@ BACKENDS = {"tpu": ("blockwise", "splash", "xla"), "gpu": ("blockwise", "cudnn",
 
 def peak_flops(kind: str) -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
-
-
-def flops_per_token(config: ModelConfig, context: float) -> float:
-    """2 x multiply-adds of the blocks at an average attended context (no LM head)."""
-    d, f, hd = config.d_model, config.d_mlp, config.head_dim
-    q, kv = config.n_heads * hd, config.n_kv_heads * hd
-    return 2 * config.n_layers * (d * q + 2 * d * kv + q * d + 3 * d * f + 2 * context * q)
 
 
 def random_params(config: ModelConfig, mesh, dtype=jnp.bfloat16):
@@ -104,15 +98,6 @@ def device_peak_bytes(devices) -> int | None:
     stats = [d.memory_stats() or {} for d in devices]
     values = [s.get("peak_bytes_in_use") for s in stats]
     return max(values) if all(v is not None for v in values) else None
-
-
-def timed(fn, reps: int) -> float:
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def bench_actex(config, mesh, backends, tokens, seq, reps, dtype):
