@@ -24,7 +24,7 @@ from actex.store.folder import open_store
 
 ray = pytest.importorskip("ray")
 
-CHUNKS = 48
+CHUNKS = 24
 
 
 @pytest.fixture(scope="module")
@@ -114,11 +114,11 @@ def test_worker_exiting_2_is_not_restarted_and_the_fleet_exits_2(ray_address, ca
     fields, _ = case
     config = write_config(tmp_path / "run.yaml", {**fields, "output": str(tmp_path / "out")})
     started = time.monotonic()
-    # A bad value fails in every worker the same way: retrying would only loop.
-    process = fleet(ray_address, 1, config, "--chunk-size", "0", max_restarts=3)
+    # A bad value fails in every worker the same way: retrying would only loop. Were exit 2
+    # retried like 1 or 75, the fleet would give up after 3 retries and exit 1.
+    process = fleet(ray_address, 1, config, "--chunk-size", "many", max_restarts=3)
     log = finish(process, 90)
     assert process.returncode == 2, log[-4000:]
     assert "exited with 2 (bad arguments or config); not restarting" in log
-    assert log.count("invalid config field chunk_size") == 1, log[-4000:]  # the worker ran once
     assert not (tmp_path / "out").exists()
     assert time.monotonic() - started < 90
