@@ -129,6 +129,9 @@ def _run_ray(args: list[str], workers: int, *, address: str | None, resources: d
     except RayFleetError as error:
         typer.echo(f"actex: error: {error}", err=True)
         raise typer.Exit(error.exit_code) from None
+    except ConnectionError as error:  # no cluster at --address (yet): worth another try later
+        typer.echo(f"actex: error: Ray cluster {address or '(local)'}: {str(error).strip().splitlines()[0]}", err=True)
+        raise typer.Exit(1) from None
     except KeyboardInterrupt:
         typer.echo("actex fleet: interrupted; workers stopped after their in-flight chunks", err=True)
         raise typer.Exit(130) from None
