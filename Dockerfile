@@ -5,9 +5,12 @@
 # pyproject.toml by tests/test_dockerfile.py).
 ARG PYTHON_VERSION=3.11
 ARG DEBIAN_RELEASE=bookworm
+# Any Debian with python3 and python3-venv of that version; `make image-test` passes a
+# base it made with debootstrap, as no image registry is reachable there.
+ARG BASE_IMAGE=python:${PYTHON_VERSION}-slim-${DEBIAN_RELEASE}
 
 # ---- build: a virtualenv with actex and its extras, from wheels only
-FROM python:${PYTHON_VERSION}-slim-${DEBIAN_RELEASE} AS build
+FROM ${BASE_IMAGE} AS build
 # cpu | tpu (jax[tpu], libtpu) | cuda (jax[cuda12])
 ARG ACCELERATOR=cpu
 # Storage backends and engines; add ray for workers on a Ray cluster: EXTRAS=gcs,s3,ray
@@ -15,7 +18,7 @@ ARG EXTRAS=gcs,s3
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 RUN case "${ACCELERATOR}" in cpu|tpu|cuda) ;; \
       *) echo "ACCELERATOR must be cpu, tpu or cuda, not '${ACCELERATOR}'" >&2; exit 2 ;; esac
-RUN python -m venv /opt/actex
+RUN python3 -m venv /opt/actex
 ENV PATH=/opt/actex/bin:$PATH \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -26,7 +29,7 @@ RUN pip install --only-binary=:all: --constraint constraints.txt ".[${EXTRAS},${
     && actex --help > /dev/null
 
 # ---- runtime: the virtualenv, a non-root user, nothing else
-FROM python:${PYTHON_VERSION}-slim-${DEBIAN_RELEASE}
+FROM ${BASE_IMAGE}
 ARG ACCELERATOR=cpu
 LABEL org.opencontainers.image.title="actex" \
       org.opencontainers.image.description="Exactly-once extraction of decoder-LLM activations" \
