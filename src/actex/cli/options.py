@@ -78,15 +78,6 @@ def show_value(value: Any) -> str:
     return str(value)
 
 
-def _flag_of(annotation: Any) -> tuple[Any, Flag]:
-    """Strip Annotated[...] and return (bare type, its Flag or a default one)."""
-    flag = Flag()
-    if typing.get_origin(annotation) is typing.Annotated:
-        annotation, *extras = typing.get_args(annotation)
-        flag = next((e for e in extras if isinstance(e, Flag)), flag)
-    return annotation, flag
-
-
 def _kind(annotation: Any) -> tuple[type, tuple[str, ...] | None, bool]:
     """(click type, choices, split) for a field's annotation; Optional[X] is X."""
     origin = typing.get_origin(annotation)
@@ -111,21 +102,24 @@ def model_options(model: type[BaseModel], *, target: str, panel: str, path: tupl
     """The options of `model`'s fields, nested models flattened (their fields under `path`).
 
     A nested field whose name is taken already (data.revision after revision) is prefixed
-    with its model's field name: --data-revision.
+    with its model's field name: --data-revision. Two top-level fields of one name (across
+    the models of one command) are a bug: ValueError.
     """
     taken = set() if taken is None else taken
     options: list[ConfigOption] = []
     nested: list[tuple[str, type[BaseModel]]] = []
     for field_name, info in model.model_fields.items():
-        annotation, flag = _flag_of(info.annotation)
-        for extra in info.metadata:
-            flag = extra if isinstance(extra, Flag) else flag
+        # pydantic keeps Annotated[...] extras, a Flag among them, in `metadata`.
+        flag = next((m for m in info.metadata if isinstance(m, Flag)), Flag())
+        annotation = info.annotation
         if flag.skip:
             continue
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             nested.append((field_name, annotation))
             continue
         name = field_name if field_name not in taken else "_".join((*path, field_name))
+        if name in taken:
+            raise ValueError(f"two options named --{name.replace('_', '-')} ({model.__name__}.{field_name})")
         taken.add(name)
         kind, choices, split = (str, None, False) if flag.text else _kind(annotation)
         default = info.default if info.default_factory is None else info.default_factory()
@@ -135,7 +129,8 @@ def model_options(model: type[BaseModel], *, target: str, panel: str, path: tupl
             panel=flag.panel or panel, kind=kind, choices=choices, split=split, default=default, target=target,
         ))
     for field_name, sub in nested:
-        options += model_options(sub, target=target, panel="Data", path=(*path, field_name), taken=taken)
+        options += model_options(sub, target=target, panel=field_name.replace("_", " ").capitalize(),
+                                 path=(*path, field_name), taken=taken)
     return options
 
 

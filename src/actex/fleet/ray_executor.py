@@ -25,7 +25,6 @@ Progress is the store's: `actex status RUN_URL`.
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 import signal
 import subprocess
@@ -38,7 +37,6 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actex.fleet.local import actex_command
 
-log = logging.getLogger(__name__)
 
 BAD_CONFIG_EXIT = 2  # `actex extract`: bad input; a restart would fail the same way
 # Variables forwarded from the driver to every worker (they may run on other machines).
