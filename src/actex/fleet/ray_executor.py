@@ -37,7 +37,6 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actex.fleet.local import actex_command
 
-
 BAD_CONFIG_EXIT = 2  # `actex extract`: bad input; a restart would fail the same way
 # Variables forwarded from the driver to every worker (they may run on other machines).
 FORWARDED_PREFIXES = ("ACTEX_",)
