@@ -1,8 +1,9 @@
 """`actex fleet --executor ray` on a real local Ray cluster (2 CPUs, one per module).
 
-A worker actor SIGKILLed mid-run is restarted by Ray and the run completes, every chunk
-once, equal to one worker's output; a worker that exits 2 is not restarted and the fleet
-exits 2.
+A worker actor SIGKILLed mid-run is restarted by Ray, a worker process stopped by SIGTERM
+has its task retried by Ray, and the run completes, every chunk once, equal to one worker's
+output; a worker that exits 2 is not restarted and the fleet exits 2. The run has 96
+one-sample chunks so that work is left when the restarts happen on a warm compile cache.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from actex.store.folder import open_store
 
 ray = pytest.importorskip("ray")
 
-CHUNKS = 24
+CHUNKS = 96
 
 
 @pytest.fixture(scope="module")
@@ -76,34 +77,56 @@ def actor_processes() -> dict[int, psutil.Process]:
     return found
 
 
+def busy_workers(store) -> list[psutil.Process]:
+    """Live worker processes that committed a chunk (a heartbeat's name ends in its pid)."""
+    if not store.exists("run.json"):
+        return []
+    found = []
+    for name, beat in read_heartbeats(store).items():
+        pid = int(name.rsplit("-", 1)[1])
+        if beat.get("chunks_done", 0) >= 1 and psutil.pid_exists(pid):
+            found.append(psutil.Process(pid))
+    return found
+
+
+def wait_for(condition, process: subprocess.Popen, deadline: float):
+    """condition()'s first true value, polled while the fleet runs; None if it never came."""
+    while process.poll() is None and time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(0.05)
+    return None
+
+
 def test_killed_actor_is_restarted_by_ray_and_the_run_completes_once(ray_address, case, tmp_path):
     fields, reference = case
     output = str(tmp_path / "out")
     url = f"{output}/{fields['run_name']}"
     process = fleet(ray_address, 3, write_config(tmp_path / "run.yaml", {**fields, "output": output}))
     store = open_store(url)
-    killed, before = None, {}
     deadline = time.monotonic() + 120
-    # Kill the actor (not its worker process) of the first worker to commit a chunk: the
-    # worker's heartbeat names its pid, and its parent is the actor's process.
-    while killed is None and process.poll() is None and time.monotonic() < deadline:
-        busy = [name for name, beat in read_heartbeats(store).items() if beat.get("chunks_done", 0) >= 1] \
-            if store.exists("run.json") else []
-        if busy:
-            before = actor_processes()
-            killed = psutil.Process(int(busy[0].rsplit("-", 1)[1])).ppid()
-            assert killed in before, (killed, before)
-            os.kill(killed, signal.SIGKILL)
-        time.sleep(0.05)
-    assert killed is not None, "no worker committed a chunk in time"
-    # Ray restarts the actor in a new process and retries its `run`, which starts a worker.
-    restarted = None
-    while restarted is None and process.poll() is None and time.monotonic() < deadline:
-        new = [p for pid, p in actor_processes().items() if pid not in before]
-        restarted = next((p for p in new if p.children()), None)
-        time.sleep(0.05)
+
+    # SIGKILL the actor (not its worker process) of the first worker to commit a chunk.
+    first = wait_for(lambda: busy_workers(store), process, deadline)
+    assert first, "no worker committed a chunk in time"
+    before = actor_processes()
+    killed = first[0].ppid()
+    assert killed in before, (killed, before)
+    os.kill(killed, signal.SIGKILL)
+    # SIGTERM another worker process, as a pre-emption notice would: it exits 75, and Ray
+    # retries its actor's task, which starts a new worker in the same actor.
+    other = wait_for(lambda: [w for w in busy_workers(store) if w.ppid() != killed and w.ppid() in before], process, deadline)
+    assert other, "no second busy worker"
+    stopped, its_actor = other[0].pid, before[other[0].ppid()]
+    other[0].send_signal(signal.SIGTERM)
+
+    # Ray restarts the killed actor in a new process and retries its `run`: a new worker.
+    restarted = wait_for(lambda: [p for pid, p in actor_processes().items() if pid not in before and p.children()],
+                         process, deadline)
+    retried = wait_for(lambda: [c for c in its_actor.children() if c.pid != stopped], process, deadline)
     log = finish(process, 150)
-    assert restarted is not None, log[-4000:]
+    assert restarted, log[-4000:]
+    assert retried, log[-4000:]
     assert process.returncode == 0, log[-4000:]
     assert "run complete" in log
     assert check_run(url, {}, reference).chunks == CHUNKS  # every chunk once, equal to one worker
