@@ -20,6 +20,7 @@ Faults, set from the test's thread:
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import os
@@ -56,7 +57,6 @@ class FakeNode:
     ready_at: float | None = None  # None: stuck in CREATING
     gone_at: float | None = None
     process: subprocess.Popen | None = None
-    boots: int = 0
 
     def to_json(self) -> dict:
         created = datetime.fromtimestamp(self.created_at, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
@@ -91,6 +91,7 @@ class FakeTpu:
         self.operations: dict[str, FakeOperation] = {}
         self.requests: list[tuple[str, str, int]] = []  # (method, path, status)
         self.stocked_out: set[str] = set()
+        self.boots: collections.Counter = collections.Counter()  # (zone, name) -> VMs of that name booted
         self._stuck = 0
         self._failures: list[int] = []
         self._ids = itertools.count()
@@ -159,8 +160,8 @@ class FakeTpu:
         script = node.body.get("metadata", {}).get("startup-script")
         if not script or self.vm_env is None:
             return
-        node.boots += 1
-        home = self.workdir / f"{node.zone}-{node.name}-{node.boots}"
+        self.boots[(node.zone, node.name)] += 1
+        home = self.workdir / f"{node.zone}-{node.name}-{self.boots[(node.zone, node.name)]}"
         home.mkdir(parents=True, exist_ok=True)
         (home / "startup-script.sh").write_text(script)
         env = {**os.environ, **self.vm_env(node), "ACTEX_HOME": str(home),

@@ -10,6 +10,7 @@
     extract: run.yaml              # the `actex extract --config` file (relative to this file), or inline fields
     # image: ghcr.io/you/actex:0.1.0   run this image instead of installing the deployer's wheel
     # wheel: dist/actex-0.1.0-py3-none-any.whl   default: built from the deployer's source tree
+    # worker_args: [--lease-seconds, '120']      extra `actex extract` flags
 
 The run must have a fixed `output` and `run_name` (every VM and every recreated VM must find
 the same run).
@@ -51,6 +52,7 @@ class FleetFile(BaseModel):
     extract: Path | dict[str, Any] = Field(description="`actex extract --config` file (relative to the fleet file) or inline fields.")
     image: str | None = Field(None, description="Container image with actex to run instead of the deployer's wheel.")
     wheel: Path | None = Field(None, description="actex wheel to install (default: built from the deployer's source tree).")
+    worker_args: list[str] = Field(default_factory=list, description="Extra `actex extract` flags for every worker, e.g. [--lease-seconds, '120'].")
 
 
 class Fleet:
@@ -124,7 +126,7 @@ def prepare(fleet: Fleet, *, storage_options: dict | None = None) -> str:
             wheel = fleet.path.parent / wheel
         url, sha = upload(store, fleet.fields, wheel)
         payload = Payload(wheel_url=url, wheel_sha256=sha, jax_version=metadata.version("jax"))
-    script = startup_script(f"{store.url.rstrip('/')}/run.yaml", payload)
+    script = startup_script(f"{store.url.rstrip('/')}/run.yaml", payload, extract_args=tuple(fleet.file.worker_args))
     store.write_bytes(SCRIPT_FILE, script.encode())
     return script
 
