@@ -4,7 +4,7 @@ same text, so it is checked by a snapshot test)."""
 from __future__ import annotations
 
 from rich.console import Group
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 
 from actex.fleet.recovery import FleetSnapshot
@@ -34,7 +34,8 @@ def render(snapshot: FleetSnapshot) -> Group:
         f"chunks {s.chunks_committed}/{s.chunks_total} ({share}), {s.chunks_leased} leased  "
         f"samples {s.samples:,}  tokens {s.tokens:,}  {s.tokens_per_s:,.0f} tok/s  ", (status, "bold"),
     )
-    table = Table("VM", "zone", "TPU state", "heartbeat", "chunks", "samples", "tokens", "tok/s", "repairs", "action", box=None, pad_edge=False)
+    table = Table("VM", "zone", "state", Column("heartbeat", justify="right"), *(Column(h, justify="right") for h in ("chunks", "samples", "tokens", "tok/s", "repairs")),
+                  "action", box=None, pad_edge=False)
     for vm in s.vms:
         table.add_row(
             vm.name, vm.zone, Text(vm.state, style=_STATE_STYLE.get(vm.state, "")),

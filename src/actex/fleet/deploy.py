@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from actex.config import load_config_file
 from actex.fleet.bootstrap import LAUNCH_KEY, SCRIPT_KEY, Payload, build_wheel, deploy_dir, startup_script, upload
-from actex.fleet.tpu import FleetLayout, NameBook, Placement, create_node, fleet_nodes, split_zone
+from actex.fleet.tpu import FleetLayout, NameBook, Placement, create_node, fleet_nodes, members, split_zone
 from actex.fleet.tpu_api import NodeSpec, TpuApi
 
 log = logging.getLogger("actex.deploy")
@@ -150,8 +150,10 @@ def create_fleet(api: TpuApi, layout: FleetLayout, metadata: dict[str, str] | No
     from dataclasses import replace
 
     spec = replace(layout.node_spec(), metadata={**layout.spec.metadata, **(metadata or {})})
-    existing = {(n.zone, n.name) for n in fleet_nodes(api, layout)}
-    todo = [(z, n) for z, n in layout.planned() if (z, n) not in existing]
+    nodes = fleet_nodes(api, layout)
+    existing = {(n.zone, n.name) for n in nodes}
+    # Slots without a VM; a VM placed in another zone earlier fills the slot it replaced.
+    todo = [(z, n) for z, n, node in members(layout, nodes) if node is None]
     book = NameBook(existing | set(layout.planned()))  # planned names stay reserved for their slots
 
     def one(zone_name):
