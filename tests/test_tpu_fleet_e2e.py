@@ -21,7 +21,9 @@ from engine_fixtures import jax_cache, tiny_model_dir  # noqa: F401 (fixtures)
 from fake_tpu_server import FakeTpu
 from fleet_fixtures import WORKER_ENV, check_run, fleet_case
 from servers import create_gcs_bucket
+from typer.testing import CliRunner
 
+from actex.cli import app
 from actex.fleet.local import actex_command
 from actex.fleet.monitor import read_progress
 from actex.store.commits import read_heartbeats
@@ -140,11 +142,8 @@ def test_fleet_heals_preemption_and_stockout_and_completes_exactly_once(healed):
 
 
 def test_monitor_once_prints_the_fleet_and_run_as_json(healed):
-    out = subprocess.run(
-        [*actex_command(), "monitor", str(healed["fleet_file"]), "--once", "--api-endpoint", healed["fake"].endpoint],
-        env=healed["env"], capture_output=True, text=True, timeout=60,
-    )
-    assert out.returncode == 0, out.stderr
+    out = CliRunner().invoke(app, ["monitor", str(healed["fleet_file"]), "--once", "--api-endpoint", healed["fake"].endpoint])
+    assert out.exit_code == 0, out.output
     snapshot = json.loads(out.stdout)
     assert {k: snapshot[k] for k in ("fleet", "run", "chunks_total", "chunks_committed", "complete", "errors")} == {
         "fleet": "fleet", "run": healed["url"], "chunks_total": CHUNKS, "chunks_committed": CHUNKS,
@@ -161,12 +160,10 @@ def test_monitor_once_prints_the_fleet_and_run_as_json(healed):
 
 
 def test_monitor_delete_when_done_removes_vms_but_never_the_run(healed):
-    out = subprocess.run(
-        [*actex_command(), "monitor", str(healed["fleet_file"]), "--delete-when-done", "--interval", "0.2",
-         "--api-endpoint", healed["fake"].endpoint],
-        env=healed["env"], capture_output=True, text=True, timeout=60,
-    )
-    assert out.returncode == 0, out.stderr
+    out = CliRunner().invoke(app, ["monitor", str(healed["fleet_file"]), "--delete-when-done", "--interval", "0.2",
+                                   "--api-endpoint", healed["fake"].endpoint])
+    assert out.exit_code == 0, out.output
+    assert "VMs deleted" in out.output
     _wait(lambda: not healed["fake"].nodes, 10, "VMs gone")
     assert all(node.process is None or node.process.poll() is not None for node in healed["fake"].nodes.values())
     check = check_run(healed["url"], healed["storage_options"], healed["reference"])
