@@ -18,7 +18,10 @@ raised as `CapacityError` naming the zone, so the caller may try another zone.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from concurrent import futures
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -182,28 +185,29 @@ class TpuApi:
     # ------------------------------------------------------------------ plumbing
 
     def _call(self, method, zone: str, **request):
-        try:
+        with self._errors(zone, f"{method.__name__} refused"):
             return method(request=request, retry=self._retry)
-        except (self._exc.ResourceExhausted, self._exc.TooManyRequests) as error:
-            raise CapacityError(zone, error.message) from None
-        except (self._exc.NotFound, self._exc.Conflict):
-            raise
-        except self._exc.RetryError as error:
-            raise TpuApiError(f"{zone}: TPU API still failing after retries: {error.cause}") from None
-        except self._exc.GoogleAPICallError as error:
-            raise TpuApiError(f"{zone}: TPU API refused {method.__name__}: {error.code} {error.message}") from None
 
     def _wait(self, operation, zone: str):
-        try:
+        with self._errors(zone, "TPU operation failed"):
             return operation.result(timeout=self.op_timeout_s, retry=self._retry, polling=self._polling)
-        except (self._exc.ResourceExhausted, self._exc.TooManyRequests) as error:
+
+    @contextlib.contextmanager
+    def _errors(self, zone: str, what: str) -> Iterator[None]:
+        """google-api-core's exceptions -> CapacityError / TpuApiError; NotFound and Conflict
+        (HTTP 409, ALREADY_EXISTS) pass through for the caller's idempotence."""
+        exc = self._exc
+        try:
+            yield
+        except (exc.ResourceExhausted, exc.TooManyRequests) as error:
             raise CapacityError(zone, error.message) from None
-        except (self._exc.NotFound, self._exc.Conflict):
+        except (exc.NotFound, exc.Conflict):
             raise
-        except self._exc.GoogleAPICallError as error:
-            raise TpuApiError(f"{zone}: TPU operation failed: {error.code} {error.message}") from None
-        except (TimeoutError, self._exc.RetryError) as error:
-            # concurrent.futures.TimeoutError is TimeoutError from Python 3.11 on.
+        except exc.RetryError as error:  # a call's transient errors outlasted its retry budget
+            raise TpuApiError(f"{zone}: TPU API still failing after retries: {error.cause}") from None
+        except exc.GoogleAPICallError as error:
+            raise TpuApiError(f"{zone}: {what}: {error.code} {error.message}") from None
+        except (TimeoutError, futures.TimeoutError) as error:  # polling past op_timeout_s (distinct on 3.10)
             raise TpuApiError(f"{zone}: TPU operation not done after {self.op_timeout_s:.0f} s ({error})") from None
 
     def _info(self, node) -> NodeInfo:
