@@ -4,7 +4,7 @@
     TpuApi("p", api_endpoint=fake.endpoint)   # the real google-cloud-tpu client, REST transport
 
 Served: nodes create (POST ...nodes?nodeId=), get, list, delete, patch (updateMask=metadata),
-and operations get. States move with time: a created node is CREATING for `create_s`, then
+queued resources (one node each) create, get, list, delete, and operations get. States move with time: a created node is CREATING for `create_s`, then
 READY (its create operation completes then, as on GCP); a deleted one is DELETING for
 `delete_s`, then gone. A node that turns READY "boots": its `startup-script` metadata runs
 under bash as a local process group, with the environment `vm_env(node)` returns (the test
@@ -13,7 +13,8 @@ node's metadata served at $ACTEX_METADATA_URL/<key>, as GCE's metadata server wo
 
 Faults, set from the test's thread:
     preempt(zone, name)        kill the VM's processes (SIGKILL) and mark it PREEMPTED
-    stockout(zone)             creates there fail with RESOURCE_EXHAUSTED (code 8) in the operation
+    stockout(zone)             creates there fail with RESOURCE_EXHAUSTED (code 8) in the operation;
+                               queued resources there wait (WAITING_FOR_RESOURCES)
     stick_creating(n)          the next n creates stay CREATING forever (operation never done)
     fail_next(n, status)       the next n API requests answer HTTP `status` (5xx)
 """
@@ -40,9 +41,12 @@ import pytest
 
 NODE_TYPE = "type.googleapis.com/google.cloud.tpu.v2.Node"
 EMPTY_TYPE = "type.googleapis.com/google.protobuf.Empty"
+QUEUED_TYPE = "type.googleapis.com/google.cloud.tpu.v2.QueuedResource"
 _NODES = re.compile(r"^/v2/projects/([^/]+)/locations/([^/]+)/nodes$")
 _NODE = re.compile(r"^/v2/projects/([^/]+)/locations/([^/]+)/nodes/([^/:]+)$")
 _OPERATION = re.compile(r"^/v2/(projects/[^/]+/locations/[^/]+/operations/[^/]+)$")
+_QUEUED_ALL = re.compile(r"^/v2/projects/([^/]+)/locations/([^/]+)/queuedResources$")
+_QUEUED = re.compile(r"^/v2/projects/([^/]+)/locations/([^/]+)/queuedResources/([^/:]+)$")
 _METADATA = re.compile(r"^/fake-metadata/([^/]+)/([^/]+)/([^/]+)$")
 
 
@@ -61,6 +65,24 @@ class FakeNode:
     def to_json(self) -> dict:
         created = datetime.fromtimestamp(self.created_at, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         return {**self.body, "name": self.path, "state": self.state, "createTime": created, "health": "HEALTHY"}
+
+
+@dataclass
+class FakeQueued:
+    """A queued resource for one node: ACCEPTED, WAITING_FOR_RESOURCES while its zone is
+    stocked out, then ACTIVE once its node is created; SUSPENDED when that node is pre-empted."""
+
+    path: str  # projects/P/locations/Z/queuedResources/N
+    zone: str
+    node_id: str
+    body: dict
+    state: str = "ACCEPTED"
+    created_at: float = field(default_factory=time.time)
+    gone_at: float | None = None
+
+    def to_json(self) -> dict:
+        created = datetime.fromtimestamp(self.created_at, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        return {**self.body, "name": self.path, "state": {"state": self.state}, "createTime": created}
 
 
 @dataclass
@@ -89,6 +111,7 @@ class FakeTpu:
         self.create_s, self.delete_s, self.stockout_s = create_s, delete_s, stockout_s
         self.nodes: dict[str, FakeNode] = {}
         self.operations: dict[str, FakeOperation] = {}
+        self.queued: dict[str, FakeQueued] = {}
         self.requests: list[tuple[str, str, int]] = []  # (method, path, status)
         self.stocked_out: set[str] = set()
         self.boots: collections.Counter = collections.Counter()  # (zone, name) -> VMs of that name booted
@@ -112,6 +135,8 @@ class FakeTpu:
             node = self._node(zone, name)
             self._kill(node)
             node.state = "PREEMPTED"
+            if node.body.get("queuedResource") in self.queued:
+                self.queued[node.body["queuedResource"]].state = "SUSPENDED"
 
     def stockout(self, zone: str, on: bool = True) -> None:
         with self._lock:
@@ -155,6 +180,22 @@ class FakeTpu:
                         self._boot(node)
                     elif node.state == "DELETING" and now >= node.gone_at:
                         del self.nodes[path]
+                for path, queued in list(self.queued.items()):
+                    self._advance(queued, now)
+
+    def _advance(self, queued: FakeQueued, now: float) -> None:
+        if queued.state == "DELETING" and now >= queued.gone_at:
+            del self.queued[queued.path]
+        elif queued.state in ("ACCEPTED", "WAITING_FOR_RESOURCES"):
+            if queued.zone in self.stocked_out:
+                queued.state = "WAITING_FOR_RESOURCES"  # a queue waits for capacity; it does not fail
+            elif now >= queued.created_at + self.create_s:
+                spec = queued.body["tpu"]["nodeSpec"][0]
+                node_body = {**spec["node"], "queuedResource": queued.path}
+                if "spot" in queued.body:
+                    node_body["schedulingConfig"] = {"spot": True}
+                self._create(spec["parent"], queued.zone, spec["nodeId"], node_body)
+                queued.state = "ACTIVE"
 
     def _boot(self, node: FakeNode) -> None:
         script = node.body.get("metadata", {}).get("startup-script")
@@ -221,6 +262,23 @@ class FakeTpu:
                         node.body["metadata"] = body.get("metadata", {})
                     return 200, self._operation(node.path.rsplit("/nodes/", 1)[0], done_when=lambda: True,
                                                 response=lambda: {"@type": NODE_TYPE, **node.to_json()})
+            if (match := _QUEUED_ALL.match(path)) and method == "POST":
+                return self._create_queued(f"projects/{match[1]}/locations/{match[2]}", match[2], query["queuedResourceId"][0], body)
+            if (match := _QUEUED_ALL.match(path)) and method == "GET":
+                return 200, {"queuedResources": [q.to_json() for q in self.queued.values() if q.zone == match[2]]}
+            if match := _QUEUED.match(path):
+                queued = self.queued.get(path[len("/v2/"):])
+                if queued is None:
+                    return 404, _error(404, "NOT_FOUND", f"queued resource {path} not found")
+                if method == "GET":
+                    return 200, queued.to_json()
+                if method == "DELETE":
+                    if any(n.body.get("queuedResource") == queued.path for n in self.nodes.values()):
+                        # As on GCP without force: the node must be deleted first.
+                        return 400, _error(400, "FAILED_PRECONDITION", f"queued resource {path} still has its node")
+                    queued.state, queued.gone_at = "DELETING", time.time() + self.delete_s
+                    return 200, self._operation(queued.path.rsplit("/queuedResources/", 1)[0],
+                                                done_when=lambda: queued.path not in self.queued, response=lambda: {"@type": EMPTY_TYPE})
             if (match := _OPERATION.match(path)) and method == "GET":
                 op = self.operations.get(match[1])
                 return (200, op.to_json()) if op else (404, _error(404, "NOT_FOUND", "no such operation"))
@@ -243,6 +301,16 @@ class FakeTpu:
         self.nodes[path] = node
         return 200, self._operation(parent, done_when=lambda: node.state != "CREATING",
                                     response=lambda: {"@type": NODE_TYPE, **node.to_json()})
+
+    def _create_queued(self, parent: str, zone: str, name: str, body: dict) -> tuple[int, dict]:
+        path = f"{parent}/queuedResources/{name}"
+        if path in self.queued:
+            return 409, _error(409, "ALREADY_EXISTS", f"queued resource {path} already exists")
+        queued = FakeQueued(path, zone, name, {k: v for k, v in body.items() if k not in ("name", "state")})
+        self.queued[path] = queued
+        # The operation is done once the request is queued, not when it is provisioned.
+        return 200, self._operation(parent, done_when=lambda: True,
+                                    response=lambda: {"@type": QUEUED_TYPE, **queued.to_json()})
 
     def _delete(self, node: FakeNode) -> dict:
         self._kill(node)

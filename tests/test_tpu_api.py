@@ -93,3 +93,33 @@ def test_recreate_deletes_a_preempted_vm_and_keeps_its_startup_script(fake_tpu):
     assert node.state == "READY" and node.metadata["startup-script"] == "echo hi"
     assert fake_tpu.node(A, "tpu-us-central1-a-1").created_at > created_before
     assert ("DELETE", f"/v2/projects/p/locations/{A}/nodes/tpu-us-central1-a-1") in {(m, p.split("?")[0]) for m, p, _ in fake_tpu.requests}
+
+
+def test_queued_resources_wait_for_capacity_then_provision_their_node(fake_tpu):
+    api = _api(fake_tpu)
+    spec = NodeSpec("v5litepod-8", "rt", "spot", metadata={"startup-script": "echo hi"}, queued=True)
+    fake_tpu.stockout(B)
+    assert api.create(B, "q", spec) is True and api.create(B, "q", spec) is False
+    waiting = _until(lambda: api.get(B, "q"), lambda n: n.state == "WAITING_FOR_RESOURCES")
+    assert waiting.queued and waiting.metadata["startup-script"] == "echo hi"
+    assert [(n.name, n.state) for n in api.list(B)] == [("q", "WAITING_FOR_RESOURCES")]
+    fake_tpu.stockout(B, False)
+    node = _until(lambda: api.get(B, "q"), lambda n: n.state == "READY")
+    assert (node.queued, node.capacity) == (False, "spot")
+    fake_tpu.preempt(B, "q")
+    assert api.get(B, "q").state == "PREEMPTED"
+    assert api.delete(B, "q") is True  # the node, then its queued resource
+    assert api.get(B, "q") is None and not fake_tpu.queued
+    with pytest.raises(ValueError, match="spot or on-demand"):
+        NodeSpec("v4-8", "rt", "preemptible", queued=True)
+
+
+def _until(get, ok, timeout_s: float = 10.0):
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if (value := get()) is not None and ok(value):
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"not reached: {get()}")

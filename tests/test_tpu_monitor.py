@@ -135,3 +135,22 @@ def test_dashboard_text():
     console.print(render(SNAPSHOT))
     text = "\n".join(line.rstrip() for line in console.export_text().splitlines()) + "\n"
     assert text == DASHBOARD
+
+
+def test_a_queued_resource_waiting_too_long_moves_to_another_zone(fake_tpu, fleet):
+    api, layout, store = fleet
+    layout = dataclasses.replace(layout, spec=dataclasses.replace(layout.spec, queued=True))
+    fake_tpu.stockout(B)
+    create_fleet(api, layout)
+    monitor = _monitor(api, layout, store, creating_timeout_s=3.0)
+    try:
+        assert [vm.name for vm in monitor.tick().vms] == [A0, B0]  # a queued slot is a member before its node exists
+        actions = _settle(monitor, lambda acts: any(a.get("outcome") == "done" for a in acts))
+        _settle(monitor, lambda acts: fake_tpu.states() == {f"{A}/{A0}": "READY", f"{A}/tpu-us-central1-a-1": "READY"})
+    finally:
+        monitor.close()
+    started = [a for a in actions if a["outcome"] == "started"]
+    assert [(a["node"], a["reason"].split(" for ")[0]) for a in started] == [(B0, "WAITING_FOR_RESOURCES")]
+    done = next(a for a in actions if a["outcome"] == "done")
+    assert (done["zone"], done["node"], done["moved_from"]) == (A, "tpu-us-central1-a-1", f"{B}/{B0}")
+    assert sorted(q.split("/")[-1] for q in fake_tpu.queued) == [A0, "tpu-us-central1-a-1"]  # b-0's queue deleted

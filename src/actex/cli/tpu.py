@@ -44,7 +44,7 @@ def _api(project: str, endpoint: Optional[str], **kwargs):
     return TpuApi(project, api_endpoint=endpoint_from_env(endpoint), **kwargs)
 
 
-def _layout(fleet_file: Optional[Path], project, zones, workers_per_zone, accelerator_type, runtime_version, capacity, prefix, name):
+def _layout(fleet_file: Optional[Path], project, zones, workers_per_zone, accelerator_type, runtime_version, capacity, prefix, name, queued):
     """The fleet from --fleet FILE, or from the flags."""
     from actex.fleet.deploy import load_fleet
     from actex.fleet.tpu import FleetLayout, split_zone
@@ -58,7 +58,7 @@ def _layout(fleet_file: Optional[Path], project, zones, workers_per_zone, accele
     for zone in zone_list:
         split_zone(zone)
     return FleetLayout(name or prefix, project, zone_list, workers_per_zone,
-                       NodeSpec(accelerator_type, runtime_version, capacity), prefix)
+                       NodeSpec(accelerator_type, runtime_version, capacity, queued=queued), prefix)
 
 
 def _capacity(spot: bool, preemptible: bool, reserved: bool) -> str:
@@ -83,6 +83,7 @@ def _fleet_options(f):
         "spot": typer.Option(False, "--spot", help="Spot capacity (cheapest; pre-emptible at any time)."),
         "preemptible": typer.Option(False, "--preemptible", help="Legacy pre-emptible capacity (stops within 24 h)."),
         "reserved": typer.Option(False, "--reserved", help="Capacity from a reservation of the project."),
+        "queued": typer.Option(False, "--queued", help="Through queued resources (spot or on-demand), which wait for capacity."),
         "prefix": typer.Option("tpu", "--prefix", help="Node names are {prefix}-{region}-{zone letter}-{i}."),
         "name": typer.Option(None, "--name", help="Fleet label put on its VMs (default: the prefix)."),
         "api_endpoint": typer.Option(None, "--api-endpoint", help=_ENDPOINT_HELP),
@@ -99,7 +100,7 @@ def _fleet_options(f):
             capacity = _capacity(shared.pop("spot"), shared.pop("preemptible"), shared.pop("reserved"))
             endpoint = shared.pop("api_endpoint")
             layout = _layout(shared["fleet_file"], shared["project"], shared["zones"], shared["workers_per_zone"],
-                             shared["accelerator_type"], shared["runtime_version"], capacity, shared["prefix"], shared["name"])
+                             shared["accelerator_type"], shared["runtime_version"], capacity, shared["prefix"], shared["name"], shared["queued"])
             api = _api(layout.project, endpoint)
         with infra_errors():
             return f(api=api, layout=layout, **kwargs)

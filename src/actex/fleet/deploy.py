@@ -7,6 +7,7 @@
     accelerator_type: v4-8
     runtime_version: tpu-ubuntu2204-base
     capacity: spot                 # spot | preemptible | reserved | on-demand
+    queued: false                  # true: through queued resources (spot / on-demand), which wait for capacity
     extract: run.yaml              # the `actex extract --config` file (relative to this file), or inline fields
     # image: ghcr.io/you/actex:0.1.0   run this image instead of installing the deployer's wheel
     # wheel: dist/actex-0.1.0-py3-none-any.whl   default: built from the deployer's source tree
@@ -48,6 +49,7 @@ class FleetFile(BaseModel):
     accelerator_type: str = Field(description="TPU accelerator type, e.g. v4-8, v5litepod-8.")
     runtime_version: str = Field(description="TPU VM image, e.g. tpu-ubuntu2204-base.")
     capacity: Literal["spot", "preemptible", "reserved", "on-demand"] = Field("spot", description="How the VMs are billed and granted.")
+    queued: bool = Field(False, description="Ask through queued resources (waiting for spot or on-demand capacity) instead of creating nodes directly.")
     prefix: str = Field("tpu", description="Node names are {prefix}-{region}-{zone letter}-{i}.")
     extract: Path | dict[str, Any] = Field(description="`actex extract --config` file (relative to the fleet file) or inline fields.")
     image: str | None = Field(None, description="Container image with actex to run instead of the deployer's wheel.")
@@ -69,7 +71,7 @@ class Fleet:
             project=file.project,
             zones=tuple(file.zones),
             workers_per_zone=file.workers_per_zone,
-            spec=NodeSpec(file.accelerator_type, file.runtime_version, file.capacity),
+            spec=NodeSpec(file.accelerator_type, file.runtime_version, file.capacity, queued=file.queued),
             prefix=file.prefix,
         )
 
@@ -101,6 +103,8 @@ def load_fleet(path: Path) -> Fleet:
     for key in ("output", "run_name"):
         if not fields.get(key):
             raise ValueError(f"{path}: extract: a fleet's run needs a fixed `{key}` (every VM must find the same run)")
+    if file.queued and file.capacity not in ("spot", "on-demand"):
+        raise ValueError(f"{path}: queued: queued resources are spot or on-demand, not {file.capacity}")
     fleet = Fleet(Path(path), file, fields)
     fleet.layout.planned()  # names valid for every zone (ValueError otherwise)
     return fleet

@@ -5,7 +5,8 @@ Repairs, per VM slot (a slot is one of the fleet's `zones x workers_per_zone` pl
 * PREEMPTED, TERMINATED or NOT_FOUND: delete it (a spot VM cannot restart, and a dead one
   holds quota), create it again with the fleet's startup script, in another zone if its own
   is out of capacity; it boots and its worker joins the run.
-* CREATING for longer than `creating_timeout_s`: delete and create again.
+* CREATING (or queued and waiting for capacity) for longer than `creating_timeout_s`:
+  delete and create again (a waiting queued resource: in another zone first).
 * READY but its worker's heartbeat is older than `stale_after_s` (or it never beat that long
   after boot): bump its `actex-launch` metadata; the VM's supervisor restarts the worker.
 Each repair runs in a background thread (the dashboard keeps refreshing), is one JSON log
@@ -24,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from actex.fleet.bootstrap import LAUNCH_KEY
 from actex.fleet.monitor import read_progress
 from actex.fleet.tpu import FleetLayout, NameBook, fleet_nodes, is_dead, members, recreate_node
-from actex.fleet.tpu_api import NodeInfo, TpuApi, TpuApiError
+from actex.fleet.tpu_api import PENDING_STATES, NodeInfo, TpuApi, TpuApiError
 from actex.store.commits import read_heartbeats
 from actex.store.folder import Store
 
@@ -155,8 +156,8 @@ class FleetMonitor:
         action = reason = None
         if is_dead(node):
             action, reason = "recreate", node.state if node else "NOT_FOUND"
-        elif node.state == "CREATING" and node.create_time is not None and now - node.create_time > self.creating_timeout_s:
-            action, reason = "recreate", f"CREATING for {now - node.create_time:.0f} s"
+        elif node.state in PENDING_STATES and node.create_time is not None and now - node.create_time > self.creating_timeout_s:
+            action, reason = "recreate", f"{node.state} for {now - node.create_time:.0f} s"
         elif node.state == "READY" and self._stale(slot, beat, now):
             action, reason = "relaunch", "no heartbeat" if beat is None else f"heartbeat {now - float(beat.get('updated_at', 0)):.0f} s old"
         if action is None:
@@ -172,8 +173,10 @@ class FleetMonitor:
         self._log(action, slot, reason=reason, outcome="started", repair=slot.repairs)
         if action == "recreate":
             book = NameBook((s.zone, s.name) for s in self.slots)
+            # A queue that waited too long in its zone is moved: its zone has no capacity.
             slot.busy = self._pool.submit(recreate_node, self.api, self.layout, slot.zone, slot.name, node,
-                                          pick=lambda z: book.pick(self.layout, z), metadata=self.metadata)
+                                          pick=lambda z: book.pick(self.layout, z), metadata=self.metadata,
+                                          other_zones_first=node is not None and node.queued)
         else:
             slot.launch = max(slot.launch, int(node.metadata.get(LAUNCH_KEY, "0") or 0)) + 1
             metadata = {**node.metadata, LAUNCH_KEY: str(slot.launch)}

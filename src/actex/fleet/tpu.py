@@ -101,15 +101,18 @@ def next_free_name(layout: FleetLayout, zone: str, taken: Iterable[str]) -> str:
 
 
 def create_node(api: TpuApi, layout: FleetLayout, zone: str, name: str, *, fallback: bool = True,
-                pick: Callable[[str], str] | None = None, spec: NodeSpec | None = None) -> Placement:
+                pick: Callable[[str], str] | None = None, spec: NodeSpec | None = None,
+                other_zones_first: bool = False) -> Placement:
     """Create `name` in `zone`; on RESOURCE_EXHAUSTED there, and if `fallback`, a new name in
     each other zone of the fleet in turn. CapacityError when every zone refused.
 
-    `pick(zone)` names the node in a fallback zone (default: its lowest free index there)."""
+    `pick(zone)` names the node in a fallback zone (default: its lowest free index there).
+    `other_zones_first`: try `zone` last (it kept a queued resource waiting too long)."""
     spec = spec or layout.node_spec()
     pick = pick or (lambda z: next_free_name(layout, z, [n.name for n in api.list(z)]))
     refusals = []
-    candidates = [zone] + ([z for z in layout.zones if z != zone] if fallback else [])
+    others = [z for z in layout.zones if z != zone] if fallback else []
+    candidates = others + [zone] if other_zones_first else [zone] + others
     for candidate in candidates:
         target = name if candidate == zone else pick(candidate)
         try:
@@ -151,7 +154,7 @@ def is_dead(node: NodeInfo | None) -> bool:
 
 def recreate_node(api: TpuApi, layout: FleetLayout, zone: str, name: str, node: NodeInfo | None, *,
                   fallback: bool = True, pick: Callable[[str], str] | None = None,
-                  metadata: dict[str, str] | None = None) -> Placement:
+                  metadata: dict[str, str] | None = None, other_zones_first: bool = False) -> Placement:
     """Delete a dead node (a pre-empted spot VM cannot be restarted, and it holds quota while
     it stays) and create it again, in another zone if its own is out of capacity.
 
@@ -163,4 +166,4 @@ def recreate_node(api: TpuApi, layout: FleetLayout, zone: str, name: str, node: 
         old = node.metadata
         spec = replace(spec, labels={**node.labels, **spec.labels})
     spec = replace(spec, metadata={**spec.metadata, **(metadata if metadata is not None else old)})
-    return create_node(api, layout, zone, name, fallback=fallback, spec=spec, pick=pick)
+    return create_node(api, layout, zone, name, fallback=fallback, spec=spec, pick=pick, other_zones_first=other_zones_first)

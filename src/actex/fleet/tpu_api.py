@@ -31,8 +31,11 @@ CAPACITIES: tuple[str, ...] = ("spot", "preemptible", "reserved", "on-demand")
 ENDPOINT_ENV = "ACTEX_TPU_API_ENDPOINT"
 
 # States after which a node never runs again: a spot/preemptible TPU VM cannot be restarted,
-# only deleted and recreated (and left in place it still holds quota).
-DEAD_STATES = frozenset({"PREEMPTED", "TERMINATED"})
+# only deleted and recreated (and left in place it still holds quota). FAILED and SUSPENDED
+# are a queued resource's: given up, or its spot node pre-empted.
+DEAD_STATES = frozenset({"PREEMPTED", "TERMINATED", "FAILED", "SUSPENDED"})
+# Not a VM yet, but on the way: a node being created, or a queued resource waiting for capacity.
+PENDING_STATES = frozenset({"CREATING", "ACCEPTED", "WAITING_FOR_RESOURCES", "PROVISIONING"})
 
 
 class TpuApiError(RuntimeError):
@@ -56,6 +59,14 @@ class NodeSpec:
     capacity: Capacity = "spot"
     metadata: dict[str, str] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)
+    # Ask through a queued resource (one node each, id = node name): GCP's queue for spot and
+    # on-demand capacity of the newer TPU generations. It waits for capacity instead of
+    # failing with RESOURCE_EXHAUSTED; the monitor moves one waiting too long to another zone.
+    queued: bool = False
+
+    def __post_init__(self) -> None:
+        if self.queued and self.capacity not in ("spot", "on-demand"):
+            raise ValueError(f"a queued resource is spot or on-demand (guaranteed), not {self.capacity}")
 
 
 @dataclass(frozen=True)
@@ -71,6 +82,7 @@ class NodeInfo:
     metadata: dict[str, str] = field(default_factory=dict)
     create_time: float | None = None  # unix seconds
     health: str = ""
+    queued: bool = False  # a queued resource not yet provisioned (state is the queue's)
 
 
 def endpoint_from_env(explicit: str | None) -> str | None:
@@ -124,27 +136,39 @@ class TpuApi:
 
     # ------------------------------------------------------------------ reads
 
+    def _queued_path(self, zone: str, name: str) -> str:
+        return f"{self._parent(zone)}/queuedResources/{name}"
+
     def get(self, zone: str, name: str) -> NodeInfo | None:
-        """The node, or None if it does not exist."""
+        """The node (or its queued resource, not provisioned yet), or None if neither exists."""
         try:
-            node = self._call(self._client.get_node, zone, name=self._path(zone, name))
+            return self._info(self._call(self._client.get_node, zone, name=self._path(zone, name)))
+        except self._exc.NotFound:
+            pass
+        try:
+            return self._queued_info(self._call(self._client.get_queued_resource, zone, name=self._queued_path(zone, name)))
         except self._exc.NotFound:
             return None
-        return self._info(node)
 
     def list(self, zone: str) -> list[NodeInfo]:
-        """Every node of the project in `zone` (whoever made it), sorted by name."""
-        pages = self._call(self._client.list_nodes, zone, parent=self._parent(zone))
-        return sorted((self._info(n) for n in pages), key=lambda n: n.name)
+        """Every node of the project in `zone` (whoever made it), and every queued resource
+        whose node does not exist yet, sorted by name."""
+        nodes = {n.name: n for n in map(self._info, self._call(self._client.list_nodes, zone, parent=self._parent(zone)))}
+        for queued in self._call(self._client.list_queued_resources, zone, parent=self._parent(zone)):
+            info = self._queued_info(queued)
+            nodes.setdefault(info.name, info)
+        return sorted(nodes.values(), key=lambda n: n.name)
 
     # ------------------------------------------------------------------ writes
 
     def create(self, zone: str, name: str, spec: NodeSpec) -> bool:
-        """Create the node and wait for the operation (not for the VM to be READY).
+        """Create the node (or queue it) and wait for the operation (not for the VM to be READY).
 
         False (and nothing done) if a node of that name exists already. CapacityError on
         RESOURCE_EXHAUSTED, at the call or in the finished operation; TpuApiError otherwise.
         """
+        if spec.queued:
+            return self._create_queued(zone, name, spec)
         scheduling = {
             "spot": self._tpu.SchedulingConfig(spot=True),
             "preemptible": self._tpu.SchedulingConfig(preemptible=True),
@@ -165,14 +189,34 @@ class TpuApi:
             return False
         return True
 
-    def delete(self, zone: str, name: str) -> bool:
-        """Delete the node and wait for the operation; False if it did not exist."""
+    def _create_queued(self, zone: str, name: str, spec: NodeSpec) -> bool:
+        tpu = self._tpu
+        node = tpu.Node(accelerator_type=spec.accelerator_type, runtime_version=spec.runtime_version,
+                        metadata=dict(spec.metadata), labels=dict(spec.labels))
+        request = tpu.QueuedResource(
+            tpu=tpu.QueuedResource.Tpu(node_spec=[tpu.QueuedResource.Tpu.NodeSpec(parent=self._parent(zone), node_id=name, node=node)]),
+            **({"spot": tpu.QueuedResource.Spot()} if spec.capacity == "spot" else {"guaranteed": tpu.QueuedResource.Guaranteed()}),
+        )
         try:
-            operation = self._call(self._client.delete_node, zone, name=self._path(zone, name))
+            operation = self._call(self._client.create_queued_resource, zone, parent=self._parent(zone),
+                                   queued_resource_id=name, queued_resource=request)
             self._wait(operation, zone)
-        except self._exc.NotFound:
+        except self._exc.Conflict:
             return False
         return True
+
+    def delete(self, zone: str, name: str) -> bool:
+        """Delete the node, then its queued resource if it has one (this client version has no
+        `force`: the node must go first); wait for each. False if neither existed."""
+        deleted = False
+        for method, path in ((self._client.delete_node, self._path(zone, name)),
+                             (self._client.delete_queued_resource, self._queued_path(zone, name))):
+            try:
+                self._wait(self._call(method, zone, name=path), zone)
+                deleted = True
+            except self._exc.NotFound:
+                pass
+        return deleted
 
     def set_metadata(self, zone: str, name: str, metadata: dict[str, str]) -> None:
         """Replace the node's metadata (the startup script's supervisor watches one key)."""
@@ -209,6 +253,18 @@ class TpuApi:
             raise TpuApiError(f"{zone}: {what}: {error.code} {error.message}") from None
         except (TimeoutError, futures.TimeoutError) as error:  # polling past op_timeout_s (distinct on 3.10)
             raise TpuApiError(f"{zone}: TPU operation not done after {self.op_timeout_s:.0f} s ({error})") from None
+
+    def _queued_info(self, queued) -> NodeInfo:
+        """A queued resource as a node that is not there yet (its state is the queue's)."""
+        spec = queued.tpu.node_spec[0]
+        parts = queued.name.split("/")
+        return NodeInfo(
+            name=spec.node_id, zone=parts[3] if len(parts) > 3 else "",
+            state=self._tpu.QueuedResourceState.State(queued.state.state).name,
+            accelerator_type=spec.node.accelerator_type, capacity="spot" if "spot" in queued else "on-demand",
+            labels=dict(spec.node.labels), metadata=dict(spec.node.metadata),
+            create_time=queued.create_time.timestamp() if queued.create_time else None, queued=True,
+        )
 
     def _info(self, node) -> NodeInfo:
         parts = node.name.split("/")  # projects/P/locations/Z/nodes/N
