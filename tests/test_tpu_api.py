@@ -123,3 +123,28 @@ def _until(get, ok, timeout_s: float = 10.0):
             return value
         time.sleep(0.05)
     raise AssertionError(f"not reached: {get()}")
+
+
+def test_actex_tpu_commands_reach_the_endpoint_named_by_the_environment(fake_tpu):
+    import json
+
+    from typer.testing import CliRunner
+
+    from actex.cli import app
+
+    runner = CliRunner(env={"ACTEX_TPU_API_ENDPOINT": fake_tpu.endpoint})
+    fleet = ["--project", "p", "--zones", f"{A},{B}", "--spot"]
+    fake_tpu.stockout(B)
+    created = runner.invoke(app, ["tpu", "create", *fleet])
+    assert created.exit_code == 0, created.output
+    assert sorted(json.loads(line)["node"] for line in created.stdout.splitlines()) == ["tpu-us-central1-a-0", "tpu-us-central1-a-1"]
+    fake_tpu.preempt(A, "tpu-us-central1-a-0")
+    status = runner.invoke(app, ["tpu", "status", *fleet, "--json"])
+    assert [json.loads(line)["state"] for line in status.stdout.splitlines()] == ["PREEMPTED", "READY"]
+    recreated = runner.invoke(app, ["tpu", "recreate", *fleet])
+    assert json.loads(recreated.stdout) == {"event": "recreate", "node": "tpu-us-central1-a-0", "zone": A, "was": "PREEMPTED"}
+    deleted = runner.invoke(app, ["tpu", "delete", *fleet])
+    again = runner.invoke(app, ["tpu", "delete", *fleet])
+    assert sorted(json.loads(line)["event"] for line in deleted.stdout.splitlines()) == ["absent", "delete", "delete"]
+    assert {json.loads(line)["event"] for line in again.stdout.splitlines()} == {"absent"}
+    assert runner.invoke(app, ["tpu", "list", *fleet, "--spot", "--reserved"]).exit_code == 2
