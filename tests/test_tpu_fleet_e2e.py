@@ -85,13 +85,13 @@ def healed(tiny_model_dir, gcs_emulator, tmp_path_factory):  # noqa: F811
             chosen = [next((n for n in working if zone in n), None) for zone in ZONES]
             return chosen if all(chosen) else None
 
-        chosen = _wait(victims, 60, "a committing worker in each zone", deploy)
+        chosen = _wait(victims, 240, "a committing worker in each zone", deploy)  # generous: 4 JAX workers starting on 2 shared cores
         timings["preempt"] = time.monotonic() - started
         committed_at_preemption = read_progress(store).committed
         fake.stockout("us-central1-b")
         for zone, name in zip(ZONES, chosen):
             fake.preempt(zone, name)
-        output, _ = deploy.communicate(timeout=90)
+        output, _ = deploy.communicate(timeout=240)
         result = {
             "fake": fake, "fleet_file": fleet_file, "env": env, "store": store, "reference": reference,
             "url": f"{bucket}/{fields['run_name']}", "storage_options": gcs_emulator.storage_options,
