@@ -78,14 +78,16 @@ def healed(tiny_model_dir, gcs_emulator, tmp_path_factory):  # noqa: F811
     timings = {"reference": time.monotonic() - started}
     started = time.monotonic()
     try:
-        # Pre-empt one VM per zone as soon as its worker has committed a chunk: mid-run.
+        # Pre-empt one VM per zone once the run has started committing: mid-run, whatever
+        # the uneven start of 4 workers on shared cores. A VM whose worker is beating is
+        # preferred, so a victim is usually caught working.
         def victims():
-            beats = read_heartbeats(store) if store.exists("run.json") else {}
-            working = sorted({w.rsplit("-", 1)[0] for w, b in beats.items() if b.get("chunks_done", 0) > 0})
-            chosen = [next((n for n in working if zone in n), None) for zone in ZONES]
-            return chosen if all(chosen) else None
+            if not store.exists("run.json") or read_progress(store).committed == 0:
+                return None
+            beating = {w.rsplit("-", 1)[0] for w in read_heartbeats(store)}
+            return [min((f"tpu-{zone}-{i}" for i in range(2)), key=lambda n: (n not in beating, n)) for zone in ZONES]
 
-        chosen = _wait(victims, 240, "a committing worker in each zone", deploy)  # generous: 4 JAX workers starting on 2 shared cores
+        chosen = _wait(victims, 240, "the run's first commit", deploy)  # generous: JAX workers starting on 2 shared cores
         timings["preempt"] = time.monotonic() - started
         committed_at_preemption = read_progress(store).committed
         fake.stockout("us-central1-b")
