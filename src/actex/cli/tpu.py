@@ -283,7 +283,8 @@ def _monitor(fleet, api, *, interval, once, action_log, delete_when_done, creati
         monitor.close()
         typer.echo(json.dumps(snapshot.to_json(), indent=2))
         return
-    console = Console()
+    # Not a terminal (a log file, CI): wide enough for whole node and zone names.
+    console = Console() if sys.stdout.isatty() else Console(width=160)
     try:
         with Live(console=console, auto_refresh=False, transient=False) as live:
             while True:
