@@ -154,3 +154,35 @@ def test_a_queued_resource_waiting_too_long_moves_to_another_zone(fake_tpu, flee
     done = next(a for a in actions if a["outcome"] == "done")
     assert (done["zone"], done["node"], done["moved_from"]) == (A, "tpu-us-central1-a-1", f"{B}/{B0}")
     assert sorted(q.split("/")[-1] for q in fake_tpu.queued) == [A0, "tpu-us-central1-a-1"]  # b-0's queue deleted
+
+
+def test_ctrl_c_stops_watching_and_leaves_the_fleet_running(fake_tpu, fleet, tmp_path):
+    import signal
+    import subprocess
+
+    import yaml
+
+    from actex.fleet.local import actex_command
+
+    api, layout, _ = fleet
+    create_fleet(api, layout)
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text(yaml.safe_dump({"name": "f", "project": "p", "zones": [A, B], "accelerator_type": "v4-8", "runtime_version": "rt",
+                                          "extract": {"output": str(tmp_path / "runs"), "run_name": "r"}}))
+    before = len(fake_tpu.requests)
+    monitor = subprocess.Popen([*actex_command(), "monitor", str(fleet_file), "--interval", "0.2", "--api-endpoint", fake_tpu.endpoint],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(fake_tpu.requests) < before + 4:  # one tick's listings (nodes, queues; 2 zones): it is watching
+            assert time.monotonic() < deadline and monitor.poll() is None, "the monitor never looked at the fleet"
+            time.sleep(0.1)
+        monitor.send_signal(signal.SIGINT)
+        _, err = monitor.communicate(timeout=60)
+    finally:
+        if monitor.poll() is None:
+            monitor.kill()
+            monitor.wait()
+    assert monitor.returncode == 75, err
+    assert "the fleet is left running" in err
+    assert fake_tpu.states() == {f"{A}/{A0}": "READY", f"{B}/{B0}": "READY"}
