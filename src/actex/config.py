@@ -155,6 +155,8 @@ class WorkerOptions(BaseModel):
         None, ge=0, description="This worker's index (default: $TPU_WORKER_ID, $CLOUD_TPU_TASK_ID, $JOB_COMPLETION_INDEX or 0).")
     num_workers: Annotated[int, Flag(panel="Workers")] = Field(1, ge=1, description="Static split: chunk k goes to worker k mod N.")
     claim: Annotated[bool, Flag(panel="Workers")] = Field(False, description="Claim chunks dynamically with leases instead of the static split.")
+    worker_host: Annotated[str | None, Flag(panel="Workers")] = Field(
+        None, description="--claim mode: this worker's heartbeat id is <worker-host>-<pid> (default: the machine's hostname; TPU fleet VMs set their node name).")
     lease_seconds: Annotated[float, Flag(panel="Workers")] = Field(60.0, ge=1.0, description="Lease length in --claim mode; renewed every third of it.")
     preempt_deadline: Annotated[float, Flag(panel="Workers")] = Field(
         25.0, ge=0.1, description="On SIGTERM / GCE pre-emption notice: seconds to finish the in-flight chunk before abandoning it.")

@@ -33,6 +33,11 @@ from actex.flag import Flag
 
 ENV_PREFIX = "ACTEX_"
 CONFIG_ENV = f"{ENV_PREFIX}CONFIG"
+# ACTEX_* variables other parts of actex read, which a worker may inherit: not typos.
+OTHER_VARIABLES = frozenset({
+    "ACTEX_TPU_API_ENDPOINT",  # actex tpu / deploy / monitor
+    "ACTEX_HOME", "ACTEX_VENV", "ACTEX_METADATA_URL",  # the TPU VM bootstrap (fleet/bootstrap.py)
+})
 
 
 @dataclass(frozen=True)
@@ -248,7 +253,7 @@ def unknown_variables(environ: Mapping[str, str], options: Iterable[ConfigOption
     """One message per ACTEX_* variable that names no option, with the likely intended one."""
     known = {o.envvar for o in options} | {CONFIG_ENV}
     messages = []
-    for name in sorted(n for n in environ if n.startswith(ENV_PREFIX) and n not in known):
+    for name in sorted(n for n in environ if n.startswith(ENV_PREFIX) and n not in known | OTHER_VARIABLES):
         close = difflib.get_close_matches(name, known, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
         messages.append(f"ignoring environment variable {name}: no such option{hint}")
