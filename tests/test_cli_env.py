@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from actex.cli import app
 from actex.cli.config_docs import render_docs
 from actex.cli.options import extract_options, model_options
-from actex.config import HookSelection, RunConfig, WorkerOptions
+from actex.config import DeviceConfig, HookSelection, RunConfig, WorkerOptions
 from actex.data.config import DataConfig
 
 runner = CliRunner()
