@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Optional
 
@@ -26,6 +27,9 @@ from actex.config import ConfigError, load_config_file, merge_fields
 log = logging.getLogger("actex")
 
 EXIT_USER_ERROR = 2
+
+# Generation fields while `actex generate` (cli/generate.py) runs this module's extract body.
+GENERATION: ContextVar[dict | None] = ContextVar("actex_generation", default=None)
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
@@ -209,6 +213,8 @@ def run_extract(fields: dict, *, worker_index: int | None, num_workers: int, cla
             if claim:
                 source.close()
     snap = summary.progress
+    if run.config.generation is not None:
+        _report_answers(run)
     log.info("done", extra={"data": {"event": "done", "committed": summary.committed, "skipped": summary.skipped, "lost": summary.lost, **snap}})
     if summary.failed:
         typer.echo(f"actex: error: {summary.failed} chunk(s) not committed after write failures (see log); "
@@ -225,6 +231,18 @@ def run_extract(fields: dict, *, worker_index: int | None, num_workers: int, cla
         f"{snap['tokens_per_s']:,.0f} tokens/s); "
         f"{summary.skipped} already committed"
     )
+
+
+def _report_answers(run) -> None:
+    """Once a generation run is complete: predictions.json, accuracy.json and a summary line."""
+    from actex.engine.generate import write_predictions
+
+    accuracy = write_predictions(run.store)
+    if accuracy is not None:
+        known = accuracy["test_inputs_known"]
+        scored = f"pass@2 {accuracy['pass_at_2']}/{known} test inputs" if known else "no known test outputs"
+        typer.echo(f"actex: {run.config.run_url}/predictions.json: {accuracy['test_inputs']} test inputs, "
+                   f"{accuracy['parsed']}/{accuracy['samples']} answers parsed, {scored}")
 
 
 def _hooks(value: Optional[str]) -> Optional[list[str]]:
@@ -295,6 +313,7 @@ def extract_command(
             "batch_tokens": batch_tokens,
             "chunk_size": chunk_size,
             "shard_size": parse_size(shard_size) if shard_size else None,
+            "generation": GENERATION.get(),
             "data": {
                 "dataset": dataset,
                 "format": data_format,
@@ -319,6 +338,8 @@ def extract_command(
             },
         }
         fields = merge_fields(file_fields, flags)
+        if GENERATION.get() is None and fields.get("generation") is not None:
+            raise UserError("the config has generation fields: run it with `actex generate`")
         for name, flag in (("model", "--model"), ("output", "--output")):
             if not fields.get(name):
                 raise UserError(f"missing {flag} (or `{name}:` in --config)")
@@ -375,6 +396,7 @@ def inspect_command(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Hooks, widths, dtype, chunks committed/total, samples, tokens, bytes and config of a run."""
+    from actex.engine.generate import answers_summary
     from actex.store.folder import open_store
     from actex.store.reader import Run
 
@@ -382,7 +404,9 @@ def inspect_command(
         store = open_store(url)
         if not store.exists("run.json"):
             raise UserError(f"{store.url}: no run.json here (not an actex run)")
-        summary = Run(store).summary()
+        run = Run(store)
+        summary = run.summary()
+        summary["answers"] = answers_summary(run)
     if as_json:
         typer.echo(json.dumps(summary, indent=2, default=str))
         return
@@ -401,7 +425,22 @@ def inspect_command(
         cells = [f"{stats[k]:.4g}" for k in ("mean_abs_mean", "mean_variance", "mean_l2_norm")] if stats else ["-"] * 3
         table.add_row(hook, str(entry["width"]), *cells)
     console.print(table)
+    if summary.get("answers"):
+        _print_answers(console, summary["answers"])
     console.print_json(json.dumps(summary["config"]))
+
+
+def _print_answers(console, answers: dict) -> None:
+    """The accuracy summary of a generation run (engine.generate.answers_summary)."""
+    known = answers["test_inputs_known"]
+    console.print(
+        f"answers: {answers['parsed']}/{answers['samples']} parsed, "
+        f"{answers['samples_correct']}/{answers['samples_known']} correct before voting; "
+        f"{answers['test_inputs']} test inputs, {known} with known outputs: "
+        f"pass@1 {answers['pass_at_1']}/{known}, pass@2 {answers['pass_at_2']}/{known}; "
+        f"tasks solved {answers['tasks_solved']}/{answers['tasks_known']}"
+    )
+    console.print(f"stop reasons {answers['stop_reasons']}; parse failures {answers['parse_failures'] or 'none'}")
 
 
 def register(app: typer.Typer) -> None:
