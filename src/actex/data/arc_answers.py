@@ -64,9 +64,11 @@ def answer_block(generated_text: str) -> tuple[str, list[str]] | ParsedAnswer:
             return _fail("missing fence: no ```grid in the answer")
     header, _, body = text[start + len(FENCE_OPEN):].partition("\n")
     lines = body.split("\n")
-    if FENCE_CLOSE not in lines:
+    # The closing fence may be followed on its line by what ends the turn ("```<|im_end|>").
+    close = next((i for i, line in enumerate(lines) if line.startswith(FENCE_CLOSE)), None)
+    if close is None:
         return _fail(f"missing closing fence: {len(lines)} line(s) and no ``` line")
-    return header, lines[: lines.index(FENCE_CLOSE)]
+    return header, lines[:close]
 
 
 def parse_answer(generated_text: str, encoder, stop_reason: str | None = None) -> ParsedAnswer:
