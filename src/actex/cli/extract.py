@@ -416,7 +416,7 @@ def inspect_command(
     console = Console()
     console.print(f"[bold]{summary['url']}[/bold]")
     console.print(
-        f"chunks {summary['chunks_committed']}/{summary['chunks_total']} committed, "
+        f"{summary['kind']} run, chunks {summary['chunks_committed']}/{summary['chunks_total']} committed, "
         f"{summary['samples']:,} samples, {summary['tokens']:,} tokens, {summary['bytes'] / 1e6:,.1f} MB, dtype {summary['dtype']}"
     )
     table = Table("hook", "width", "mean |mean|", "mean var", "mean L2 norm")

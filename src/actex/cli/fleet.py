@@ -51,10 +51,11 @@ def fleet_command(
     workers: int = typer.Option(..., "--workers", min=1, help="Worker processes to keep running."),
     max_restarts: int = typer.Option(50, "--max-restarts", min=0, help="Give up after this many replacements in total."),
     log_dir: Optional[Path] = typer.Option(None, "--log-dir", help="Write each worker's output to DIR/worker-<slot>-<n>.log."),
+    command: str = typer.Option("extract", "--command", help="What each worker runs: extract | generate."),
 ) -> None:
-    """Run `actex extract --claim` in N local processes until the run is complete.
+    """Run `actex extract --claim` (or `generate`) in N local processes until the run is complete.
 
-    Everything after `--` goes to `actex extract`, e.g.
+    Everything after `--` goes to `actex extract` (or `--command generate`), e.g.
     `actex fleet --workers 4 -- --config run.yaml --output gs://bucket/runs`.
     A worker that dies is replaced. A `--claim` worker exits 0 on its own only once every
     chunk has its commit record, so the first clean exit ends the fleet; a worker stopped
@@ -64,8 +65,11 @@ def fleet_command(
     """
     from actex.fleet.local import FleetError, LocalFleet, actex_command
 
+    if command not in ("extract", "generate"):
+        typer.echo(f"actex: error: --command must be extract or generate, got {command!r}", err=True)
+        raise typer.Exit(2)
     fleet = LocalFleet(
-        [*actex_command(), "extract", "--claim", "--preempted-exit-code", str(PREEMPTED_EXIT), *ctx.args],
+        [*actex_command(), command, "--claim", "--preempted-exit-code", str(PREEMPTED_EXIT), *ctx.args],
         workers,
         is_complete=lambda: any(w.returncode == 0 and w.signalled is None for w in fleet.result.exited),
         log_dir=log_dir,
