@@ -2,7 +2,7 @@
 
 import typer
 
-from actex.cli import data, extract, fleet, generate, reader
+from actex.cli import data, extract, fleet, generate, reader, tpu
 
 app = typer.Typer(
     name="actex",
@@ -12,5 +12,5 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for area in (extract, generate, data, reader, fleet):
+for area in (extract, generate, data, reader, fleet, tpu):
     area.register(app)
