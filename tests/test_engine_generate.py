@@ -71,7 +71,7 @@ def test_generated_tokens_and_their_activations_match_transformers(reference, ti
         assert stopped or len(generated) == MAX_NEW
         assert record["answer"]["grid"] is None and record["answer"]["reason"] and record["answer"]["correct"] is False
         # Every stored token, prompt and generated, against one transformers forward.
-        want = reference_hooks(model, ids[None])
+        want = reference_hooks(model, ids[None].copy())  # frombuffer arrays are read-only
         for hook in TINY_HOOKS:
             got = np.frombuffer(stored[sample_id][hook], np.float32).reshape(len(ids), -1)
             err = np.abs(got - want[hook][0]).max() / np.abs(want[hook][0]).max()
