@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from actex.model.attention import attention
-from actex.model.hooks import HOOK_EMBED, HOOK_LN_FINAL, layers_needed, parse_hook
+from actex.model.hooks import HOOK_EMBED, HOOK_LN_FINAL, HOOK_LN_FINAL_OUT, layers_needed, parse_hook
 
 Params = dict[str, Any]
 
@@ -148,11 +148,27 @@ def dense(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
     return y.astype(x.dtype)
 
 
+def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
+    """x / sqrt(mean(x^2) + eps) over the last axis, in float32 (RMSNorm before its gain)."""
+    x32 = x.astype(jnp.float32)
+    return x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+
+
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """RMSNorm in float32; the scale multiplies in x's dtype, as in transformers."""
-    x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return weight * normed.astype(x.dtype)
+    return weight * rms_normalize(x, eps).astype(x.dtype)
+
+
+def matmul_precision(dtype) -> str | None:
+    """The matmul precision that makes `dtype` compute mean that dtype on every backend.
+
+    JAX's default lets TPUs multiply float32 operands in one bfloat16 pass and GPUs use
+    TF32 (10-bit mantissa), so a float32 forward would agree with float32 references only
+    to ~1e-3. "highest" asks for true float32 (several bf16 passes on TPU, no TF32 on GPU;
+    see docs/benchmarks.md for the cost). CPUs always compute float32 matmuls in float32,
+    so their results are the same either way. bfloat16 inputs keep the default.
+    """
+    return "highest" if jnp.dtype(dtype) == jnp.float32 else None
 
 
 def rope_angles(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
@@ -231,7 +247,19 @@ def forward(
     """Run the decoder just deep enough for `hooks`; return {hook: [B, T, width]}.
 
     Values are cast to `out_dtype` (default: the parameter dtype) as they are captured.
+    Matmuls run at `matmul_precision(parameter dtype)` (float32 means float32 on TPU/GPU).
     """
+    with jax.default_matmul_precision(matmul_precision(params["embed"].dtype)):
+        return _forward(params, config, token_ids, positions, segment_ids, hooks, out_dtype)
+
+
+def stacked_layers(params: Params) -> int:
+    """How many decoder blocks `params` holds (0 when only embeddings were loaded)."""
+    layers = params["layers"]
+    return next(iter(layers.values())).shape[0] if layers else 0
+
+
+def _forward(params, config, token_ids, positions, segment_ids, hooks, out_dtype):
     x = params["embed"][token_ids]  # [B, T, D]
     out_dtype = out_dtype or x.dtype
     captured: dict[str, jax.Array] = {}
@@ -240,7 +268,7 @@ def forward(
             captured[name] = x.astype(out_dtype)
 
     n_run = layers_needed(hooks, config.n_layers)
-    n_stacked = params["layers"]["attn_norm"].shape[0]
+    n_stacked = stacked_layers(params)
     if n_run > n_stacked:
         raise ValueError(
             f"hooks need {n_run} layers but the parameters hold only {n_stacked} "
@@ -260,7 +288,9 @@ def forward(
             # Its tensor was captured under the other name of the same slot.
             layer = point.layer - (point.kind == "hook_resid_pre")
             captured[name] = captured[slots["hook_resid_post"][layer]]
-        if point.kind == HOOK_LN_FINAL:
+        if point.kind == HOOK_LN_FINAL:  # TransformerLens's meaning: before the gain
+            captured[name] = rms_normalize(x, config.rms_norm_eps).astype(out_dtype)
+        elif point.kind == HOOK_LN_FINAL_OUT:
             captured[name] = rms_norm(x, params["final_norm"], config.rms_norm_eps).astype(
                 out_dtype)
     return {name: captured[name] for name in hooks}
