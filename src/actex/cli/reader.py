@@ -73,8 +73,9 @@ def verify(
     url: str = typer.Argument(..., help="Run URL."),
     samples: int = typer.Option(8, "--samples", min=1, help="Random committed samples to recompute."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sample choice."),
-    tolerance: Optional[float] = typer.Option(None, "--tolerance", help="Max error relative to the reference's "
-                                              "max |value| (default by dtype: f32 1e-3, f16 5e-3, bf16 2e-2)."),
+    tolerance: Optional[float] = typer.Option(None, "--tolerance", help="Max per-token relative L2 error "
+                                              "||stored - reference|| / ||reference|| (default by dtype: f32 1e-3, "
+                                              "f16 5e-3, bf16 2e-2)."),
     model: Optional[str] = typer.Option(None, "--model", help="Checkpoint to use instead of run.json's "
                                         "(e.g. a local copy of it)."),
     device: str = typer.Option("cpu", "--device", help="torch device of the reference model."),
@@ -88,7 +89,9 @@ def verify(
     typer.echo(f"actex: verified {len(report.sample_ids)} sample(s), {report.tokens:,} tokens of {report.url}")
     for check in report.checks:
         verdict = "ok" if check.ok else "FAIL"
-        typer.echo(f"  {verdict:4}  {check.hook:32}  error {check.error:.3e}  (tolerance {check.tolerance:.0e})")
+        typer.echo(f"  {verdict:4}  {check.hook:32}  error {check.error:.3e}  cosine {check.cosine:.6f}  "
+                   f"(tolerance {check.tolerance:.0e}; worst token: sample {check.worst_sample} "
+                   f"token {check.worst_index} position {check.worst_position})")
     if not report.ok:
         raise typer.Exit(EXIT_VERIFY_FAILED)
 
