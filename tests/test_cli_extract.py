@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from engine_fixtures import committed_tensors, jax_cache, tiny_model_dir, write_jsonl  # noqa: F401
 from typer.testing import CliRunner
@@ -117,8 +118,14 @@ def snapshot(run: Path) -> dict[str, tuple[bytes, int]]:
         (["--layers", "0-5"], "layer 2 out of range: model has 2 layers (0-1)"),
         (["--dataset", "MISSING"], "MISSING"),
         (["--output", "UNWRITABLE"], "Not a directory"),
+        # Refused up front: before the dataset is even looked at.
+        (["--compute-dtype", "float16", "--dataset", "MISSING"],
+         "invalid config field compute_dtype: Input should be 'bfloat16' or 'float32'"),
+        (["--run-name", "../../escaped"], "run_name: Value error, '../../escaped' must be one directory name"),
+        (["--run-name", "a/b"], "'a/b' must be one directory name under output"),
     ],
-    ids=["config-mismatch", "unknown-hook", "layer-out-of-range", "missing-dataset", "unwritable-output"],
+    ids=["config-mismatch", "unknown-hook", "layer-out-of-range", "missing-dataset", "unwritable-output",
+         "compute-float16", "run-name-dotdot", "run-name-separator"],
 )
 def test_user_errors_are_one_line_and_touch_nothing(reference, tiny_model_dir, dataset, tmp_path, change, expected):
     args = extract_args(tiny_model_dir, dataset, reference.parent)
@@ -181,3 +188,22 @@ def test_config_file_fields_with_flags_overriding(reference, tiny_model_dir, dat
     result = runner.invoke(app, ["extract", "--config", str(bad), "--output", str(tmp_path), "--dataset", str(dataset)])
     assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "unknown config field(s) bogus_field" in result.stderr
+
+
+@pytest.mark.parametrize("hook", ["hook_embed", "blocks.0.hook_resid_pre"])
+def test_embedding_only_hooks_store_the_embedding_rows_bit_exact(tiny_model_dir, dataset, tmp_path, hook):
+    # No block runs and no block weight is loaded: each stored row is embed_tokens[token id].
+    from safetensors.numpy import load_file
+
+    args = extract_args(tiny_model_dir, dataset, tmp_path, "--dtype", "float32")
+    args[args.index("--layers") : args.index("--layers") + 6] = ["--hooks", hook]  # layers, activation, hooks
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    embed = load_file(tiny_model_dir / "model.safetensors")["model.embed_tokens.weight"]
+    assert embed.dtype == np.float32
+    stored = committed_tensors(str(tmp_path / "r"))
+    assert len(stored) == len(ROWS)
+    for tensors in stored.values():
+        token_ids = np.frombuffer(tensors["token_ids"], np.int32)
+        rows = np.frombuffer(tensors[hook], np.float32).reshape(len(token_ids), -1)
+        np.testing.assert_array_equal(rows, embed[token_ids])

@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from actex.data.config import DataConfig
 from actex.model.hooks import hooks_for_layers, parse_hooks
 
 StoredDtype = Literal["bfloat16", "float16", "float32"]
-ComputeDtype = Literal["bfloat16", "float16", "float32"]
+# float16 is refused here, before the plan: Qwen-family activations overflow its range.
+ComputeDtype = Literal["bfloat16", "float32"]
 
 # Fields that say where/how a run is written or named, not what it contains.
 NOT_HASHED = frozenset({"output", "run_name"})
@@ -49,7 +50,16 @@ class RunConfig(BaseModel):
     chunk_size: int = Field(default=64, ge=1, description="samples per chunk")
     shard_size: int = Field(default=1_000_000_000, ge=1, description="max bytes per part")
     output: str = Field(description="store URL under which the run directory is created")
-    run_name: str | None = None
+    run_name: str | None = Field(default=None, description="run directory name under output "
+                                 "(default: run-<config hash>); one path segment")
+
+    @field_validator("run_name")
+    @classmethod
+    def _one_path_segment(cls, name: str | None) -> str | None:
+        # The name is joined to `output`: a separator or `..` would write outside it.
+        if name is not None and (not name or "/" in name or "\\" in name or name in (".", "..")):
+            raise ValueError(f"{name!r} must be one directory name under output: no '/', '\\' or '..'")
+        return name
 
     def canonical(self) -> dict:
         """JSON-ready dict of every field (defaults included), stable across processes."""
