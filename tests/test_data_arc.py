@@ -139,6 +139,17 @@ def test_augmentation_maps_cells_back():
         ({"train": [{"input": [[1.5]], "output": [[1]]}], "test": [{"input": [[1]]}]}, "not an integer"),
         ({"train": [{"input": [[10]], "output": [[1]]}], "test": [{"input": [[1]]}]}, "outside 0-9"),
         ({"train": [{"input": [[True]], "output": [[1]]}], "test": [{"input": [[1]]}]}, "not an integer"),
+        # A bool among ints: numpy would read True as colour 1.
+        ({"train": [{"input": [[True, 2]], "output": [[1]]}], "test": [{"input": [[1]]}]},
+         r"train\[0\] input: cell \(0,0\) is not an integer: True"),
+        ({"train": [{"input": [[1]], "output": [[1]]}], "test": [{"input": [[3, False]]}]},
+         r"test\[0\] input: cell \(0,1\) is not an integer: False"),
+        ({"train": [{"input": [[1] * 31] * 31, "output": [[1]]}], "test": [{"input": [[1]]}]},
+         r"train\[0\] input: grid is 31x31; ARC grids have 1 to 30 cells per side"),
+        ({"train": [{"input": [[1]], "output": [[0] * 31]}], "test": [{"input": [[1]]}]},
+         r"train\[0\] output: grid is 1x31"),
+        ({"train": [{"input": [[1]], "output": [[1]] * 31}], "test": [{"input": [[1]]}]},
+         r"train\[0\] output: grid is 31x1"),
         ({"train": [], "test": [{"input": [[1]]}]}, "'train' must be a non-empty list"),
         ({"train": [{"input": [[1]], "output": [[1]]}], "test": []}, "'test' must be a non-empty list"),
         ({"train": [{"input": [[1]]}], "test": [{"input": [[1]]}]}, "train\\[0\\]: missing 'output'"),
@@ -152,6 +163,10 @@ def test_augmentation_maps_cells_back():
 def test_bad_tasks_name_the_reason(row, reason):
     with pytest.raises(arc.BadRow, match=reason):
         arc.task_from_row(row, 0)
+
+
+def test_thirty_cells_per_side_is_allowed():
+    assert arc.validate_grid([[9] * 30] * 30, "g").shape == (30, 30)
 
 
 def test_barc_rows_convert():
