@@ -26,6 +26,37 @@ def test_encoders_golden(name, expected):
     assert arc.get_encoder(name).encode(GRID) == expected
 
 
+def test_default_encoder_is_shape_header_row_numbers_minimal_digits():
+    # The legacy system's and arc24's Qwen format: models fine-tuned on it see it by default.
+    task = arc.task_from_row(HAND_TASK, 0)
+    cfg = DataConfig(dataset="unused.jsonl", predictions_per_task=1)
+    assert cfg.encoder == "shape+row_numbers"
+    user = arc.task_prompt(task, 0, cfg, 0).user
+    assert "## Test case\n\n### Input\n\n```grid shape: 3x2\n1 01\n2 20\n3 11\n```" in user
+    assert "### Input\n\n```grid shape: 2x2\n1 10\n2 02\n```" in user
+
+
+@pytest.mark.parametrize(
+    "alias, name",
+    [
+        ("GridShapeEncoder(RowNumberEncoder(MinimalGridEncoder()))", "shape+row_numbers"),
+        ("GridCodeBlockEncoder(MinimalGridEncoder())", "minimal"),
+        ("GridCodeBlockEncoder(RowNumberEncoder(MinimalGridEncoder()))", "row_numbers"),
+        ("GridShapeEncoder( MinimalGridEncoder() )", "shape"),
+    ],
+)
+def test_arc24_encoder_names_are_aliases(alias, name):
+    cfg = DataConfig(dataset="unused.jsonl", encoder=alias)
+    assert cfg.encoder == name  # stored under the actex name: the same prompts, the same run hash
+    assert cfg.canonical() == DataConfig(dataset="unused.jsonl", encoder=name).canonical()
+    assert arc.get_encoder(alias).encode(GRID) == arc.get_encoder(name).encode(GRID)
+
+
+def test_unknown_arc24_encoder_is_refused():
+    with pytest.raises(ValueError, match="unknown grid encoder .GridWithSeparationEncoder.*arc24 names accepted"):
+        DataConfig(dataset="unused.jsonl", encoder="GridWithSeparationEncoder('|')")
+
+
 def test_unknown_encoder_and_template_are_one_line_errors():
     with pytest.raises(ValueError, match="unknown grid encoder 'hex'"):
         arc.get_encoder("hex")

@@ -251,7 +251,7 @@ def extract_command(
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Read only the first N rows.", rich_help_panel="Data"),
     streaming: Optional[bool] = typer.Option(None, "--streaming/--no-streaming", help="Stream a HF dataset instead of downloading it.", rich_help_panel="Data"),
     on_bad_row: Optional[str] = typer.Option(None, "--on-bad-row", help="error | skip (default: error).", rich_help_panel="Data"),
-    encoder: Optional[str] = typer.Option(None, "--encoder", help="ARC grid encoder (default: minimal).", rich_help_panel="ARC prompts"),
+    encoder: Optional[str] = typer.Option(None, "--encoder", help="ARC grid encoder: minimal, row_numbers, shape joined by + (default: shape+row_numbers), or an arc24 name such as GridShapeEncoder(RowNumberEncoder(MinimalGridEncoder())).", rich_help_panel="ARC prompts"),
     template: Optional[str] = typer.Option(None, "--template", help="ARC prompt template (default: output-from-examples-v1).", rich_help_panel="ARC prompts"),
     predictions_per_task: Optional[int] = typer.Option(None, "--predictions-per-task", min=1, help="Augmented prompts per ARC test input (default: 8).", rich_help_panel="ARC prompts"),
     seed: Optional[int] = typer.Option(None, "--seed", help="Augmentation seed (default: 0).", rich_help_panel="ARC prompts"),

@@ -246,9 +246,35 @@ class GridEncoder:
 
 ENCODER_PARTS = ("minimal", "row_numbers", "shape")
 
+# The default: shape header + row numbers + minimal digits, the format the legacy system
+# and arc24's Qwen models use (arc24 found it best for Qwen); models fine-tuned on it
+# should see it by default.
+DEFAULT_ENCODER = "shape+row_numbers"
+
+# arc24's composite encoder names (its encoders.py), accepted so its configs run
+# unchanged; each renders exactly the text of the actex name it maps to.
+ARC24_ENCODERS = {
+    "GridCodeBlockEncoder(MinimalGridEncoder())": "minimal",
+    "GridCodeBlockEncoder(RowNumberEncoder(MinimalGridEncoder()))": "row_numbers",
+    "GridShapeEncoder(MinimalGridEncoder())": "shape",
+    "GridShapeEncoder(RowNumberEncoder(MinimalGridEncoder()))": "shape+row_numbers",
+}
+
+
+def canonical_encoder_name(name: str) -> str:
+    """The actex name of an encoder given by actex name or arc24 composite name."""
+    compact = "".join(name.split())
+    if compact in ARC24_ENCODERS:
+        return ARC24_ENCODERS[compact]
+    if "(" in compact:
+        raise ValueError(f"unknown grid encoder {name!r}: the arc24 names accepted are {', '.join(ARC24_ENCODERS)}")
+    get_encoder(name)  # validates
+    return name
+
 
 def get_encoder(name: str) -> GridEncoder:
-    """Parse "shape+row_numbers" style names (order free, "minimal" implied)."""
+    """Parse "shape+row_numbers" style names (order free, "minimal" implied), or an arc24 alias."""
+    name = ARC24_ENCODERS.get("".join(name.split()), name)
     parts = name.split("+")
     unknown = [p for p in parts if p not in ENCODER_PARTS]
     if unknown or not name:

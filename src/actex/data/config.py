@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from actex.data.arc import DEFAULT_ENCODER, canonical_encoder_name
 
 
 class DataConfig(BaseModel):
@@ -32,7 +34,9 @@ class DataConfig(BaseModel):
     limit: int | None = Field(default=None, ge=1, description="read only the first N rows")
 
     # ARC prompts (see docs/data.md).
-    encoder: str = "minimal"
+    encoder: str = Field(default=DEFAULT_ENCODER, description="ARC grid encoder: parts joined by '+' from "
+                         "minimal, row_numbers, shape; or an arc24 name such as "
+                         "GridShapeEncoder(RowNumberEncoder(MinimalGridEncoder()))")
     template: str = "output-from-examples-v1"
     predictions_per_task: int = Field(default=8, ge=1)
     seed: int = Field(default=0, ge=0)
@@ -47,6 +51,12 @@ class DataConfig(BaseModel):
     add_bos: bool = False
 
     on_bad_row: Literal["error", "skip"] = "error"
+
+    @field_validator("encoder")
+    @classmethod
+    def _encoder_name(cls, name: str) -> str:
+        # arc24 aliases become the actex name: the same prompts make the same run (and hash).
+        return canonical_encoder_name(name)
 
     def canonical(self) -> dict:
         """JSON-ready dict with every field (defaults included), stable across processes."""
