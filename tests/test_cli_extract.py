@@ -182,6 +182,7 @@ def test_config_file_fields_with_flags_overriding(reference, tiny_model_dir, dat
     assert (stored["chunk_size"], stored["shard_size"]) == (3, 2_000_000)  # flags win
     assert stored["data"]["limit"] == 4 and stored["data"]["max_seq_len"] == 64  # file kept
     assert stored["compute_dtype"] == "float32"  # the checkpoint's dtype
+    assert stored["data"]["parse_special_tokens"] is False  # documents' special-token strings are text
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: x\nbogus_field: 1\n")

@@ -262,6 +262,7 @@ def extract_command(
     max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len", help="Longest window the model sees (default: 32768; longer samples follow --long-policy).", rich_help_panel="Tokens"),
     long_policy: Optional[str] = typer.Option(None, "--long-policy", help="Samples over --max-seq-len: truncate | split | skip (default: truncate).", rich_help_panel="Tokens"),
     add_bos: Optional[bool] = typer.Option(None, "--add-bos/--no-add-bos", help="Prepend BOS to text rows (default: off).", rich_help_panel="Tokens"),
+    parse_special_tokens: Optional[bool] = typer.Option(None, "--parse-special-tokens/--no-parse-special-tokens", help="Text rows: read special-token strings such as <|endoftext|> as control tokens (default: off, they are plain text).", rich_help_panel="Tokens"),
     batch_tokens: Optional[int] = typer.Option(None, "--batch-tokens", help="Tokens per packed batch (default: 16384).", rich_help_panel="Performance"),
     chunk_size: Optional[int] = typer.Option(None, "--chunk-size", help="Samples per chunk, the unit of commit and of resume (default: 64).", rich_help_panel="Performance"),
     shard_size: Optional[str] = typer.Option(None, "--shard-size", help="Max bytes per part file, e.g. 1GB, 256MB (default: 1GB).", rich_help_panel="Performance"),
@@ -316,6 +317,7 @@ def extract_command(
                 "max_seq_len": max_seq_len,
                 "long_policy": long_policy,
                 "add_bos": add_bos,
+                "parse_special_tokens": parse_special_tokens,
             },
         }
         fields = merge_fields(file_fields, flags)

@@ -49,6 +49,11 @@ class DataConfig(BaseModel):
     max_seq_len: int = Field(default=32768, ge=16)
     long_policy: Literal["truncate", "split", "skip"] = "truncate"
     add_bos: bool = False
+    parse_special_tokens: bool = Field(
+        default=False,
+        description="format text: read special-token strings in documents (<|endoftext|>, <|im_end|>) as "
+        "control tokens; by default they are encoded as the plain text they are",
+    )
 
     on_bad_row: Literal["error", "skip"] = "error"
 
