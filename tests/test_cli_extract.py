@@ -208,3 +208,73 @@ def test_embedding_only_hooks_store_the_embedding_rows_bit_exact(tiny_model_dir,
         token_ids = np.frombuffer(tensors["token_ids"], np.int32)
         rows = np.frombuffer(tensors[hook], np.float32).reshape(len(token_ids), -1)
         np.testing.assert_array_equal(rows, embed[token_ids])
+
+
+def _set_config(**fields):
+    def edit(model: Path) -> None:
+        config = json.loads((model / "config.json").read_text())
+        (model / "config.json").write_text(json.dumps(config | fields))
+    return edit
+
+
+def _rewrite(name: str, content):
+    def edit(model: Path) -> None:
+        path = model / name
+        path.write_bytes(content(path.read_bytes()))
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit, file, expected",
+    [
+        (_set_config(num_hidden_layers="four"), "config.json",
+         "field num_hidden_layers: Input should be a valid integer, got 'four'"),
+        (_set_config(rope_theta="big"), "config.json", "field rope_theta: Input should be a valid number, got 'big'"),
+        (_rewrite("config.json", lambda data: data[:-5]), "config.json", "not valid JSON (line"),
+        # A Qwen2 checkpoint (q/k/v biases) labelled llama, whose config says no biases.
+        (_set_config(model_type="llama"), "model.safetensors",
+         "checkpoint has q/k/v biases (model.layers."),
+        (_set_config(model_type="gpt2"), "config.json", "model_type 'gpt2' not supported"),
+        (_rewrite("model.safetensors", lambda data: data[: len(data) // 2]), "model.safetensors",
+         "not a valid safetensors file (Error while deserializing header: incomplete metadata"),
+        (_rewrite("model.safetensors", lambda data: bytes(len(data))), "model.safetensors",
+         "not a valid safetensors file (Error while deserializing header"),
+        (_rewrite("model.safetensors", lambda data: (2**62).to_bytes(8, "little") + data[8:]), "model.safetensors",
+         "not a valid safetensors file (Error while deserializing header: header too large)"),
+    ],
+    ids=["int-field-string", "float-field-string", "invalid-json", "llama-with-biases", "unsupported-type",
+         "truncated-weights", "garbage-weights", "huge-header"],
+)
+def test_bad_checkpoints_are_one_line_naming_file_and_field(tiny_model_dir, dataset, tmp_path, edit, file, expected):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    edit(model)
+    result = runner.invoke(app, extract_args(model, dataset, tmp_path / "out"))
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"actex: error: {model / file}: "), result.stderr
+    assert expected in lines[0]
+    if "biases" in expected:
+        assert f"but {model / 'config.json'} says model_type 'llama' without attention_bias" in lines[0]
+    assert not (tmp_path / "out" / "r").exists()  # nothing written
+
+
+def test_unreachable_hub_names_model_and_cache(tmp_path, dataset):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on: connections are refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HUB_CACHE=str(tmp_path / "hub"))
+    env.pop("HF_HUB_OFFLINE", None)
+    result = subprocess.run([ACTEX, *extract_args("acme/tiny-qwen2", dataset, tmp_path / "out")],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0] == (
+        f"actex: error: --model acme/tiny-qwen2: the Hugging Face hub could not be reached, and no cached "
+        f"snapshot was found in {tmp_path / 'hub' / 'models--acme--tiny-qwen2'} (check the network, or set "
+        "HF_HUB_CACHE / HF_HOME to where the model is cached)")

@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from pydantic import BaseModel, ConfigDict, PositiveFloat, PositiveInt, ValidationError
 
 from actex.model.attention import attention
 from actex.model.hooks import HOOK_EMBED, HOOK_LN_FINAL, HOOK_LN_FINAL_OUT, layers_needed, parse_hook
@@ -28,6 +29,46 @@ from actex.model.hooks import HOOK_EMBED, HOOK_LN_FINAL, HOOK_LN_FINAL_OUT, laye
 Params = dict[str, Any]
 
 _SUPPORTED_TYPES = {"qwen2", "qwen3", "llama", "mistral"}
+
+
+class _HfFields(BaseModel):
+    """Types of the config.json fields the model reads (strict: "four" is not 4)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    model_type: str = "qwen2"
+    vocab_size: PositiveInt
+    hidden_size: PositiveInt
+    num_hidden_layers: PositiveInt
+    num_attention_heads: PositiveInt
+    num_key_value_heads: PositiveInt | None = None
+    head_dim: PositiveInt | None = None
+    intermediate_size: PositiveInt
+    hidden_act: str = "silu"
+    rms_norm_eps: PositiveFloat = 1e-6
+    rope_theta: PositiveFloat = 10000.0
+    rope_parameters: dict | None = None
+    rope_scaling: dict | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    use_sliding_window: bool | None = None
+    torch_dtype: str | None = None
+    dtype: str | None = None
+
+
+def _check_field_types(hf: dict) -> None:
+    """One-line ValueError naming the first wrong-typed or missing field."""
+    try:
+        _HfFields.model_validate(hf)
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        if "rope_theta" in rope:
+            _HfFields.model_validate({**hf, "rope_theta": rope["rope_theta"]})
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = ".".join(str(part) for part in first["loc"])
+        got = "" if first["type"] == "missing" else f", got {first['input']!r}"
+        raise ValueError(f"field {field}: {first['msg']}{got}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,32 +95,37 @@ class ModelConfig:
 
     @classmethod
     def from_hf_config(cls, hf: dict) -> ModelConfig:
-        """Build from a config.json dict; refuse what this model would compute wrongly."""
+        """Build from a config.json dict; refuse what this model would compute wrongly.
+
+        Errors are one-line ValueErrors naming the field ("field num_hidden_layers: ...");
+        callers that know the file prefix its path (weights.read_model_config).
+        """
         model_type = hf.get("model_type", "qwen2")
         if model_type not in _SUPPORTED_TYPES:
             raise ValueError(
-                f"config.json: model_type {model_type!r} not supported; "
+                f"model_type {model_type!r} not supported; "
                 f"expected one of {sorted(_SUPPORTED_TYPES)}"
             )
+        _check_field_types(hf)
         if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"config.json: hidden_act {hf['hidden_act']!r} not supported (silu)")
+            raise ValueError(f"hidden_act {hf['hidden_act']!r} not supported (silu)")
         if hf.get("use_sliding_window") or (
             model_type == "mistral" and hf.get("sliding_window") is not None
         ):
-            raise ValueError("config.json: sliding-window attention is not supported")
+            raise ValueError("sliding-window attention is not supported")
         if hf.get("mlp_bias"):
-            raise ValueError("config.json: mlp_bias=true is not supported")
+            raise ValueError("mlp_bias=true is not supported")
         # transformers 5 writes `rope_parameters`; older configs `rope_theta` + `rope_scaling`.
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
-            raise ValueError(f"config.json: rope_type {rope_type!r} not supported (default)")
+            raise ValueError(f"rope_type {rope_type!r} not supported (default)")
         rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
         n_heads = hf["num_attention_heads"]
         n_kv_heads = hf.get("num_key_value_heads") or n_heads
         if n_heads % n_kv_heads:
             raise ValueError(
-                f"config.json: num_attention_heads {n_heads} not a multiple of "
+                f"num_attention_heads {n_heads} not a multiple of "
                 f"num_key_value_heads {n_kv_heads}"
             )
         qkv_bias = True if model_type == "qwen2" else bool(hf.get("attention_bias", False))
