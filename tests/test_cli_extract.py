@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -278,3 +279,64 @@ def test_unreachable_hub_names_model_and_cache(tmp_path, dataset):
         f"actex: error: --model acme/tiny-qwen2: the Hugging Face hub could not be reached, and no cached "
         f"snapshot was found in {tmp_path / 'hub' / 'models--acme--tiny-qwen2'} (check the network, or set "
         "HF_HUB_CACHE / HF_HOME to where the model is cached)")
+
+
+def test_log_json_stderr_holds_only_json_lines(tiny_model_dir, dataset, tmp_path):
+    # XLA's own C++ logging (switched on here) writes to descriptor 2 directly, as libtpu's
+    # backend warnings do on a TPU VM: with --log-json those lines must be JSON too.
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="0", TF_CPP_VMODULE="pjrt_client=1")
+    ok = subprocess.run([ACTEX, *extract_args(tiny_model_dir, dataset, tmp_path, "--limit", "2", "--log-json")],
+                        env=env, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    records = [json.loads(line) for line in ok.stderr.splitlines()]  # every line parses
+    assert all(isinstance(r, dict) for r in records)
+    assert any(r["logger"] == "stderr" and "pjrt_client.cc" in r["message"] and r["level"] == "info" for r in records)
+    assert [r["event"] for r in records if r.get("event") in ("start", "done")] == ["start", "done"]
+
+    bad = runner.invoke(app, extract_args(tiny_model_dir, dataset, tmp_path, "--layers", "0-5", "--log-json"))
+    assert bad.exit_code == 2
+    records = [json.loads(line) for line in bad.stderr.splitlines()]
+    errors = [r for r in records if r["level"] == "error"]
+    assert errors == [{**errors[0], "message": "layer 2 out of range: model has 2 layers (0-1)", "event": "error",
+                       "exit_code": 2}]
+
+
+def test_json_stderr_wraps_plain_lines():
+    from actex.cli.json_stderr import as_json_line
+
+    assert json.loads(as_json_line(b"E0000 00:00:1.2 123 tpu.cc:1] TPU backend failed\n"))["level"] == "error"
+    assert json.loads(as_json_line(b"W1130 16:26:32.05 4069 x.cc:2] careful\n"))["level"] == "warning"
+    plain = json.loads(as_json_line(b"Traceback (most recent call last):\n"))
+    assert plain["logger"] == "stderr" and plain["message"] == "Traceback (most recent call last):"
+    assert as_json_line(b'{"level": "info", "message": "x"}\n') == b'{"level": "info", "message": "x"}\n'
+
+
+def test_gc_refuses_a_path_that_is_not_a_run(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a run")
+    result = runner.invoke(app, ["gc", str(tmp_path)])
+    assert result.exit_code == 2
+    assert result.stderr == f"actex: error: {tmp_path}: no run.json here (not an actex run)\n"
+    assert (tmp_path / "notes.txt").exists()
+
+
+def _help(*command: str) -> str:
+    result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "250"}, terminal_width=250)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_help_shows_bracketed_text_and_no_type_label_on_flags():
+    import click
+    import typer.main
+
+    group = typer.main.get_command(app)
+    for name, command in group.commands.items():
+        shown = _help(name)
+        for param in command.params:
+            help_text = (param.help or "").replace("\\[", "[")
+            for bracketed in re.findall(r"\[[^\]]*\]", help_text):
+                assert bracketed in shown, f"actex {name}: {bracketed!r} of {param.name} lost from --help"
+            if isinstance(param, click.Option) and param.is_flag:
+                line = next(line for line in shown.splitlines() if param.opts[0] in line)
+                assert "<bool>" not in line, f"actex {name} {param.opts[0]}: {line.strip()}"
+    assert "barc-style column of [input, output] pairs" in _help("streams")

@@ -52,6 +52,14 @@ def parse_size(text: str) -> int:
 _USER_ERRORS = (ConfigError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, UserError)
 
 
+def error_line(message: str, exit_code: int) -> None:
+    """The one line of a failed command: `actex: error: ...`, or a JSON record with --log-json."""
+    if _json_log:
+        log.error(message, extra={"data": {"event": "error", "exit_code": exit_code}})
+    else:
+        typer.echo(f"actex: error: {message}", err=True)
+
+
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Turn a user-caused exception into one line on stderr and exit code 2."""
@@ -61,12 +69,22 @@ def user_errors() -> Iterator[None]:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         if isinstance(error, PermissionError) and error.filename:
             message = f"{error.filename}: permission denied (is the output writable?)"
-        typer.echo(f"actex: error: {message}", err=True)
+        error_line(message, EXIT_USER_ERROR)
         raise typer.Exit(EXIT_USER_ERROR) from None
     except OSError as error:  # an unwritable or unreachable output, a full disk, ...
         where = f"{error.filename}: " if getattr(error, "filename", None) else ""
-        typer.echo(f"actex: error: {where}{error.strerror or error}", err=True)
+        error_line(f"{where}{error.strerror or error}", EXIT_USER_ERROR)
         raise typer.Exit(EXIT_USER_ERROR) from None
+
+
+def run_store(url: str):
+    """The store of the run at `url`; a UserError if no run.json is there (not a run)."""
+    from actex.store.folder import open_store
+
+    store = open_store(url)
+    if not store.exists("run.json"):
+        raise UserError(f"{store.url}: no run.json here (not an actex run)")
+    return store
 
 
 # ----------------------------------------------------------------------------- logging
@@ -88,7 +106,17 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+_json_log = False  # set by setup_logging: errors are JSON records too
+
+
 def setup_logging(log_json: bool, verbose: bool = False) -> None:
+    """Log to stderr; with `log_json`, stderr carries only JSON lines (see cli/json_stderr.py)."""
+    global _json_log
+    _json_log = log_json
+    if log_json:
+        from actex.cli.json_stderr import capture_stderr
+
+        capture_stderr()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_json else logging.Formatter("actex: %(message)s"))
     root = logging.getLogger()
@@ -203,7 +231,7 @@ def run_extract(fields: dict, *, worker_index: int | None, num_workers: int, cla
                 except StoreError as error:
                     # The store kept failing after retries: not the user's input, so not exit 2,
                     # which `actex fleet` takes for a bad config and never restarts.
-                    typer.echo(f"actex: error: {error}", err=True)
+                    error_line(str(error), 1)
                     raise typer.Exit(1) from None
         finally:
             if claim:
@@ -211,8 +239,7 @@ def run_extract(fields: dict, *, worker_index: int | None, num_workers: int, cla
     snap = summary.progress
     log.info("done", extra={"data": {"event": "done", "committed": summary.committed, "skipped": summary.skipped, "lost": summary.lost, **snap}})
     if summary.failed:
-        typer.echo(f"actex: error: {summary.failed} chunk(s) not committed after write failures (see log); "
-                   "rerun to redo them", err=True)
+        error_line(f"{summary.failed} chunk(s) not committed after write failures (see log); rerun to redo them", 1)
         raise typer.Exit(1)
     if guard.reason is not None:
         typer.echo(guard.exit_line(summary.committed))
@@ -377,14 +404,10 @@ def inspect_command(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Hooks, widths, dtype, chunks committed/total, samples, tokens, bytes and config of a run."""
-    from actex.store.folder import open_store
     from actex.store.reader import Run
 
     with user_errors():
-        store = open_store(url)
-        if not store.exists("run.json"):
-            raise UserError(f"{store.url}: no run.json here (not an actex run)")
-        summary = Run(store).summary()
+        summary = Run(run_store(url)).summary()
     if as_json:
         typer.echo(json.dumps(summary, indent=2, default=str))
         return

@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from actex.cli.extract import UserError, user_errors
+from actex.cli.extract import UserError, run_store, user_errors
 
 EXIT_VERIFY_FAILED = 1
 
@@ -103,11 +103,10 @@ def gc(
     dry_run: bool = typer.Option(False, "--dry-run", help="List what would be deleted; delete nothing."),
 ) -> None:
     """Delete uncommitted attempts older than the grace period; never anything a commit record names."""
-    from actex.store.folder import open_store
     from actex.store.gc import collect_garbage
 
     with user_errors():
-        report = collect_garbage(open_store(url), grace_s=grace_hours * 3600, dry_run=dry_run)
+        report = collect_garbage(run_store(url), grace_s=grace_hours * 3600, dry_run=dry_run)
     action = "would delete" if dry_run else "deleted"
     for attempt in report.deleted:
         typer.echo(f"  {action} {attempt.dir} ({len(attempt.files)} files)")
