@@ -222,3 +222,16 @@ def test_float32_matmuls_ask_for_full_precision_and_cpu_results_are_unchanged(ti
     default = make_capture_fn(tiny.config, hooks, "float32")(tiny.params, *inputs)
     if jax.default_backend() == "cpu":
         np.testing.assert_array_equal(explicit[hooks[0]], default[hooks[0]])
+
+
+def test_embedding_only_params_shard_and_capture(tiny):
+    # hook_embed alone loads no block weight: params["layers"] is empty, and both the mesh
+    # placement and the forward must take that (they once looked up a block weight).
+    embed_only = load_model(tiny.path, max_layers=0)
+    assert embed_only.params["layers"] == {}
+    params = shard_params(embed_only.params, embed_only.config, make_mesh())
+    token_ids = np.array([[3, 1, 4, 1, 5]], np.int32)
+    out = make_capture_fn(embed_only.config, ["hook_embed", "blocks.0.hook_resid_pre"], "float32")(
+        params, token_ids, np.arange(5, dtype=np.int32)[None], np.ones_like(token_ids))
+    for value in out.values():
+        np.testing.assert_array_equal(value[0], np.asarray(tiny.params["embed"])[token_ids[0]])
