@@ -24,7 +24,8 @@ from actex.data.config import DataConfig
 from actex.model.hooks import hooks_for_layers, parse_hooks
 
 StoredDtype = Literal["bfloat16", "float16", "float32"]
-# float16 is refused here, before the plan: Qwen-family activations overflow its range.
+# No float16 forward: the weight loader has none (and massive activations risk overflowing it).
+# Refused here, by config validation, before the slow plan rather than after it.
 ComputeDtype = Literal["bfloat16", "float32"]
 
 # Fields that say where/how a run is written or named, not what it contains.
