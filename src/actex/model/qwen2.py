@@ -49,9 +49,9 @@ class _HfFields(BaseModel):
     rope_theta: PositiveFloat = 10000.0
     rope_parameters: dict | None = None
     rope_scaling: dict | None = None
-    tie_word_embeddings: bool = False
-    attention_bias: bool = False
-    mlp_bias: bool = False
+    tie_word_embeddings: bool | None = None
+    attention_bias: bool | None = None
+    mlp_bias: bool | None = None
     use_sliding_window: bool | None = None
     torch_dtype: str | None = None
     dtype: str | None = None
