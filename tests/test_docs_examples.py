@@ -1,7 +1,8 @@
 """Every runnable fenced block of README.md and docs/*.md runs, as written, on the demo run.
 
 A `bash`/`sh` or `python` block runs unless the line before its fence is
-`<!-- not run: REASON -->` (a bucket, the hub, an interface listing, a loop fragment).
+`<!-- not run: REASON -->` (a bucket, the hub, an interface listing, a loop fragment); a
+`yaml` block (a `--config` file) must name only real fields with valid data values.
 The demo run is built once for the module, as `make demo` builds it (`actex demo`, on one
 task to stay quick), in a folder that also holds `.venv` (this interpreter's environment),
 so `source .venv/bin/activate` and `.venv/bin/actex` work as they do after `make demo`.
@@ -28,7 +29,7 @@ from actex.cli import app
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-RUNNABLE = {"bash": "bash", "sh": "bash", "shell": "bash", "python": "python", "py": "python"}
+RUNNABLE = {"bash": "bash", "sh": "bash", "shell": "bash", "python": "python", "py": "python", "yaml": "yaml"}
 NOT_RUN = re.compile(r"<!--\s*not run:\s*\S.*-->")
 
 
@@ -67,6 +68,19 @@ def fenced_blocks(path: Path) -> list[Block]:
 BLOCKS = [block for path in DOCS for block in fenced_blocks(path)]
 
 
+@pytest.mark.parametrize("block", [b for b in BLOCKS if b.language == "yaml"], ids=lambda b: b.id)
+def test_config_file_examples_validate(block):
+    # A `--config` example needs the hub to run, but its fields must all be real ones.
+    import yaml
+
+    from actex.config import check_field_names
+    from actex.data.config import DataConfig
+
+    fields = yaml.safe_load(block.code)
+    check_field_names(fields)
+    DataConfig.model_validate(fields["data"])
+
+
 def test_the_docs_hold_runnable_blocks():
     # The convention is noticed: a parser that found nothing would pass every check below.
     ran = [b for b in BLOCKS if not b.skipped]
@@ -102,7 +116,7 @@ def _shell_env(root: Path) -> dict[str, str]:
     return env | {"PATH": path, "XDG_CACHE_HOME": str(root / "cache")}
 
 
-@pytest.mark.parametrize("block", [b for b in BLOCKS if not b.skipped], ids=lambda b: b.id)
+@pytest.mark.parametrize("block", [b for b in BLOCKS if not b.skipped and b.language != "yaml"], ids=lambda b: b.id)
 def test_block_runs_on_the_demo_run(block, demo_root, tmp_path, monkeypatch):
     (tmp_path / ".venv").symlink_to(Path(sys.prefix))
     (tmp_path / "actex-demo").symlink_to(demo_root / "actex-demo")

@@ -52,28 +52,29 @@ def parse_size(text: str) -> int:
 _USER_ERRORS = (ConfigError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, UserError)
 
 
-def error_line(message: str, exit_code: int) -> None:
+def error_line(message: str, exit_code: int, log_json: bool = False) -> None:
     """The one line of a failed command: `actex: error: ...`, or a JSON record with --log-json."""
-    if _json_log:
+    if log_json:
         log.error(message, extra={"data": {"event": "error", "exit_code": exit_code}})
     else:
         typer.echo(f"actex: error: {message}", err=True)
 
 
 @contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn a user-caused exception into one line on stderr and exit code 2."""
+def user_errors(log_json: bool = False) -> Iterator[None]:
+    """Turn a user-caused exception into one line on stderr (a JSON record with `log_json`)
+    and exit code 2."""
     try:
         yield
     except _USER_ERRORS as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         if isinstance(error, PermissionError) and error.filename:
             message = f"{error.filename}: permission denied (is the output writable?)"
-        error_line(message, EXIT_USER_ERROR)
+        error_line(message, EXIT_USER_ERROR, log_json)
         raise typer.Exit(EXIT_USER_ERROR) from None
     except OSError as error:  # an unwritable or unreachable output, a full disk, ...
         where = f"{error.filename}: " if getattr(error, "filename", None) else ""
-        error_line(f"{where}{error.strerror or error}", EXIT_USER_ERROR)
+        error_line(f"{where}{error.strerror or error}", EXIT_USER_ERROR, log_json)
         raise typer.Exit(EXIT_USER_ERROR) from None
 
 
@@ -106,13 +107,8 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-_json_log = False  # set by setup_logging: errors are JSON records too
-
-
 def setup_logging(log_json: bool, verbose: bool = False) -> None:
     """Log to stderr; with `log_json`, stderr carries only JSON lines (see cli/json_stderr.py)."""
-    global _json_log
-    _json_log = log_json
     if log_json:
         from actex.cli.json_stderr import capture_stderr
 
@@ -193,7 +189,7 @@ def run_extract(fields: dict, *, worker_index: int | None, num_workers: int, cla
     from actex.store.folder import StoreError
 
     enable_compilation_cache()
-    with user_errors():
+    with user_errors(log_json):
         if worker_index is None:
             worker_index = worker_index_from_env() or 0
         run = open_run(fields, storage_options=storage_options)
@@ -224,14 +220,14 @@ def run_extract(fields: dict, *, worker_index: int | None, num_workers: int, cla
             ProgressView(todo, show_bar=show_bar) as view:
         watch_gce_preemption(guard)
         try:
-            with user_errors():
+            with user_errors(log_json):
                 try:
                     summary = extract(run, source, worker=worker, stop=stop, on_commit=view.committed,
                                       on_write_failure=on_write_failure, heartbeat=heartbeat)
                 except StoreError as error:
                     # The store kept failing after retries: not the user's input, so not exit 2,
                     # which `actex fleet` takes for a bad config and never restarts.
-                    error_line(str(error), 1)
+                    error_line(str(error), 1, log_json)
                     raise typer.Exit(1) from None
         finally:
             if claim:
@@ -239,7 +235,7 @@ def run_extract(fields: dict, *, worker_index: int | None, num_workers: int, cla
     snap = summary.progress
     log.info("done", extra={"data": {"event": "done", "committed": summary.committed, "skipped": summary.skipped, "lost": summary.lost, **snap}})
     if summary.failed:
-        error_line(f"{summary.failed} chunk(s) not committed after write failures (see log); rerun to redo them", 1)
+        error_line(f"{summary.failed} chunk(s) not committed after write failures (see log); rerun to redo them", 1, log_json)
         raise typer.Exit(1)
     if guard.reason is not None:
         typer.echo(guard.exit_line(summary.committed))
@@ -308,7 +304,7 @@ def extract_command(
     Rerun the same command to resume: committed chunks are skipped, unfinished ones redone.
     """
     setup_logging(log_json)
-    with user_errors():
+    with user_errors(log_json):
         file_fields = load_config_file(config_file) if config_file else {}
         flags = {
             "model": model,
@@ -376,7 +372,7 @@ def demo_command(
 
     setup_logging(log_json)
     started = time.monotonic()
-    with user_errors():
+    with user_errors(log_json):
         model_dir = demo_model_dir()
         dataset = demo_dataset(output / "arc-tasks.jsonl", tasks)
     fields = {
