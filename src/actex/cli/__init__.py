@@ -3,7 +3,7 @@
 import typer
 import typer.core
 
-from actex.cli import data, extract, fleet, reader
+from actex.cli import data, extract, fleet, reader, tpu
 
 
 def _type_label(option: typer.core.TyperOption, ctx) -> str | None:
@@ -24,5 +24,5 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for area in (extract, data, reader, fleet):
+for area in (extract, data, reader, fleet, tpu):
     area.register(app)
