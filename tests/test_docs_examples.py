@@ -2,7 +2,7 @@
 
 A `bash`/`sh` or `python` block runs unless the line before its fence is
 `<!-- not run: REASON -->` (a bucket, the hub, an interface listing, a loop fragment); a
-`yaml` block (a `--config` file) must name only real fields with valid data values.
+`yaml` block (a `--config` or fleet file) must name only real fields with valid values.
 The demo run is built once for the module, as `make demo` builds it (`actex demo`, on one
 task to stay quick), in a folder that also holds `.venv` (this interpreter's environment),
 so `source .venv/bin/activate` and `.venv/bin/actex` work as they do after `make demo`.
@@ -70,13 +70,18 @@ BLOCKS = [block for path in DOCS for block in fenced_blocks(path)]
 
 @pytest.mark.parametrize("block", [b for b in BLOCKS if b.language == "yaml"], ids=lambda b: b.id)
 def test_config_file_examples_validate(block):
-    # A `--config` example needs the hub to run, but its fields must all be real ones.
+    # A `--config` or fleet file example needs the hub or GCP to run, but its fields must be real.
     import yaml
 
     from actex.config import check_field_names
     from actex.data.config import DataConfig
 
     fields = yaml.safe_load(block.code)
+    if "zones" in fields:  # a fleet file (actex deploy / tpu / monitor)
+        from actex.fleet.deploy import FleetFile
+
+        FleetFile.model_validate(fields)
+        return
     check_field_names(fields)
     DataConfig.model_validate(fields["data"])
 
