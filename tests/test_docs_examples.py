@@ -70,21 +70,25 @@ BLOCKS = [block for path in DOCS for block in fenced_blocks(path)]
 
 
 @pytest.mark.parametrize("block", [b for b in BLOCKS if b.language == "yaml"], ids=lambda b: b.id)
-def test_config_file_examples_validate(block):
-    # A `--config` or fleet file example needs the hub or GCP to run, but its fields must be real.
+def test_config_file_examples_validate(block, tmp_path):
+    # A --config or fleet file needs the hub, GCP or a cluster to run, but it must be valid.
     import yaml
 
     from actex.config import check_field_names
     from actex.data.config import DataConfig
 
     fields = yaml.safe_load(block.code)
-    if "zones" in fields:  # a fleet file (actex deploy / tpu / monitor)
+    if "zones" in fields:  # a TPU VM fleet file (actex deploy / tpu / monitor)
         from actex.fleet.deploy import FleetFile
 
         FleetFile.model_validate(fields)
-        return
-    check_field_names(fields)
-    DataConfig.model_validate(fields["data"])
+    elif "image" in fields and "workers" in fields:  # a GKE fleet file: render it as written
+        (tmp_path / "fleet.yaml").write_text(block.code)
+        result = CliRunner().invoke(app, ["k8s", "render", str(tmp_path / "fleet.yaml")])
+        assert result.exit_code == 0, result.output
+    else:
+        check_field_names(fields)
+        DataConfig.model_validate(fields["data"])
 
 
 def test_the_docs_hold_runnable_blocks():
