@@ -3,7 +3,7 @@
 import typer
 import typer.core
 
-from actex.cli import data, extract, fleet, k8s, reader, tpu
+from actex.cli import data, extract, fleet, generate, k8s, reader, tpu
 
 
 def _type_label(option: typer.core.TyperOption, ctx) -> str | None:
@@ -24,5 +24,5 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for area in (extract, data, reader, fleet, k8s, tpu):
+for area in (extract, generate, data, reader, fleet, k8s, tpu):
     area.register(app)
