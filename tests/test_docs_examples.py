@@ -114,6 +114,7 @@ def demo_root(tmp_path_factory) -> Path:
 
 def _actex_lines(code: str) -> list[list[str]] | None:
     """The argument vectors of a block made only of `actex ...` lines, else None."""
+    code = code.replace("\\\n", " ")  # a command continued over lines is one command
     commands = [shlex.split(line, comments=True) for line in code.splitlines()]
     commands = [c for c in commands if c]
     return [c[1:] for c in commands] if commands and all(c[0] == "actex" for c in commands) else None
