@@ -27,6 +27,7 @@ never overlap and every committed token is yielded exactly once per epoch.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import threading
 from collections import OrderedDict, deque
@@ -166,10 +167,12 @@ class Part:
     bytes: int
     header_bytes: int | None = None  # v2: length and CRC of its header, from the commit record
     header_crc32c: str | None = None
+    sha256: str | None = None  # of the whole file, from the commit record
 
 
 def parts_of(record: CommitRecord) -> list[Part]:
-    return [Part(record.chunk, i, p.path, p.bytes, p.header_bytes, p.header_crc32c) for i, p in enumerate(record.parts)]
+    return [Part(record.chunk, i, p.path, p.bytes, p.header_bytes, p.header_crc32c, p.sha256)
+            for i, p in enumerate(record.parts)]
 
 
 @dataclass(frozen=True)
@@ -579,6 +582,23 @@ class Run:
         where = self.store.url_of(part.path)
         raws = read_ranges(self.store, part.path, [whole(spec[SAMPLE_IDS]), whole(spec[SAMPLE_OFFSETS])])
         return tuple(spec[n].read(raw, where, n) for n, raw in zip((SAMPLE_IDS, SAMPLE_OFFSETS), raws))
+
+    def check_part(self, part: Part) -> None:
+        """Read a whole part and check every byte: size and sha256 from the commit record,
+        header CRC (v2), each tensor's CRCs (v2). CorruptPartError names the part and, where
+        the checksums can tell, the tensor (v1 parts have only the sha256)."""
+        where = self.store.url_of(part.path)
+        data = self.store.read_bytes(part.path)
+        if len(data) != part.bytes:
+            raise CorruptPartError(f"{where}: truncated: {len(data)} bytes, the commit record says {part.bytes}")
+        if part.header_bytes is not None:
+            actual = integrity.hex32(integrity.crc32c(memoryview(data)[: part.header_bytes]))
+            if actual != part.header_crc32c:
+                raise CorruptPartError(f"{where}: header crc32c expected {part.header_crc32c}, actual {actual}")
+        shards.decode_part(data, where)
+        actual = hashlib.sha256(data).hexdigest()
+        if part.sha256 is not None and actual != part.sha256:
+            raise CorruptPartError(f"{where}: sha256 expected {part.sha256}, actual {actual}")
 
     def read_part(self, part: Part, hook: str) -> Batch:
         return self.read_block(Block(part, 0, self.num_part_tokens(part)), hook)
