@@ -487,8 +487,16 @@ def _backend_for(fs: fsspec.AbstractFileSystem, url: str) -> _Backend:
         return _GCSBackend(fs)
     if protocols & {"s3", "s3a"}:
         return _S3Backend(fs)
-    raise ValueError(f"{url}: actex needs a store with a proven conditional create for exactly-once commits; "
-                     f"{'/'.join(sorted(protocols))} has none it can prove (use a local path, memory://, gs:// or s3://)")
+    raise ValueError(_unproven(url, "/".join(sorted(protocols))))
+
+
+# URL schemes whose conditional create is proven (by the tests, on the real client libraries).
+PROVEN_PROTOCOLS = ("file", "memory", "gs", "gcs", "s3", "s3a")
+
+
+def _unproven(url: str, protocol: str) -> str:
+    return (f"{url}: {protocol}:// has no conditional create actex can prove, and exactly-once commits need one; "
+            "use a local path, memory://, gs:// or s3://")
 
 
 # ----------------------------------------------------------------------------- the folder
@@ -684,6 +692,10 @@ def open_store(url: str | os.PathLike, *, retry: RetryPolicy | None = None, **st
     url = os.fspath(url)
     if "://" not in url:
         url = os.path.abspath(os.path.expanduser(url))
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    if protocol not in PROVEN_PROTOCOLS:
+        # Refused before fsspec builds (or fails to import) the filesystem.
+        raise ValueError(_unproven(url, protocol))
     fs, root = fsspec.core.url_to_fs(url, **storage_options)
     if "://" not in url:
         shown = url
