@@ -589,7 +589,7 @@ class Store:
         One recursive listing (paged by the backend), never one request per object.
         Temp files of unfinished local writes are left out (see `list_temp`).
         """
-        return sorted(rel for rel in self._find(prefix) if not _is_temp(rel))
+        return sorted(rel for rel in self._find(prefix, detail=False) if not _is_temp(rel))
 
     def list_temp(self, prefix: str = "") -> dict[str, float | None]:
         """Temp files under `prefix` ({relative path: modified unix time, None if unknown}).
@@ -597,15 +597,16 @@ class Store:
         A local write that died (killed process, full disk before this version cleaned up)
         leaves its `.actex-tmp-*` file; `gc` deletes the stale ones.
         """
-        return {rel: _modified(info) for rel, info in self._find(prefix).items() if _is_temp(rel)}
+        return {rel: _modified(info) for rel, info in self._find(prefix, detail=True).items() if _is_temp(rel)}
 
-    def _find(self, prefix: str) -> dict[str, dict]:
+    def _find(self, prefix: str, detail: bool) -> dict[str, dict]:
+        """{relative path: fsspec info (empty unless `detail`, which costs a stat per file locally)}."""
         base = self.path(prefix)
 
         def find() -> dict[str, dict]:
             self._fresh(base)
             try:
-                found = self.fs.find(base, detail=True)
+                found = self.fs.find(base, detail=True) if detail else dict.fromkeys(self.fs.find(base), {})
             except FileNotFoundError:
                 return {}
             root = self.fs._strip_protocol(self.root).rstrip("/") + "/"

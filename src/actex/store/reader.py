@@ -46,7 +46,7 @@ from actex.store.manifest import RunManifest, read_manifest
 from actex.store.shards import TensorInfo
 from actex.store.stats import HookStats, decode_stats
 
-# Index tensors every part holds besides one tensor per hook (DESIGN "Store format v1").
+# Index tensors every part holds besides one tensor per hook (docs/store.md, "Parts").
 TOKEN_IDS, POSITIONS, SAMPLE_OFFSETS, SAMPLE_IDS = shards.INDEX_TENSORS
 
 # A block's hook rows are about this many bytes: big enough that per-request latency on
