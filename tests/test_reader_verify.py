@@ -106,15 +106,10 @@ def test_verify_fails_on_nan_in_stored_values(tmp_path, monkeypatch):
     # A NaN is the most common corruption of all (overflow, a bad kernel): it must fail
     # verify, not vanish in a max(). The reference is the clean stored data itself.
     import actex.verify as verify_module
-    from reader_fixtures import write_run
+    from reader_fixtures import stored_reference, write_run
 
     expected = write_run(str(tmp_path / "run"), lengths=[[[5, 7]], [[6]]], dtype="float32")
-    clean = {}
-    for sid in np.unique(expected.sample_ids):
-        rows = expected.sample_ids == sid
-        clean[expected.token_ids[rows].tobytes()] = {h: a[rows] for h, a in expected.hooks.items()}
-    monkeypatch.setattr(verify_module, "reference_activations",
-                        lambda ref, hooks, token_ids, positions: clean[np.asarray(token_ids).tobytes()])
+    monkeypatch.setattr(verify_module, "reference_activations", stored_reference(expected))
     run = open_run(expected.url)
     assert verify(run, 10, reference=object()).ok
 

@@ -13,7 +13,7 @@ import threading
 
 import numpy as np
 import pytest
-from reader_fixtures import HOOKS, write_run
+from reader_fixtures import HOOKS, stored_reference, write_run
 from typer.testing import CliRunner
 
 import actex.verify as verify_module
@@ -71,12 +71,7 @@ def test_same_size_corruption_is_named_by_reader_and_verify(tmp_path, monkeypatc
     assert part.path in line and f"tensor {HOOK}" in line and "expected" in line
 
     # verify proper: the corrupt part is reported and its samples are not compared.
-    clean = {}
-    for sid in np.unique(expected.sample_ids):
-        rows = expected.sample_ids == sid
-        clean[expected.token_ids[rows].tobytes()] = {h: a[rows] for h, a in expected.hooks.items()}
-    monkeypatch.setattr(verify_module, "reference_activations",
-                        lambda ref, hooks, token_ids, positions: clean[np.asarray(token_ids).tobytes()])
+    monkeypatch.setattr(verify_module, "reference_activations", stored_reference(expected))
     report = verify_module.verify(open_run(expected.url), 100, reference=object())
     assert not report.ok and len(report.corrupt) == 1 and f"tensor {HOOK}" in report.corrupt[0]
     assert all(c.ok for c in report.checks) and 0 < len(report.sample_ids) < len(np.unique(expected.sample_ids))
@@ -124,6 +119,15 @@ def test_v1_runs_stay_readable(tmp_path):
     np.testing.assert_allclose(run.stats(HOOK).mean, values.mean(0), rtol=1e-6, atol=1e-6)
     result = CliRunner().invoke(app, ["verify", expected.url, "--integrity-only"])
     assert result.exit_code == 0 and "4 part(s)" in result.output and "0 corrupt" in result.output
+
+
+def test_a_range_past_the_end_is_a_short_read_on_every_backend(store_url):
+    """So a truncated part reads as truncated (one line), not as a backend's HTTP 416."""
+    url, options = store_url
+    store = open_store(url, **options)
+    store.write_bytes("part", bytes(range(100)))
+    assert store.read_range("part", 90, 150) == bytes(range(90, 100))
+    assert store.read_range("part", 120, 150) == b""
 
 
 class RecordCounter(Store):

@@ -383,6 +383,18 @@ class _GCSBackend(_Backend):
         return True
 
 
+def _past_the_end(exc: BaseException) -> bool:
+    """A ranged read that starts at or after the object's end: HTTP 416 / S3 InvalidRange."""
+    cur: BaseException | None = exc
+    while cur is not None:
+        response = getattr(cur, "response", None)
+        if _http_status(cur) == 416 or (isinstance(response, dict)
+                                        and response.get("Error", {}).get("Code") == "InvalidRange"):
+            return True
+        cur = cur.__cause__
+    return False
+
+
 def _is_precondition_failure(exc: BaseException) -> bool:
     cur: BaseException | None = exc
     while cur is not None:
@@ -557,13 +569,27 @@ class Store:
         return self._call("read", f"{len(rels)} objects under {rels[0].rsplit('/', 1)[0]}", cat)
 
     def read_range(self, rel: str, start: int, stop: int) -> bytes:
-        """Bytes [start, stop) of one object: one ranged GET on object stores."""
+        """Bytes [start, stop) of one object: one ranged GET on object stores.
+
+        Short (maybe empty) where the object ends first, on every backend alike: a local
+        read stops at the end, and GCS / S3 answer a range wholly past it with 416, which
+        is returned as b"" so callers see a truncated object as a short read.
+        """
         if not 0 <= start <= stop:
             raise ValueError(f"bad byte range [{start}, {stop}) for {self.url_of(rel)}")
         if start == stop:
             return b""
         path = self.path(rel)
-        return self._call("read", rel, lambda: self.fs.cat_file(path, start=start, end=stop))
+
+        def read() -> bytes:
+            try:
+                return self.fs.cat_file(path, start=start, end=stop)
+            except Exception as exc:  # gcsfs's HttpError is no OSError
+                if _past_the_end(exc):
+                    return b""
+                raise
+
+        return self._call("read", rel, read)
 
     def size(self, rel: str) -> int:
         path = self.path(rel)
