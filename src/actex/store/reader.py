@@ -63,6 +63,8 @@ V1_HEADER_GUESS = 64 * 1024
 # is ~100 bytes per tensor; a run can have hundreds of thousands of parts).
 RECORD_BATCH = 512
 HEADER_CACHE = 4096
+# Stats objects fetched per batch: 24 hooks x 896 wide is 344 KB each, so 64 is ~22 MB.
+STATS_BATCH = 64
 
 
 # ---------------------------------------------------------------------------------------
@@ -387,12 +389,11 @@ class Run:
     and kept in a bounded cache; statistics objects are read only by `stats` / `summary`.
     """
 
-    def __init__(self, store: Store, *, threads: int = 16):
+    def __init__(self, store: Store):
         self.store = store
         self.manifest: RunManifest = read_manifest(store)
         # One listing: the committed chunks at open time (a record never disappears).
         self.chunks: list[int] = sorted(committed_chunks(store))
-        self.threads = max(1, threads)
         self._committed = frozenset(self.chunks)
         self._records: dict[int, CommitRecord] = {}
         self._headers: OrderedDict[str, dict[str, TensorInfo]] = OrderedDict()
@@ -482,8 +483,8 @@ class Run:
         merged = {h: HookStats.empty(w) for h, w in self.hooks.items()}
         covered = set(merged)
         records = list(self.commits.values())
-        for at in range(0, len(records), RECORD_BATCH):
-            batch = records[at : at + RECORD_BATCH]
+        for at in range(0, len(records), STATS_BATCH):
+            batch = records[at : at + STATS_BATCH]
             paths = [r.stats_path for r in batch if r.stats_path]
             raw = self.store.read_many(paths) if paths else {}
             for record in batch:

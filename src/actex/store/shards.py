@@ -162,7 +162,8 @@ def decode_part(data: bytes, where: str = "part") -> Part:
     Raises CorruptPartError (one line naming `where` and the tensor) on any mismatch.
     """
     header = read_header(data, where=where, size=len(data))
-    arrays = {name: info.read(data[info.start : info.stop], where, name) for name, info in header.tensors.items()}
+    view = memoryview(data)  # slices without copies; the arrays are views of `data`
+    arrays = {name: info.read(view[info.start : info.stop], where, name) for name, info in header.tensors.items()}
     missing = [name for name in INDEX_TENSORS if name not in arrays]
     if missing:
         raise CorruptPartError(f"{where}: not an actex part: missing tensors {missing}")
