@@ -369,10 +369,11 @@ def prefetched(items: Iterable, fetch: Callable, threads: int, depth: int) -> It
         while inflight:
             yield inflight.popleft().result()
     finally:
-        # The caller may stop early (break, exception): drop the queued reads.
+        # The caller may stop early (break, exception): drop the queued reads and wait for
+        # the few running ones, so nothing reads on behind a closed iterator.
         for fut in inflight:
             fut.cancel()
-        pool.shutdown(wait=False, cancel_futures=True)
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ---------------------------------------------------------------------------------------
