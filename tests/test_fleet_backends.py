@@ -6,6 +6,7 @@ smaller fleet with one worker killed mid-run, then the run is compared to one cl
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
@@ -25,6 +26,7 @@ from fleet_fixtures import (
 
 from actex.fleet.local import LocalFleet, actex_command
 from actex.fleet.monitor import run_complete
+from actex.store.commits import read_commits
 from actex.store.folder import open_store
 
 CHUNKS = 48
@@ -90,6 +92,10 @@ def test_fleet_and_status_commands(case, tmp_path):
     status = subprocess.run([*actex_command(), "status", url, "--json"], env=env, capture_output=True, text=True, timeout=60)
     progress = json.loads(status.stdout)
     assert progress["complete"] and progress["committed"] == CHUNKS and progress["leased"] == {}
-    assert sum(w["chunks_done"] for w in progress["workers"]) >= CHUNKS
+    # Each chunk counted once, by the worker whose commit record it is: a worker that also
+    # counted a commit it lost (or one it skipped) would show here.
+    by_worker = collections.Counter(r.worker for r in read_commits(open_store(url)).values())
+    assert {w["worker"]: w["chunks_done"] for w in progress["workers"] if w["chunks_done"]} == dict(by_worker)
+    assert sum(w["chunks_done"] for w in progress["workers"]) == CHUNKS
     # The first worker to finish ends the fleet; the other is stopped gracefully.
     assert all(w["state"] in ("finished", "stopped") and not w["silent"] for w in progress["workers"])
