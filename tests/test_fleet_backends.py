@@ -17,6 +17,7 @@ from engine_fixtures import jax_cache, tiny_model_dir  # noqa: F401 (fixtures)
 from fleet_fixtures import (
     WORKER_ENV,
     Chaos,
+    assert_ended_cleanly,
     check_run,
     fleet_case,
     timeline,
@@ -56,14 +57,18 @@ def test_claim_fleet_with_a_killed_worker(backend, case, tmp_path, request):
         log_dir=tmp_path / "logs",
         poll_s=0.1,
     )
-    chaos = Chaos(signal.SIGKILL, every_s=0.2, times=1, seed=1)
+    chaos = Chaos(signal.SIGKILL, times=1, chunks=CHUNKS, seed=1)
     try:
         chaos.drive(fleet, timeout_s=80)
     finally:
         print(timeline(fleet))
     assert len(chaos.sent) == 1
-    check = check_run(url, options, reference)
+    killed = {pid for _, pid in chaos.sent}
+    check = check_run(url, options, reference, fleet=fleet, disabled=killed)
     assert check.chunks == CHUNKS
+    for worker in fleet.result.exited:
+        if worker.process.pid not in killed:
+            assert_ended_cleanly(worker)
     print(f"{backend}: 1 kill, {fleet.result.restarts} restarts, {len(check.orphans)} orphan attempts")
 
     # A worker that joins with a different stored dtype refuses before touching anything.

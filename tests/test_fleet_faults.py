@@ -16,7 +16,7 @@ import time
 import pytest
 from engine_fixtures import committed_tensors, jax_cache, tiny_model_dir  # noqa: F401 (fixtures)
 from faultproxy import FaultPlan, FaultProxy
-from fleet_fixtures import WORKER_ENV, check_run, fleet_case, timeline, worker_argv, write_config
+from fleet_fixtures import WORKER_ENV, assert_ended_cleanly, check_run, fleet_case, timeline, worker_argv, write_config
 
 from actex.fleet.local import LocalFleet
 from actex.fleet.monitor import run_complete
@@ -84,10 +84,11 @@ def test_claim_fleet_through_faulty_network_stores_identical_output(case, gcs_em
         fleet.run(timeout_s=85)
         injected, requests = proxy.counts, proxy.requests
     print(f"faults: {injected} in {requests} requests")
-    check = check_run(url, gcs_emulator.storage_options, reference)
+    check = check_run(url, gcs_emulator.storage_options, reference, fleet=fleet)
     assert check.chunks == FAULT_CHUNKS
     assert sum(injected.values()) >= 10 and set(injected) == set(plan.kinds), injected
-    assert all(w.returncode == 0 for w in fleet.result.exited if w.signalled is None), timeline(fleet)
+    for worker in fleet.result.exited:
+        assert_ended_cleanly(worker)
 
 
 def test_preempted_worker_abandons_a_slow_chunk_at_the_deadline(case, gcs_emulator, gcs_bucket, tmp_path):
