@@ -12,6 +12,7 @@ import random
 import re
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -197,12 +198,13 @@ class RunCheck:
     lost: int  # commits workers lost to an earlier one (each after its lease was taken over)
 
 
-def check_run(url: str, storage_options: dict, reference: dict, fleet: LocalFleet | None = None,
+def check_run(url: str, storage_options: dict, reference: dict, workers: Sequence[WorkerProcess] = (),
               disabled: set[int] = frozenset()) -> RunCheck:
     """Every chunk committed once, tensors equal the reference, orphans unreferenced.
 
-    With `fleet`, exactly-once is also observed from every worker process's log (those
-    stopped by `fleet.stop()` included): each chunk was won by one commit, whose attempt
+    With `workers` (every process of the fleet, e.g. `fleet.result.exited` after it
+    stopped), exactly-once is also observed from each worker's log (those stopped by
+    `fleet.stop()` included): each chunk was won by one commit, whose attempt
     is the stored record's; a commit a worker lost came after its lease was taken over;
     and leases were taken over only from `disabled` workers (pids the test killed or
     paused), as live workers renew theirs. A chunk with no logged win must have been
@@ -217,10 +219,10 @@ def check_run(url: str, storage_options: dict, reference: dict, fleet: LocalFlee
     for record in records.values():  # every committed part is there, in the attempt named
         assert all(p.path.startswith(f"chunks/{record.chunk:06d}/{record.attempt}/") for p in record.parts)
     orphans = [a.attempt for a in attempts if a.attempt not in named]
-    if fleet is None:
+    if not workers:
         return RunCheck(len(records), orphans, [], 0)
-    logs = [read_worker_log(w) for w in fleet.result.exited]
-    assert not fleet.live and logs, "check a fleet after it stopped"
+    assert all(w.process.poll() is not None for w in workers), "check a fleet after it stopped"
+    logs = [read_worker_log(w) for w in workers]
     wins: dict[int, list[str]] = {}
     for log in logs:
         for chunk, attempt in log.commits:

@@ -64,7 +64,7 @@ def test_claim_fleet_with_a_killed_worker(backend, case, tmp_path, request):
         print(timeline(fleet))
     assert len(chaos.sent) == 1
     killed = {pid for _, pid in chaos.sent}
-    check = check_run(url, options, reference, fleet=fleet, disabled=killed)
+    check = check_run(url, options, reference, workers=fleet.result.exited, disabled=killed)
     assert check.chunks == CHUNKS
     for worker in fleet.result.exited:
         if worker.process.pid not in killed:

@@ -69,7 +69,7 @@ def test_fleet_completes_exactly_once_under_chaos(signame, case, gcs_emulator, g
 
     hit = {pid for _, pid in chaos.sent}
     killed = hit if signum == signal.SIGKILL else set()
-    check = check_run(url, gcs_emulator.storage_options, reference, fleet=fleet, disabled=killed)
+    check = check_run(url, gcs_emulator.storage_options, reference, workers=fleet.result.exited, disabled=killed)
     print(
         f"chaos {signame}: {len(chaos.sent)} signals, {fleet.result.restarts} restarts, "
         f"{len(fleet.result.exited)} worker processes, {len(check.orphans)} orphan attempts, "
@@ -113,9 +113,12 @@ def small_case(tiny_model_dir, tmp_path_factory):  # noqa: F811
     return fleet_case(tiny_model_dir, tmp_path_factory.mktemp("pause"), PAUSE_CHUNKS)
 
 
-def _stopped(pid: int) -> bool:
-    """True once the kernel has actually stopped the process (kill() returns before that)."""
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+def _freeze(process) -> None:
+    """SIGSTOP, and wait until the kernel has actually stopped it (kill() returns before)."""
+    os.kill(process.pid, signal.SIGSTOP)
+    while (state := Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "T":
+        assert state not in ("Z", "X"), "the worker exited before it could be frozen"
+        time.sleep(0.001)
 
 
 def _holds_a_lock(pid: int) -> bool:
@@ -133,53 +136,48 @@ def test_paused_worker_loses_its_chunk_to_the_taker(small_case, tmp_path):
     fields = {**fields, "output": str(tmp_path / "out")}
     url = f"{fields['output']}/{fields['run_name']}"
     store = open_store(url)
-    fleet = LocalFleet(
-        worker_argv(write_config(tmp_path / "run.yaml", fields), lease_s=1.0),
-        2,
-        is_complete=lambda: run_complete(store),
-        env=WORKER_ENV,
-        log_dir=tmp_path / "logs",
-        max_restarts=0,
-        poll_s=0.1,
-    )
-    fleet.start()
-    paused = fleet.live[0]
+    argv = worker_argv(write_config(tmp_path / "run.yaml", fields), lease_s=1.0)
+    # One worker first, alone, so the run cannot end before it is frozen; the taker after.
+    fleets = [LocalFleet(argv, 1, is_complete=lambda: run_complete(store), env=WORKER_ENV,
+                         log_dir=tmp_path / f"logs-{name}", max_restarts=0, poll_s=0.1) for name in ("paused", "taker")]
+    fleets[0].start()
+    paused = fleets[0].live[0]
     try:
         deadline = time.monotonic() + 60
         # Freeze it while it holds the lease of a chunk not yet committed. The store is a
         # local folder, so once the process is stopped nothing of its can land any more.
         while True:
-            assert time.monotonic() < deadline and paused.process.poll() is None, timeline(fleet)
+            assert time.monotonic() < deadline and paused.process.poll() is None, timeline(fleets[0])
             if commits_logged(paused.log_path):
-                os.kill(paused.process.pid, signal.SIGSTOP)
-                while not _stopped(paused.process.pid):
-                    time.sleep(0.001)
+                _freeze(paused.process)
                 owner = read_worker_log(paused).owner
                 held = [k for k in range(PAUSE_CHUNKS) if (lease := read_lease(store, k)) is not None
                         and lease.owner == owner and lease.expiry > 0 and not is_committed(store, k)]
-                if _holds_a_lock(paused.process.pid):
-                    held = []
-                if held:
+                if held and not _holds_a_lock(paused.process.pid):
                     break
                 os.kill(paused.process.pid, signal.SIGCONT)
-            time.sleep(0.01)
-        # The other worker takes them over once the leases expire (1 s + 5 s of clock skew).
-        deadline = time.monotonic() + 60
+            time.sleep(0.005)
+        # The taker takes them over once the leases expire (1 s + 5 s of clock skew).
+        fleets[1].start()
+        deadline = time.monotonic() + 90
         while not all(is_committed(store, k) for k in held):
-            assert time.monotonic() < deadline, timeline(fleet)
+            assert time.monotonic() < deadline, timeline(fleets[1])
             time.sleep(0.05)
         os.kill(paused.process.pid, signal.SIGCONT)
         while len(read_worker_log(paused).lost) < len(held) and paused.process.poll() is None:
-            assert time.monotonic() < deadline, timeline(fleet)
+            assert time.monotonic() < deadline, timeline(fleets[0])
             time.sleep(0.05)
-        fleet.run(timeout_s=60)
+        for fleet in fleets:
+            fleet.run(timeout_s=60)
     finally:
         if paused.process.poll() is None:
             os.kill(paused.process.pid, signal.SIGCONT)
-        fleet.stop()
-        print(timeline(fleet))
+        for fleet in fleets:
+            fleet.stop()
+            print(timeline(fleet))
 
-    check = check_run(url, {}, reference, fleet=fleet, disabled={paused.process.pid})
+    workers = [w for fleet in fleets for w in fleet.result.exited]
+    check = check_run(url, {}, reference, workers=workers, disabled={paused.process.pid})
     assert check.chunks == PAUSE_CHUNKS
     log = read_worker_log(paused)
     assert sorted(chunk for chunk, _ in log.lost) == held
@@ -187,4 +185,5 @@ def test_paused_worker_loses_its_chunk_to_the_taker(small_case, tmp_path):
     records = read_commits(store)
     assert all(records[k].worker != owner for k in held)
     assert {attempt for _, attempt in log.lost} <= set(check.orphans)
-    assert_ended_cleanly(paused)
+    for worker in workers:
+        assert_ended_cleanly(worker)

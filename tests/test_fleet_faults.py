@@ -88,7 +88,7 @@ def test_claim_fleet_through_faulty_network_stores_identical_output(case, gcs_em
     # Lost answers hit a conditional create (a claim, a commit or run.json) and a lease
     # compare-and-swap, and the run still came out exactly once.
     assert {"create", "swap"} <= {i.precondition for i in lost if i.kind == "reset_after"}, lost
-    check = check_run(url, gcs_emulator.storage_options, reference, fleet=fleet)
+    check = check_run(url, gcs_emulator.storage_options, reference, workers=fleet.result.exited)
     assert check.chunks == FAULT_CHUNKS
     assert sum(injected.values()) >= 10 and set(injected) == set(plan.kinds), injected
     for worker in fleet.result.exited:
