@@ -27,6 +27,7 @@ import jax
 from actex.config import RunConfig, check_field_names, resolve_config
 from actex.data import build_plan, pack, tokenize_samples
 from actex.data.plan import Plan
+from actex.engine.generate import ChunkGenerator
 from actex.engine.pipeline import Pipeline, PipelineConfig
 from actex.engine.work import SINGLE_PROCESS, ChunkSource, ProcessRole
 from actex.model import LoadedModel, ModelConfig, hook_width, layers_needed, load_model, load_tokenizer, make_capture_fn
@@ -88,11 +89,14 @@ def open_run(fields: dict, *, storage_options: dict | None = None) -> OpenRun:
     tokenizer = load_tokenizer(tokenizer_dir)
     plan = build_plan(config.data, tokenizer, config.chunk_size)
     store = open_store(config.run_url, **(storage_options or {}))
+    generating = config.generation is not None
     model = load_model(
         config.model,
         revision=config.revision,
         dtype=config.compute_dtype,
-        max_layers=layers_needed(config.hooks, ckpt.n_layers),
+        # Decoding needs every block and the LM head; capture alone stops at the deepest hook.
+        max_layers=None if generating else layers_needed(config.hooks, ckpt.n_layers),
+        lm_head=generating,
     )
     widths = {hook: hook_width(model.config, hook) for hook in config.hooks}
     open_or_create_manifest(store, run_manifest(config, model, tokenizer, plan, widths))
@@ -108,6 +112,7 @@ def run_manifest(config: RunConfig, model: LoadedModel, tokenizer, plan: Plan, w
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
         hooks=tuple(HookSpec(hook, width, config.dtype) for hook, width in widths.items()),
         plan=PlanSummary(plan.num_samples, plan.chunk_size, plan.num_chunks, plan.fingerprint),
+        kind=config.kind,
     )
 
 
@@ -153,6 +158,9 @@ def extract(
     stop = stop or threading.Event()
     config = run.config
     capture = make_capture_fn(run.model.config, config.hooks, config.dtype)
+    # A generation run decodes each chunk's prompts first (engine/generate.py).
+    tokens_of = (lambda chunk: chunk_tokens(run, chunk)) if config.generation is None else \
+        ChunkGenerator(run).chunk_tokens
     done = committed_chunks(run.store)
     heartbeat = heartbeat or worker_heartbeat(run, worker)
     counts = {"committed": 0, "skipped": 0, "lost": 0, "failed": 0}
@@ -193,7 +201,7 @@ def extract(
                 counts["skipped"] += 1
                 source.finished(chunk)
                 continue
-            tokenized = chunk_tokens(run, chunk)
+            tokenized = tokens_of(chunk)
             job = pipe.begin(chunk, tokenized)
             for batch in pack(tokenized, config.batch_tokens, config.data.max_seq_len):
                 # Async dispatch: returns at once with device arrays; the host lane fetches
