@@ -86,15 +86,67 @@ def test_verify_passes_then_fails_on_altered_tensor(engine_run):
     assert result.exit_code == 1 and "FAIL  blocks.1.mlp.hook_post" in result.output
 
 
+def stored_samples(url: str, hook: str) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """sample id -> (token_ids [n], positions [n], hook values [n, width]) read from the parts."""
+    run = open_run(url)
+    out = {}
+    for part in run.parts():
+        decoded = shards.decode_part(run.store.read_bytes(part.path))
+        for i, sid in enumerate(decoded.sample_ids.tolist()):
+            rows = decoded.sample(i)
+            out[sid] = (decoded.token_ids[rows], decoded.positions[rows], decoded.hooks[hook][rows])
+    return out
+
+
+def expected_contexts(samples: dict, size: int) -> list[tuple[bytes, bytes]]:
+    """(token ids, values) of every run of `size` tokens starting at a multiple of `size`
+    within one forward window (positions restart at 0 in each window), sorted."""
+    found = []
+    for token_ids, positions, values in samples.values():
+        for start in np.flatnonzero(positions % size == 0):
+            stop = start + size
+            if stop <= len(positions) and np.array_equal(positions[start:stop], positions[start] + np.arange(size)):
+                found.append((token_ids[start:stop].astype(np.int32).tobytes(), values[start:stop].astype(np.float32).tobytes()))
+    return sorted(found)
+
+
 def test_cli_export_and_gc(engine_run, tmp_path):
+    import gzip
+    import pickle
+
+    from datasets import Array2D, load_from_disk
+
     runner = CliRunner()
     result = runner.invoke(app, ["export", engine_run, str(tmp_path / "sae"), "--to", "saelens",
                                  "--hook", "hook_embed", "--context-size", "16"])
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "sae" / "dataset_info.json").exists()
-    result = runner.invoke(app, ["export", engine_run, str(tmp_path / "legacy"), "--to", "legacy-pickle",
-                                 "--hook", "blocks.0.hook_resid_mid"])
-    assert result.exit_code == 0 and (tmp_path / "legacy" / "shard_0000.pkl.gz").exists()
+    # The export holds exactly the stored 16-token contexts of hook_embed, values and ids.
+    ds = load_from_disk(str(tmp_path / "sae"))
+    width = open_run(engine_run).hooks["hook_embed"]
+    assert ds.features["hook_embed"] == Array2D(shape=(16, width), dtype="float32")
+    ds.set_format("numpy")
+    exported = sorted(
+        (ids.astype(np.int32).tobytes(), acts.astype(np.float32).tobytes())
+        for ids, acts in zip(ds[:]["token_ids"], ds[:]["hook_embed"], strict=True)
+    )
+    expected = expected_contexts(stored_samples(engine_run, "hook_embed"), 16)
+    assert len(expected) >= 5 and exported == expected
+
+    hook = "blocks.0.hook_resid_mid"
+    result = runner.invoke(app, ["export", engine_run, str(tmp_path / "legacy"), "--to", "legacy-pickle", "--hook", hook])
+    assert result.exit_code == 0, result.output
+    entries = []
+    for path in sorted((tmp_path / "legacy").glob("shard_*.pkl.gz")):
+        with gzip.open(path) as f:
+            shard = pickle.load(f)
+        assert set(shard) == {0}  # blocks.0.* -> legacy layer 0
+        entries += shard[0]
+    stored = stored_samples(engine_run, hook)
+    assert sorted(e["sample_idx"] for e in entries) == sorted(stored)
+    for entry in entries:
+        values = stored[entry["sample_idx"]][2]
+        assert entry["shape"] == values.shape
+        np.testing.assert_array_equal(entry["activation"], values)
     result = runner.invoke(app, ["export", engine_run, str(tmp_path / "x"), "--to", "saelens", "--hook", "nope"])
     assert result.exit_code == 2 and "no hook 'nope'" in result.output
     result = runner.invoke(app, ["gc", engine_run, "--dry-run"])
