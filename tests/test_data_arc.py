@@ -78,6 +78,20 @@ GOLDEN_USER_MINIMAL = (
 )
 
 
+GOLDEN_SYSTEM_V0 = (
+    "You are an expert at solving puzzles from the Abstraction and Reasoning Corpus (ARC). "
+    "Each puzzle shows a few pairs of grids. A grid is a rectangle of cells of at most "
+    "30 by 30, and every cell holds a colour written as a digit from 0 to 9, where 0 is "
+    "usually the black background. Every pair applies the same transformation to an "
+    "input grid to produce its output grid. Transformations draw on core knowledge: "
+    "objects and their persistence, counting and sorting, symmetry, rotation and "
+    "reflection, repetition of patterns, filling, drawing lines between points, and "
+    "moving or recolouring objects. The output may have a different size from the "
+    "input. Study every example, state the rule to yourself, check that it explains all "
+    "of the examples, and then produce the output of the test input exactly, cell by cell."
+)
+
+
 def _unaugmented(encoder: str, template: str) -> DataConfig:
     return DataConfig(dataset="unused.jsonl", encoder=encoder, template=template, predictions_per_task=1)
 
@@ -106,9 +120,29 @@ def test_golden_prompt_v0_shape_row_numbers(tokenizer):  # noqa: F811
         "## Test case\n\n### Input\n\n```grid shape: 3x2\n1 01\n2 20\n3 11\n```"
     )
     text = arc.render_chat(tokenizer, arc.get_template("output-from-examples-v0"), prompt.user)
-    assert text.startswith("<|im_start|>system\nYou are an expert at solving puzzles from the Abstraction")
-    assert text.endswith("<|im_end|>\n<|im_start|>assistant\n### Output\n\n```grid")
-    assert "3 11\n```<|im_end|>" in text
+    assert text == (
+        "<|im_start|>system\n" + GOLDEN_SYSTEM_V0 + "<|im_end|>\n"
+        "<|im_start|>user\n" + prompt.user + "<|im_end|>\n"
+        "<|im_start|>assistant\n### Output\n\n```grid"
+    )
+
+
+# Written out by hand, not generated: row numbers past 9 take two digits and no padding.
+GOLDEN_TALL = (
+    "```grid shape: 12x3\n"
+    "1 012\n2 123\n3 234\n4 345\n5 456\n6 567\n7 678\n8 789\n9 890\n"
+    "10 901\n11 012\n12 123\n"
+    "```"
+)
+
+
+def test_golden_row_numbers_past_nine():
+    grid = (np.arange(12)[:, None] + np.arange(3)[None, :]) % 10  # [12, 3]
+    assert arc.get_encoder("shape+row_numbers").encode(grid) == GOLDEN_TALL
+    task = arc.task_from_row({"train": [{"input": grid.tolist(), "output": grid.T.tolist()}] * 2,
+                              "test": [{"input": grid.tolist()}]}, 0)
+    user = arc.task_prompt(task, 0, _unaugmented("shape+row_numbers", "output-from-examples-v0"), 0).user
+    assert user.endswith("## Test case\n\n### Input\n\n" + GOLDEN_TALL)
 
 
 def test_dihedral_is_a_group():
