@@ -26,6 +26,37 @@ def test_encoders_golden(name, expected):
     assert arc.get_encoder(name).encode(GRID) == expected
 
 
+def test_default_encoder_is_shape_header_row_numbers_minimal_digits():
+    # The legacy system's and arc24's Qwen format: models fine-tuned on it see it by default.
+    task = arc.task_from_row(HAND_TASK, 0)
+    cfg = DataConfig(dataset="unused.jsonl", predictions_per_task=1)
+    assert cfg.encoder == "shape+row_numbers"
+    user = arc.task_prompt(task, 0, cfg, 0).user
+    assert "## Test case\n\n### Input\n\n```grid shape: 3x2\n1 01\n2 20\n3 11\n```" in user
+    assert "### Input\n\n```grid shape: 2x2\n1 10\n2 02\n```" in user
+
+
+@pytest.mark.parametrize(
+    "alias, name",
+    [
+        ("GridShapeEncoder(RowNumberEncoder(MinimalGridEncoder()))", "shape+row_numbers"),
+        ("GridCodeBlockEncoder(MinimalGridEncoder())", "minimal"),
+        ("GridCodeBlockEncoder(RowNumberEncoder(MinimalGridEncoder()))", "row_numbers"),
+        ("GridShapeEncoder( MinimalGridEncoder() )", "shape"),
+    ],
+)
+def test_arc24_encoder_names_are_aliases(alias, name):
+    cfg = DataConfig(dataset="unused.jsonl", encoder=alias)
+    assert cfg.encoder == name  # stored under the actex name: the same prompts, the same run hash
+    assert cfg.canonical() == DataConfig(dataset="unused.jsonl", encoder=name).canonical()
+    assert arc.get_encoder(alias).encode(GRID) == arc.get_encoder(name).encode(GRID)
+
+
+def test_unknown_arc24_encoder_is_refused():
+    with pytest.raises(ValueError, match="unknown grid encoder .GridWithSeparationEncoder.*arc24 names accepted"):
+        DataConfig(dataset="unused.jsonl", encoder="GridWithSeparationEncoder('|')")
+
+
 def test_unknown_encoder_and_template_are_one_line_errors():
     with pytest.raises(ValueError, match="unknown grid encoder 'hex'"):
         arc.get_encoder("hex")
@@ -173,6 +204,17 @@ def test_augmentation_maps_cells_back():
         ({"train": [{"input": [[1.5]], "output": [[1]]}], "test": [{"input": [[1]]}]}, "not an integer"),
         ({"train": [{"input": [[10]], "output": [[1]]}], "test": [{"input": [[1]]}]}, "outside 0-9"),
         ({"train": [{"input": [[True]], "output": [[1]]}], "test": [{"input": [[1]]}]}, "not an integer"),
+        # A bool among ints: numpy would read True as colour 1.
+        ({"train": [{"input": [[True, 2]], "output": [[1]]}], "test": [{"input": [[1]]}]},
+         r"train\[0\] input: cell \(0,0\) is not an integer: True"),
+        ({"train": [{"input": [[1]], "output": [[1]]}], "test": [{"input": [[3, False]]}]},
+         r"test\[0\] input: cell \(0,1\) is not an integer: False"),
+        ({"train": [{"input": [[1] * 31] * 31, "output": [[1]]}], "test": [{"input": [[1]]}]},
+         r"train\[0\] input: grid is 31x31; ARC grids have 1 to 30 cells per side"),
+        ({"train": [{"input": [[1]], "output": [[0] * 31]}], "test": [{"input": [[1]]}]},
+         r"train\[0\] output: grid is 1x31"),
+        ({"train": [{"input": [[1]], "output": [[1]] * 31}], "test": [{"input": [[1]]}]},
+         r"train\[0\] output: grid is 31x1"),
         ({"train": [], "test": [{"input": [[1]]}]}, "'train' must be a non-empty list"),
         ({"train": [{"input": [[1]], "output": [[1]]}], "test": []}, "'test' must be a non-empty list"),
         ({"train": [{"input": [[1]]}], "test": [{"input": [[1]]}]}, "train\\[0\\]: missing 'output'"),
@@ -186,6 +228,10 @@ def test_augmentation_maps_cells_back():
 def test_bad_tasks_name_the_reason(row, reason):
     with pytest.raises(arc.BadRow, match=reason):
         arc.task_from_row(row, 0)
+
+
+def test_thirty_cells_per_side_is_allowed():
+    assert arc.validate_grid([[9] * 30] * 30, "g").shape == (30, 30)
 
 
 def test_barc_rows_convert():

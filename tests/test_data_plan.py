@@ -162,6 +162,27 @@ def test_text_bad_rows_and_bos(tmp_path, tokenizer):  # noqa: F811
         tokenize_samples(plan.samples(0), tokenizer, cfg.model_copy(update={"add_bos": True}))
 
 
+def test_text_documents_keep_special_token_strings_as_text(tmp_path, tokenizer):  # noqa: F811
+    text = "a web page quoting <|endoftext|> and <|im_end|> in its body"
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": text}])
+    control = set(tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>", "<|im_start|>"]))
+    cfg = DataConfig(dataset=str(path), format="text")
+    assert cfg.parse_special_tokens is False and cfg.canonical()["parse_special_tokens"] is False
+    (plain,) = tokenize_samples(build_plan(cfg, tokenizer, 4).samples(0), tokenizer, cfg)
+    assert not control & set(plain.token_ids.tolist())
+    assert tokenizer.decode(plain.token_ids) == text  # stored as the text tokens it is made of
+
+    parsing = cfg.model_copy(update={"parse_special_tokens": True})
+    (parsed,) = tokenize_samples(build_plan(parsing, tokenizer, 4).samples(0), tokenizer, parsing)
+    assert control & set(parsed.token_ids.tolist()) == set(tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"]))
+
+    # ARC prompts are rendered through the chat template: their markers stay control tokens.
+    arc_path = write_jsonl(tmp_path / "arc.jsonl", [HAND_TASK])
+    arc_cfg = DataConfig(dataset=str(arc_path), predictions_per_task=1)
+    (prompt,) = tokenize_samples(build_plan(arc_cfg, tokenizer, 4).samples(0), tokenizer, arc_cfg)
+    assert tokenizer.convert_tokens_to_ids("<|im_start|>") in prompt.token_ids.tolist()
+
+
 DIGEST_SCRIPT = textwrap.dedent(
     """
     import hashlib, json, sys

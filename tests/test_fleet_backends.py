@@ -76,7 +76,9 @@ def test_claim_fleet_with_a_killed_worker(backend, case, tmp_path, request):
     before = sorted(open_store(url, **options).list())
     refused = subprocess.run(worker_argv(changed), env={**fleet.env}, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2, refused.stderr[-2000:]
-    errors = [line for line in refused.stderr.splitlines() if line.startswith("actex: error:")]
+    # Workers log with --log-json: stderr is JSON lines only, the error one record among them.
+    records = [json.loads(line) for line in refused.stderr.splitlines()]
+    errors = [r["message"] for r in records if r["level"] == "error"]
     assert len(errors) == 1 and "dtype" in errors[0] and "bfloat16" in errors[0], refused.stderr[-2000:]
     assert sorted(open_store(url, **options).list()) == before
 

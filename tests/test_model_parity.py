@@ -26,7 +26,7 @@ def capture_all(path, token_ids, dtype="float32", **load_kwargs):
     loaded = load_model(path, dtype=dtype, **load_kwargs)
     n = loaded.config.n_layers
     hooks = parse_hooks(
-        ["hook_embed", "ln_final.hook_normalized"]
+        ["hook_embed", "ln_final.hook_normalized", "ln_final.hook_out"]
         + [f"blocks.{l}.{k}" for l in range(n) for k in (
             "hook_resid_pre", "hook_attn_out", "hook_resid_mid", "mlp.hook_post",
             "hook_mlp_out", "hook_resid_post")], n)
