@@ -22,7 +22,13 @@ def faulty_store(request):
         options = {**emulator.storage_options, "endpoint_url": proxy.url}
         retry = RetryPolicy(attempts=8, base_delay=0.01, max_delay=0.1)
         # skip_instance_cache: a fresh client per test, bound to this proxy's port.
-        yield open_store(f"{bucket}/run", retry=retry, skip_instance_cache=True, **options), proxy
+        store = open_store(f"{bucket}/run", retry=retry, skip_instance_cache=True, **options)
+        # S3's one-time If-None-Match probe runs here, unfaulted, so the targeted lost
+        # answer lands on a commit record's create, not on the probe.
+        proxy.set_enabled(False)
+        assert store.create_exclusive("warm-up", b"")
+        proxy.set_enabled(True)
+        yield store, proxy
 
 
 def test_operations_survive_injected_faults(faulty_store):
