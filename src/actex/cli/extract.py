@@ -38,21 +38,40 @@ class UserError(Exception):
 _USER_ERRORS = (ConfigError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, UserError)
 
 
+def error_line(message: str, exit_code: int, log_json: bool = False) -> None:
+    """The one line of a failed command: `actex: error: ...`, or a JSON record with --log-json."""
+    if log_json:
+        log.error(message, extra={"data": {"event": "error", "exit_code": exit_code}})
+    else:
+        typer.echo(f"actex: error: {message}", err=True)
+
+
 @contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn a user-caused exception into one line on stderr and exit code 2."""
+def user_errors(log_json: bool = False) -> Iterator[None]:
+    """Turn a user-caused exception into one line on stderr (a JSON record with `log_json`)
+    and exit code 2."""
     try:
         yield
     except _USER_ERRORS as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         if isinstance(error, PermissionError) and error.filename:
             message = f"{error.filename}: permission denied (is the output writable?)"
-        typer.echo(f"actex: error: {message}", err=True)
+        error_line(message, EXIT_USER_ERROR, log_json)
         raise typer.Exit(EXIT_USER_ERROR) from None
     except OSError as error:  # an unwritable or unreachable output, a full disk, ...
         where = f"{error.filename}: " if getattr(error, "filename", None) else ""
-        typer.echo(f"actex: error: {where}{error.strerror or error}", err=True)
+        error_line(f"{where}{error.strerror or error}", EXIT_USER_ERROR, log_json)
         raise typer.Exit(EXIT_USER_ERROR) from None
+
+
+def run_store(url: str):
+    """The store of the run at `url`; a UserError if no run.json is there (not a run)."""
+    from actex.store.folder import open_store
+
+    store = open_store(url)
+    if not store.exists("run.json"):
+        raise UserError(f"{store.url}: no run.json here (not an actex run)")
+    return store
 
 
 # ----------------------------------------------------------------------------- logging
@@ -75,6 +94,11 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup_logging(log_json: bool, verbose: bool = False) -> None:
+    """Log to stderr; with `log_json`, stderr carries only JSON lines (see cli/json_stderr.py)."""
+    if log_json:
+        from actex.cli.json_stderr import capture_stderr
+
+        capture_stderr()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_json else logging.Formatter("actex: %(message)s"))
     root = logging.getLogger()
@@ -152,8 +176,9 @@ def run_extract(fields: dict, options: WorkerOptions, *, storage_options: dict |
 
     worker_index, num_workers, claim = options.worker_index, options.num_workers, options.claim
     on_write_failure, preempted_exit_code = options.on_write_failure, options.preempted_exit_code
+    log_json = options.log_json
     enable_compilation_cache()
-    with user_errors():
+    with user_errors(log_json):
         if worker_index is None:
             worker_index = worker_index_from_env() or 0
         run = open_run(fields, storage_options=storage_options)
@@ -187,14 +212,14 @@ def run_extract(fields: dict, options: WorkerOptions, *, storage_options: dict |
             ProgressView(todo, show_bar=show_bar) as view:
         watch_gce_preemption(guard)
         try:
-            with user_errors():
+            with user_errors(log_json):
                 try:
                     summary = extract(run, source, worker=worker, stop=stop, on_commit=view.committed,
                                       on_write_failure=on_write_failure, heartbeat=heartbeat)
                 except StoreError as error:
                     # The store kept failing after retries: not the user's input, so not exit 2,
                     # which `actex fleet` takes for a bad config and never restarts.
-                    typer.echo(f"actex: error: {error}", err=True)
+                    error_line(str(error), 1, log_json)
                     raise typer.Exit(1) from None
         finally:
             if claim:
@@ -204,8 +229,7 @@ def run_extract(fields: dict, options: WorkerOptions, *, storage_options: dict |
         _report_answers(run)
     log.info("done", extra={"data": {"event": "done", "committed": summary.committed, "skipped": summary.skipped, "lost": summary.lost, **snap}})
     if summary.failed:
-        typer.echo(f"actex: error: {summary.failed} chunk(s) not committed after write failures (see log); "
-                   "rerun to redo them", err=True)
+        error_line(f"{summary.failed} chunk(s) not committed after write failures (see log); rerun to redo them", 1, log_json)
         raise typer.Exit(1)
     if guard.reason is not None:
         typer.echo(guard.exit_line(summary.committed))
@@ -245,7 +269,7 @@ def extract_body(values: dict, options: list | None = None, generating: bool = F
     setup_logging(worker.log_json)
     for message in unknown_variables(os.environ, options):
         log.warning(message)
-    with user_errors():
+    with user_errors(worker.log_json):
         file_fields = load_config_file(inputs.config_file) if inputs.config_file else {}
         fields = merge_fields(file_fields, inputs.fields)
         if generating:
@@ -297,7 +321,7 @@ def demo_command(
 
     setup_logging(log_json)
     started = time.monotonic()
-    with user_errors():
+    with user_errors(log_json):
         model_dir = demo_model_dir()
         dataset = demo_dataset(output / "arc-tasks.jsonl", tasks)
     fields = {
@@ -327,14 +351,10 @@ def inspect_command(
     """Hooks, widths, dtype, chunks committed/total, samples, tokens, bytes and config of a run."""
     from actex.store.commits import useful_token_fraction
     from actex.engine.generate import answers_summary
-    from actex.store.folder import open_store
     from actex.store.reader import Run
 
     with user_errors():
-        store = open_store(url)
-        if not store.exists("run.json"):
-            raise UserError(f"{store.url}: no run.json here (not an actex run)")
-        run = Run(store)
+        run = Run(run_store(url))
         summary = run.summary()
         # Real tokens / computed slots over the committed chunks: what packing wasted.
         summary["useful_token_fraction"] = useful_token_fraction(run.commits.values())
