@@ -171,7 +171,10 @@ def run_extract(fields: dict, *, worker_index: int | None, num_workers: int, cla
         if worker_index is None:
             worker_index = worker_index_from_env() or 0
         run = open_run(fields, storage_options=storage_options)
-        worker = f"w{worker_index}" if not claim else f"{os.uname().nodename}-{os.getpid()}"
+        # A TPU fleet VM's hostname is not its node name: its bootstrap sets ACTEX_WORKER_HOST so
+        # `actex monitor` can tell which VM a heartbeat comes from.
+        host = os.environ.get("ACTEX_WORKER_HOST") or os.uname().nodename
+        worker = f"w{worker_index}" if not claim else f"{host}-{os.getpid()}"
         done = committed_chunks(run.store)
         if claim:
             source = ClaimedChunks(run.store, run.plan.num_chunks, worker, lease_s=lease_seconds)
