@@ -69,6 +69,21 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(EXIT_USER_ERROR) from None
 
 
+@contextlib.contextmanager
+def infrastructure_errors() -> Iterator[None]:
+    """The store failing after retries, or a slice's barrier timing out (a straggler, a
+    stuck host): not the user's input, so exit 1 (restartable), not 2, which `actex fleet`
+    takes for a bad config and never restarts. One line naming what failed."""
+    from actex.engine.distributed import BarrierTimeout
+    from actex.store.folder import StoreError
+
+    try:
+        yield
+    except (StoreError, BarrierTimeout) as error:
+        typer.echo(f"actex: error: {error}", err=True)
+        raise typer.Exit(1) from None
+
+
 # ----------------------------------------------------------------------------- logging
 
 
@@ -157,62 +172,87 @@ class ProgressView:
 
 def run_extract(fields: dict, *, worker_index: int | None, num_workers: int, claim: bool, lease_seconds: float,
                 log_json: bool, progress: bool | None, storage_options: dict | None = None,
-                preempt_deadline: float = 25.0, on_write_failure: str = "exit", preempted_exit_code: int = 0) -> None:
-    """The body of `actex extract` (and of `actex demo`): open, extract, report."""
+                preempt_deadline: float = 25.0, on_write_failure: str = "exit", preempted_exit_code: int = 0,
+                slice_options=None) -> None:
+    """The body of `actex extract` (and of `actex demo`): open, extract, report.
+
+    slice_options: engine.distributed.SliceOptions; with several processes (explicit, JAX_*
+    variables, or a multi-host Cloud TPU slice) this process joins the slice first.
+    """
+    import signal
+
+    from actex.engine import distributed
     from actex.engine.extract import enable_compilation_cache, extract, open_run, worker_heartbeat
     from actex.engine.preemption import PreemptionGuard, watch_gce_preemption
-    from actex.engine.work import StaticChunks, worker_index_from_env
+    from actex.engine.work import SINGLE_PROCESS, StaticChunks, worker_index_from_env
     from actex.store.claims import ClaimedChunks
     from actex.store.commits import committed_chunks
-    from actex.store.folder import StoreError
 
     enable_compilation_cache()
-    with user_errors():
+    slice_ = None
+    with user_errors(), infrastructure_errors():
+        slice_options = slice_options or distributed.SliceOptions()
+        if distributed.wanted(slice_options):
+            slice_ = distributed.initialize(slice_options)
         if worker_index is None:
-            worker_index = worker_index_from_env() or 0
-        run = open_run(fields, storage_options=storage_options)
+            # On a TPU slice TPU_WORKER_ID is the host's index within the slice, not a worker's.
+            worker_index = (worker_index_from_env() if slice_ is None else None) or 0
+        workers = {"claim": claim, "num_workers": num_workers, "worker_index": worker_index}
+        run = _open_run(open_run, fields, storage_options, slice_, workers)
         # A TPU fleet VM's hostname is not its node name: its bootstrap sets ACTEX_WORKER_HOST so
         # `actex monitor` can tell which VM a heartbeat comes from.
         host = os.environ.get("ACTEX_WORKER_HOST") or os.uname().nodename
         worker = f"w{worker_index}" if not claim else f"{host}-{os.getpid()}"
+        role = SINGLE_PROCESS
+        if slice_ is not None:
+            # The slice is one worker: process 0's name; the others' heartbeats say which process.
+            role = slice_.role()
+            worker = slice_.broadcast("worker", lambda: worker)
         done = committed_chunks(run.store)
+        primary = slice_ is None or slice_.primary
+        static = StaticChunks(run.plan.num_chunks, worker_index, num_workers)
         if claim:
-            source = ClaimedChunks(run.store, run.plan.num_chunks, worker, lease_s=lease_seconds)
+            source = ClaimedChunks(run.store, run.plan.num_chunks, worker, lease_s=lease_seconds) if primary else None
             todo = run.plan.num_chunks - len(done)
         else:
-            source = StaticChunks(run.plan.num_chunks, worker_index, num_workers)
-            todo = len(set(source.assigned()) - done)
+            source = static
+            todo = len(set(static.assigned()) - done)
+        claims = source if claim else None
+        guard_holder: list = []
+        if slice_ is not None:
+            source = distributed.SliceChunks(
+                slice_, source if primary else None,
+                on_preempted=lambda: guard_holder[0].request_stop("SIGTERM on a host of the slice (pre-emption sync point)"),
+            )
 
     log.info("run %s: %d chunks, %d to do by worker %s", run.config.run_url, run.plan.num_chunks, todo, worker,
              extra={"data": {"event": "start", "run": run.config.run_url, "config_hash": run.config.config_hash,
                              "num_chunks": run.plan.num_chunks, "todo": todo, "worker": worker}})
     stop = threading.Event()
     show_bar = sys.stderr.isatty() and not log_json if progress is None else progress
-    heartbeat = worker_heartbeat(run, worker)
+    heartbeat = worker_heartbeat(run, worker if role.index == 0 else f"{worker}.p{role.index}")
 
     def abandon() -> None:
         # Past the deadline the in-flight chunk is dropped: hand its lease back so another
         # worker starts on it at once, and say so in this worker's heartbeat.
-        if claim:
-            source.close()
+        if claims is not None:
+            claims.close()
         heartbeat.beat(state="abandoned", force=True)
 
-    with PreemptionGuard(stop, deadline_s=preempt_deadline, on_abandon=abandon, exit_code=preempted_exit_code) as guard, \
+    signals = (signal.SIGINT,) if slice_ is not None else (signal.SIGTERM, signal.SIGINT)
+    with PreemptionGuard(stop, deadline_s=preempt_deadline, on_abandon=abandon, exit_code=preempted_exit_code,
+                         signals=signals) as guard, \
             ProgressView(todo, show_bar=show_bar) as view:
+        guard_holder.append(guard)
         watch_gce_preemption(guard)
         try:
             with user_errors():
-                try:
+                with infrastructure_errors():
                     summary = extract(run, source, worker=worker, stop=stop, on_commit=view.committed,
-                                      on_write_failure=on_write_failure, heartbeat=heartbeat)
-                except StoreError as error:
-                    # The store kept failing after retries: not the user's input, so not exit 2,
-                    # which `actex fleet` takes for a bad config and never restarts.
-                    typer.echo(f"actex: error: {error}", err=True)
-                    raise typer.Exit(1) from None
+                                      on_write_failure=on_write_failure, heartbeat=heartbeat, role=role)
         finally:
-            if claim:
-                source.close()
+            if claims is not None:
+                claims.close()
     snap = summary.progress
     log.info("done", extra={"data": {"event": "done", "committed": summary.committed, "skipped": summary.skipped, "lost": summary.lost, **snap}})
     if summary.failed:
@@ -232,8 +272,41 @@ def run_extract(fields: dict, *, worker_index: int | None, num_workers: int, cla
     )
 
 
+def _open_run(open_run, fields: dict, storage_options: dict | None, slice_, workers: dict):
+    """open_run, with the config agreed by every process of a slice (exit 2 on all of them
+    if any differs, or if any failed to resolve its config: its error, named, everywhere)."""
+    if slice_ is None:
+        return open_run(fields, storage_options=storage_options)
+    from actex.engine import distributed
+
+    agreed = False
+
+    def agree(resolved: dict) -> None:
+        nonlocal agreed
+        agreed = True
+        distributed.agree(slice_, {**resolved, "workers": workers})
+
+    try:
+        return open_run(fields, storage_options=storage_options, agree=agree)
+    except _USER_ERRORS as error:
+        if agreed:
+            raise
+        # Tell the others why before exiting, so they exit 2 naming this process, not 134.
+        distributed.agree(slice_, None, error=str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
+        raise
+
+
 def _hooks(value: Optional[str]) -> Optional[list[str]]:
     return [h.strip() for h in value.split(",") if h.strip()] if value else None
+
+
+def _slice_help() -> dict[str, str]:
+    from actex.engine.distributed import SliceOptions
+
+    return {name: f.description or "" for name, f in SliceOptions.model_fields.items()}
+
+
+_SLICE = _slice_help()
 
 
 def extract_command(
@@ -279,6 +352,12 @@ def extract_command(
     preempt_deadline: float = typer.Option(25.0, "--preempt-deadline", min=0.1, help="On SIGTERM / GCE pre-emption notice: seconds to finish the in-flight chunk before abandoning it.", rich_help_panel="Workers"),
     preempted_exit_code: int = typer.Option(0, "--preempted-exit-code", min=0, max=255, help="Exit code after a pre-emption stop (default 0; `actex fleet` sets 75 to tell a stopped worker from a finished run).", rich_help_panel="Workers"),
     on_write_failure: str = typer.Option("exit", "--on-write-failure", help="A chunk whose writes fail after retries: exit (stop the worker) | continue (leave it uncommitted, go on, exit 1 at the end).", rich_help_panel="Workers"),
+    coordinator: Optional[str] = typer.Option(None, "--coordinator", help=_SLICE["coordinator"], rich_help_panel="Pod slice"),
+    num_processes: Optional[int] = typer.Option(None, "--num-processes", min=1, help=_SLICE["num_processes"], rich_help_panel="Pod slice"),
+    process_id: Optional[int] = typer.Option(None, "--process-id", min=0, help=_SLICE["process_id"], rich_help_panel="Pod slice"),
+    init_timeout: Optional[float] = typer.Option(None, "--init-timeout", help=_SLICE["init_timeout_s"], rich_help_panel="Pod slice"),
+    heartbeat_timeout: Optional[float] = typer.Option(None, "--heartbeat-timeout", help=_SLICE["heartbeat_timeout_s"], rich_help_panel="Pod slice"),
+    barrier_timeout: Optional[float] = typer.Option(None, "--barrier-timeout", help=_SLICE["barrier_timeout_s"], rich_help_panel="Pod slice"),
     log_json: bool = typer.Option(False, "--log-json", help="Structured JSON log lines on stderr instead of a progress bar.", rich_help_panel="Output"),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bar (default: when stderr is a TTY).", rich_help_panel="Output"),
 ) -> None:
@@ -337,10 +416,27 @@ def extract_command(
             raise UserError("give either --hooks or --layers/--activation, not both")
         if on_write_failure not in ("exit", "continue"):
             raise UserError(f"--on-write-failure must be exit or continue, got {on_write_failure!r}")
+        slice_options = _slice_options({
+            "coordinator": coordinator, "num_processes": num_processes, "process_id": process_id,
+            "init_timeout_s": init_timeout, "heartbeat_timeout_s": heartbeat_timeout, "barrier_timeout_s": barrier_timeout,
+        })
     run_extract(fields, worker_index=worker_index, num_workers=num_workers, claim=claim,
                 lease_seconds=lease_seconds, log_json=log_json, progress=progress,
                 preempt_deadline=preempt_deadline, on_write_failure=on_write_failure,
-                preempted_exit_code=preempted_exit_code)
+                preempted_exit_code=preempted_exit_code, slice_options=slice_options)
+
+
+def _slice_options(given: dict):
+    """SliceOptions from the pod-slice flags given (None: the field's default)."""
+    from pydantic import ValidationError
+
+    from actex.config import one_line
+    from actex.engine.distributed import SliceOptions
+
+    try:
+        return SliceOptions.model_validate({k: v for k, v in given.items() if v is not None})
+    except ValidationError as error:
+        raise UserError(one_line(error)) from None
 
 
 # ----------------------------------------------------------------------------- demo

@@ -56,6 +56,7 @@ class PreemptionGuard:
         on_abandon: Callable[[], None] | None = None,
         exit_code: int = 0,
         exit: Callable[[int], None] = os._exit,
+        signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT),
     ) -> None:
         if deadline_s <= 0:
             raise ValueError(f"pre-emption deadline must be > 0 seconds, got {deadline_s}")
@@ -66,6 +67,9 @@ class PreemptionGuard:
         # wrong); a supervisor such as `actex fleet` asks for another to tell it from "done".
         self.exit_code = exit_code
         self.reason: str | None = None
+        # In a pod slice SIGTERM is left to JAX's pre-emption notifier (a Python handler
+        # would shadow it): only SIGINT is ours there. See engine/distributed.py.
+        self.signals = signals
         # os._exit, not sys.exit: the deadline fires on a helper thread, where SystemExit
         # would end only that thread; in tests it is replaced to observe the exit code.
         self._exit = exit
@@ -113,9 +117,9 @@ class PreemptionGuard:
 
     # -- lifecycle -------------------------------------------------------------------
 
-    def install(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> "PreemptionGuard":
+    def install(self, signals: tuple[int, ...] | None = None) -> "PreemptionGuard":
         """Install the signal handlers (main thread only, as Python requires)."""
-        for signum in signals:
+        for signum in self.signals if signals is None else signals:
             self._previous[signum] = signal.signal(signum, self._on_signal)
         return self
 
