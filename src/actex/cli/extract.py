@@ -179,8 +179,6 @@ def run_extract(fields: dict, *, worker_index: int | None, num_workers: int, cla
     slice_options: engine.distributed.SliceOptions; with several processes (explicit, JAX_*
     variables, or a multi-host Cloud TPU slice) this process joins the slice first.
     """
-    import signal
-
     from actex.engine import distributed
     from actex.engine.extract import enable_compilation_cache, extract, open_run, worker_heartbeat
     from actex.engine.preemption import PreemptionGuard, watch_gce_preemption
@@ -222,7 +220,7 @@ def run_extract(fields: dict, *, worker_index: int | None, num_workers: int, cla
         if slice_ is not None:
             source = distributed.SliceChunks(
                 slice_, source if primary else None,
-                on_preempted=lambda: guard_holder[0].request_stop("SIGTERM on a host of the slice (pre-emption sync point)"),
+                on_stop=lambda step, reason: _slice_stops(guard_holder[0], step, reason),
             )
 
     log.info("run %s: %d chunks, %d to do by worker %s", run.config.run_url, run.plan.num_chunks, todo, worker,
@@ -239,9 +237,11 @@ def run_extract(fields: dict, *, worker_index: int | None, num_workers: int, cla
             claims.close()
         heartbeat.beat(state="abandoned", force=True)
 
-    signals = (signal.SIGINT,) if slice_ is not None else (signal.SIGTERM, signal.SIGINT)
+    # In a slice a stop on any host is broadcast by process 0 at a step boundary (see
+    # engine/distributed.py SliceChunks), so every host stops after the same chunk.
+    on_request = None if slice_ is None else slice_.request_stop
     with PreemptionGuard(stop, deadline_s=preempt_deadline, on_abandon=abandon, exit_code=preempted_exit_code,
-                         signals=signals) as guard, \
+                         on_request=on_request) as guard, \
             ProgressView(todo, show_bar=show_bar) as view:
         guard_holder.append(guard)
         watch_gce_preemption(guard)
@@ -264,12 +264,22 @@ def run_extract(fields: dict, *, worker_index: int | None, num_workers: int, cla
         if preempted_exit_code:
             raise typer.Exit(preempted_exit_code)
         return
+    if role.index != 0:
+        typer.echo(f"actex: process {role.index} of {role.count}: wrote its rows of every chunk; "
+                   "process 0 committed them (see its line)")
+        return
     typer.echo(
         f"actex: {run.config.run_url}: committed {summary.committed} chunk(s) "
         f"({snap['samples']} samples, {snap['tokens']} tokens, {snap['bytes'] / 1e6:.1f} MB, "
         f"{snap['tokens_per_s']:,.0f} tokens/s); "
         f"{summary.skipped} already committed"
     )
+
+
+def _slice_stops(guard, step: int, reason: str) -> None:
+    """Every process of a slice stops at the same step: say which, and why."""
+    typer.echo(f"actex: the slice stops before step {step}: {reason}")
+    guard.request_stop(reason)
 
 
 def _open_run(open_run, fields: dict, storage_options: dict | None, slice_, workers: dict):

@@ -17,10 +17,13 @@ Failures JAX handles itself, and how to read them (docs/pod-slices.md):
 * a process that dies (SIGKILL, OOM, a lost VM) stops heart-beating; within
   `heartbeat_timeout_s` the coordination service aborts every other process (SIGABRT,
   exit code 134). A supervisor reads 134 as "a peer was lost": rerun the whole slice.
-* SIGTERM on any host is caught by JAX's pre-emption notifier (installed by `initialize`);
-  every process polls `reached_preemption_sync_point(step)` at each chunk boundary and all
-  of them see it at the same step. A Python SIGTERM handler would shadow that notifier, so
-  in a slice actex's PreemptionGuard leaves SIGTERM alone.
+* SIGTERM (or Ctrl-C, or GCE's pre-emption notice) on any host: actex's PreemptionGuard
+  catches it there and sets `actex/stop`; process 0 reads that key before each step and
+  broadcasts "stop" instead of a chunk, so every host finishes the chunk in flight and
+  stops before the same step. (JAX's own pre-emption notifier and
+  `reached_preemption_sync_point` would do the same, but a Python SIGTERM handler
+  installed after `initialize` shadows the notifier, and in actex's process it never fired
+  in our tests; the key is one read per step, and it also carries Ctrl-C and the GCE notice.)
 """
 
 from __future__ import annotations
@@ -216,6 +219,19 @@ class Slice:
             raise BarrierTimeout(self.missing_message(f"broadcast {name}", [0], timeout_s))
         return json.loads(data)
 
+    def request_stop(self, reason: str) -> None:
+        """Ask the whole slice to stop after the step in flight (safe from a signal handler's
+        thread; the first request wins, later ones are dropped)."""
+        try:
+            self.client.key_value_set(f"{_PREFIX}/stop", f"{reason} on process {self.index} (host {self.host(self.index)})")
+        except Exception as error:  # ALREADY_EXISTS: someone asked first
+            if "ALREADY_EXISTS" not in str(error) and "already exists" not in str(error).lower():
+                raise
+
+    def stop_reason(self) -> str | None:
+        """The first stop request of any process, or None."""
+        return self._try(f"{_PREFIX}/stop")
+
     def role(self):
         """The engine's ProcessRole for this process."""
         from actex.engine.work import ProcessRole
@@ -328,12 +344,6 @@ def start_line(slice_: Slice, devices: list[str]) -> str:
             f"{len(devices)} local device(s) ({shown}); coordinator {slice_.coordinator}")
 
 
-def preemption_reached(step: int) -> bool:
-    """JAX's pre-emption sync point: True on every process at the same step once any of
-    them got SIGTERM (or a maintenance notice). Every process must call it at every step."""
-    from jax.experimental import multihost_utils
-
-    return multihost_utils.reached_preemption_sync_point(step)
 
 
 # --------------------------------------------------------------------------- the chunk sequence
@@ -344,38 +354,35 @@ class SliceChunks:
 
     Process 0 draws chunks from its own source (static split or `--claim` leases: the slice
     is one worker among any others on the run) and broadcasts each; the others follow.
-    Before each step every process passes JAX's pre-emption sync point, so SIGTERM on any
-    host ends the sequence at the same step everywhere (`on_preempted` runs there first).
-    The stop event of process 0 (Ctrl-C on it, GCE notice) ends it likewise.
+    A stop requested on ANY process (SIGTERM, Ctrl-C, GCE notice: `Slice.request_stop`)
+    is seen by process 0 before it draws the next chunk, and broadcast instead of it, so
+    every process stops after the same step; `on_stop(step, reason)` runs there first.
     """
 
-    def __init__(self, slice_: Slice, inner=None, *, on_preempted: Callable[[], None] | None = None,
-                 preemption_point: Callable[[int], bool] = preemption_reached):
+    def __init__(self, slice_: Slice, inner=None, *, on_stop: Callable[[int, str], None] | None = None):
         if slice_.primary and inner is None:
             raise ValueError("process 0 of a slice needs the run's chunk source")
         self.slice = slice_
         self.inner = inner
-        self.on_preempted = on_preempted
-        self.preemption_point = preemption_point
-        self.preempted = False
+        self.on_stop = on_stop
 
     def chunks(self, stop) -> Any:
         drawn = self.inner.chunks(stop) if self.slice.primary else None
         step = 0
         while True:
-            if self.preemption_point(step):
-                self.preempted = True
-                if self.on_preempted is not None:
-                    self.on_preempted()
+            def draw() -> dict:
+                reason = self.slice.stop_reason() or ("stop requested on process 0" if stop.is_set() else None)
+                return {"stop": reason} if reason else {"chunk": next(drawn, None)}
+
+            message = self.slice.broadcast(f"step/{step}", draw)
+            if "stop" in message:
+                if self.on_stop is not None:
+                    self.on_stop(step, message["stop"])
                 stop.set()
-
-            def draw() -> int | None:
-                return None if stop.is_set() else next(drawn, None)
-
-            chunk = self.slice.broadcast(f"step/{step}", draw)
-            if chunk is None:
                 return
-            yield chunk
+            if message["chunk"] is None:
+                return
+            yield message["chunk"]
             step += 1
 
     def finished(self, chunk: int) -> None:

@@ -57,6 +57,7 @@ class PreemptionGuard:
         exit_code: int = 0,
         exit: Callable[[int], None] = os._exit,
         signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT),
+        on_request: Callable[[str], None] | None = None,
     ) -> None:
         if deadline_s <= 0:
             raise ValueError(f"pre-emption deadline must be > 0 seconds, got {deadline_s}")
@@ -67,9 +68,10 @@ class PreemptionGuard:
         # wrong); a supervisor such as `actex fleet` asks for another to tell it from "done".
         self.exit_code = exit_code
         self.reason: str | None = None
-        # In a pod slice SIGTERM is left to JAX's pre-emption notifier (a Python handler
-        # would shadow it): only SIGINT is ours there. See engine/distributed.py.
         self.signals = signals
+        # Runs once, with the reason, after the first request (a pod slice tells its other
+        # processes through the coordination service: engine/distributed.py).
+        self.on_request = on_request
         # os._exit, not sys.exit: the deadline fires on a helper thread, where SystemExit
         # would end only that thread; in tests it is replaced to observe the exit code.
         self._exit = exit
@@ -92,6 +94,8 @@ class PreemptionGuard:
             self._deadline.daemon = True
             self._deadline.start()
         log.warning("%s: taking no new chunk; finishing the in-flight one (deadline %.0f s)", reason, self.deadline_s)
+        if self.on_request is not None:
+            self.on_request(reason)
 
     def _abandon(self) -> None:
         log.warning("%s: in-flight chunk not committed after %.0f s; abandoning it", self.reason, self.deadline_s)
