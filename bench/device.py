@@ -27,7 +27,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
 
 from actex.model import make_capture_fn
 from actex.model.attention import resolve_backend

@@ -37,9 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from actex.config import ConfigError
+from actex.config import ConfigError, WorkerOptions
 
 log = logging.getLogger(__name__)
 
@@ -52,36 +50,12 @@ TPU_HOSTS_ENV = ("TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES")
 _PREFIX = "actex"
 
 
-class SliceOptions(BaseModel):
-    """How this process joins a multi-host slice (worker options: not part of the run's identity)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    coordinator: str | None = Field(
-        default=None,
-        description="HOST:PORT of process 0's coordination service (default: $JAX_COORDINATOR_ADDRESS, "
-        "or auto-detected on Cloud TPU / GKE).",
-    )
-    num_processes: int | None = Field(default=None, ge=1, description="Processes in the slice (default: $JAX_NUM_PROCESSES or auto-detected).")
-    process_id: int | None = Field(default=None, ge=0, description="This process's index (default: $JAX_PROCESS_ID or auto-detected).")
-    init_timeout_s: float = Field(
-        default=1800.0, gt=0,
-        description="Seconds to wait for every process to join. Generous: after a pre-emption a slice's "
-        "hosts restart cold at uneven times (image pull, pip, model download).",
-    )
-    heartbeat_timeout_s: float = Field(
-        default=120.0, gt=0,
-        description="Seconds without a heartbeat after which a process is declared dead and every other "
-        "process aborts (exit 134).",
-    )
-    barrier_timeout_s: float = Field(
-        default=900.0, gt=0,
-        description="Seconds any actex barrier waits (config agreement, each chunk's commit) before "
-        "naming the processes that did not arrive.",
-    )
+# The options are fields of WorkerOptions (actex.config): coordinator, num_processes,
+# process_id, init_timeout_s, heartbeat_timeout_s, barrier_timeout_s.
+SliceOptions = WorkerOptions
 
 
-def explicit_settings(options: SliceOptions, environ: dict[str, str] | None = None) -> tuple[str | None, int | None, int | None]:
+def explicit_settings(options: WorkerOptions, environ: dict[str, str] | None = None) -> tuple[str | None, int | None, int | None]:
     """(coordinator, num_processes, process_id) from the options, else JAX's variables.
     Raises ConfigError for a variable that is not an integer."""
     environ = os.environ if environ is None else environ
@@ -111,7 +85,7 @@ def tpu_slice_hosts(environ: dict[str, str] | None = None) -> list[str]:
     return []
 
 
-def wanted(options: SliceOptions, environ: dict[str, str] | None = None) -> bool:
+def wanted(options: WorkerOptions, environ: dict[str, str] | None = None) -> bool:
     """Whether this process is one of several: explicit settings, or a multi-host TPU slice."""
     coordinator, num_processes, _ = explicit_settings(options, environ)
     if num_processes is not None:
@@ -307,7 +281,7 @@ def agree(slice_: Slice, config: dict | None, error: str | None = None) -> None:
 # --------------------------------------------------------------------------- start
 
 
-def initialize(options: SliceOptions, *, environ: dict[str, str] | None = None) -> Slice:
+def initialize(options: WorkerOptions, *, environ: dict[str, str] | None = None) -> Slice:
     """Join the slice (jax.distributed.initialize) and publish this host's name.
 
     Call before anything touches a JAX device. On Cloud TPU / GKE missing settings are

@@ -24,7 +24,7 @@ from typing import Any
 
 import jax
 
-from actex.config import DeviceConfig, RunConfig, check_field_names, device_config, resolve_config
+from actex.config import RunConfig, check_field_names, device_config, resolve_config
 from actex.data import ShapeBudget, build_plan, pack, tokenize_samples
 from actex.data.plan import Plan
 from actex.engine.lockstep import lockstep_batches, split_shares
