@@ -38,7 +38,7 @@ def launch_slice(n: int, args: list[str], *, devices: int, heartbeat_s: float = 
     procs = []
     for i in range(n):
         argv = [ACTEX, *args, "--coordinator", f"127.0.0.1:{port}", "--num-processes", str(n), "--process-id", str(i),
-                "--heartbeat-timeout", str(heartbeat_s), "--barrier-timeout", str(barrier_s), "--init-timeout", "60",
+                "--heartbeat-timeout-s", str(heartbeat_s), "--barrier-timeout-s", str(barrier_s), "--init-timeout-s", "60",
                 *(extra or {}).get(i, [])]
         procs.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                       env=device_env(devices), start_new_session=True))
