@@ -27,6 +27,7 @@ import jax
 from actex.config import RunConfig, check_field_names, device_config, resolve_config
 from actex.data import ShapeBudget, build_plan, pack, tokenize_samples
 from actex.data.plan import Plan
+from actex.engine.generate import ChunkGenerator
 from actex.engine.lockstep import lockstep_batches, split_shares
 from actex.engine.pipeline import ChunkAssembler, ChunkJob, Pipeline, PipelineConfig, chunk_records
 from actex.engine.work import SINGLE_PROCESS, ChunkSource, ProcessRole
@@ -95,7 +96,8 @@ def open_run(fields: dict, *, storage_options: dict | None = None,
     config = resolve_config(fields, n_layers=ckpt.n_layers, checkpoint_dtype=param_dtype(ckpt, None))
     if agree is not None:
         agree({**config.canonical(), **device.model_dump(mode="json")})
-    n_layers = layers_needed(config.hooks, ckpt.n_layers)
+    # Decoding (a generation run) needs every block; capture alone stops at the deepest hook.
+    n_layers = ckpt.n_layers if config.generation is not None else layers_needed(config.hooks, ckpt.n_layers)
     mesh = choose_mesh(device.mesh, ckpt, config.compute_dtype, n_layers)
     attention = resolve_backend(device.attention, mesh.devices.flat[0].platform, config.compute_dtype)
     log.info("mesh %s over %s devices, attention %s", describe(mesh), mesh.devices.flat[0].platform, attention,
@@ -104,11 +106,14 @@ def open_run(fields: dict, *, storage_options: dict | None = None,
     tokenizer = load_tokenizer(tokenizer_dir)
     plan = build_plan(config.data, tokenizer, config.chunk_size)
     store = open_store(config.run_url, **(storage_options or {}))
+    generating = config.generation is not None
     model = load_model(
         config.model,
         revision=config.revision,
         dtype=config.compute_dtype,
-        max_layers=n_layers,
+        # Decoding needs every block and the LM head; capture alone stops at the deepest hook.
+        max_layers=None if generating else n_layers,
+        lm_head=generating,
         mesh=mesh,
     )
     widths = {hook: hook_width(model.config, hook) for hook in config.hooks}
@@ -125,6 +130,7 @@ def run_manifest(config: RunConfig, model: LoadedModel, tokenizer, plan: Plan, w
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
         hooks=tuple(HookSpec(hook, width, config.dtype) for hook, width in widths.items()),
         plan=PlanSummary(plan.num_samples, plan.chunk_size, plan.num_chunks, plan.fingerprint),
+        kind=config.kind,
     )
 
 
@@ -174,6 +180,9 @@ def extract(
     # One per share (one per process of a slice), kept alike by every process; caps the
     # programs compiled for partial batches.
     budgets = [ShapeBudget() for _ in range(role.count)]
+    # A generation run decodes each chunk's prompts first (engine/generate.py).
+    tokens_of = (lambda chunk: chunk_tokens(run, chunk)) if config.generation is None else \
+        ChunkGenerator(run).chunk_tokens
     # Process 0 reads the committed set; in a slice every process must skip the same chunks.
     done = set(role.share("committed", lambda: sorted(committed_chunks(run.store))))
     heartbeat = heartbeat or worker_heartbeat(run, worker)
@@ -216,7 +225,7 @@ def extract(
                 counts["skipped"] += 1
                 source.finished(chunk)
                 continue
-            tokenized = chunk_tokens(run, chunk)
+            tokenized = tokens_of(chunk)
             if role.count == 1:
                 job = pipe.begin(chunk, tokenized)
                 batches = pack(tokenized, config.batch_tokens, config.data.max_seq_len,

@@ -155,7 +155,7 @@ def _open_all(files: set[Path]):
     return {path: safe_open(path, framework="np") for path in files}
 
 
-def _check_checkpoint(model_dir: Path, config: ModelConfig):
+def _check_checkpoint(model_dir: Path, config: ModelConfig, lm_head: bool = False):
     """Names and shapes of every tensor against the config (headers only, no data read).
 
     Returns (HF name -> file, index bytes, expected HF name -> (actex name, layer, transposed)).
@@ -182,6 +182,8 @@ def _check_checkpoint(model_dir: Path, config: ModelConfig):
     head = "lm_head.weight"
     if head in found:
         check_shape(head, (config.vocab_size, config.d_model))
+    elif lm_head and not config.tie_word_embeddings:
+        raise ValueError(f"{model_dir}: missing tensor {head!r} (untied embeddings; generation needs it)")
     return found, index_bytes, wanted
 
 
@@ -224,16 +226,19 @@ def _place(shape: tuple[int, ...], sharding, read) -> jax.Array:
 
 
 def load_params(
-    model_dir: Path, config: ModelConfig, dtype, max_layers: int | None = None, shardings: Params | None = None
+    model_dir: Path, config: ModelConfig, dtype, max_layers: int | None = None, shardings: Params | None = None,
+    lm_head: bool = False,
 ) -> tuple[Params, bytes, set[Path]]:
     """Check the checkpoint, then build each parameter on its devices from file slices.
 
     shardings: NamedShardings in the parameters' tree (mesh.param_shardings); default one
     device. Only the slices this process's devices hold are read (safe_open().get_slice),
     one device shard at a time: see `loading_peak_bytes` for the host memory this takes.
+    `lm_head` (generation only) also loads an untied LM head as params["lm_head"] [D, V];
+    a tied one is the embedding, so nothing more is read.
     Returns (device arrays in actex's tree, index bytes, files read).
     """
-    found, index_bytes, wanted = _check_checkpoint(model_dir, config)
+    found, index_bytes, wanted = _check_checkpoint(model_dir, config, lm_head)
     n_keep = config.n_layers if max_layers is None else min(max_layers, config.n_layers)
     if shardings is None:
         from actex.model.mesh import make_mesh, param_shardings
@@ -264,6 +269,14 @@ def load_params(
             return out
 
         params["layers"][name] = _place((n_keep, *shapes[name][0]), shardings["layers"][name], read_stack)
+    if lm_head and not config.tie_word_embeddings:
+        # Generation only: [D, V], read whole and replicated over the parameters' mesh.
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        head = "lm_head.weight"
+        params["lm_head"] = jax.device_put(
+            _read_slice(found[head], head, (slice(None), slice(None)), True, np_dtype),
+            NamedSharding(shardings["embed"].mesh, PartitionSpec()))
     return params, index_bytes, set(found.values())
 
 
@@ -306,6 +319,7 @@ def load_model(
     dtype: str | None = None,
     max_layers: int | None = None,
     mesh=None,
+    lm_head: bool = False,
 ) -> LoadedModel:
     """Load config and weights from a local directory or a hub repo id.
 
@@ -313,6 +327,7 @@ def load_model(
     saves host and device memory on big models; shapes of all tensors are still checked.
     `mesh`: place parameters sharded over it (mesh.param_specs), reading only this
     process's slices; default one device.
+    `lm_head` loads the LM head too (untied checkpoints), for `actex generate`.
     """
     model_dir, resolved_revision = resolve_model_dir(str(model), revision)
     config_path = model_dir / "config.json"
@@ -326,7 +341,8 @@ def load_model(
 
         n_keep = config.n_layers if max_layers is None else min(max_layers, config.n_layers)
         shardings = param_shardings(config, mesh, n_keep)
-    params, index_bytes, files = load_params(model_dir, config, _DTYPES[chosen], max_layers, shardings)
+    params, index_bytes, files = load_params(model_dir, config, _DTYPES[chosen], max_layers, shardings,
+                                             lm_head=lm_head)
     return LoadedModel(
         config=config,
         params=params,

@@ -404,6 +404,7 @@ class Run:
             hooks[hook] = entry
         return {
             "url": self.url,
+            "kind": self.manifest.kind,
             "dtype": self.dtype,
             "hooks": hooks,
             "chunks_committed": len(self.commits),
