@@ -38,25 +38,34 @@ class UserError(Exception):
 _USER_ERRORS = (ConfigError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, UserError)
 
 
+def error_line(message: str, exit_code: int, log_json: bool = False) -> None:
+    """The one line of a failed command: `actex: error: ...`, or a JSON record with --log-json."""
+    if log_json:
+        log.error(message, extra={"data": {"event": "error", "exit_code": exit_code}})
+    else:
+        typer.echo(f"actex: error: {message}", err=True)
+
+
 @contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn a user-caused exception into one line on stderr and exit code 2."""
+def user_errors(log_json: bool = False) -> Iterator[None]:
+    """Turn a user-caused exception into one line on stderr (a JSON record with `log_json`)
+    and exit code 2."""
     try:
         yield
     except _USER_ERRORS as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         if isinstance(error, PermissionError) and error.filename:
             message = f"{error.filename}: permission denied (is the output writable?)"
-        typer.echo(f"actex: error: {message}", err=True)
+        error_line(message, EXIT_USER_ERROR, log_json)
         raise typer.Exit(EXIT_USER_ERROR) from None
     except OSError as error:  # an unwritable or unreachable output, a full disk, ...
         where = f"{error.filename}: " if getattr(error, "filename", None) else ""
-        typer.echo(f"actex: error: {where}{error.strerror or error}", err=True)
+        error_line(f"{where}{error.strerror or error}", EXIT_USER_ERROR, log_json)
         raise typer.Exit(EXIT_USER_ERROR) from None
 
 
 @contextlib.contextmanager
-def infrastructure_errors() -> Iterator[None]:
+def infrastructure_errors(log_json: bool = False) -> Iterator[None]:
     """The store failing after retries, or a slice's barrier timing out (a straggler, a
     stuck host): not the user's input, so exit 1 (restartable), not 2, which `actex fleet`
     takes for a bad config and never restarts. One line naming what failed."""
@@ -66,8 +75,18 @@ def infrastructure_errors() -> Iterator[None]:
     try:
         yield
     except (StoreError, BarrierTimeout) as error:
-        typer.echo(f"actex: error: {error}", err=True)
+        error_line(str(error), 1, log_json)
         raise typer.Exit(1) from None
+
+
+def run_store(url: str):
+    """The store of the run at `url`; a UserError if no run.json is there (not a run)."""
+    from actex.store.folder import open_store
+
+    store = open_store(url)
+    if not store.exists("run.json"):
+        raise UserError(f"{store.url}: no run.json here (not an actex run)")
+    return store
 
 
 # ----------------------------------------------------------------------------- logging
@@ -90,6 +109,11 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup_logging(log_json: bool, verbose: bool = False) -> None:
+    """Log to stderr; with `log_json`, stderr carries only JSON lines (see cli/json_stderr.py)."""
+    if log_json:
+        from actex.cli.json_stderr import capture_stderr
+
+        capture_stderr()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_json else logging.Formatter("actex: %(message)s"))
     root = logging.getLogger()
@@ -171,9 +195,10 @@ def run_extract(fields: dict, options: WorkerOptions, *, storage_options: dict |
 
     worker_index, num_workers, claim = options.worker_index, options.num_workers, options.claim
     on_write_failure, preempted_exit_code = options.on_write_failure, options.preempted_exit_code
+    log_json = options.log_json
     enable_compilation_cache()
     slice_ = None
-    with user_errors(), infrastructure_errors():
+    with user_errors(log_json), infrastructure_errors(log_json):
         if distributed.wanted(options):
             slice_ = distributed.initialize(options)
         if worker_index is None:
@@ -230,7 +255,7 @@ def run_extract(fields: dict, options: WorkerOptions, *, storage_options: dict |
         guard_holder.append(guard)
         watch_gce_preemption(guard)
         try:
-            with user_errors(), infrastructure_errors():
+            with user_errors(log_json), infrastructure_errors(log_json):
                 summary = extract(run, source, worker=worker, stop=stop, on_commit=view.committed,
                                   on_write_failure=on_write_failure, heartbeat=heartbeat, role=role)
         finally:
@@ -241,8 +266,7 @@ def run_extract(fields: dict, options: WorkerOptions, *, storage_options: dict |
         _report_answers(run)
     log.info("done", extra={"data": {"event": "done", "committed": summary.committed, "skipped": summary.skipped, "lost": summary.lost, **snap}})
     if summary.failed:
-        typer.echo(f"actex: error: {summary.failed} chunk(s) not committed after write failures (see log); "
-                   "rerun to redo them", err=True)
+        error_line(f"{summary.failed} chunk(s) not committed after write failures (see log); rerun to redo them", 1, log_json)
         raise typer.Exit(1)
     if guard.reason is not None:
         typer.echo(guard.exit_line(summary.committed))
@@ -319,7 +343,7 @@ def extract_body(values: dict, options: list | None = None, generating: bool = F
     setup_logging(worker.log_json)
     for message in unknown_variables(os.environ, options):
         log.warning(message)
-    with user_errors():
+    with user_errors(worker.log_json):
         file_fields = load_config_file(inputs.config_file) if inputs.config_file else {}
         fields = merge_fields(file_fields, inputs.fields)
         if generating:
@@ -371,7 +395,7 @@ def demo_command(
 
     setup_logging(log_json)
     started = time.monotonic()
-    with user_errors():
+    with user_errors(log_json):
         model_dir = demo_model_dir()
         dataset = demo_dataset(output / "arc-tasks.jsonl", tasks)
     fields = {
@@ -401,14 +425,10 @@ def inspect_command(
     """Hooks, widths, dtype, chunks committed/total, samples, tokens, bytes and config of a run."""
     from actex.store.commits import useful_token_fraction
     from actex.engine.generate import answers_summary
-    from actex.store.folder import open_store
     from actex.store.reader import Run
 
     with user_errors():
-        store = open_store(url)
-        if not store.exists("run.json"):
-            raise UserError(f"{store.url}: no run.json here (not an actex run)")
-        run = Run(store)
+        run = Run(run_store(url))
         summary = run.summary()
         # Real tokens / computed slots over the committed chunks: what packing wasted.
         summary["useful_token_fraction"] = useful_token_fraction(run.commits.values())

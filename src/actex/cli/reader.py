@@ -1,7 +1,7 @@
 """`actex export`, `actex verify` and `actex gc`: flags in, library calls out.
 
 User errors end as one line on stderr with exit code 2 (shared with the extract area);
-`verify` exits 1 when a hook's error is above tolerance.
+`verify` exits 1 when a hook's error is above tolerance or a part fails its checksums.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from actex.cli.extract import UserError, user_errors
+from actex.cli.extract import UserError, run_store, user_errors
 
 EXIT_VERIFY_FAILED = 1
 
@@ -73,22 +73,46 @@ def verify(
     url: str = typer.Argument(..., help="Run URL."),
     samples: int = typer.Option(8, "--samples", min=1, help="Random committed samples to recompute."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sample choice."),
-    tolerance: Optional[float] = typer.Option(None, "--tolerance", help="Max error relative to the reference's "
-                                              "max |value| (default by dtype: f32 1e-3, f16 5e-3, bf16 2e-2)."),
+    tolerance: Optional[float] = typer.Option(None, "--tolerance", help="Max per-token relative L2 error "
+                                              "||stored - reference|| / ||reference|| (default by dtype: f32 1e-3, "
+                                              "f16 5e-3, bf16 2e-2)."),
     model: Optional[str] = typer.Option(None, "--model", help="Checkpoint to use instead of run.json's "
                                         "(e.g. a local copy of it)."),
     device: str = typer.Option("cpu", "--device", help="torch device of the reference model."),
+    integrity_only: bool = typer.Option(False, "--integrity-only", help="Only check every committed part's "
+                                        "bytes against the checksums recorded at write time (no model, no torch)."),
 ) -> None:
-    """Recompute random stored samples with Hugging Face transformers and compare (needs the torch extra)."""
+    """Check the parts it reads against their checksums, then recompute random stored samples with
+    Hugging Face transformers and compare (needs the torch extra)."""
+    from actex.store.integrity import CorruptPartError
     from actex.store.reader import open_run
+    from actex.verify import check_integrity
     from actex.verify import verify as run_verify
 
     with user_errors():
-        report = run_verify(open_run(url), samples, seed=seed, tolerance=tolerance, model=model, device=device)
+        run = open_run(url)
+        try:
+            if integrity_only:
+                parts = run.parts()
+                corrupt = check_integrity(run, parts)
+                for line in corrupt.values():
+                    typer.echo(f"  FAIL  {line}")
+                typer.echo(f"actex: checked {len(parts)} part(s) of {run.url}: {len(corrupt)} corrupt")
+                if corrupt:
+                    raise typer.Exit(EXIT_VERIFY_FAILED)
+                return
+            report = run_verify(run, samples, seed=seed, tolerance=tolerance, model=model, device=device)
+        except CorruptPartError as error:  # a part's index, read while choosing samples
+            typer.echo(f"  FAIL  {error}")
+            raise typer.Exit(EXIT_VERIFY_FAILED) from None
     typer.echo(f"actex: verified {len(report.sample_ids)} sample(s), {report.tokens:,} tokens of {report.url}")
+    for line in report.corrupt:
+        typer.echo(f"  FAIL  {line}")
     for check in report.checks:
         verdict = "ok" if check.ok else "FAIL"
-        typer.echo(f"  {verdict:4}  {check.hook:32}  error {check.error:.3e}  (tolerance {check.tolerance:.0e})")
+        typer.echo(f"  {verdict:4}  {check.hook:32}  error {check.error:.3e}  cosine {check.cosine:.6f}  "
+                   f"(tolerance {check.tolerance:.0e}; worst token: sample {check.worst_sample} "
+                   f"token {check.worst_index} position {check.worst_position})")
     if not report.ok:
         raise typer.Exit(EXIT_VERIFY_FAILED)
 
@@ -100,16 +124,17 @@ def gc(
     dry_run: bool = typer.Option(False, "--dry-run", help="List what would be deleted; delete nothing."),
 ) -> None:
     """Delete uncommitted attempts older than the grace period; never anything a commit record names."""
-    from actex.store.folder import open_store
     from actex.store.gc import collect_garbage
 
     with user_errors():
-        report = collect_garbage(open_store(url), grace_s=grace_hours * 3600, dry_run=dry_run)
+        report = collect_garbage(run_store(url), grace_s=grace_hours * 3600, dry_run=dry_run)
     action = "would delete" if dry_run else "deleted"
     for attempt in report.deleted:
         typer.echo(f"  {action} {attempt.dir} ({len(attempt.files)} files)")
-    typer.echo(f"actex: {action} {len(report.deleted)} orphaned attempt(s); kept {report.committed} committed and "
-               f"{len(report.kept_recent)} recent uncommitted")
+    for temp in report.temp_files:
+        typer.echo(f"  {action} {temp} (stale temp file)")
+    typer.echo(f"actex: {action} {len(report.deleted)} orphaned attempt(s) and {len(report.temp_files)} stale temp "
+               f"file(s); kept {report.committed} committed and {len(report.kept_recent)} recent uncommitted")
 
 
 def register(app: typer.Typer) -> None:

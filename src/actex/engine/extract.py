@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 import threading
@@ -34,7 +33,7 @@ from actex.engine.work import SINGLE_PROCESS, ChunkSource, ProcessRole
 from actex.model import LoadedModel, ModelConfig, hook_width, layers_needed, load_model, load_tokenizer, make_capture_fn
 from actex.model.attention import resolve_backend
 from actex.model.mesh import DATA, choose_mesh, describe, global_batch
-from actex.model.weights import param_dtype, resolve_model_dir
+from actex.model.weights import param_dtype, read_model_config, resolve_model_dir
 from actex.store.commits import CommitRecord, Heartbeat, committed_chunks
 from actex.store.folder import Store, open_store
 from actex.store.manifest import HookSpec, PlanSummary, RunManifest, open_or_create_manifest
@@ -75,10 +74,7 @@ def checkpoint_config(model: str, revision: str | None) -> ModelConfig:
     if model.startswith((".", "/", "~")) and not Path(model).expanduser().is_dir():
         raise FileNotFoundError(f"--model {model}: no such directory (nor a Hugging Face repo id)")
     model_dir, _ = resolve_model_dir(model, revision)
-    config_path = model_dir / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{model_dir}: config.json not found (is this a model directory?)")
-    return ModelConfig.from_hf_config(json.loads(config_path.read_text()))
+    return read_model_config(model_dir)
 
 
 def open_run(fields: dict, *, storage_options: dict | None = None,

@@ -41,7 +41,8 @@ from actex.store import layout
 from actex.store.commits import CommitRecord, PartRecord, commit
 from actex.store.folder import Store, StoreError
 from actex.store.shards import EncodedPart, activation_dtype, encode_part, encode_samples_jsonl, split_samples, token_bytes
-from actex.store.stats import HookStats
+from actex.store.integrity import crc32c, hex32
+from actex.store.stats import HookStats, encode_stats
 
 log = logging.getLogger(__name__)
 
@@ -362,7 +363,8 @@ class Pipeline:
         part.acts = {}
         path = layout.part_path(job.chunk, job.attempt, part.index)
         self.store.write_bytes(path, encoded.data)
-        record = PartRecord(path=path, bytes=len(encoded.data), sha256=encoded.sha256)
+        record = PartRecord(path=path, bytes=len(encoded.data), sha256=encoded.sha256,
+                            header_bytes=encoded.header_bytes, header_crc32c=encoded.header_crc32c)
         return record, encoded.tokens
 
     # -- commit lane
@@ -389,9 +391,10 @@ class Pipeline:
         samples = job.records if job.records is not None else job.assembler.records
         self.store.write_bytes(layout.samples_path(job.chunk, job.attempt), encode_samples_jsonl(samples))
         tokens = sum(n for _, n in written)
-        stats = {
-            hook: job.stats.get(hook, HookStats.empty(width)).to_json() for hook, width in self.widths.items()
-        }
+        # Statistics get their own object, so the commit record stays small (format v2).
+        stats = encode_stats({hook: job.stats.get(hook, HookStats.empty(width)) for hook, width in self.widths.items()})
+        stats_path = layout.stats_path(job.chunk, job.attempt)
+        self.store.write_bytes(stats_path, stats)
         record = CommitRecord(
             chunk=job.chunk,
             attempt=job.attempt,
@@ -399,7 +402,8 @@ class Pipeline:
             samples=len(samples),
             tokens=tokens,
             worker=self.worker,
-            stats=stats,
+            stats_path=stats_path,
+            stats_crc32c=hex32(crc32c(stats)),
             timings={"chunk_s": time.time() - job.started},
             token_slots=job.token_slots,
         )

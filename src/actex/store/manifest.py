@@ -90,8 +90,9 @@ class RunManifest:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = layout.MANIFEST) -> RunManifest:
         version = d.get("format_version")
-        if version != layout.FORMAT_VERSION:
-            raise ValueError(f"{where}: format_version {version!r}, this actex reads {layout.FORMAT_VERSION}")
+        if version not in layout.READABLE_FORMATS:
+            raise ValueError(f"{where}: format_version {version!r}, this actex reads "
+                             f"{', '.join(map(str, layout.READABLE_FORMATS))}")
         try:
             return cls(
                 config=dict(d["config"]),
