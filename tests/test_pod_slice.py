@@ -104,10 +104,11 @@ def test_a_config_difference_makes_every_process_exit_2_naming_field_and_process
 
 BARRIER_SCRIPT = textwrap.dedent("""
     import sys, time
-    from actex.engine.distributed import SliceOptions, initialize, BarrierTimeout
+    from actex.config import WorkerOptions
+    from actex.engine.distributed import initialize, BarrierTimeout
     me = int(sys.argv[1])
-    s = initialize(SliceOptions(coordinator=sys.argv[2], num_processes=2, process_id=me,
-                                heartbeat_timeout_s=30, barrier_timeout_s=3))
+    s = initialize(WorkerOptions(coordinator=sys.argv[2], num_processes=2, process_id=me, worker_host=sys.argv[3],
+                                 heartbeat_timeout_s=30, barrier_timeout_s=3))
     if me == 1:
         time.sleep(8)   # alive, heart-beating, but never at the barrier
     else:
@@ -123,8 +124,7 @@ def test_a_barrier_process_1_never_reaches_names_process_1_and_its_host(tmp_path
     coordinator = f"127.0.0.1:{free_port()}"
     procs = []
     for i, host in enumerate(["host-a", "host-b"]):
-        env = {**device_env(1), "ACTEX_WORKER_HOST": host}
-        procs.append(subprocess.Popen([sys.executable, "-c", BARRIER_SCRIPT, str(i), coordinator], env=env,
+        procs.append(subprocess.Popen([sys.executable, "-c", BARRIER_SCRIPT, str(i), coordinator, host], env=device_env(1),
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     codes, logs = wait_slice(procs, timeout_s=90)
     assert codes == [0, 0], logs

@@ -51,10 +51,8 @@ _PREFIX = "actex"
 
 
 # The options are fields of WorkerOptions (actex.config): coordinator, num_processes,
-# process_id, init_timeout_s, heartbeat_timeout_s, barrier_timeout_s.
-SliceOptions = WorkerOptions
-
-
+# process_id, init_timeout_s, heartbeat_timeout_s, barrier_timeout_s (and worker_host,
+# the host name this process reports).
 def explicit_settings(options: WorkerOptions, environ: dict[str, str] | None = None) -> tuple[str | None, int | None, int | None]:
     """(coordinator, num_processes, process_id) from the options, else JAX's variables.
     Raises ConfigError for a variable that is not an integer."""
@@ -303,7 +301,7 @@ def initialize(options: WorkerOptions, *, environ: dict[str, str] | None = None)
     client = jax_distributed.global_state.client
     slice_ = Slice(jax.process_index(), jax.process_count(), client, options.barrier_timeout_s,
                    coordinator=jax_distributed.global_state.coordinator_address)
-    host = os.environ.get("ACTEX_WORKER_HOST") or socket.gethostname()
+    host = options.worker_host or socket.gethostname()
     slice_.hosts = [host] * slice_.count  # until everyone's name is known
     names = slice_.exchange("host", host, timeout_s=options.init_timeout_s)
     slice_.hosts = list(names)
