@@ -8,6 +8,7 @@ on. Its key-value store replaces any barrier server or shared /tmp file:
     actex/host/<i>               process i's host name (published at start)
     actex/x/<name>/<i>           process i's value in exchange <name> (config, commit, ...)
     actex/b/<name>               process 0's broadcast <name> (committed set, attempt id, step)
+    actex/stop                   the first stop request of any process (SIGTERM, Ctrl-C, GCE)
 
 An exchange is a barrier that carries a value: every process writes its own arrival key
 and waits for the others' keys one by one, so on timeout it knows exactly who is missing
@@ -167,6 +168,10 @@ class Slice:
                 missing = [p for p in range(process, self.count)
                            if values[p] is None and self._try(f"{prefix}/{p}") is None]
                 raise BarrierTimeout(self.missing_message(name, missing, timeout_s))
+        if to is not None:
+            # Only this process reads a gather's keys: drop them, or a long run would keep
+            # one key per process and chunk in the coordination service's memory.
+            self.client.key_value_delete(prefix)
         return values  # type: ignore[return-value]
 
     def missing_message(self, name: str, missing: list[int], timeout_s: float) -> str:
