@@ -198,7 +198,9 @@ def run_extract(fields: dict, options: WorkerOptions, *, storage_options: dict |
     log_json = options.log_json
     enable_compilation_cache()
     slice_ = None
-    with user_errors(log_json), infrastructure_errors(log_json):
+    # Opening: a store that refuses the output is the user's to fix (exit 2, as on one host);
+    # a slice's barrier timing out is not (exit 1).
+    with infrastructure_errors(log_json), user_errors(log_json):
         if distributed.wanted(options):
             slice_ = distributed.initialize(options)
         if worker_index is None:
