@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from actex.cli import app
 from actex.cli.config_docs import render_docs
 from actex.cli.options import extract_options, model_options
-from actex.config import GenerationConfig, HookSelection, RunConfig, WorkerOptions
+from actex.config import DeviceConfig, GenerationConfig, HookSelection, RunConfig, WorkerOptions
 from actex.data.config import DataConfig
 
 runner = CliRunner()
@@ -90,7 +90,8 @@ def test_every_model_field_is_a_flag_with_its_variable_in_help():
     command = typer.main.get_command(app).commands["extract"]
     by_env = {p.envvar: p for p in command.params if getattr(p, "envvar", None)}
     # generation is a section of `actex generate` only (checked below).
-    names = {*RunConfig.model_fields, *DataConfig.model_fields, *HookSelection.model_fields, *WorkerOptions.model_fields} - {"data", "generation"}
+    names = {*RunConfig.model_fields, *DataConfig.model_fields, *HookSelection.model_fields, *WorkerOptions.model_fields,
+             *DeviceConfig.model_fields} - {"data", "generation"}
     # data.revision meets the model's revision: it becomes --data-revision.
     expected = {f"ACTEX_{n.upper()}" for n in names} | {"ACTEX_DATA_REVISION", "ACTEX_CONFIG"}
     assert set(by_env) == expected

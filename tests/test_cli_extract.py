@@ -166,11 +166,14 @@ def snapshot(run: Path) -> dict[str, tuple[bytes, int]]:
         (["--layers", "0-5"], "layer 2 out of range: model has 2 layers (0-1)"),
         (["--dataset", "MISSING"], "MISSING"),
         (["--output", "UNWRITABLE"], "Not a directory"),
+        (["--mesh", "data=3,model=1"], "--mesh data=3,model=1 needs 3 devices, 1 available"),
+        (["--mesh", "3x1"], "--mesh '3x1': expected 'auto' or 'data=D,model=M'"),
+        (["--attention", "cudnn"], "--attention cudnn needs an NVIDIA GPU; this host's platform is cpu"),
         (["--run-name", "../../escaped"], "run_name: Value error, '../../escaped' must be one directory name"),
         (["--run-name", "a/b"], "'a/b' must be one directory name under output"),
     ],
     ids=["config-mismatch", "unknown-hook", "layer-out-of-range", "missing-dataset", "unwritable-output",
-         "run-name-dotdot", "run-name-separator"],
+         "mesh-too-large", "mesh-spelling", "attention-platform", "run-name-dotdot", "run-name-separator"],
 )
 def test_user_errors_are_one_line_and_touch_nothing(reference, tiny_model_dir, dataset, tmp_path, change, expected):
     args = extract_args(tiny_model_dir, dataset, reference.parent)
@@ -209,6 +212,7 @@ def test_demo_then_inspect(tmp_path, jax_cache, monkeypatch):
     assert summary["dtype"] == "bfloat16"
     assert summary["hooks"]["blocks.3.hook_resid_post"]["width"] == 128
     assert summary["config"]["data"]["format"] == "arc"
+    assert 0.5 < summary["useful_token_fraction"] <= 1.0  # tokens / computed slots
 
     missing = runner.invoke(app, ["inspect", str(tmp_path / "nothing")])
     assert missing.exit_code == 2 and "no run.json" in missing.stderr

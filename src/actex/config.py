@@ -214,13 +214,63 @@ class WorkerOptions(BaseModel):
         0, ge=0, le=255, description="Exit code after a pre-emption stop (`actex fleet` sets 75 to tell a stopped worker from a finished run).")
     on_write_failure: Annotated[Literal["exit", "continue"], Flag(panel="Workers")] = Field(
         "exit", description="A chunk whose writes fail after retries: exit (stop the worker) | continue (leave it uncommitted, go on, exit 1 at the end).")
+    # A multi-host pod slice (engine/distributed.py, docs/pod-slices.md).
+    coordinator: Annotated[str | None, Flag(panel="Pod slice")] = Field(
+        None, description="HOST:PORT of process 0's coordination service (default: $JAX_COORDINATOR_ADDRESS, "
+        "or auto-detected on Cloud TPU / GKE).")
+    num_processes: Annotated[int | None, Flag(panel="Pod slice")] = Field(
+        None, ge=1, description="Processes in the slice (default: $JAX_NUM_PROCESSES, or auto-detected).")
+    process_id: Annotated[int | None, Flag(panel="Pod slice")] = Field(
+        None, ge=0, description="This process's index in the slice (default: $JAX_PROCESS_ID, or auto-detected).")
+    init_timeout_s: Annotated[float, Flag(panel="Pod slice")] = Field(
+        1800.0, gt=0, description="Seconds to wait for every process to join. Generous: after a pre-emption a "
+        "slice's hosts restart cold at uneven times (image pull, install, model download).")
+    heartbeat_timeout_s: Annotated[float, Flag(panel="Pod slice")] = Field(
+        120.0, gt=0, description="Seconds without a heartbeat after which a process is declared dead and every "
+        "other process aborts (exit 134).")
+    barrier_timeout_s: Annotated[float, Flag(panel="Pod slice")] = Field(
+        900.0, gt=0, description="Seconds an actex barrier (config agreement, each chunk's commit) waits before "
+        "naming the processes that did not arrive.")
     log_json: Annotated[bool, Flag(panel="Output")] = Field(False, description="Structured JSON log lines on stderr instead of a progress bar.")
     progress: Annotated[bool | None, Flag(panel="Output")] = Field(None, description="Progress bar (default: when stderr is a TTY).")
 
 
+class DeviceConfig(BaseModel):
+    """How THIS worker uses its devices. Not part of the run's identity (not in run.json,
+    not hashed): workers of one run may differ here, and the stored values do not (up to
+    float rounding: see docs/architecture.md, "Devices")."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    mesh: Annotated[str, Flag(panel="Performance")] = Field(
+        default="auto",
+        description="Device mesh over this host's devices: 'auto' (model axis the fewest devices "
+        "that hold the weights, the rest data) or 'data=D,model=M'.",
+    )
+    attention: Annotated[Literal["auto", "blockwise", "splash", "pallas_gpu", "cudnn", "xla"], Flag(panel="Performance")] = Field(
+        default="auto",
+        description="Attention kernel: auto (splash on TPU, cuDNN/Pallas on GPU, blockwise on CPU) "
+        "or one by name.",
+    )
+
+
+# Config-file / flag fields that go to DeviceConfig, not RunConfig.
+DEVICE_FIELDS = tuple(DeviceConfig.model_fields)
+
+
+def device_config(fields: dict) -> tuple[DeviceConfig, dict]:
+    """Split DEVICE_FIELDS off user fields: (DeviceConfig, the rest). ConfigError if invalid."""
+    rest = {k: v for k, v in fields.items() if k not in DEVICE_FIELDS}
+    given = {k: fields[k] for k in DEVICE_FIELDS if fields.get(k) is not None}
+    try:
+        return DeviceConfig.model_validate(given), rest
+    except ValidationError as error:
+        raise ConfigError(one_line(error)) from None
+
+
 def check_field_names(fields: dict) -> None:
     """Refuse unknown field names before anything slow (a model download) happens."""
-    known = set(RunConfig.model_fields) | set(HOOK_SELECTORS)
+    known = set(RunConfig.model_fields) | set(HOOK_SELECTORS) | set(DEVICE_FIELDS)
     unknown = sorted(set(fields) - known)
     if unknown:
         raise ConfigError(f"unknown config field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")

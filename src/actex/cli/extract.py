@@ -64,6 +64,21 @@ def user_errors(log_json: bool = False) -> Iterator[None]:
         raise typer.Exit(EXIT_USER_ERROR) from None
 
 
+@contextlib.contextmanager
+def infrastructure_errors(log_json: bool = False) -> Iterator[None]:
+    """The store failing after retries, or a slice's barrier timing out (a straggler, a
+    stuck host): not the user's input, so exit 1 (restartable), not 2, which `actex fleet`
+    takes for a bad config and never restarts. One line naming what failed."""
+    from actex.engine.distributed import BarrierTimeout
+    from actex.store.folder import StoreError
+
+    try:
+        yield
+    except (StoreError, BarrierTimeout) as error:
+        error_line(str(error), 1, log_json)
+        raise typer.Exit(1) from None
+
+
 def run_store(url: str):
     """The store of the run at `url`; a UserError if no run.json is there (not a run)."""
     from actex.store.folder import open_store
@@ -154,9 +169,11 @@ class ProgressView:
                     mb_s=f"{snap['bytes_per_s'] / 1e6:,.1f}",
                 )
         log.info(
-            "committed chunk %d (%d/%d): %d samples, %d tokens",
+            "committed chunk %d (%d/%d): %d samples, %d tokens, %.1f%% of computed slots useful",
             record.chunk, snap["chunks_done"], self.total, record.samples, record.tokens,
-            extra={"data": {"event": "commit", "chunk": record.chunk, "attempt": record.attempt, "total": self.total, **snap}},
+            100 * (record.useful_fraction or 1.0),
+            extra={"data": {"event": "commit", "chunk": record.chunk, "attempt": record.attempt, "total": self.total,
+                            "chunk_useful_fraction": record.useful_fraction, **snap}},
         )
 
 
@@ -164,64 +181,88 @@ class ProgressView:
 
 
 def run_extract(fields: dict, options: WorkerOptions, *, storage_options: dict | None = None) -> None:
-    """The body of `actex extract` (and of `actex demo`): open, extract, report."""
+    """The body of `actex extract` (and of `actex demo`): open, extract, report.
+
+    With several processes (--num-processes / --coordinator, JAX_* variables, or a
+    multi-host Cloud TPU slice) this process first joins the slice (engine/distributed.py).
+    """
+    from actex.engine import distributed
     from actex.engine.extract import enable_compilation_cache, extract, open_run, worker_heartbeat
     from actex.engine.preemption import PreemptionGuard, watch_gce_preemption
-    from actex.engine.work import StaticChunks, worker_index_from_env
+    from actex.engine.work import SINGLE_PROCESS, StaticChunks, worker_index_from_env
     from actex.store.claims import ClaimedChunks
     from actex.store.commits import committed_chunks
-    from actex.store.folder import StoreError
 
     worker_index, num_workers, claim = options.worker_index, options.num_workers, options.claim
     on_write_failure, preempted_exit_code = options.on_write_failure, options.preempted_exit_code
     log_json = options.log_json
     enable_compilation_cache()
-    with user_errors(log_json):
+    slice_ = None
+    # Opening: a store that refuses the output is the user's to fix (exit 2, as on one host);
+    # a slice's barrier timing out is not (exit 1).
+    with infrastructure_errors(log_json), user_errors(log_json):
+        if distributed.wanted(options):
+            slice_ = distributed.initialize(options)
         if worker_index is None:
-            worker_index = worker_index_from_env() or 0
-        run = open_run(fields, storage_options=storage_options)
+            # On a TPU slice TPU_WORKER_ID is the host's index within the slice, not a worker's.
+            worker_index = (worker_index_from_env() if slice_ is None else None) or 0
+        workers = {"claim": claim, "num_workers": num_workers, "worker_index": worker_index}
+        run = _open_run(open_run, fields, storage_options, slice_, workers)
         # A TPU fleet VM's hostname is not its node name: its bootstrap sets ACTEX_WORKER_HOST so
         # `actex monitor` can tell which VM a heartbeat comes from.
         host = options.worker_host or os.uname().nodename
         worker = f"w{worker_index}" if not claim else f"{host}-{os.getpid()}"
+        role = SINGLE_PROCESS
+        if slice_ is not None:
+            # The slice is one worker: process 0's name; the others' heartbeats say which process.
+            role = slice_.role()
+            worker = slice_.broadcast("worker", lambda: worker)
         done = committed_chunks(run.store)
+        primary = slice_ is None or slice_.primary
+        static = StaticChunks(run.plan.num_chunks, worker_index, num_workers)
         if claim:
-            source = ClaimedChunks(run.store, run.plan.num_chunks, worker, lease_s=options.lease_seconds)
+            source = ClaimedChunks(run.store, run.plan.num_chunks, worker, lease_s=options.lease_seconds) if primary else None
             todo = run.plan.num_chunks - len(done)
         else:
-            source = StaticChunks(run.plan.num_chunks, worker_index, num_workers)
-            todo = len(set(source.assigned()) - done)
+            source = static
+            todo = len(set(static.assigned()) - done)
+        claims = source if claim else None
+        guard_holder: list = []
+        if slice_ is not None:
+            source = distributed.SliceChunks(
+                slice_, source if primary else None,
+                on_stop=lambda step, reason: _slice_stops(guard_holder[0], step, reason),
+            )
 
     log.info("run %s: %d chunks, %d to do by worker %s", run.config.run_url, run.plan.num_chunks, todo, worker,
              extra={"data": {"event": "start", "run": run.config.run_url, "config_hash": run.config.config_hash,
                              "num_chunks": run.plan.num_chunks, "todo": todo, "worker": worker}})
     stop = threading.Event()
     show_bar = sys.stderr.isatty() and not options.log_json if options.progress is None else options.progress
-    heartbeat = worker_heartbeat(run, worker)
+    heartbeat = worker_heartbeat(run, worker if role.index == 0 else f"{worker}.p{role.index}")
 
     def abandon() -> None:
         # Past the deadline the in-flight chunk is dropped: hand its lease back so another
         # worker starts on it at once, and say so in this worker's heartbeat.
-        if claim:
-            source.close()
+        if claims is not None:
+            claims.close()
         heartbeat.beat(state="abandoned", force=True)
 
-    with PreemptionGuard(stop, deadline_s=options.preempt_deadline, on_abandon=abandon, exit_code=preempted_exit_code) as guard, \
+    # In a slice a stop on any host is broadcast by process 0 at a step boundary (see
+    # engine/distributed.py SliceChunks), so every host stops after the same chunk.
+    on_request = None if slice_ is None else slice_.request_stop
+    with PreemptionGuard(stop, deadline_s=options.preempt_deadline, on_abandon=abandon, exit_code=preempted_exit_code,
+                         on_request=on_request) as guard, \
             ProgressView(todo, show_bar=show_bar) as view:
+        guard_holder.append(guard)
         watch_gce_preemption(guard)
         try:
-            with user_errors(log_json):
-                try:
-                    summary = extract(run, source, worker=worker, stop=stop, on_commit=view.committed,
-                                      on_write_failure=on_write_failure, heartbeat=heartbeat)
-                except StoreError as error:
-                    # The store kept failing after retries: not the user's input, so not exit 2,
-                    # which `actex fleet` takes for a bad config and never restarts.
-                    error_line(str(error), 1, log_json)
-                    raise typer.Exit(1) from None
+            with user_errors(log_json), infrastructure_errors(log_json):
+                summary = extract(run, source, worker=worker, stop=stop, on_commit=view.committed,
+                                  on_write_failure=on_write_failure, heartbeat=heartbeat, role=role)
         finally:
-            if claim:
-                source.close()
+            if claims is not None:
+                claims.close()
     snap = summary.progress
     if run.config.generation is not None:
         _report_answers(run)
@@ -234,12 +275,49 @@ def run_extract(fields: dict, options: WorkerOptions, *, storage_options: dict |
         if preempted_exit_code:
             raise typer.Exit(preempted_exit_code)
         return
+    if role.index != 0:
+        typer.echo(f"actex: process {role.index} of {role.count}: wrote its rows of every chunk; "
+                   "process 0 committed them (see its line)")
+        return
     typer.echo(
         f"actex: {run.config.run_url}: committed {summary.committed} chunk(s) "
         f"({snap['samples']} samples, {snap['tokens']} tokens, {snap['bytes'] / 1e6:.1f} MB, "
         f"{snap['tokens_per_s']:,.0f} tokens/s); "
         f"{summary.skipped} already committed"
     )
+
+
+def _slice_stops(guard, step: int, reason: str) -> None:
+    """Every process of a slice stops at the same step: say which, and why."""
+    typer.echo(f"actex: the slice stops before step {step}: {reason}")
+    guard.request_stop(reason)
+
+
+def _open_run(open_run, fields: dict, storage_options: dict | None, slice_, workers: dict):
+    """open_run, with the config agreed by every process of a slice (exit 2 on all of them
+    if any differs, or if any failed to resolve its config: its error, named, everywhere)."""
+    if slice_ is None:
+        return open_run(fields, storage_options=storage_options)
+    from actex.engine import distributed
+
+    agreed = False
+
+    def agree(resolved: dict) -> None:
+        nonlocal agreed
+        agreed = True
+        distributed.agree(slice_, {**resolved, "workers": workers})
+        if resolved.get("generation") is not None:  # the same on every process, so all exit 2
+            raise UserError("generation runs do not run on a multi-host slice yet (decoding is per process); "
+                            "run `actex generate` as independent workers (--claim) instead")
+
+    try:
+        return open_run(fields, storage_options=storage_options, agree=agree)
+    except _USER_ERRORS as error:
+        if agreed:
+            raise
+        # Tell the others why before exiting, so they exit 2 naming this process, not 134.
+        distributed.agree(slice_, None, error=str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
+        raise
 
 
 def _report_answers(run) -> None:
@@ -347,12 +425,15 @@ def inspect_command(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Hooks, widths, dtype, chunks committed/total, samples, tokens, bytes and config of a run."""
+    from actex.store.commits import useful_token_fraction
     from actex.engine.generate import answers_summary
     from actex.store.reader import Run
 
     with user_errors():
         run = Run(run_store(url))
         summary = run.summary()
+        # Real tokens / computed slots over the committed chunks: what packing wasted.
+        summary["useful_token_fraction"] = useful_token_fraction(run.commits.values())
         summary["answers"] = answers_summary(run)
     if as_json:
         typer.echo(json.dumps(summary, indent=2, default=str))
@@ -366,6 +447,8 @@ def inspect_command(
         f"{summary['kind']} run, chunks {summary['chunks_committed']}/{summary['chunks_total']} committed, "
         f"{summary['samples']:,} samples, {summary['tokens']:,} tokens, {summary['bytes'] / 1e6:,.1f} MB, dtype {summary['dtype']}"
     )
+    if summary["useful_token_fraction"] is not None:
+        console.print(f"useful tokens {summary['useful_token_fraction']:.1%} of the slots computed (the rest: padding)")
     table = Table("hook", "width", "mean |mean|", "mean var", "mean L2 norm")
     for hook, entry in summary["hooks"].items():
         stats = entry.get("stats")

@@ -28,7 +28,7 @@ import typer
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticUndefined
 
-from actex.config import ConfigError, HookSelection, RunConfig, WorkerOptions
+from actex.config import ConfigError, DeviceConfig, HookSelection, RunConfig, WorkerOptions
 from actex.flag import Flag
 
 ENV_PREFIX = "ACTEX_"
@@ -145,6 +145,8 @@ def extract_options() -> list[ConfigOption]:
     return [
         *model_options(RunConfig, target="config", panel="Run", taken=taken),
         *model_options(HookSelection, target="config", panel="Hooks", taken=taken),
+        # This worker's devices: config-file fields too, split off again by open_run.
+        *model_options(DeviceConfig, target="config", panel="Performance", taken=taken),
         *model_options(WorkerOptions, target="worker", panel="Workers", taken=taken),
     ]
 

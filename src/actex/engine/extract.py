@@ -23,13 +23,16 @@ from typing import Any
 
 import jax
 
-from actex.config import RunConfig, check_field_names, resolve_config
-from actex.data import build_plan, pack, tokenize_samples
+from actex.config import RunConfig, check_field_names, device_config, resolve_config
+from actex.data import ShapeBudget, build_plan, pack, tokenize_samples
 from actex.data.plan import Plan
 from actex.engine.generate import ChunkGenerator
-from actex.engine.pipeline import Pipeline, PipelineConfig
+from actex.engine.lockstep import lockstep_batches, split_shares
+from actex.engine.pipeline import ChunkAssembler, ChunkJob, Pipeline, PipelineConfig, chunk_records
 from actex.engine.work import SINGLE_PROCESS, ChunkSource, ProcessRole
 from actex.model import LoadedModel, ModelConfig, hook_width, layers_needed, load_model, load_tokenizer, make_capture_fn
+from actex.model.attention import resolve_backend
+from actex.model.mesh import DATA, choose_mesh, describe, global_batch
 from actex.model.weights import param_dtype, read_model_config, resolve_model_dir
 from actex.store.commits import CommitRecord, Heartbeat, committed_chunks
 from actex.store.folder import Store, open_store
@@ -62,6 +65,8 @@ class OpenRun:
     model: LoadedModel
     tokenizer: Any
     widths: dict[str, int]  # hook -> width, in canonical hook order
+    mesh: Any = None  # jax.sharding.Mesh (data, model) the parameters live on
+    attention: str = "blockwise"  # resolved attention backend
 
 
 def checkpoint_config(model: str, revision: str | None) -> ModelConfig:
@@ -72,15 +77,27 @@ def checkpoint_config(model: str, revision: str | None) -> ModelConfig:
     return read_model_config(model_dir)
 
 
-def open_run(fields: dict, *, storage_options: dict | None = None) -> OpenRun:
+def open_run(fields: dict, *, storage_options: dict | None = None,
+             agree: Callable[[dict], None] | None = None) -> OpenRun:
     """Validate user fields against the checkpoint, plan the data and create or check run.json.
 
     Raises ConfigError / ValueError / FileNotFoundError / PermissionError with one-line
     messages; nothing in the store is modified except creating run.json on a fresh run.
+    `agree(resolved)`: in a slice, checks that every process resolved the same config
+    (the run's canonical config plus the device fields) before anything is loaded.
     """
     check_field_names(fields)
+    device, fields = device_config(fields)
     ckpt = checkpoint_config(fields["model"], fields.get("revision"))
     config = resolve_config(fields, n_layers=ckpt.n_layers, checkpoint_dtype=param_dtype(ckpt, None))
+    if agree is not None:
+        agree({**config.canonical(), **device.model_dump(mode="json")})
+    # Decoding (a generation run) needs every block; capture alone stops at the deepest hook.
+    n_layers = ckpt.n_layers if config.generation is not None else layers_needed(config.hooks, ckpt.n_layers)
+    mesh = choose_mesh(device.mesh, ckpt, config.compute_dtype, n_layers)
+    attention = resolve_backend(device.attention, mesh.devices.flat[0].platform, config.compute_dtype)
+    log.info("mesh %s over %s devices, attention %s", describe(mesh), mesh.devices.flat[0].platform, attention,
+             extra={"data": {"event": "devices", "mesh": describe(mesh), "attention": attention}})
     tokenizer_dir, _ = resolve_model_dir(config.model, config.revision)
     tokenizer = load_tokenizer(tokenizer_dir)
     plan = build_plan(config.data, tokenizer, config.chunk_size)
@@ -91,12 +108,13 @@ def open_run(fields: dict, *, storage_options: dict | None = None) -> OpenRun:
         revision=config.revision,
         dtype=config.compute_dtype,
         # Decoding needs every block and the LM head; capture alone stops at the deepest hook.
-        max_layers=None if generating else layers_needed(config.hooks, ckpt.n_layers),
+        max_layers=None if generating else n_layers,
         lm_head=generating,
+        mesh=mesh,
     )
     widths = {hook: hook_width(model.config, hook) for hook in config.hooks}
     open_or_create_manifest(store, run_manifest(config, model, tokenizer, plan, widths))
-    return OpenRun(config, store, plan, model, tokenizer, widths)
+    return OpenRun(config, store, plan, model, tokenizer, widths, mesh, attention)
 
 
 def run_manifest(config: RunConfig, model: LoadedModel, tokenizer, plan: Plan, widths: dict[str, int]) -> RunManifest:
@@ -153,11 +171,16 @@ def extract(
         raise ValueError(f"--on-write-failure must be exit or continue, got {on_write_failure!r}")
     stop = stop or threading.Event()
     config = run.config
-    capture = make_capture_fn(run.model.config, config.hooks, config.dtype)
+    capture = make_capture_fn(run.model.config, config.hooks, config.dtype, mesh=run.mesh, attention=run.attention)
+    data_shards = run.mesh.shape[DATA] if run.mesh is not None else 1
+    # One per share (one per process of a slice), kept alike by every process; caps the
+    # programs compiled for partial batches.
+    budgets = [ShapeBudget() for _ in range(role.count)]
     # A generation run decodes each chunk's prompts first (engine/generate.py).
     tokens_of = (lambda chunk: chunk_tokens(run, chunk)) if config.generation is None else \
         ChunkGenerator(run).chunk_tokens
-    done = committed_chunks(run.store)
+    # Process 0 reads the committed set; in a slice every process must skip the same chunks.
+    done = set(role.share("committed", lambda: sorted(committed_chunks(run.store))))
     heartbeat = heartbeat or worker_heartbeat(run, worker)
     counts = {"committed": 0, "skipped": 0, "lost": 0, "failed": 0}
 
@@ -168,7 +191,8 @@ def extract(
             counts["lost"] += 1
             return
         counts["committed"] += 1
-        heartbeat.add(chunks_done=1, samples=record.samples, tokens=record.tokens, bytes=record.bytes)
+        heartbeat.add(chunks_done=1, samples=record.samples, tokens=record.tokens, bytes=record.bytes,
+                      token_slots=record.token_slots)
         _beat(heartbeat)
         if on_commit is not None:
             on_commit(record, heartbeat.snapshot())
@@ -198,18 +222,43 @@ def extract(
                 source.finished(chunk)
                 continue
             tokenized = tokens_of(chunk)
-            job = pipe.begin(chunk, tokenized)
-            for batch in pack(tokenized, config.batch_tokens, config.data.max_seq_len):
+            if role.count == 1:
+                job = pipe.begin(chunk, tokenized)
+                batches = pack(tokenized, config.batch_tokens, config.data.max_seq_len,
+                               row_multiple=data_shards, budget=budgets[0])
+            else:
+                job, batches = _slice_chunk(run, pipe, role, chunk, tokenized, data_shards, budgets)
+            for batch in batches:
+                inputs = (batch.token_ids, batch.positions, batch.segment_ids)
+                if run.mesh is not None:
+                    inputs = global_batch(inputs, run.mesh)
                 # Async dispatch: returns at once with device arrays; the host lane fetches
                 # them while this thread already dispatches the next batch.
-                outputs = capture(run.model.params, batch.token_ids, batch.positions, batch.segment_ids)
-                pipe.add(job, batch, outputs)
+                outputs = capture(run.model.params, *inputs)
+                pipe.add(job, batch, outputs, inputs[2])
             pipe.end(job)
             pipe.check()
     finally:
         pipe.close()
         _beat(heartbeat, state="stopped" if stop.is_set() else "finished", force=True)
     return Summary(counts["committed"], counts["skipped"], counts["lost"], heartbeat.snapshot(), counts["failed"])
+
+
+def _slice_chunk(run: OpenRun, pipe: Pipeline, role: ProcessRole, chunk: int, tokenized: list,
+                 data_shards: int, budgets: list[ShapeBudget]) -> tuple[ChunkJob, list]:
+    """This process's job and step-aligned batches for `chunk` in a slice (engine/lockstep.py).
+
+    batch_tokens stays the global tokens per step: each process packs its share of them.
+    """
+    shares = split_shares(tokenized, role.count)
+    config = run.config
+    part_base = sum(len(ChunkAssembler(s, run.widths, config.dtype, config.shard_size).parts)
+                    for s in shares[: role.index])
+    job = pipe.begin(chunk, shares[role.index], part_base=part_base, records=chunk_records(tokenized))
+    local_shards = max(1, data_shards // role.count)
+    batches = lockstep_batches(shares, role.index, max(16, config.batch_tokens // role.count),
+                               config.data.max_seq_len, row_multiple=local_shards, budgets=budgets)
+    return job, batches
 
 
 def worker_heartbeat(run: OpenRun, worker: str) -> Heartbeat:

@@ -56,6 +56,8 @@ class PreemptionGuard:
         on_abandon: Callable[[], None] | None = None,
         exit_code: int = 0,
         exit: Callable[[int], None] = os._exit,
+        signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT),
+        on_request: Callable[[str], None] | None = None,
     ) -> None:
         if deadline_s <= 0:
             raise ValueError(f"pre-emption deadline must be > 0 seconds, got {deadline_s}")
@@ -66,6 +68,10 @@ class PreemptionGuard:
         # wrong); a supervisor such as `actex fleet` asks for another to tell it from "done".
         self.exit_code = exit_code
         self.reason: str | None = None
+        self.signals = signals
+        # Runs once, with the reason, after the first request (a pod slice tells its other
+        # processes through the coordination service: engine/distributed.py).
+        self.on_request = on_request
         # os._exit, not sys.exit: the deadline fires on a helper thread, where SystemExit
         # would end only that thread; in tests it is replaced to observe the exit code.
         self._exit = exit
@@ -88,6 +94,8 @@ class PreemptionGuard:
             self._deadline.daemon = True
             self._deadline.start()
         log.warning("%s: taking no new chunk; finishing the in-flight one (deadline %.0f s)", reason, self.deadline_s)
+        if self.on_request is not None:
+            self.on_request(reason)
 
     def _abandon(self) -> None:
         log.warning("%s: in-flight chunk not committed after %.0f s; abandoning it", self.reason, self.deadline_s)
@@ -113,9 +121,9 @@ class PreemptionGuard:
 
     # -- lifecycle -------------------------------------------------------------------
 
-    def install(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> "PreemptionGuard":
+    def install(self, signals: tuple[int, ...] | None = None) -> "PreemptionGuard":
         """Install the signal handlers (main thread only, as Python requires)."""
-        for signum in signals:
+        for signum in self.signals if signals is None else signals:
             self._previous[signum] = signal.signal(signum, self._on_signal)
         return self
 

@@ -4,9 +4,19 @@ Parameters name their logical axes once (qwen2.layer_param_axes / global_param_a
 the table below maps those to mesh axes, Megatron style: attention heads, MLP width and
 vocabulary are split over "model", rows of a batch over "data". On one device the mesh
 is 1 x 1 and every spec is a no-op.
+
+Layout across hosts (issue 13 builds on this): the "model" axis always stays within one
+process's devices (its collectives run on every layer, so they must ride the fast local
+links), and "data" spans processes. Every global batch is built by `global_batch`, which
+is `jax.make_array_from_process_local_data`: one process passes its own rows, so the same
+call serves one host and a pod slice.
 """
 
 from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -27,22 +37,31 @@ AXIS_RULES: dict[str, str | None] = {
     "head_dim": None,
 }
 
-
-def make_mesh(model_parallel: int = 1, devices=None) -> Mesh:
-    """A (data, model) mesh over `devices` (default: all), model axis of the given size."""
-    devices = list(jax.devices() if devices is None else devices)
-    if len(devices) % model_parallel:
-        raise ValueError(f"{len(devices)} devices not divisible by model_parallel={model_parallel}")
-    grid = np.asarray(devices).reshape(len(devices) // model_parallel, model_parallel)
-    return Mesh(grid, (DATA, MODEL))
+# Weights may take this share of one device's memory when the model axis is chosen
+# automatically; the rest holds activations (a [rows, seq, d_mlp] float32 intermediate
+# at 16k tokens is 0.3 GB for the 0.5B shape, 1.2 GB for 7B) and the captured hooks.
+WEIGHT_SHARE = 0.6
 
 
-def _spec(shape: tuple[int, ...], axes: tuple[str, ...], mesh: Mesh) -> PartitionSpec:
-    # An axis that does not divide evenly (2 kv heads on 4 devices) stays replicated.
+def _units(config: ModelConfig, axis: str, size: int) -> int:
+    """How many indivisible units an axis of `size` elements holds: a head is split over
+    devices whole or not at all, so heads/kv_heads count heads, not head_dim columns."""
+    if axis == "heads":
+        return config.n_heads
+    if axis == "kv_heads":
+        return config.n_kv_heads
+    return size
+
+
+def _spec(shape: tuple[int, ...], axes: tuple[str, ...], mesh: Mesh, config: ModelConfig) -> PartitionSpec:
+    # An axis whose units do not divide evenly over its mesh axis stays replicated: 2 kv
+    # heads on a model axis of 4 means every model device holds both kv heads (the k/v
+    # projections are small, 1/group_size of q's), while q heads, MLP and vocab still split.
     names = []
     for size, axis in zip(shape, axes):
         mesh_axis = AXIS_RULES[axis]
-        names.append(mesh_axis if mesh_axis and size % mesh.shape[mesh_axis] == 0 else None)
+        split = mesh_axis and _units(config, axis, size) % mesh.shape[mesh_axis] == 0
+        names.append(mesh_axis if split else None)
     return PartitionSpec(*names)
 
 
@@ -50,25 +69,174 @@ def param_specs(config: ModelConfig, mesh: Mesh, n_layers: int | None = None) ->
     """PartitionSpecs in the same tree as the parameters (layers stacked on axis 0)."""
     n_layers = config.n_layers if n_layers is None else n_layers
     layers = {  # none when no block was loaded (embedding-only hooks)
-        name: _spec((n_layers, *shape), ("layers", *axes), mesh)
+        name: _spec((n_layers, *shape), ("layers", *axes), mesh, config)
         for name, (shape, axes) in layer_param_axes(config).items()
     } if n_layers else {}
-    specs = {name: _spec(shape, axes, mesh) for name, (shape, axes) in global_param_axes(config).items()}
+    specs = {name: _spec(shape, axes, mesh, config) for name, (shape, axes) in global_param_axes(config).items()}
     return {**specs, "layers": layers}
 
 
+def param_shardings(config: ModelConfig, mesh: Mesh, n_layers: int | None = None) -> Params:
+    """NamedShardings in the parameters' tree (what weights.py builds the arrays with)."""
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), param_specs(config, mesh, n_layers),
+                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def heads_split(config: ModelConfig, mesh: Mesh) -> tuple[bool, bool]:
+    """(q heads split over "model", kv heads split over "model"), as param_specs decides."""
+    m = mesh.shape[MODEL]
+    return config.n_heads % m == 0, config.n_kv_heads % m == 0
+
+
 def batch_spec() -> PartitionSpec:
-    """token_ids / positions / segment_ids [rows, seq] and hook outputs [rows, seq, width]."""
+    """token_ids / positions / segment_ids [rows, seq] and hook outputs [rows, seq, width]:
+    rows over "data", everything else whole (so a stored hook always has its full width)."""
     return PartitionSpec(DATA)
 
 
+# ------------------------------------------------------------------------ building
+
+
+def _by_process(devices: Sequence) -> list[list]:
+    """Devices grouped by process (host), processes in index order, ids within."""
+    groups: dict[int, list] = {}
+    for device in sorted(devices, key=lambda d: (d.process_index, d.id)):
+        groups.setdefault(device.process_index, []).append(device)
+    return [groups[p] for p in sorted(groups)]
+
+
+def make_mesh(model_parallel: int = 1, devices=None, data: int | None = None) -> Mesh:
+    """A (data, model) mesh: `model_parallel` devices of one process per model group.
+
+    devices: default all of jax.devices(). data: default every device; fewer uses the
+    first data * model_parallel devices (one host's share of each process first).
+    Raises ValueError if the sizes do not fit the devices.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    if model_parallel < 1 or (data is not None and data < 1):
+        raise ValueError(f"mesh sizes must be >= 1, got data={data} model={model_parallel}")
+    groups = _by_process(devices)
+    per_process = len(groups[0])
+    if any(len(g) != per_process for g in groups) or per_process % model_parallel:
+        raise ValueError(
+            f"--mesh model={model_parallel} must divide each host's {per_process} devices "
+            "(the model axis stays within one host)"
+        )
+    rows = [np.asarray(g).reshape(-1, model_parallel) for g in groups]
+    grid = np.concatenate(rows, axis=0)  # [data, model]: processes stacked along data
+    if data is not None:
+        if data > grid.shape[0]:
+            raise ValueError(
+                f"--mesh data={data},model={model_parallel} needs {data * model_parallel} devices, "
+                f"{len(devices)} available"
+            )
+        grid = grid[:data]
+    return Mesh(grid, (DATA, MODEL))
+
+
+_MESH_RE = re.compile(r"^\s*(data|model)\s*=\s*(\d+)\s*$")
+
+
+def parse_mesh(text: str | None) -> tuple[int | None, int | None]:
+    """'data=4,model=2' / 'model=2' / 'auto' (or None) -> (data, model); None = choose."""
+    if text is None or text.strip() in ("", "auto"):
+        return None, None
+    sizes: dict[str, int] = {}
+    for part in text.split(","):
+        match = _MESH_RE.match(part)
+        if match is None or match.group(1) in sizes:
+            raise ValueError(f"--mesh {text!r}: expected 'auto' or 'data=D,model=M' (e.g. data=4,model=2)")
+        sizes[match.group(1)] = int(match.group(2))
+    return sizes.get("data"), sizes.get("model")
+
+
+def param_bytes(config: ModelConfig, dtype, n_layers: int | None = None) -> int:
+    """Bytes of the parameters actex loads (no LM head) in `dtype`."""
+    n_layers = config.n_layers if n_layers is None else n_layers
+    per_layer = sum(math.prod(shape) for shape, _ in layer_param_axes(config).values())
+    globals_ = sum(math.prod(shape) for shape, _ in global_param_axes(config).values())
+    return (n_layers * per_layer + globals_) * np.dtype(dtype).itemsize
+
+
+def device_memory(device) -> int | None:
+    """Bytes one accelerator can hold, or None where the runtime does not say (CPU)."""
+    try:
+        stats = device.memory_stats()
+    except (AttributeError, NotImplementedError, RuntimeError):
+        return None
+    return (stats or {}).get("bytes_limit")
+
+
+def auto_model_parallel(weight_bytes: int, n_local: int, memory: int | None) -> int:
+    """Smallest divisor M of the host's device count with weights / M <= WEIGHT_SHARE of
+    one device's memory; 1 where memory is unknown (CPU: host RAM is shared anyway).
+    Raises ValueError when even the whole host cannot hold the weights."""
+    if memory is None:
+        return 1
+    for m in (d for d in range(1, n_local + 1) if n_local % d == 0):
+        if weight_bytes / m <= WEIGHT_SHARE * memory:
+            return m
+    raise ValueError(
+        f"the weights ({weight_bytes / 1e9:.1f} GB) do not fit this host's {n_local} devices "
+        f"({memory / 1e9:.1f} GB each, {WEIGHT_SHARE:.0%} for weights)"
+    )
+
+
+def choose_mesh(spec: str | None, config: ModelConfig, dtype, n_layers: int | None = None) -> Mesh:
+    """The mesh `--mesh` asks for ('auto' / None: model axis from memory, data = the rest)."""
+    data, model = parse_mesh(spec)
+    local = jax.local_devices()
+    if model is None:
+        model = auto_model_parallel(param_bytes(config, dtype, n_layers), len(local), device_memory(local[0]))
+    return make_mesh(model, data=data)
+
+
+def describe(mesh: Mesh) -> str:
+    """'data=4,model=2' (the --mesh spelling of this mesh)."""
+    return f"data={mesh.shape[DATA]},model={mesh.shape[MODEL]}"
+
+
+# ------------------------------------------------------------------------ placing
+
+
+def global_batch(arrays, mesh: Mesh):
+    """This process's rows -> global arrays with rows over "data".
+
+    The one place batches become global arrays: each process passes only the rows of its
+    own data shards (on one host: all rows), as make_array_from_process_local_data wants.
+    arrays: a pytree of [local_rows, ...] numpy arrays; local_rows must divide evenly over
+    this process's data shards.
+    """
+    sharding = NamedSharding(mesh, batch_spec())
+    n_processes = len({d.process_index for d in mesh.devices.flat})
+
+    def place(x):
+        x = np.asarray(x)
+        global_shape = (x.shape[0] * n_processes, *x.shape[1:])
+        return jax.make_array_from_process_local_data(sharding, x, global_shape)
+
+    return jax.tree.map(place, arrays)
+
+
 def shard_params(params: Params, config: ModelConfig, mesh: Mesh) -> Params:
-    """Place parameters on the mesh according to param_specs."""
+    """Place parameters (host or device arrays) on the mesh according to param_specs."""
     specs = param_specs(config, mesh, stacked_layers(params))
     return jax.tree.map(lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec)), params, specs)
 
 
 def shard_batch(arrays, mesh: Mesh):
-    """Place [rows, ...] arrays with rows split over the data axis."""
-    sharding = NamedSharding(mesh, batch_spec())
-    return jax.tree.map(lambda x: jax.device_put(x, sharding), arrays)
+    """Place [rows, ...] arrays with rows split over the data axis (single process)."""
+    return global_batch(arrays, mesh)
+
+
+def local_rows(array) -> np.ndarray:
+    """This process's rows of a global [rows, ...] array with rows over "data", on the host.
+
+    The inverse of `global_batch`: the rows this process passed in, in order. On one
+    process that is the whole array; in a slice, one copy of each addressable data shard
+    (shards repeat over "model" with replica_id > 0), ordered by row.
+    """
+    if array.is_fully_addressable:
+        return np.asarray(jax.device_get(array))
+    shards = sorted((s for s in array.addressable_shards if s.replica_id == 0), key=lambda s: s.index[0].start or 0)
+    return np.concatenate([np.asarray(s.data) for s in shards], axis=0)

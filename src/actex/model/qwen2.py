@@ -296,14 +296,17 @@ def forward(
     segment_ids: jax.Array,  # [B, T] int32, 0 = padding
     hooks: tuple[str, ...],
     out_dtype=None,
+    attend=attention,
 ) -> dict[str, jax.Array]:
     """Run the decoder just deep enough for `hooks`; return {hook: [B, T, width]}.
 
     Values are cast to `out_dtype` (default: the parameter dtype) as they are captured.
+    `attend(q, k, v, segment_ids)` is the attention kernel (attention.make_attention;
+    default: the blockwise one).
     Matmuls run at `matmul_precision(parameter dtype)` (float32 means float32 on TPU/GPU).
     """
     with jax.default_matmul_precision(matmul_precision(params["embed"].dtype)):
-        return _forward(params, config, token_ids, positions, segment_ids, hooks, out_dtype)
+        return _forward(params, config, token_ids, positions, segment_ids, hooks, out_dtype, attend)
 
 
 def stacked_layers(params: Params) -> int:
@@ -312,7 +315,7 @@ def stacked_layers(params: Params) -> int:
     return next(iter(layers.values())).shape[0] if layers else 0
 
 
-def _forward(params, config, token_ids, positions, segment_ids, hooks, out_dtype):
+def _forward(params, config, token_ids, positions, segment_ids, hooks, out_dtype, attend):
     x = params["embed"][token_ids]  # [B, T, D]
     out_dtype = out_dtype or x.dtype
     captured: dict[str, jax.Array] = {}
@@ -331,7 +334,7 @@ def _forward(params, config, token_ids, positions, segment_ids, hooks, out_dtype
     if n_run:
         rope = rope_angles(positions, config.head_dim, config.rope_theta)
         x, stacks = _run_blocks(params["layers"], config, x, rope, segment_ids, n_run, slots,
-                                out_dtype)
+                                out_dtype, attend)
         for kind, by_layer in slots.items():
             for slot, (layer, name) in enumerate(sorted(by_layer.items())):
                 captured[name] = stacks[kind][slot]
@@ -349,7 +352,7 @@ def _forward(params, config, token_ids, positions, segment_ids, hooks, out_dtype
     return {name: captured[name] for name in hooks}
 
 
-def _run_blocks(layers, config, x, rope, segment_ids, n_run, slots, out_dtype):
+def _run_blocks(layers, config, x, rope, segment_ids, n_run, slots, out_dtype, attend=attention):
     """Scan blocks 0..n_run-1, writing each wanted hook value into a stacked buffer.
 
     Each hook kind gets a buffer [n_wanted + 1, B, T, W]; block i writes slot
@@ -369,7 +372,8 @@ def _run_blocks(layers, config, x, rope, segment_ids, n_run, slots, out_dtype):
     def body(carry, i):
         x, buffers = carry
         p = jax.tree.map(lambda w: w[i], layers)
-        values = block(p, x, config, rope, segment_ids)
+        # The kernel sees this call's segment ids; block's `attend` takes (q, k, v) only.
+        values = block(p, x, config, rope, segment_ids, lambda q, k, v: attend(q, k, v, segment_ids))
         buffers = {
             kind: jax.lax.dynamic_update_index_in_dim(
                 buf, values[kind].astype(out_dtype), slot_of[kind][i], axis=0)

@@ -1,7 +1,10 @@
 """Hugging Face checkpoints (safetensors, single or sharded) -> actex parameters.
 
 No torch: tensors are read with safetensors' numpy backend (bfloat16 via ml_dtypes),
-transposed to [in, out] and stacked over layers on the host, then put on the device once.
+transposed to [in, out] and stacked over layers. Each parameter is built device shard by
+device shard from file slices (get_slice), so the host never holds the checkpoint, only
+one shard at a time (`loading_peak_bytes` states the bound; tests/test_model_mesh.py
+measures it).
 Every tensor the config implies is checked by name and shape before anything is stacked;
 tensors the model does not use are an error, except an LM head (never computed here).
 """
@@ -77,7 +80,8 @@ class HubUnreachableError(ConnectionError):
 
 
 def resolve_model_dir(model: str, revision: str | None = None) -> tuple[Path, str]:
-    """A local directory, or a hub repo id downloaded into (or found in) the HF cache.
+    """A local directory, a gs:// or s3:// folder (copied into a verified local cache, see
+    model/remote.py), or a hub repo id downloaded into (or found in) the HF cache.
 
     Returns (directory, revision): "local" for a directory, else the snapshot's commit.
     With HF_HUB_OFFLINE=1 the cached snapshot is used without touching the network.
@@ -86,6 +90,11 @@ def resolve_model_dir(model: str, revision: str | None = None) -> tuple[Path, st
     """
     if Path(model).is_dir():
         return Path(model), revision or "local"
+    from actex.model.remote import fetch_checkpoint, is_remote
+
+    if is_remote(model):
+        # A verified local copy, loaded as a local directory: same fingerprint as on disk.
+        return fetch_checkpoint(model, HUB_PATTERNS), revision or "local"
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
@@ -211,22 +220,17 @@ def _open_all(files: set[Path]):
     return {path: _open_safetensors(path) for path in files}
 
 
-def load_params(
-    model_dir: Path, config: ModelConfig, dtype, max_layers: int | None = None, lm_head: bool = False
-) -> tuple[Params, bytes, set[Path]]:
-    """Read, check, transpose and stack the checkpoint's tensors (host numpy arrays).
+def _check_checkpoint(model_dir: Path, config: ModelConfig, lm_head: bool = False):
+    """Names and shapes of every tensor against the config (headers only, no data read).
 
-    `lm_head` (generation only) also loads an untied LM head as params["lm_head"] [D, V];
-    a tied one is the embedding, so nothing more is read.
+    Returns (HF name -> file, index bytes, expected HF name -> (actex name, layer, transposed)).
     """
     found, index_bytes = _tensor_files(model_dir)
     prefix = "model." if any(n.startswith("model.") for n in found) else ""
     wanted = _hf_names(config, prefix)
     _check_names(found, wanted, model_dir, config)
-    n_keep = config.n_layers if max_layers is None else min(max_layers, config.n_layers)
     shapes = layer_param_axes(config) | global_param_axes(config)
     handles = _open_all(set(found.values()))
-    np_dtype = np.dtype(dtype)
 
     def check_shape(hf_name: str, expected: tuple[int, ...]) -> None:
         stored = tuple(handles[found[hf_name]].get_slice(hf_name).get_shape())
@@ -236,36 +240,133 @@ def load_params(
                 f"expected {list(expected)} from config.json"
             )
 
-    def stored_shape(name: str, transposed: bool) -> tuple[int, ...]:
-        shape = shapes[name][0]
-        return shape[::-1] if transposed else shape
-
     # Check every shape, including layers not kept and an untied LM head, before loading.
     for hf_name, (name, _, transposed) in wanted.items():
-        check_shape(hf_name, stored_shape(name, transposed))
+        shape = shapes[name][0]
+        check_shape(hf_name, shape[::-1] if transposed else shape)
     head = "lm_head.weight"
     if head in found:
         check_shape(head, (config.vocab_size, config.d_model))
     elif lm_head and not config.tie_word_embeddings:
         raise ValueError(f"{model_dir}: missing tensor {head!r} (untied embeddings; generation needs it)")
+    return found, index_bytes, wanted
 
-    def read(hf_name: str, transposed: bool) -> np.ndarray:
-        tensor = handles[found[hf_name]].get_tensor(hf_name)
-        return (tensor.T if transposed else tensor).astype(np_dtype, copy=False)
+
+def _read_slice(path: Path, hf_name: str, index: tuple[slice, ...], transposed: bool, dtype) -> np.ndarray:
+    """One tensor's [index] (in actex's [in, out] layout) from its file, as `dtype`.
+
+    The file is opened for this read only: safetensors maps it, and pages a read touched
+    stay resident (and count as this process's memory) until the map is closed.
+    """
+    stored_index = index[::-1] if transposed else index
+    with safe_open(path, framework="np") as f:
+        piece = f.get_slice(hf_name)[stored_index]
+    return (piece.T if transposed else piece).astype(dtype, copy=False)
+
+
+def _index_key(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple:
+    return tuple(s.indices(n) for s, n in zip(index, shape))
+
+
+def _place(shape: tuple[int, ...], sharding, read) -> jax.Array:
+    """A global array built shard by shard: `read(index)` -> host numpy of that shard.
+
+    Each distinct shard is read once, copied to every local device that holds it, and
+    dropped before the next is read, so the host holds one shard at a time (unlike
+    jax.make_array_from_callback, which gathers every shard of the array first).
+    """
+    by_index: dict[tuple, list] = {}
+    indices = sharding.addressable_devices_indices_map(shape)
+    for device, index in indices.items():
+        by_index.setdefault(_index_key(index, shape), []).append((device, index))
+    pieces = []
+    for placements in by_index.values():
+        host = read(placements[0][1])
+        for device, _ in placements:
+            pieces.append(jax.device_put(host, device))
+        # Wait for the copies, so the host buffer can go before the next shard is read.
+        jax.block_until_ready(pieces[-len(placements):])
+        del host
+    return jax.make_array_from_single_device_arrays(shape, sharding, pieces)
+
+
+def load_params(
+    model_dir: Path, config: ModelConfig, dtype, max_layers: int | None = None, shardings: Params | None = None,
+    lm_head: bool = False,
+) -> tuple[Params, bytes, set[Path]]:
+    """Check the checkpoint, then build each parameter on its devices from file slices.
+
+    shardings: NamedShardings in the parameters' tree (mesh.param_shardings); default one
+    device. Only the slices this process's devices hold are read (safe_open().get_slice),
+    one device shard at a time: see `loading_peak_bytes` for the host memory this takes.
+    `lm_head` (generation only) also loads an untied LM head as params["lm_head"] [D, V];
+    a tied one is the embedding, so nothing more is read.
+    Returns (device arrays in actex's tree, index bytes, files read).
+    """
+    found, index_bytes, wanted = _check_checkpoint(model_dir, config, lm_head)
+    n_keep = config.n_layers if max_layers is None else min(max_layers, config.n_layers)
+    if shardings is None:
+        from actex.model.mesh import make_mesh, param_shardings
+
+        shardings = param_shardings(config, make_mesh(1, devices=jax.devices()[:1]), n_keep)
+    shapes = layer_param_axes(config) | global_param_axes(config)
+    np_dtype = np.dtype(dtype)
 
     by_name: dict[str, list] = {}
     params: Params = {"layers": {}}
     for hf_name, (name, layer, transposed) in wanted.items():
         if layer is None:
-            params[name] = read(hf_name, transposed)
+            params[name] = _place(
+                shapes[name][0], shardings[name],
+                lambda index, h=hf_name, t=transposed: _read_slice(found[h], h, index, t, np_dtype),
+            )
         elif layer < n_keep:
             by_name.setdefault(name, [None] * n_keep)[layer] = (hf_name, transposed)
+
     for name, entries in by_name.items():
         # [L, ...]: one contiguous stack per weight kind, so the blocks can be scanned.
-        params["layers"][name] = np.stack([read(h, t) for h, t in entries])
+        def read_stack(index, entries=entries):
+            layers = range(n_keep)[index[0]]
+            out = np.empty([len(layers)] + [len(range(n)[s]) for s, n in zip(index[1:], shapes[name][0])], np_dtype)
+            for i, layer in enumerate(layers):
+                hf_name, transposed = entries[layer]
+                out[i] = _read_slice(found[hf_name], hf_name, index[1:], transposed, np_dtype)
+            return out
+
+        params["layers"][name] = _place((n_keep, *shapes[name][0]), shardings["layers"][name], read_stack)
     if lm_head and not config.tie_word_embeddings:
-        params["lm_head"] = read(head, transposed=True)  # [D, V]
+        # Generation only: [D, V], read whole and replicated over the parameters' mesh.
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        head = "lm_head.weight"
+        params["lm_head"] = jax.device_put(
+            _read_slice(found[head], head, (slice(None), slice(None)), True, np_dtype),
+            NamedSharding(shardings["embed"].mesh, PartitionSpec()))
     return params, index_bytes, set(found.values())
+
+
+def loading_peak_bytes(config: ModelConfig, shardings: Params, dtype, stored_dtype, n_layers: int) -> int:
+    """Host memory `load_params` needs besides the parameters' own device buffers, bytes.
+
+    = max over parameters of [one device's stacked shard in `dtype` (the buffer a shard is
+    assembled in) + one layer's whole tensor in `stored_dtype` (the mapped file pages a
+    strided slice touches) + one layer's slice in `dtype` (the cast)]. With the model axis
+    M splitting a weight, its shard is 1/M of it; on one device it is the whole stacked
+    weight (the largest is usually the embedding or a stacked MLP weight).
+    On CPU the device buffers are host memory too: add sum(shard bytes) over devices.
+    """
+    shapes = layer_param_axes(config) | global_param_axes(config)
+    item, stored_item = np.dtype(dtype).itemsize, np.dtype(stored_dtype).itemsize
+    worst = 0
+    for name, (shape, _) in shapes.items():
+        stacked = name in layer_param_axes(config)
+        full = (n_layers, *shape) if stacked else shape
+        sharding = shardings["layers"][name] if stacked else shardings[name]
+        shard = int(np.prod(sharding.shard_shape(full))) * item
+        per_layer = int(np.prod(shape))
+        one_slice = shard // n_layers if stacked else shard
+        worst = max(worst, shard + per_layer * stored_item + one_slice)
+    return worst
 
 
 def param_dtype(config: ModelConfig, dtype: str | None) -> str:
@@ -282,19 +383,28 @@ def load_model(
     revision: str | None = None,
     dtype: str | None = None,
     max_layers: int | None = None,
+    mesh=None,
     lm_head: bool = False,
 ) -> LoadedModel:
     """Load config and weights from a local directory or a hub repo id.
 
     `max_layers` keeps only the first blocks (enough for hooks up to that depth), which
     saves host and device memory on big models; shapes of all tensors are still checked.
+    `mesh`: place parameters sharded over it (mesh.param_specs), reading only this
+    process's slices; default one device.
     `lm_head` loads the LM head too (untied checkpoints), for `actex generate`.
     """
     model_dir, resolved_revision = resolve_model_dir(str(model), revision)
     config = read_model_config(model_dir)
     chosen = param_dtype(config, dtype)
-    host, index_bytes, files = load_params(model_dir, config, _DTYPES[chosen], max_layers, lm_head)
-    params = jax.tree.map(jnp.asarray, host)
+    shardings = None
+    if mesh is not None:
+        from actex.model.mesh import param_shardings
+
+        n_keep = config.n_layers if max_layers is None else min(max_layers, config.n_layers)
+        shardings = param_shardings(config, mesh, n_keep)
+    params, index_bytes, files = load_params(model_dir, config, _DTYPES[chosen], max_layers, shardings,
+                                             lm_head=lm_head)
     return LoadedModel(
         config=config,
         params=params,

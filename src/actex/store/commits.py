@@ -69,6 +69,12 @@ class CommitRecord:
     stats: dict[str, Any] = field(default_factory=dict)       # v1 only: {hook: HookStats.to_json()}
     committed_at: float = field(default_factory=time.time)
     format_version: int = layout.FORMAT_VERSION
+    token_slots: int = 0  # packed-batch slots computed for the chunk, padding included (0: not recorded)
+
+    @property
+    def useful_fraction(self) -> float | None:
+        """Stored tokens / computed slots (1.0: no padding); None for records without slots."""
+        return self.tokens / self.token_slots if self.token_slots else None
 
     @property
     def samples_path(self) -> str:
@@ -90,6 +96,7 @@ class CommitRecord:
             "timings": self.timings,
             "committed_at": self.committed_at,
             "format_version": self.format_version,
+            "token_slots": self.token_slots,
         }
         if self.stats_path is not None:
             d |= {"stats_path": self.stats_path, "stats_crc32c": self.stats_crc32c}
@@ -117,9 +124,17 @@ class CommitRecord:
                 stats=dict(d.get("stats", {})),
                 committed_at=float(d.get("committed_at", 0.0)),
                 format_version=int(d.get("format_version", 1)),
+                token_slots=int(d.get("token_slots", 0)),
             )
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{where}: not a commit record ({type(exc).__name__}: {exc})") from None
+
+
+def useful_token_fraction(records) -> float | None:
+    """Stored tokens / computed slots over the records that have slots (None if none has)."""
+    counted = [r for r in records if r.token_slots]
+    slots = sum(r.token_slots for r in counted)
+    return sum(r.tokens for r in counted) / slots if slots else None
 
 
 def commit(store: Store, record: CommitRecord) -> bool:
@@ -179,13 +194,14 @@ class Heartbeat:
         self.interval_s = interval_s
         self.info = dict(info or {})
         self.started_at = time.time()
-        self.counters = {"chunks_done": 0, "samples": 0, "tokens": 0, "bytes": 0}
+        self.counters = {"chunks_done": 0, "samples": 0, "tokens": 0, "bytes": 0, "token_slots": 0}
         self.state = "running"
         self._last_write = float("-inf")
         self._writing = threading.Lock()
 
-    def add(self, *, chunks_done: int = 0, samples: int = 0, tokens: int = 0, bytes: int = 0) -> None:
-        for key, value in (("chunks_done", chunks_done), ("samples", samples), ("tokens", tokens), ("bytes", bytes)):
+    def add(self, *, chunks_done: int = 0, samples: int = 0, tokens: int = 0, bytes: int = 0, token_slots: int = 0) -> None:
+        for key, value in (("chunks_done", chunks_done), ("samples", samples), ("tokens", tokens), ("bytes", bytes),
+                           ("token_slots", token_slots)):
             self.counters[key] += value
 
     def snapshot(self) -> dict[str, Any]:
@@ -201,6 +217,8 @@ class Heartbeat:
             **self.counters,
             "tokens_per_s": self.counters["tokens"] / elapsed,
             "bytes_per_s": self.counters["bytes"] / elapsed,
+            # Real tokens / computed slots of the chunks committed so far (padding waste).
+            "useful_fraction": self.counters["tokens"] / self.counters["token_slots"] if self.counters["token_slots"] else None,
             **self.info,
         }
 
