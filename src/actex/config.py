@@ -26,8 +26,11 @@ from actex.model.hooks import hooks_for_layers, parse_hooks
 StoredDtype = Literal["bfloat16", "float16", "float32"]
 ComputeDtype = Literal["bfloat16", "float16", "float32"]
 
-# Fields that say where/how a run is written or named, not what it contains.
-NOT_HASHED = frozenset({"output", "run_name"})
+# Fields that say where/how a run is written or named, not what it contains. The model
+# revision is pinned by run.json instead (the commit it resolved to when the run was
+# created, see engine/extract.py): `--revision <that commit>`, a branch that still points
+# there, or no --revision at all name the same run.
+NOT_HASHED = frozenset({"output", "run_name", "revision"})
 
 
 class ConfigError(ValueError):

@@ -1,8 +1,17 @@
 """`actex extract`, `actex demo` and `actex inspect`: flags in, library calls out.
 
-Every user error (bad flag, unknown hook, missing dataset, unwritable output, a config that
-disagrees with the run already there) ends as ONE line on stderr and exit code 2, before
-anything in the store is touched. Bugs still get their traceback.
+Exit codes, the same for every `actex` command (README "Exit codes"):
+
+    0    done (for `extract`: this worker's share of the run is committed)
+    2    bad input or config, found before anything is written: ONE line on stderr
+    1    infrastructure failure after retries (dataset read, store, disk full): restartable
+    75   stopped by a signal or pre-emption before finishing (Ctrl-C included): rerun resumes
+    130  a second Ctrl-C (128 + the signal's number for a second SIGTERM)
+
+Errors are classified where input enters: while a command opens its inputs (flags, config,
+checkpoint, dataset plan, run.json) a ValueError or a missing file is the user's; once the
+work runs, only I/O errors are expected (exit 1) and anything else is a bug that keeps its
+traceback.
 """
 
 from __future__ import annotations
@@ -25,7 +34,16 @@ from actex.config import ConfigError, load_config_file, merge_fields
 
 log = logging.getLogger("actex")
 
+EXIT_DONE = 0
+EXIT_INFRASTRUCTURE = 1
 EXIT_USER_ERROR = 2
+EXIT_STOPPED = 75  # EX_TEMPFAIL: not finished, start it again
+EXIT_SECOND_INTERRUPT = 130  # 128 + SIGINT
+
+EXIT_CODES_HELP = (
+    "Exit codes: 0 done; 2 bad input or config (nothing written); 1 infrastructure failure after "
+    "retries (restartable); 75 stopped by a signal or pre-emption before finishing; 130 second Ctrl-C."
+)
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
@@ -48,25 +66,56 @@ def parse_size(text: str) -> int:
 # ----------------------------------------------------------------------------- errors
 
 
-# Errors that come from what the user asked for, not from a bug in actex.
+# Errors that come from what the user asked for, while a command opens its inputs.
 _USER_ERRORS = (ConfigError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, UserError)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def infrastructure_message(error: OSError) -> str:
+    """One line naming the path (when the error has one) and the cause."""
+    where = f"{error.filename}: " if getattr(error, "filename", None) else ""
+    return f"{where}{error.strerror or _first_line(error)}"
 
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn a user-caused exception into one line on stderr and exit code 2."""
+    """The input boundary of a command: user-caused exceptions become one line and exit 2;
+    other I/O errors (a reset connection, a full disk, a store failing after retries) one
+    line and exit 1; Ctrl-C exit 75. Anything else is a bug and keeps its traceback."""
+    from actex.store.folder import StoreError
+
     try:
         yield
+    except StoreError as error:  # an OSError, but never the user's: the store failed after retries
+        typer.echo(f"actex: error: {_first_line(error)}", err=True)
+        raise typer.Exit(EXIT_INFRASTRUCTURE) from None
     except _USER_ERRORS as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        message = _first_line(error)
         if isinstance(error, PermissionError) and error.filename:
             message = f"{error.filename}: permission denied (is the output writable?)"
         typer.echo(f"actex: error: {message}", err=True)
         raise typer.Exit(EXIT_USER_ERROR) from None
-    except OSError as error:  # an unwritable or unreachable output, a full disk, ...
-        where = f"{error.filename}: " if getattr(error, "filename", None) else ""
-        typer.echo(f"actex: error: {where}{error.strerror or error}", err=True)
-        raise typer.Exit(EXIT_USER_ERROR) from None
+    except OSError as error:
+        typer.echo(f"actex: error: {infrastructure_message(error)}", err=True)
+        raise typer.Exit(EXIT_INFRASTRUCTURE) from None
+    except KeyboardInterrupt:
+        typer.echo("actex: interrupted before finishing", err=True)
+        raise typer.Exit(EXIT_STOPPED) from None
+
+
+@contextlib.contextmanager
+def infrastructure_errors() -> Iterator[None]:
+    """While the work runs: I/O errors that outlived their retries exit 1 (restartable);
+    everything else, ValueError included, is a bug and keeps its traceback."""
+    try:
+        yield
+    except OSError as error:
+        typer.echo(f"actex: error: {infrastructure_message(error)}", err=True)
+        raise typer.Exit(EXIT_INFRASTRUCTURE) from None
 
 
 # ----------------------------------------------------------------------------- logging
@@ -155,24 +204,37 @@ class ProgressView:
 
 def run_extract(fields: dict, *, worker_index: int | None, num_workers: int, claim: bool, lease_seconds: float,
                 log_json: bool, progress: bool | None, storage_options: dict | None = None,
-                preempt_deadline: float = 25.0, on_write_failure: str = "exit", preempted_exit_code: int = 0) -> None:
-    """The body of `actex extract` (and of `actex demo`): open, extract, report."""
+                preempt_deadline: float = 25.0, on_write_failure: str = "exit", preempted_exit_code: int = EXIT_STOPPED,
+                stall_timeout: float | None = None) -> None:
+    """The body of `actex extract` (and of `actex demo`): open, extract, report; exits with
+    the codes in this module's docstring."""
     from actex.engine.extract import enable_compilation_cache, extract, open_run, worker_heartbeat
+    from actex.engine.liveness import DEFAULT_STALL_TIMEOUT_S, Liveness
     from actex.engine.preemption import PreemptionGuard, watch_gce_preemption
     from actex.engine.work import StaticChunks, worker_index_from_env
     from actex.store.claims import ClaimedChunks
     from actex.store.commits import committed_chunks
-    from actex.store.folder import StoreError
 
     enable_compilation_cache()
     with user_errors():
         if worker_index is None:
-            worker_index = worker_index_from_env() or 0
+            worker_index = worker_index_from_env()
+            if worker_index is None and num_workers > 1 and not claim:
+                raise UserError(
+                    f"--num-workers {num_workers} needs --worker-index (or $TPU_WORKER_ID, $CLOUD_TPU_TASK_ID, "
+                    "$JOB_COMPLETION_INDEX); without one every worker would do worker 0's share"
+                )
+            worker_index = worker_index or 0
+        StaticChunks(1, worker_index, num_workers)  # a bad index is the user's, found before opening
         run = open_run(fields, storage_options=storage_options)
         worker = f"w{worker_index}" if not claim else f"{os.uname().nodename}-{os.getpid()}"
         done = committed_chunks(run.store)
+        heartbeat = worker_heartbeat(run, worker)
+        liveness = Liveness(heartbeat, stall_timeout_s=stall_timeout or DEFAULT_STALL_TIMEOUT_S)
         if claim:
-            source = ClaimedChunks(run.store, run.plan.num_chunks, worker, lease_s=lease_seconds)
+            # A stalled worker stops renewing, so its leases run out and others take over.
+            source = ClaimedChunks(run.store, run.plan.num_chunks, worker, lease_s=lease_seconds,
+                                   renew_while=liveness.progressing)
             todo = run.plan.num_chunks - len(done)
         else:
             source = StaticChunks(run.plan.num_chunks, worker_index, num_workers)
@@ -183,7 +245,6 @@ def run_extract(fields: dict, *, worker_index: int | None, num_workers: int, cla
                              "num_chunks": run.plan.num_chunks, "todo": todo, "worker": worker}})
     stop = threading.Event()
     show_bar = sys.stderr.isatty() and not log_json if progress is None else progress
-    heartbeat = worker_heartbeat(run, worker)
 
     def abandon() -> None:
         # Past the deadline the in-flight chunk is dropped: hand its lease back so another
@@ -196,15 +257,9 @@ def run_extract(fields: dict, *, worker_index: int | None, num_workers: int, cla
             ProgressView(todo, show_bar=show_bar) as view:
         watch_gce_preemption(guard)
         try:
-            with user_errors():
-                try:
-                    summary = extract(run, source, worker=worker, stop=stop, on_commit=view.committed,
-                                      on_write_failure=on_write_failure, heartbeat=heartbeat)
-                except StoreError as error:
-                    # The store kept failing after retries: not the user's input, so not exit 2,
-                    # which `actex fleet` takes for a bad config and never restarts.
-                    typer.echo(f"actex: error: {error}", err=True)
-                    raise typer.Exit(1) from None
+            with infrastructure_errors():
+                summary = extract(run, source, worker=worker, stop=stop, on_commit=view.committed,
+                                  on_write_failure=on_write_failure, heartbeat=heartbeat, liveness=liveness)
         finally:
             if claim:
                 source.close()
@@ -213,18 +268,26 @@ def run_extract(fields: dict, *, worker_index: int | None, num_workers: int, cla
     if summary.failed:
         typer.echo(f"actex: error: {summary.failed} chunk(s) not committed after write failures (see log); "
                    "rerun to redo them", err=True)
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_INFRASTRUCTURE)
     if guard.reason is not None:
-        typer.echo(guard.exit_line(summary.committed))
-        if preempted_exit_code:
+        with infrastructure_errors():
+            left = _chunks_left(run, source, claim, committed_chunks)
+        if left:
+            typer.echo(guard.exit_line(summary.committed) + f"; {left} chunk(s) of this worker left to do")
             raise typer.Exit(preempted_exit_code)
-        return
     typer.echo(
         f"actex: {run.config.run_url}: committed {summary.committed} chunk(s) "
         f"({snap['samples']} samples, {snap['tokens']} tokens, {snap['bytes'] / 1e6:.1f} MB, "
         f"{snap['tokens_per_s']:,.0f} tokens/s); "
         f"{summary.skipped} already committed"
     )
+
+
+def _chunks_left(run, source, claim: bool, committed_chunks) -> int:
+    """Chunks of this worker's share without a commit record (all of the run's with --claim)."""
+    done = committed_chunks(run.store)
+    share = range(run.plan.num_chunks) if claim else source.assigned()
+    return sum(1 for chunk in share if chunk not in done)
 
 
 def _hooks(value: Optional[str]) -> Optional[list[str]]:
@@ -270,7 +333,8 @@ def extract_command(
     claim: bool = typer.Option(False, "--claim", help="Claim chunks dynamically with leases instead of the static split.", rich_help_panel="Workers"),
     lease_seconds: float = typer.Option(60.0, "--lease-seconds", min=1.0, help="Lease length in --claim mode; renewed every third of it.", rich_help_panel="Workers"),
     preempt_deadline: float = typer.Option(25.0, "--preempt-deadline", min=0.1, help="On SIGTERM / GCE pre-emption notice: seconds to finish the in-flight chunk before abandoning it.", rich_help_panel="Workers"),
-    preempted_exit_code: int = typer.Option(0, "--preempted-exit-code", min=0, max=255, help="Exit code after a pre-emption stop (default 0; `actex fleet` sets 75 to tell a stopped worker from a finished run).", rich_help_panel="Workers"),
+    preempted_exit_code: int = typer.Option(EXIT_STOPPED, "--preempted-exit-code", min=0, max=255, help="Exit code when a signal or pre-emption stopped the worker before its share was done (default 75).", rich_help_panel="Workers"),
+    stall_timeout: float = typer.Option(1200.0, "--stall-timeout", min=1.0, help="Seconds without progress (no batch, part or commit) after which the worker stops renewing its leases and exits 1, so a fleet restarts it and another worker takes its chunk.", rich_help_panel="Workers"),
     on_write_failure: str = typer.Option("exit", "--on-write-failure", help="A chunk whose writes fail after retries: exit (stop the worker) | continue (leave it uncommitted, go on, exit 1 at the end).", rich_help_panel="Workers"),
     log_json: bool = typer.Option(False, "--log-json", help="Structured JSON log lines on stderr instead of a progress bar.", rich_help_panel="Output"),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bar (default: when stderr is a TTY).", rich_help_panel="Output"),
@@ -278,6 +342,11 @@ def extract_command(
     """Extract activations of MODEL over DATASET into OUTPUT/RUN, exactly once.
 
     Rerun the same command to resume: committed chunks are skipped, unfinished ones redone.
+
+    Exit codes: 0 done (this worker's share committed); 2 bad input or config (nothing
+    written); 1 infrastructure failure after retries, or no progress for --stall-timeout
+    (restartable); 75 stopped by a signal or pre-emption before finishing (Ctrl-C
+    included; rerun to resume); 130 second Ctrl-C.
     """
     setup_logging(log_json)
     with user_errors():
@@ -331,7 +400,7 @@ def extract_command(
     run_extract(fields, worker_index=worker_index, num_workers=num_workers, claim=claim,
                 lease_seconds=lease_seconds, log_json=log_json, progress=progress,
                 preempt_deadline=preempt_deadline, on_write_failure=on_write_failure,
-                preempted_exit_code=preempted_exit_code)
+                preempted_exit_code=preempted_exit_code, stall_timeout=stall_timeout)
 
 
 # ----------------------------------------------------------------------------- demo

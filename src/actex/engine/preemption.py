@@ -7,9 +7,9 @@ with them, in order:
    no new chunk is taken, the in-flight chunk keeps going so its work is not lost.
 2. A deadline timer starts (default 25 s, inside GCE's 30 s). If the in-flight chunk has
    not committed by then it is abandoned: `on_abandon` runs (flush the heartbeat, say which
-   chunk was dropped) and the process exits 0 at once. Abandoning is always safe because a
+   chunk was dropped) and the process exits 75 at once. Abandoning is always safe because a
    chunk exists only once its commit record does; its half-written attempt is garbage.
-3. A second signal exits at once (128 + signal number): the user means it.
+3. A second signal exits at once (128 + signal number: 130 for a second Ctrl-C): the user means it.
 
 The deadline runs on its own thread, so it fires even while the main thread sits in a
 long XLA call or a blocked upload. The metadata poll also runs on its own daemon thread
@@ -54,7 +54,7 @@ class PreemptionGuard:
         *,
         deadline_s: float = DEFAULT_DEADLINE_S,
         on_abandon: Callable[[], None] | None = None,
-        exit_code: int = 0,
+        exit_code: int = 75,
         exit: Callable[[int], None] = os._exit,
     ) -> None:
         if deadline_s <= 0:
@@ -62,8 +62,8 @@ class PreemptionGuard:
         self.stop = stop
         self.deadline_s = deadline_s
         self.on_abandon = on_abandon
-        # The code a stopped worker exits with: 0 by default (a pre-empted VM did nothing
-        # wrong); a supervisor such as `actex fleet` asks for another to tell it from "done".
+        # The code a worker stopped before finishing exits with: 75 (EX_TEMPFAIL), so that
+        # `actex extract ... && actex export ...` never exports a partial run.
         self.exit_code = exit_code
         self.reason: str | None = None
         # os._exit, not sys.exit: the deadline fires on a helper thread, where SystemExit
