@@ -91,6 +91,12 @@ def test_every_row_skipped_exits_2_with_the_counts(tiny_model_dir, tmp_path):  #
     assert "all 3 rows skipped" in result.output and "2 x column 'text' is empty" in result.output
     assert not (tmp_path / "out").exists()
 
+    some = write_jsonl(tmp_path / "some.jsonl", [{"text": "a fine row"}, {"text": ""}, {"other": 1}, {"text": ""}])
+    result = CliRunner().invoke(app, extract_args(str(tiny_model_dir), some, tmp_path / "out", "--on-bad-row", "skip")[1:])
+    assert result.exit_code == 0, result.output
+    shown = CliRunner().invoke(app, ["inspect", str(tmp_path / "out" / "r"), "--json"])
+    assert json.loads(shown.output)["skipped_rows"] == {"column 'text' is empty": 2, "no text column 'text'": 1}
+
 
 def _no_big_files() -> None:
     # Writes past 64 KiB fail with EFBIG (the process ignores SIGXFSZ): a disk that fills

@@ -446,6 +446,7 @@ def inspect_command(
 ) -> None:
     """Hooks, widths, dtype, chunks committed/total, samples, tokens, bytes and config of a run."""
     from actex.store.folder import open_store
+    from actex.store.manifest import read_manifest
     from actex.store.reader import Run
 
     with user_errors():
@@ -453,6 +454,7 @@ def inspect_command(
         if not store.exists("run.json"):
             raise UserError(f"{store.url}: no run.json here (not an actex run)")
         summary = Run(store).summary()
+        summary["skipped_rows"] = read_manifest(store).skipped_rows
     if as_json:
         typer.echo(json.dumps(summary, indent=2, default=str))
         return
@@ -465,6 +467,9 @@ def inspect_command(
         f"chunks {summary['chunks_committed']}/{summary['chunks_total']} committed, "
         f"{summary['samples']:,} samples, {summary['tokens']:,} tokens, {summary['bytes'] / 1e6:,.1f} MB, dtype {summary['dtype']}"
     )
+    if summary["skipped_rows"]:
+        reasons = ", ".join(f"{count} x {reason}" for reason, count in summary["skipped_rows"].items())
+        console.print(f"skipped rows (--on-bad-row skip): {sum(summary['skipped_rows'].values()):,}: {reasons}", markup=False)
     table = Table("hook", "width", "mean |mean|", "mean var", "mean L2 norm")
     for hook, entry in summary["hooks"].items():
         stats = entry.get("stats")
