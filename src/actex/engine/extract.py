@@ -226,6 +226,7 @@ def extract(
     def committed(record: CommitRecord, ours: bool) -> None:
         # On the commit lane, after the record was created (or lost to another worker).
         source.finished(record.chunk)
+        liveness.done(record.chunk)
         if not ours:
             counts["lost"] += 1
             return
@@ -240,6 +241,7 @@ def extract(
         log.error("chunk %d not committed: %s; going on (--on-write-failure continue)", chunk, error)
         counts["failed"] += 1
         source.finished(chunk)
+        liveness.done(chunk)
 
     pipe = Pipeline(
         run.store,
@@ -255,12 +257,14 @@ def extract(
     )
     _beat(heartbeat, force=True)
     liveness.start()
+    state = "failed"
     try:
         for chunk in source.chunks(stop):
             if chunk in done:
                 counts["skipped"] += 1
                 source.finished(chunk)
                 continue
+            liveness.took(chunk)
             tokenized = chunk_tokens(run, chunk)
             liveness.progressed()
             batches = pack(tokenized, config.batch_tokens, config.data.max_seq_len)
@@ -272,12 +276,19 @@ def extract(
                 pipe.add(job, batch, outputs)
             pipe.end(job)
             pipe.check()
+        state = "stopped" if stop.is_set() else "finished"
+    except BaseException:
+        state = "failed"
+        raise
     finally:
         try:
             pipe.close()
+        except BaseException:
+            state = "failed"
+            raise
         finally:
             liveness.close()
-            _beat(heartbeat, state="stopped" if stop.is_set() else "finished", force=True)
+            _beat(heartbeat, state=state, force=True)
     return Summary(counts["committed"], counts["skipped"], counts["lost"], heartbeat.snapshot(), counts["failed"])
 
 

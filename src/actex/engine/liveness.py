@@ -10,7 +10,8 @@ Two daemon threads per worker, so that neither a slow store nor a hung XLA call 
   part was written, a chunk committed). Once nothing progressed for `stall_timeout_s`,
   `progressing()` turns False, which stops lease renewal in `--claim` mode, and the
   watchdog ends the process with exit code 1, so a fleet restarts it while another worker
-  takes the chunk over when its lease runs out.
+  takes the chunk over when its lease runs out. Only a worker with a chunk in flight can
+  stall: one waiting for work (every chunk left is leased to others) is idle, not stuck.
 
 Why exit rather than raise: the stuck call (an upload that never returns, a device that
 never answers) sits on another thread and cannot be interrupted from Python; the chunk is
@@ -37,8 +38,9 @@ EXIT_STALLED = 1
 class Liveness:
     """Progress clock, heartbeat thread and stall watchdog of one worker.
 
-    `progressed()` is called by the pipeline at every step forward (any thread).
-    `start()` launches both threads; `close()` stops them (the final heartbeat is the
+    `progressed()` is called by the pipeline at every step forward (any thread);
+    `took(chunk)` / `done(chunk)` bracket each chunk's time in flight (outside of them the
+    clock does not run). `start()` launches both threads; `close()` stops them (the final heartbeat is the
     caller's). `exit` is os._exit in production (the watchdog runs off the main thread,
     where SystemExit would end only that thread); tests pass a recorder.
     """
@@ -62,6 +64,8 @@ class Liveness:
         self._exit = exit
         self._clock = clock
         self._last_progress = clock()
+        self._in_flight: set[int] = set()
+        self._lock = threading.Lock()
         self._closed = threading.Event()
         self._threads: list[threading.Thread] = []
         self.stalled = False
@@ -74,8 +78,24 @@ class Liveness:
         if counters:
             self.heartbeat.add(**counters)
 
+    def took(self, chunk: int) -> None:
+        """The worker started on `chunk` (the clock runs while any chunk is in flight)."""
+        with self._lock:
+            if not self._in_flight:
+                self._last_progress = self._clock()
+            self._in_flight.add(chunk)
+
+    def done(self, chunk: int) -> None:
+        """`chunk` is no longer in flight here (committed, lost, skipped or given up)."""
+        with self._lock:
+            self._in_flight.discard(chunk)
+        self._last_progress = self._clock()
+
     def idle_s(self) -> float:
-        """Seconds since the pipeline last moved forward."""
+        """Seconds since the pipeline last moved forward, while a chunk is in flight (else 0)."""
+        with self._lock:
+            if not self._in_flight:
+                return 0.0
         return self._clock() - self._last_progress
 
     def progressing(self) -> bool:
