@@ -176,6 +176,11 @@ def _bucket_name() -> str:
 
 @pytest.fixture
 def gcs_bucket(gcs_emulator) -> str:
+    return create_gcs_bucket(gcs_emulator)
+
+
+def create_gcs_bucket(gcs_emulator: Emulator) -> str:
+    """A new empty bucket on the emulator (for fixtures wider than one test)."""
     name = _bucket_name()
     request = urllib.request.Request(
         f"{gcs_emulator.endpoint}/storage/v1/b?project=test",

@@ -2,7 +2,7 @@
 
 import typer
 
-from actex.cli import data, extract, fleet, reader
+from actex.cli import data, extract, fleet, reader, tpu
 
 app = typer.Typer(
     name="actex",
@@ -13,5 +13,5 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for area in (extract, data, reader, fleet):
+for area in (extract, data, reader, fleet, tpu):
     area.register(app)

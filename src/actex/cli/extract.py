@@ -227,7 +227,10 @@ def run_extract(fields: dict, *, worker_index: int | None, num_workers: int, cla
             worker_index = worker_index or 0
         StaticChunks(1, worker_index, num_workers)  # a bad index is the user's, found before opening
         run = open_run(fields, storage_options=storage_options)
-        worker = f"w{worker_index}" if not claim else f"{os.uname().nodename}-{os.getpid()}"
+        # A TPU fleet VM's hostname is not its node name: its bootstrap sets ACTEX_WORKER_HOST so
+        # `actex monitor` can tell which VM a heartbeat comes from.
+        host = os.environ.get("ACTEX_WORKER_HOST") or os.uname().nodename
+        worker = f"w{worker_index}" if not claim else f"{host}-{os.getpid()}"
         done = committed_chunks(run.store)
         heartbeat = worker_heartbeat(run, worker)
         liveness = Liveness(heartbeat, stall_timeout_s=stall_timeout or DEFAULT_STALL_TIMEOUT_S)

@@ -1,0 +1,315 @@
+"""`actex tpu create|delete|list|status|recreate`, `actex deploy` and `actex monitor`: fleets of
+TPU VMs (see docs/tpu-fleet.md). Flags in, fleet library calls out."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from actex.cli.extract import UserError, user_errors
+
+EXIT_INFRA = 1
+EXIT_STOPPED = 75
+
+tpu_app = typer.Typer(help="Create, delete, list, check and recreate a fleet's TPU VMs (names tpu-{region}-{zone letter}-{i}).",
+                      no_args_is_help=True)
+
+_ENDPOINT_HELP = "TPU API endpoint; an http:// URL is an emulator (anonymous credentials). Default: $ACTEX_TPU_API_ENDPOINT, else Google's with Application Default Credentials."
+
+
+@contextlib.contextmanager
+def infra_errors() -> Iterator[None]:
+    """A TPU API failure after retries: one line, exit 1 (restartable, not the user's input)."""
+    from actex.fleet.tpu_api import TpuApiError
+
+    try:
+        yield
+    except TpuApiError as error:
+        typer.echo(f"actex: error: {error}", err=True)
+        raise typer.Exit(EXIT_INFRA) from None
+
+
+def _api(project: str, endpoint: Optional[str], **kwargs):
+    try:
+        from actex.fleet.tpu_api import TpuApi, endpoint_from_env
+    except ImportError as error:  # google-cloud-tpu is an optional extra
+        raise UserError(f"the TPU fleet needs google-cloud-tpu: pip install 'actex[tpu-fleet]' ({error})") from None
+    return TpuApi(project, api_endpoint=endpoint_from_env(endpoint), **kwargs)
+
+
+def _layout(fleet_file: Optional[Path], project, zones, workers_per_zone, accelerator_type, runtime_version, capacity, prefix, name, queued):
+    """The fleet from --fleet FILE, or from the flags."""
+    from actex.fleet.deploy import load_fleet
+    from actex.fleet.tpu import FleetLayout, split_zone
+    from actex.fleet.tpu_api import NodeSpec
+
+    if fleet_file is not None:
+        return load_fleet(Path(fleet_file)).layout
+    if not project or not zones:
+        raise UserError("give --fleet FILE, or --project and --zones")
+    zone_list = tuple(z.strip() for z in zones.split(",") if z.strip())
+    for zone in zone_list:
+        split_zone(zone)
+    return FleetLayout(name or prefix, project, zone_list, workers_per_zone,
+                       NodeSpec(accelerator_type, runtime_version, capacity, queued=queued), prefix)
+
+
+def _capacity(spot: bool, preemptible: bool, reserved: bool) -> str:
+    chosen = [c for c, on in (("spot", spot), ("preemptible", preemptible), ("reserved", reserved)) if on]
+    if len(chosen) > 1:
+        raise UserError("give at most one of --spot, --preemptible, --reserved")
+    return chosen[0] if chosen else "on-demand"
+
+
+def _fleet_options(f):
+    """The options every `actex tpu` command shares, so each states them once."""
+    import functools
+    import inspect
+
+    extra = {
+        "fleet_file": typer.Option(None, "--fleet", help="Take the fleet's fields from this fleet file."),
+        "project": typer.Option(None, "--project", help="GCP project id."),
+        "zones": typer.Option(None, "--zones", help="Comma-separated zones, e.g. us-central1-a,us-central1-b."),
+        "workers_per_zone": typer.Option(1, "--workers-per-zone", min=1, help="VMs per zone."),
+        "accelerator_type": typer.Option("v4-8", "--accelerator-type", help="TPU type, e.g. v4-8."),
+        "runtime_version": typer.Option("tpu-ubuntu2204-base", "--runtime-version", help="TPU VM image."),
+        "spot": typer.Option(False, "--spot", help="Spot capacity (cheapest; pre-emptible at any time)."),
+        "preemptible": typer.Option(False, "--preemptible", help="Legacy pre-emptible capacity (stops within 24 h)."),
+        "reserved": typer.Option(False, "--reserved", help="Capacity from a reservation of the project."),
+        "queued": typer.Option(False, "--queued", help="Through queued resources (spot or on-demand), which wait for capacity."),
+        "prefix": typer.Option("tpu", "--prefix", help="Node names are {prefix}-{region}-{zone letter}-{i}."),
+        "name": typer.Option(None, "--name", help="Fleet label put on its VMs (default: the prefix)."),
+        "api_endpoint": typer.Option(None, "--api-endpoint", help=_ENDPOINT_HELP),
+    }
+    own = inspect.signature(f)
+    params = list(own.parameters.values()) + [
+        inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v) for k, v in extra.items()
+    ]
+
+    @functools.wraps(f)
+    def wrapper(**kwargs):
+        shared = {k: kwargs.pop(k) for k in extra}
+        with user_errors():
+            capacity = _capacity(shared.pop("spot"), shared.pop("preemptible"), shared.pop("reserved"))
+            endpoint = shared.pop("api_endpoint")
+            layout = _layout(shared["fleet_file"], shared["project"], shared["zones"], shared["workers_per_zone"],
+                             shared["accelerator_type"], shared["runtime_version"], capacity, shared["prefix"], shared["name"], shared["queued"])
+            api = _api(layout.project, endpoint)
+        with infra_errors():
+            return f(api=api, layout=layout, **kwargs)
+
+    wrapper.__signature__ = own.replace(parameters=[p for p in params if p.name not in ("api", "layout")])
+    return wrapper
+
+
+def _echo_event(entry: dict) -> None:
+    typer.echo(json.dumps(entry))
+
+
+@tpu_app.command("create")
+@_fleet_options
+def create_command(api=None, layout=None, fallback: bool = typer.Option(True, "--fallback/--no-fallback", help="Place a VM in another listed zone when its own is out of capacity.")) -> None:
+    """Create the fleet's VMs that do not exist yet (existing ones are left alone, and said so)."""
+    from actex.fleet.deploy import create_fleet
+
+    create_fleet(api, layout, fallback=fallback, on_event=_echo_event)
+
+
+@tpu_app.command("delete")
+@_fleet_options
+def delete_command(api=None, layout=None) -> None:
+    """Delete every VM of the fleet (a missing one is a no-op that says so). Runs' data is untouched."""
+    from actex.fleet.tpu import fleet_nodes
+
+    found = {(n.zone, n.name) for n in fleet_nodes(api, layout)}
+    for zone, name in sorted(found | set(layout.planned())):
+        deleted = api.delete(zone, name)
+        _echo_event({"event": "delete" if deleted else "absent", "node": name, "zone": zone})
+
+
+@tpu_app.command("list")
+@_fleet_options
+def list_command(api=None, layout=None, as_json: bool = typer.Option(False, "--json", help="JSON lines.")) -> None:
+    """Every TPU VM in the fleet's zones, whoever made it."""
+    for zone in layout.zones:
+        for node in api.list(zone):
+            if as_json:
+                typer.echo(json.dumps({"node": node.name, "zone": node.zone, "state": node.state, "accelerator_type": node.accelerator_type,
+                                       "capacity": node.capacity, "fleet": node.labels.get("actex-fleet")}))
+            else:
+                typer.echo(f"{node.name:<32} {node.zone:<16} {node.state:<11} {node.accelerator_type:<12} {node.capacity}")
+
+
+@tpu_app.command("status")
+@_fleet_options
+def status_command(api=None, layout=None, as_json: bool = typer.Option(False, "--json", help="JSON lines.")) -> None:
+    """The fleet's VMs, planned and placed elsewhere, with their state (NOT_FOUND included)."""
+    from actex.fleet.tpu import fleet_nodes, is_dead, members
+
+    slots = members(layout, fleet_nodes(api, layout))
+    for zone, name, node in slots:
+        state = node.state if node else "NOT_FOUND"
+        if as_json:
+            typer.echo(json.dumps({"node": name, "zone": zone, "state": state}))
+        else:
+            typer.echo(f"{name:<32} {zone:<16} {state}")
+    dead = sum(is_dead(node) for _, _, node in slots)
+    nodes = [node for _, _, node in slots if node]
+    if not as_json:
+        typer.echo(f"{len(nodes)} VM(s), {dead} to recreate (actex tpu recreate)")
+
+
+@tpu_app.command("recreate")
+@_fleet_options
+def recreate_command(api=None, layout=None, fallback: bool = typer.Option(True, "--fallback/--no-fallback", help="Place a VM in another listed zone when its own is out of capacity.")) -> None:
+    """Delete and recreate every PREEMPTED / TERMINATED / missing VM of the fleet (keeping its
+    startup script); a dead spot VM cannot be restarted."""
+    from actex.fleet.tpu import NameBook, fleet_nodes, is_dead, members, recreate_node
+
+    slots = members(layout, fleet_nodes(api, layout))
+    book = NameBook({(z, n) for z, n, _ in slots} | set(layout.planned()))
+    for zone, name, node in slots:
+        if not is_dead(node):
+            continue
+        placement = recreate_node(api, layout, zone, name, node, fallback=fallback, pick=lambda z: book.pick(layout, z))
+        _echo_event({"event": "recreate", "node": placement.name, "zone": placement.zone, "was": node.state if node else "NOT_FOUND",
+                     **({"moved_from": f"{zone}/{name}"} if (placement.zone, placement.name) != (zone, name) else {})})
+
+
+# ----------------------------------------------------------------------------- deploy / monitor
+
+
+def deploy_command(
+    fleet_file: Path = typer.Argument(..., help="The fleet file (see docs/tpu-fleet.md)."),
+    create: bool = typer.Option(False, "--create", help="Create the fleet's missing VMs (else they must exist, made by an earlier deploy)."),
+    monitor: bool = typer.Option(False, "--monitor", help="Then watch and heal the fleet until the run is complete (as `actex monitor`)."),
+    api_endpoint: Optional[str] = typer.Option(None, "--api-endpoint", help=_ENDPOINT_HELP),
+    interval: float = typer.Option(10.0, "--interval", min=0.1, help="With --monitor: seconds between refreshes."),
+    action_log: Optional[Path] = typer.Option(None, "--action-log", help="With --monitor: append one JSON line per action here (default: stderr)."),
+    delete_when_done: bool = typer.Option(False, "--delete-when-done", help="With --monitor: delete the VMs once the run is complete."),
+    creating_timeout: float = typer.Option(900.0, "--creating-timeout", min=1.0, help="With --monitor: recreate a VM still CREATING after this many seconds."),
+    stale_after: float = typer.Option(600.0, "--stale-after", min=1.0, help="With --monitor: relaunch the worker of a READY VM whose heartbeat is older."),
+) -> None:
+    """Upload the run's config and this actex (wheel or image) beside the run, create the VMs
+    (--create), whose startup script starts the workers, and watch them (--monitor)."""
+    from actex.fleet.deploy import create_fleet, fleet_metadata, load_fleet, prepare
+    from actex.fleet.tpu import fleet_nodes
+    from actex.fleet.tpu_api import CapacityError
+
+    with user_errors():
+        fleet = load_fleet(fleet_file)
+        api = _api(fleet.layout.project, api_endpoint)
+        script = prepare(fleet)
+    typer.echo(f"actex deploy: {fleet.run_url}: config and startup script in {fleet.deploy_url}", err=True)
+    with infra_errors():
+        if create:
+            try:
+                create_fleet(api, fleet.layout, fleet_metadata(script), on_event=_action_logger(action_log))
+            except CapacityError as error:
+                if not monitor:
+                    raise
+                _action_logger(action_log)({"event": "create", "outcome": "failed", "error": str(error)})
+        else:
+            found = {(n.zone, n.name) for n in fleet_nodes(api, fleet.layout)}
+            missing = [name for zone, name in fleet.layout.planned() if (zone, name) not in found]
+            if missing and not monitor:
+                raise UserError(f"{fleet_file}: VM(s) {', '.join(missing)} do not exist: run with --create")
+    if monitor:
+        _monitor(fleet, api, interval=interval, once=False, action_log=action_log, delete_when_done=delete_when_done,
+                 creating_timeout=creating_timeout, stale_after=stale_after, script=script)
+
+
+def monitor_command(
+    fleet_file: Path = typer.Argument(..., help="The fleet file (see docs/tpu-fleet.md)."),
+    interval: float = typer.Option(10.0, "--interval", min=0.1, help="Seconds between refreshes."),
+    once: bool = typer.Option(False, "--once", help="Print one JSON snapshot and exit (no repairs)."),
+    action_log: Optional[Path] = typer.Option(None, "--action-log", help="Append one JSON line per action here (default: stderr)."),
+    delete_when_done: bool = typer.Option(False, "--delete-when-done", help="Delete the VMs once the run is complete."),
+    creating_timeout: float = typer.Option(900.0, "--creating-timeout", min=1.0, help="Recreate a VM still CREATING after this many seconds."),
+    stale_after: float = typer.Option(600.0, "--stale-after", min=1.0, help="Relaunch the worker of a READY VM whose heartbeat is older than this."),
+    max_repairs: int = typer.Option(10, "--max-repairs", min=0, help="Stop repairing a VM after this many repairs."),
+    api_endpoint: Optional[str] = typer.Option(None, "--api-endpoint", help=_ENDPOINT_HELP),
+) -> None:
+    """Live dashboard of a fleet and its run; recreates dead VMs and relaunches stale workers.
+
+    Exits 0 when the run is complete; Ctrl-C leaves the fleet running (exit 75)."""
+    from actex.fleet.deploy import load_fleet, read_startup_script
+
+    with user_errors():
+        fleet = load_fleet(fleet_file)
+        api = _api(fleet.layout.project, api_endpoint)
+        script = read_startup_script(fleet)
+    _monitor(fleet, api, interval=interval, once=once, action_log=action_log, delete_when_done=delete_when_done,
+             creating_timeout=creating_timeout, stale_after=stale_after, script=script, max_repairs=max_repairs)
+
+
+def _action_logger(path: Optional[Path]):
+    def log_action(entry: dict) -> None:
+        line = json.dumps({"time": round(time.time(), 3), **entry}, sort_keys=False)
+        if path is None:
+            print(line, file=sys.stderr, flush=True)
+        else:
+            with open(path, "a") as out:
+                out.write(line + "\n")
+
+    return log_action
+
+
+def _monitor(fleet, api, *, interval, once, action_log, delete_when_done, creating_timeout, stale_after, script, max_repairs=10) -> None:
+    from rich.console import Console
+    from rich.live import Live
+
+    from actex.fleet.dashboard import render
+    from actex.fleet.deploy import fleet_metadata
+    from actex.fleet.recovery import FleetMonitor
+    from actex.fleet.tpu import fleet_nodes
+    from actex.store.folder import open_store
+
+    log_action = _action_logger(action_log)
+    with user_errors():
+        store = open_store(fleet.run_url)
+    monitor = FleetMonitor(api, fleet.layout, store, run_url=fleet.run_url,
+                           metadata=fleet_metadata(script) if script else None, creating_timeout_s=creating_timeout,
+                           stale_after_s=stale_after, max_repairs=max_repairs, on_action=log_action)
+    if once:
+        snapshot = monitor.tick(repair=False)
+        monitor.close()
+        typer.echo(json.dumps(snapshot.to_json(), indent=2))
+        return
+    # Not a terminal (a log file, CI): wide enough for whole node and zone names.
+    console = Console() if sys.stdout.isatty() else Console(width=160)
+    try:
+        with Live(console=console, auto_refresh=False, transient=False) as live:
+            while True:
+                snapshot = monitor.tick()
+                live.update(render(snapshot), refresh=True)
+                if snapshot.complete:
+                    break
+                time.sleep(interval)
+    except KeyboardInterrupt:
+        monitor.close(wait=False)
+        typer.echo("actex monitor: interrupted; the fleet is left running (actex monitor FLEET resumes watching, actex tpu delete --fleet FLEET removes it)", err=True)
+        raise typer.Exit(EXIT_STOPPED) from None
+    monitor.close()
+    log_action({"event": "complete", "fleet": fleet.layout.name, "run": fleet.run_url, "chunks": snapshot.chunks_committed})
+    if delete_when_done:
+        with infra_errors():
+            for node in fleet_nodes(api, fleet.layout):
+                api.delete(node.zone, node.name)
+                log_action({"event": "delete", "fleet": fleet.layout.name, "node": node.name, "zone": node.zone, "outcome": "done"})
+    typer.echo(f"actex monitor: {fleet.run_url} complete ({snapshot.chunks_committed} chunks)"
+               + ("; VMs deleted" if delete_when_done else "; VMs left running (actex tpu delete --fleet FLEET)"), err=True)
+
+
+def register(app: typer.Typer) -> None:
+    """Add this area's subcommands to the `actex` app."""
+    app.add_typer(tpu_app, name="tpu")
+    app.command("deploy")(deploy_command)
+    app.command("monitor")(monitor_command)

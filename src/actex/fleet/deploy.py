@@ -1,0 +1,175 @@
+"""The fleet file and `actex deploy`: from nothing to a fleet of TPU VMs working on one run.
+
+    name: arc-qwen                 # fleet label (default: the run name)
+    project: my-project
+    zones: [us-central1-a, us-central1-b]
+    workers_per_zone: 2
+    accelerator_type: v4-8
+    runtime_version: tpu-ubuntu2204-base
+    capacity: spot                 # spot | preemptible | reserved | on-demand
+    queued: false                  # true: through queued resources (spot / on-demand), which wait for capacity
+    extract: run.yaml              # the `actex extract --config` file (relative to this file), or inline fields
+    # image: ghcr.io/you/actex:0.1.0   run this image instead of installing the deployer's wheel
+    # wheel: dist/actex-0.1.0-py3-none-any.whl   default: built from the deployer's source tree
+    # worker_args: [--lease-seconds, '120']      extra `actex extract` flags
+
+The run must have a fixed `output` and `run_name` (every VM and every recreated VM must find
+the same run).
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from actex.config import load_config_file
+from actex.fleet.bootstrap import LAUNCH_KEY, SCRIPT_KEY, Payload, build_wheel, deploy_dir, startup_script, upload
+from actex.fleet.tpu import FleetLayout, NameBook, Placement, create_node, fleet_nodes, members, split_zone
+from actex.fleet.tpu_api import NodeSpec, TpuApi
+
+log = logging.getLogger("actex.deploy")
+
+SCRIPT_FILE = "startup-script.sh"  # in the deploy dir: what a recreated VM boots with
+
+
+class FleetFile(BaseModel):
+    """A fleet file's fields (unknown fields are refused)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(None, description="Fleet label put on every VM (default: the run name).")
+    project: str = Field(description="GCP project id.")
+    zones: list[str] = Field(min_length=1, description="Zones to spread the VMs over, e.g. [us-central1-a, us-central1-b].")
+    workers_per_zone: int = Field(1, ge=1, description="VMs per zone.")
+    accelerator_type: str = Field(description="TPU accelerator type, e.g. v4-8, v5litepod-8.")
+    runtime_version: str = Field(description="TPU VM image, e.g. tpu-ubuntu2204-base.")
+    capacity: Literal["spot", "preemptible", "reserved", "on-demand"] = Field("spot", description="How the VMs are billed and granted.")
+    queued: bool = Field(False, description="Ask through queued resources (waiting for spot or on-demand capacity) instead of creating nodes directly.")
+    prefix: str = Field("tpu", description="Node names are {prefix}-{region}-{zone letter}-{i}.")
+    extract: Path | dict[str, Any] = Field(description="`actex extract --config` file (relative to the fleet file) or inline fields.")
+    image: str | None = Field(None, description="Container image with actex to run instead of the deployer's wheel.")
+    wheel: Path | None = Field(None, description="actex wheel to install (default: built from the deployer's source tree).")
+    worker_args: list[str] = Field(default_factory=list, description="Extra `actex extract` flags for every worker, e.g. [--lease-seconds, '120'].")
+
+
+class Fleet:
+    """A loaded fleet file: its layout, run fields and where its deploy files live."""
+
+    def __init__(self, path: Path, file: FleetFile, fields: dict):
+        self.path = path
+        self.file = file
+        self.fields = fields
+        self.run_url = f"{fields['output'].rstrip('/')}/{fields['run_name']}"
+        self.deploy_url = deploy_dir(self.run_url)
+        self.layout = FleetLayout(
+            name=file.name or fields["run_name"],
+            project=file.project,
+            zones=tuple(file.zones),
+            workers_per_zone=file.workers_per_zone,
+            spec=NodeSpec(file.accelerator_type, file.runtime_version, file.capacity, queued=file.queued),
+            prefix=file.prefix,
+        )
+
+
+def load_fleet(path: Path) -> Fleet:
+    """Read and check a fleet file; ValueError with one line naming the file and field."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: not YAML: {str(error).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a fleet file is a mapping of fields (project, zones, ...)")
+    try:
+        file = FleetFile.model_validate(raw)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ValueError(f"{path}: {where}: {first['msg']}") from None
+    for zone in file.zones:
+        try:
+            split_zone(zone)
+        except ValueError as error:
+            raise ValueError(f"{path}: zones: {error}") from None
+    if isinstance(file.extract, dict):
+        fields = dict(file.extract)
+    else:
+        config = file.extract if file.extract.is_absolute() else Path(path).parent / file.extract
+        fields = load_config_file(config)
+    for key in ("output", "run_name"):
+        if not fields.get(key):
+            raise ValueError(f"{path}: extract: a fleet's run needs a fixed `{key}` (every VM must find the same run)")
+    if file.queued and file.capacity not in ("spot", "on-demand"):
+        raise ValueError(f"{path}: queued: queued resources are spot or on-demand, not {file.capacity}")
+    fleet = Fleet(Path(path), file, fields)
+    fleet.layout.planned()  # names valid for every zone (ValueError otherwise)
+    return fleet
+
+
+def prepare(fleet: Fleet, *, storage_options: dict | None = None) -> str:
+    """Upload run.yaml (and the wheel) beside the run; write and return the startup script."""
+    from importlib import metadata
+
+    from actex.store.folder import open_store
+
+    store = open_store(fleet.deploy_url, **(storage_options or {}))
+    if fleet.file.image:
+        upload(store, fleet.fields, None)
+        payload = Payload(image=fleet.file.image)
+    else:
+        wheel = fleet.file.wheel
+        if wheel is None:
+            import tempfile
+
+            wheel = build_wheel(Path(tempfile.mkdtemp(prefix="actex-wheel-")))
+        elif not wheel.is_absolute():
+            wheel = fleet.path.parent / wheel
+        url, sha = upload(store, fleet.fields, wheel)
+        payload = Payload(wheel_url=url, wheel_sha256=sha, jax_version=metadata.version("jax"))
+    script = startup_script(f"{store.url.rstrip('/')}/run.yaml", payload, extract_args=tuple(fleet.file.worker_args))
+    store.write_bytes(SCRIPT_FILE, script.encode())
+    return script
+
+
+def read_startup_script(fleet: Fleet, *, storage_options: dict | None = None) -> str | None:
+    """The script `prepare` wrote for this fleet, or None before any deploy."""
+    from actex.store.folder import open_store
+
+    store = open_store(fleet.deploy_url, **(storage_options or {}))
+    return store.read_bytes(SCRIPT_FILE).decode() if store.exists(SCRIPT_FILE) else None
+
+
+def fleet_metadata(script: str) -> dict[str, str]:
+    return {SCRIPT_KEY: script, LAUNCH_KEY: "0"}
+
+
+def create_fleet(api: TpuApi, layout: FleetLayout, metadata: dict[str, str] | None = None, *,
+                 fallback: bool = True, on_event=None) -> list[Placement]:
+    """Create every planned VM that does not exist yet, in parallel; a zone out of capacity
+    sends its VMs to the other zones (if `fallback`). Existing VMs are left as they are."""
+    from dataclasses import replace
+
+    spec = replace(layout.node_spec(), metadata={**layout.spec.metadata, **(metadata or {})})
+    nodes = fleet_nodes(api, layout)
+    existing = {(n.zone, n.name) for n in nodes}
+    # Slots without a VM; a VM placed in another zone earlier fills the slot it replaced.
+    todo = [(z, n) for z, n, node in members(layout, nodes) if node is None]
+    book = NameBook(existing | set(layout.planned()))  # planned names stay reserved for their slots
+
+    def one(zone_name):
+        zone, name = zone_name
+        placement = create_node(api, layout, zone, name, fallback=fallback, spec=spec, pick=lambda z: book.pick(layout, z))
+        if on_event:
+            on_event({"event": "create", "node": placement.name, "zone": placement.zone, "wanted_zone": zone})
+        return placement
+
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(todo)))) as pool:
+        placements = list(pool.map(one, todo))
+    for zone, name in sorted(existing):
+        if on_event:
+            on_event({"event": "exists", "node": name, "zone": zone})
+    return placements

@@ -1,0 +1,130 @@
+"""The startup script's supervisor, run for real by a fake VM: it fetches run.yaml from the
+store, names the worker after the node, restarts a worker that failed, relaunches it when
+`actex-launch` changes, and stops for good when the worker exits 0. The worker is a stand-in
+`actex` (a shell script) whose exit codes the test scripts; everything else is real.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import sys
+import time
+
+import pytest
+import yaml
+from fake_tpu_server import FakeTpu
+
+from actex.fleet.bootstrap import Payload, startup_script
+from actex.fleet.deploy import load_fleet
+from actex.fleet.tpu_api import NodeSpec, TpuApi
+from actex.store.folder import open_store
+
+ZONE, NODE = "us-central1-a", "tpu-us-central1-a-0"
+
+# One line per run: "<ACTEX_WORKER_HOST> <args...>"; exit with the next code of codes.txt
+# ("hang": wait to be stopped, and say so).
+FAKE_ACTEX = """#!/bin/bash
+echo "$ACTEX_WORKER_HOST $*" >> "$CALLS"
+code=$(head -n1 "$CODES"); sed -i 1d "$CODES"
+if [ "$code" = hang ]; then trap 'echo stopped >> "$CALLS"; exit 75' TERM; while :; do sleep 0.1; done; fi
+exit "$code"
+"""
+
+
+@pytest.fixture
+def venv(tmp_path):
+    """A venv stand-in: the real python (the script reads run.yaml with it), a fake actex."""
+    bin_dir = tmp_path / "venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+    (bin_dir / "actex").write_text(FAKE_ACTEX)
+    for tool in ("python", "actex"):
+        (bin_dir / tool).chmod(0o755)
+    return tmp_path / "venv"
+
+
+def _wait(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise TimeoutError(what)
+
+
+def test_supervisor_restarts_relaunches_and_stops_when_done(venv, tmp_path):
+    calls, codes = tmp_path / "calls.txt", tmp_path / "codes.txt"
+    codes.write_text("1\nhang\n0\n")  # crash, then hang until relaunched, then finish
+    deploy = open_store(str(tmp_path / "runs" / "r-fleet"))
+    deploy.write_bytes("run.yaml", b"run_name: r\n")
+    script = startup_script(f"{deploy.url}/run.yaml", Payload(image="example/actex:1"), extract_args=("--lease-seconds", "9"),
+                            poll_s=1, restart_backoff_s=0.1)
+    fake = FakeTpu(vm_env=lambda node: {"ACTEX_VENV": str(venv), "CALLS": str(calls), "CODES": str(codes)},
+                   workdir=tmp_path / "vms", create_s=0.1)
+    try:
+        api = TpuApi("p", api_endpoint=fake.endpoint, poll_initial_s=0.05)
+        api.create(ZONE, NODE, NodeSpec("v4-8", "rt", metadata={"startup-script": script, "actex-launch": "0", "actex-node": NODE}))
+        _wait(lambda: calls.exists() and len(calls.read_text().splitlines()) == 2, 20, "a restart after exit 1")
+        api.set_metadata(ZONE, NODE, {**api.get(ZONE, NODE).metadata, "actex-launch": "1"})
+        process = fake.node(ZONE, NODE).process
+        process.wait(timeout=20)
+    finally:
+        fake.close()
+    runs = calls.read_text().splitlines()
+    expected = f"{NODE} extract --config run.yaml --claim --preempted-exit-code 75 --log-json --lease-seconds 9"
+    assert runs == [expected, expected, "stopped", expected]
+    assert process.returncode == 0  # the worker said the run is complete: no restart
+    home = tmp_path / "vms" / f"{ZONE}-{NODE}-1"
+    assert (home / "run.yaml").read_text() == "run_name: r\n"
+    assert "relaunch asked" in (home / "bootstrap.log").read_text()
+
+
+def test_bad_config_exit_is_not_restarted(venv, tmp_path):
+    calls, codes = tmp_path / "calls.txt", tmp_path / "codes.txt"
+    codes.write_text("2\n0\n")
+    deploy = open_store(str(tmp_path / "d"))
+    deploy.write_bytes("run.yaml", b"{}\n")
+    script = startup_script(f"{deploy.url}/run.yaml", Payload(wheel_url="gs://b/w/actex-0.1.0-py3-none-any.whl", wheel_sha256="0" * 64),
+                            poll_s=1, restart_backoff_s=0.1)
+    fake = FakeTpu(vm_env=lambda node: {"ACTEX_VENV": str(venv), "CALLS": str(calls), "CODES": str(codes)}, workdir=tmp_path / "vms", create_s=0.1)
+    try:
+        TpuApi("p", api_endpoint=fake.endpoint, poll_initial_s=0.05).create(ZONE, NODE, NodeSpec("v4-8", "rt", metadata={"startup-script": script}))
+        process = fake.node(ZONE, NODE).process
+        process.wait(timeout=20)
+    finally:
+        fake.close()
+    assert process.returncode == 2 and len(calls.read_text().splitlines()) == 1
+
+
+def test_wheel_install_is_pinned_by_checksum_and_jax_version():
+    script = startup_script("gs://b/r-fleet/run.yaml", Payload(wheel_url="gs://b/r-fleet/wheels/actex-0.1.0-py3-none-any.whl",
+                                                             wheel_sha256="ab" * 32, jax_version="0.10.2"))
+    assert "gcloud storage cp gs://b/r-fleet/wheels/actex-0.1.0-py3-none-any.whl actex-0.1.0-py3-none-any.whl" in script
+    assert f"echo '{'ab' * 32}  actex-0.1.0-py3-none-any.whl' | sha256sum -c -" in script
+    assert "'./actex-0.1.0-py3-none-any.whl[gcs]' 'jax[tpu]==0.10.2'" in script
+    assert not re.search(r"\|\s*(ba)?sh\b", script) and "github" not in script  # no script piped from a branch
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"zones": []}, "fleet.yaml: zones: List should have at least 1 item"),
+    ({"zones": ["central"]}, "fleet.yaml: zones: zone 'central' is not a GCP zone name"),
+    ({"capacity": "cheap"}, "fleet.yaml: capacity: Input should be 'spot', 'preemptible', 'reserved' or 'on-demand'"),
+    ({"workers": 3}, "fleet.yaml: workers: Extra inputs are not permitted"),
+    ({"extract": {"output": "gs://b/runs"}}, "fleet.yaml: extract: a fleet's run needs a fixed `run_name`"),
+])
+def test_fleet_file_errors_name_file_and_field(tmp_path, change, message):
+    from typer.testing import CliRunner
+
+    from actex.cli import app
+
+    fleet = {"project": "p", "zones": ["us-central1-a"], "accelerator_type": "v4-8", "runtime_version": "rt",
+             "extract": {"output": "gs://b/runs", "run_name": "r"}}
+    path = tmp_path / "fleet.yaml"
+    path.write_text(yaml.safe_dump({**fleet, **change}))
+    with pytest.raises(ValueError) as error:
+        load_fleet(path)
+    assert str(error.value).replace(str(tmp_path) + os.sep, "").startswith(message)
+    result = CliRunner().invoke(app, ["deploy", str(path), "--api-endpoint", "http://127.0.0.1:9"])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and result.stderr.startswith("actex: error: "), shlex.quote(result.stderr)
