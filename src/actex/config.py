@@ -5,22 +5,27 @@ size). Where the result goes (`output`), what the run is called and which worker
 which chunk do not change a single byte of it, so they stay out of the hash: every worker of
 a fleet, wherever it was started from, computes the same hash and the same run name.
 
-Users give fields in a YAML/JSON file and/or as CLI flags (flags win). Two fields need the
-checkpoint to be resolved: `layers` + `activation` become hook names (validated against the
-model's depth) and a missing `compute_dtype` becomes the checkpoint's own dtype.
+Users give fields as CLI flags, ACTEX_* environment variables and/or a YAML/JSON file, in
+that order of precedence. The models here are the one source of those flags and variables
+(names, help, defaults; see cli/options.py): a new field is a new flag and variable. Two
+fields need the checkpoint to be resolved: `layers` + `activation` become hook names
+(validated against the model's depth) and a missing `compute_dtype` becomes the
+checkpoint's own dtype.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from actex.data.config import DataConfig
+from actex.flag import Flag
 from actex.model.hooks import hooks_for_layers, parse_hooks
 
 StoredDtype = Literal["bfloat16", "float16", "float32"]
@@ -37,22 +42,43 @@ class ConfigError(ValueError):
     """A user-facing configuration problem; its message is one line."""
 
 
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+
+
+def parse_size(value: Any) -> Any:
+    """'1GB', '512MB', '1.5g', '4096' -> bytes (decimal units; KiB/MiB/GiB binary); ints pass.
+
+    ValueError (one line) for text that is not a size.
+    """
+    if not isinstance(value, str):
+        return value
+    match = _SIZE.match(value)
+    if not match:
+        raise ValueError(f"{value!r} is not a size (e.g. 1GB, 512MB, 4096)")
+    unit = (match.group(2) or "").lower()
+    scale = _UNITS[unit[:1]] if "i" not in unit else 1024 ** " kmgt".index(unit[0])
+    return int(float(match.group(1)) * scale)
+
+
 class RunConfig(BaseModel):
     """Everything that defines an extraction run. Frozen: derive, never mutate."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    model: str = Field(description="HF repo id or local checkpoint dir")
-    revision: str | None = None
+    model: Annotated[str, Flag(panel="Run")] = Field(description="Hugging Face repo id or local checkpoint directory.")
+    revision: Annotated[str | None, Flag(panel="Run")] = Field(None, description="Model revision (hub branch, tag or commit).")
     data: DataConfig
-    hooks: tuple[str, ...] = Field(min_length=1, description="canonical hook names")
-    dtype: StoredDtype = "bfloat16"
-    compute_dtype: ComputeDtype
-    batch_tokens: int = Field(default=16384, ge=16, description="tokens per packed batch")
-    chunk_size: int = Field(default=64, ge=1, description="samples per chunk")
-    shard_size: int = Field(default=1_000_000_000, ge=1, description="max bytes per part")
-    output: str = Field(description="store URL under which the run directory is created")
-    run_name: str | None = None
+    hooks: Annotated[tuple[str, ...], Flag(panel="Hooks")] = Field(
+        min_length=1, description="Comma-separated hook names, e.g. blocks.12.hook_resid_post,blocks.12.mlp.hook_post.")
+    dtype: Annotated[StoredDtype, Flag(panel="Hooks")] = Field("bfloat16", description="Stored activation dtype.")
+    compute_dtype: Annotated[ComputeDtype, Flag(panel="Hooks")] = Field(description="Forward dtype (default: the checkpoint's).")
+    batch_tokens: Annotated[int, Flag(panel="Performance")] = Field(16384, ge=16, description="Tokens per packed batch.")
+    chunk_size: Annotated[int, Flag(panel="Performance")] = Field(64, ge=1, description="Samples per chunk, the unit of commit and of resume.")
+    shard_size: Annotated[int, BeforeValidator(parse_size), Flag(panel="Performance", text=True)] = Field(
+        1_000_000_000, ge=1, description="Max bytes per part file, e.g. 1GB, 256MB.")
+    output: Annotated[str, Flag(panel="Run")] = Field(description="Where runs go: a local dir, file://, gs://, s3:// or memory:// URL.")
+    run_name: Annotated[str | None, Flag(panel="Run")] = Field(None, description="Run directory name under --output (default: run-<config hash>).")
 
     def canonical(self) -> dict:
         """JSON-ready dict of every field (defaults included), stable across processes."""
@@ -110,8 +136,41 @@ def merge_fields(base: dict, overrides: dict) -> dict:
     return merged
 
 
-# Input-only fields: resolved into `hooks` by resolve_config.
-HOOK_SELECTORS = ("layers", "activation")
+class HookSelection(BaseModel):
+    """Input-only fields another way to name `hooks`: resolved into them by resolve_config."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    layers: Annotated[str | None, Flag(panel="Hooks")] = Field(None, description="Layers for --activation: 'all', '0-23', '0,4,8'.")
+    activation: Annotated[Literal["residual", "mlp", "attn"] | None, Flag(panel="Hooks")] = Field(
+        None, description="residual (hook_resid_post) | mlp (hook_mlp_out) | attn (hook_attn_out) (default: residual).")
+
+
+HOOK_SELECTORS = tuple(HookSelection.model_fields)
+
+
+class WorkerOptions(BaseModel):
+    """How this process takes part in a run: none of it changes what the run stores."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    worker_index: Annotated[int | None, Flag(panel="Workers")] = Field(
+        None, ge=0, description="This worker's index (default: $TPU_WORKER_ID, $CLOUD_TPU_TASK_ID, $JOB_COMPLETION_INDEX or 0).")
+    num_workers: Annotated[int, Flag(panel="Workers")] = Field(1, ge=1, description="Static split: chunk k goes to worker k mod N.")
+    claim: Annotated[bool, Flag(panel="Workers")] = Field(False, description="Claim chunks dynamically with leases instead of the static split.")
+    worker_host: Annotated[str | None, Flag(panel="Workers")] = Field(
+        None, description="--claim mode: this worker's heartbeat id is <worker-host>-<pid> (default: the machine's hostname; TPU fleet VMs set their node name).")
+    lease_seconds: Annotated[float, Flag(panel="Workers")] = Field(60.0, ge=1.0, description="Lease length in --claim mode; renewed every third of it.")
+    preempt_deadline: Annotated[float, Flag(panel="Workers")] = Field(
+        25.0, ge=0.1, description="On SIGTERM / GCE pre-emption notice: seconds to finish the in-flight chunk before abandoning it.")
+    preempted_exit_code: Annotated[int, Flag(panel="Workers")] = Field(
+        75, ge=0, le=255, description="Exit code when a signal or pre-emption stopped the worker before its share was done (default 75, EX_TEMPFAIL: rerun to resume).")
+    stall_timeout: Annotated[float, Flag(panel="Workers")] = Field(
+        1200.0, ge=1.0, description="Seconds without progress (no batch, part or commit) after which the worker stops renewing its leases and exits 1, so a fleet restarts it and another worker takes its chunk.")
+    on_write_failure: Annotated[Literal["exit", "continue"], Flag(panel="Workers")] = Field(
+        "exit", description="A chunk whose writes fail after retries: exit (stop the worker) | continue (leave it uncommitted, go on, exit 1 at the end).")
+    log_json: Annotated[bool, Flag(panel="Output")] = Field(False, description="Structured JSON log lines on stderr instead of a progress bar.")
+    progress: Annotated[bool | None, Flag(panel="Output")] = Field(None, description="Progress bar (default: when stderr is a TTY).")
 
 
 def check_field_names(fields: dict) -> None:

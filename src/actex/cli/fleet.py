@@ -48,31 +48,50 @@ PREEMPTED_EXIT = EXIT_STOPPED  # stopped before the run was complete; start anot
 
 def fleet_command(
     ctx: typer.Context,
-    workers: int = typer.Option(..., "--workers", min=1, help="Worker processes to keep running."),
-    max_restarts: int = typer.Option(50, "--max-restarts", min=0, help="Give up after this many replacements in total."),
-    log_dir: Optional[Path] = typer.Option(None, "--log-dir", help="Write each worker's output to DIR/worker-<slot>-<n>.log."),
+    workers: int = typer.Option(..., "--workers", min=1, help="Workers to keep running (with --tpu-topology: slices, each a gang of hosts)."),
+    executor: str = typer.Option("local", "--executor", help="local (processes on this machine) | ray (actors on a Ray cluster, restarted by Ray)."),
+    max_restarts: int = typer.Option(50, "--max-restarts", min=0, help="Give up after this many replacements (ray: per worker, restarts and retries each)."),
+    log_dir: Optional[Path] = typer.Option(None, "--log-dir", help="local: write each worker's output to DIR/worker-<slot>-<n>.log."),
+    address: Optional[str] = typer.Option(None, "--address", help="ray: the cluster to join (auto, HOST:PORT or ray://HOST:PORT); default: start a local one."),
+    worker_resources: Optional[str] = typer.Option(None, "--worker-resources", help='ray: resources of one worker as JSON, e.g. \'{"TPU": 4}\' (one per accelerator host); default {"CPU": 1}.'),
+    tpu_topology: Optional[str] = typer.Option(None, "--tpu-topology", help="ray: each worker is a multi-host TPU slice of this topology (e.g. 4x4), its hosts started together as one gang."),
+    tpu_version: Optional[str] = typer.Option(None, "--tpu-version", help="ray: the slice's TPU generation for --tpu-topology (e.g. v6e, v5p, v4)."),
 ) -> None:
-    """Run `actex extract --claim` in N local processes until the run is complete.
+    """Run `actex extract --claim` workers until the run is complete: local processes, or Ray actors.
 
     Everything after `--` goes to `actex extract`, e.g.
     `actex fleet --workers 4 -- --config run.yaml --output gs://bucket/runs`.
-    A worker that dies is replaced. A `--claim` worker exits 0 on its own only once every
-    chunk has its commit record, so the first clean exit ends the fleet; a worker stopped
-    from outside (SIGTERM, GCE pre-emption notice) exits PREEMPTED_EXIT instead and is
-    replaced. Ctrl-C or SIGTERM to the fleet stops every worker gracefully (each finishes
-    its in-flight chunk).
+    A worker that dies is replaced (ray: by Ray's actor restarts and task retries). A
+    `--claim` worker exits 0 on its own only once every chunk has its commit record, so the
+    first clean exit ends the fleet; a worker stopped from outside (SIGTERM, GCE pre-emption
+    notice) exits PREEMPTED_EXIT instead and is replaced; one that exits 2 (bad config) ends
+    the fleet with exit 2. Ctrl-C or SIGTERM to the fleet stops every worker gracefully (each
+    finishes its in-flight chunk). Watch progress with `actex status RUN_URL`.
     """
+    args = ["extract", "--claim", "--preempted-exit-code", str(PREEMPTED_EXIT), *ctx.args]
+    with user_errors():
+        if executor not in ("local", "ray"):
+            raise ValueError(f"--executor must be local or ray, got {executor!r}")
+        if executor == "local" and (address or worker_resources or tpu_topology):
+            raise ValueError("--address, --worker-resources and --tpu-topology need --executor ray")
+        if bool(tpu_topology) != bool(tpu_version):
+            raise ValueError("give --tpu-topology and --tpu-version together")
+        resources = _resources(worker_resources) if worker_resources else None
+    # SIGTERM to the fleet unwinds like Ctrl-C, so run() stops the workers on its way out.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    if executor == "ray":
+        _run_ray(args, workers, address=address, resources=resources, max_restarts=max_restarts,
+                 tpu_topology=tpu_topology, tpu_version=tpu_version)
+        return
     from actex.fleet.local import FleetError, LocalFleet, actex_command
 
     fleet = LocalFleet(
-        [*actex_command(), "extract", "--claim", "--preempted-exit-code", str(PREEMPTED_EXIT), *ctx.args],
+        [*actex_command(), *args],
         workers,
         is_complete=lambda: any(w.returncode == 0 and w.signalled is None for w in fleet.result.exited),
         log_dir=log_dir,
         max_restarts=max_restarts,
     )
-    # SIGTERM to the fleet unwinds like Ctrl-C, so run() stops the workers on its way out.
-    signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         result = fleet.run()
     except FleetError as error:
@@ -82,6 +101,41 @@ def fleet_command(
         typer.echo("actex fleet: interrupted; workers stopped after their in-flight chunks", err=True)
         raise typer.Exit(130) from None
     typer.echo(f"actex fleet: run complete in {result.seconds:.0f} s; {result.restarts} worker restart(s)")
+
+
+def _resources(text: str) -> dict[str, float]:
+    """--worker-resources JSON -> {name: amount}; ValueError (one line) otherwise."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise ValueError(f"--worker-resources {text!r} is not JSON (e.g. '{{\"TPU\": 4}}')") from None
+    if not isinstance(value, dict) or not all(isinstance(v, (int, float)) and v >= 0 for v in value.values()):
+        raise ValueError(f"--worker-resources {text!r}: expected an object of resource names to amounts >= 0")
+    return {str(k): float(v) for k, v in value.items()}
+
+
+def _run_ray(args: list[str], workers: int, *, address: str | None, resources: dict | None, max_restarts: int,
+             tpu_topology: str | None, tpu_version: str | None) -> None:
+    """`actex fleet --executor ray`: exit 0 complete, 2 a worker's bad config, 1 gave up, 130 interrupted."""
+    try:
+        from actex.fleet.ray_executor import RayFleet, RayFleetError, TpuSlice
+    except ImportError:
+        typer.echo("actex: error: --executor ray needs Ray: pip install 'actex[ray]'", err=True)
+        raise typer.Exit(2) from None
+    tpu_slice = TpuSlice(tpu_topology, tpu_version) if tpu_topology and tpu_version else None
+    fleet = RayFleet(args, workers, address=address, resources=resources, tpu_slice=tpu_slice, max_restarts=max_restarts)
+    try:
+        result = fleet.run()
+    except RayFleetError as error:
+        typer.echo(f"actex: error: {error}", err=True)
+        raise typer.Exit(error.exit_code) from None
+    except ConnectionError as error:  # no cluster at --address (yet): worth another try later
+        typer.echo(f"actex: error: Ray cluster {address or '(local)'}: {str(error).strip().splitlines()[0]}", err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        typer.echo("actex fleet: interrupted; workers stopped after their in-flight chunks", err=True)
+        raise typer.Exit(130) from None
+    typer.echo(f"actex fleet: run complete in {result.seconds:.0f} s on Ray ({result.workers} worker actor(s))")
 
 
 def _raise_interrupt(signum, frame) -> None:

