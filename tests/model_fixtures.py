@@ -25,9 +25,12 @@ def tiny_qwen2_config(**overrides) -> Qwen2Config:
     return Qwen2Config(**(sizes | overrides))
 
 
-def random_qwen2(config: Qwen2Config, seed: int = 0, dtype=torch.float32) -> Qwen2ForCausalLM:
+def random_qwen2(config: Qwen2Config, seed: int = 0, dtype=torch.float32, scale: float = 0.08) -> Qwen2ForCausalLM:
     """A Qwen2ForCausalLM whose every parameter, biases and norm scales included, is random
-    and non-trivial (default init leaves biases at 0 and norms at 1, hiding bugs)."""
+    and non-trivial (default init leaves biases at 0 and norms at 1, hiding bugs).
+
+    `scale`: std of the weight matrices. At the default, greedy decoding mostly repeats one
+    token; 0.25 gives varied continuations, which decoding tests need."""
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM._from_config(config, attn_implementation="eager", dtype=dtype)
     with torch.no_grad():
@@ -37,12 +40,12 @@ def random_qwen2(config: Qwen2Config, seed: int = 0, dtype=torch.float32) -> Qwe
             elif name.endswith("bias"):
                 param.copy_(0.5 * torch.randn_like(param))
             else:
-                param.copy_(0.08 * torch.randn_like(param))
+                param.copy_(scale * torch.randn_like(param))
     return model.eval()
 
 
-def save_random_qwen2(path: Path, seed: int = 0, dtype=torch.float32, **overrides):
-    model = random_qwen2(tiny_qwen2_config(**overrides), seed, dtype)
+def save_random_qwen2(path: Path, seed: int = 0, dtype=torch.float32, scale: float = 0.08, **overrides):
+    model = random_qwen2(tiny_qwen2_config(**overrides), seed, dtype, scale)
     model.save_pretrained(path, safe_serialization=True)
     return model
 

@@ -1,22 +1,25 @@
-"""Small runs in store format v1, written with the store's own encoders, for reader tests.
+"""Small runs in store format v2 (or v1), written with the store's own encoders, for reader tests.
 
 `write_run` lays out run.json, parts, samples.jsonl and commit records exactly as the
 engine does, from random values, and returns what a reader must find: every committed
 token's row in (chunk, part, row) order. Chunks listed in `uncommitted` get an attempt's
-data but no commit record, so readers must not see them.
+data but no commit record, so readers must not see them. `format_version=1` writes what
+actex 0.1 wrote: parts without checksums, records with inline JSON stats.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
+import safetensors.numpy
 
-from actex.store import layout, shards
+from actex.store import integrity, layout, shards
 from actex.store.commits import CommitRecord, PartRecord, commit
 from actex.store.folder import Store, open_store
 from actex.store.manifest import HookSpec, PlanSummary, RunManifest
-from actex.store.stats import HookStats
+from actex.store.stats import HookStats, encode_stats
 
 HOOKS = {"blocks.0.hook_resid_post": 16, "blocks.1.mlp.hook_post": 24}
 
@@ -41,7 +44,8 @@ def _positions(n: int, window: int | None) -> np.ndarray:
 
 def write_run(url: str, storage_options: dict | None = None, *, lengths: list[list[list[int]]],
               hooks: dict[str, int] = HOOKS, dtype: str = "bfloat16", uncommitted: tuple[int, ...] = (),
-              window: int | None = None, seed: int = 0, config: dict | None = None) -> Expected:
+              window: int | None = None, seed: int = 0, config: dict | None = None,
+              format_version: int = layout.FORMAT_VERSION) -> Expected:
     """lengths[chunk][part] = token counts of that part's samples (sample ids run in order)."""
     storage_options = storage_options or {}
     store = open_store(url, **storage_options)
@@ -52,6 +56,7 @@ def write_run(url: str, storage_options: dict | None = None, *, lengths: list[li
         config_hash="0" * 64, model_fingerprint="m", tokenizer_fingerprint="t",
         hooks=tuple(HookSpec(h, w, dtype) for h, w in hooks.items()),
         plan=PlanSummary(num_samples=num_samples, chunk_size=8, num_chunks=len(lengths), fingerprint="p"),
+        format_version=format_version,
     )
     store.create_exclusive(layout.MANIFEST, manifest.to_json())
     kept: list[dict[str, np.ndarray]] = []
@@ -67,10 +72,15 @@ def write_run(url: str, storage_options: dict | None = None, *, lengths: list[li
             token_ids = rng.integers(0, 500, n).astype(np.int32)
             positions = np.concatenate([_positions(m, window) for m in sample_lengths] or [np.zeros(0)]).astype(np.int32)
             offsets = np.concatenate([[0], np.cumsum(sample_lengths)]).astype(np.int64)
-            part = shards.encode_part(acts, token_ids, positions, offsets, ids, chunk=chunk, attempt=attempt, part=k)
             path = layout.part_path(chunk, attempt, k)
-            store.write_bytes(path, part.data)
-            records.append(PartRecord(path, len(part.data), part.sha256))
+            if format_version == 1:
+                data = encode_v1_part(acts, token_ids, positions, offsets, ids, chunk=chunk, attempt=attempt, part=k)
+                records.append(PartRecord(path, len(data), hashlib.sha256(data).hexdigest()))
+            else:
+                part = shards.encode_part(acts, token_ids, positions, offsets, ids, chunk=chunk, attempt=attempt, part=k)
+                data = part.data
+                records.append(PartRecord(path, len(data), part.sha256, part.header_bytes, part.header_crc32c))
+            store.write_bytes(path, data)
             stats.append({h: HookStats.from_array(a) for h, a in acts.items()})
             metas += [{"sample_id": int(i), "n_tokens": int(m)} for i, m in zip(ids, sample_lengths)]
             tokens += n
@@ -80,12 +90,37 @@ def write_run(url: str, storage_options: dict | None = None, *, lengths: list[li
         store.write_bytes(layout.samples_path(chunk, attempt), shards.encode_samples_jsonl(metas))
         if chunk in uncommitted:
             continue
-        stats_json = {h: HookStats.merge_all([HookStats.empty(w)] + [s[h] for s in stats]).to_json()
-                      for h, w in hooks.items()}
-        assert commit(store, CommitRecord(chunk, attempt, tuple(records), len(metas), tokens, "w0", stats=stats_json))
+        merged = {h: HookStats.merge_all([HookStats.empty(w)] + [s[h] for s in stats]) for h, w in hooks.items()}
+        if format_version == 1:
+            record = CommitRecord(chunk, attempt, tuple(records), len(metas), tokens, "w0", format_version=1,
+                                  stats={h: s.to_json() for h, s in merged.items()})
+        else:
+            stats_path, stats_data = layout.stats_path(chunk, attempt), encode_stats(merged)
+            store.write_bytes(stats_path, stats_data)
+            record = CommitRecord(chunk, attempt, tuple(records), len(metas), tokens, "w0", stats_path=stats_path,
+                                  stats_crc32c=integrity.hex32(integrity.crc32c(stats_data)))
+        assert commit(store, record)
     cat = lambda key: np.concatenate([k[key] for k in kept])  # noqa: E731
     return Expected(url, storage_options, {h: cat(h) for h in hooks}, cat("token_ids"), cat("positions"),
                     cat("sample_ids"), cat("chunk"))
+
+
+def stored_reference(expected: Expected):
+    """A stand-in for verify's `reference_activations` that returns the clean stored values of
+    the window's sample (looked up by its token ids): a run as written is then exact."""
+    clean = {}
+    for sid in np.unique(expected.sample_ids):
+        rows = expected.sample_ids == sid
+        clean[expected.token_ids[rows].tobytes()] = {h: a[rows] for h, a in expected.hooks.items()}
+    return lambda reference, hooks, token_ids, positions: clean[np.asarray(token_ids).tobytes()]
+
+
+def encode_v1_part(hooks, token_ids, positions, offsets, sample_ids, *, chunk, attempt, part) -> bytes:
+    """A part as format v1 wrote it: the same tensors, no checksums in the header."""
+    tensors = {**hooks, "token_ids": token_ids, "positions": positions, "sample_offsets": offsets,
+               "sample_ids": sample_ids}
+    metadata = {"format_version": "1", "chunk": str(chunk), "attempt": attempt, "part": str(part)}
+    return safetensors.numpy.save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata)
 
 
 class CountingStore(Store):

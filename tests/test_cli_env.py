@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from actex.cli import app
 from actex.cli.config_docs import render_docs
 from actex.cli.options import extract_options, model_options
-from actex.config import HookSelection, RunConfig, WorkerOptions
+from actex.config import GenerationConfig, HookSelection, RunConfig, WorkerOptions
 from actex.data.config import DataConfig
 
 runner = CliRunner()
@@ -89,7 +89,8 @@ def test_unknown_actex_variable_is_warned_about_by_name():
 def test_every_model_field_is_a_flag_with_its_variable_in_help():
     command = typer.main.get_command(app).commands["extract"]
     by_env = {p.envvar: p for p in command.params if getattr(p, "envvar", None)}
-    names = {*RunConfig.model_fields, *DataConfig.model_fields, *HookSelection.model_fields, *WorkerOptions.model_fields} - {"data"}
+    # generation is a section of `actex generate` only (checked below).
+    names = {*RunConfig.model_fields, *DataConfig.model_fields, *HookSelection.model_fields, *WorkerOptions.model_fields} - {"data", "generation"}
     # data.revision meets the model's revision: it becomes --data-revision.
     expected = {f"ACTEX_{n.upper()}" for n in names} | {"ACTEX_DATA_REVISION", "ACTEX_CONFIG"}
     assert set(by_env) == expected
@@ -98,6 +99,9 @@ def test_every_model_field_is_a_flag_with_its_variable_in_help():
     for envvar in expected:
         assert f"env var: {envvar}]" in help_text
     assert "Tokens per packed batch. (default: 16384)" in help_text  # the model's description and default
+    generate = typer.main.get_command(app).commands["generate"]
+    generate_env = {p.envvar for p in generate.params if getattr(p, "envvar", None)}
+    assert generate_env == expected | {f"ACTEX_{n.upper()}" for n in GenerationConfig.model_fields}
 
 
 def test_a_new_config_field_becomes_a_flag_and_variable():

@@ -7,6 +7,7 @@ import pytest
 from reader_fixtures import HOOKS, CountingStore, write_run
 
 from actex import open_run
+from actex.store import integrity
 from actex.store.folder import open_store
 from actex.store.reader import Run, only_index_between, read_ranges, row_range, whole
 from actex.store.shards import TensorInfo
@@ -18,6 +19,14 @@ LENGTHS = [[[5, 9, 1], [7]], [[12, 3, 3, 0, 8]], [[4, 4]], [[11], [2, 6], [10]]]
 
 @pytest.fixture
 def run_dir(tmp_path):
+    return write_run(str(tmp_path / "run"), lengths=LENGTHS, uncommitted=(2,))
+
+
+@pytest.fixture
+def fine_crc_run(tmp_path, monkeypatch):
+    """LENGTHS with a checksum block every 2 rows of the hook (96 bytes), so blocks of a few
+    rows are whole checksum blocks, as 16 MiB blocks are of 1 MiB checksum blocks at scale."""
+    monkeypatch.setattr(integrity, "CRC_BLOCK_BYTES", 2 * HOOKS[HOOK] * 2)
     return write_run(str(tmp_path / "run"), lengths=LENGTHS, uncommitted=(2,))
 
 
@@ -94,8 +103,10 @@ def test_dtype_conversion_and_bad_arguments(run_dir):
         next(run.iter_batches(HOOK, 4, rank=2, world_size=2))
 
 
-def test_reads_only_the_requested_hook(run_dir):
+@pytest.mark.parametrize("crc", ["coarse", "fine"])
+def test_reads_only_the_requested_hook(request, crc):
     """Every fetched byte lies in a header, the hook's tensor or the index tensors."""
+    run_dir = request.getfixturevalue("run_dir" if crc == "coarse" else "fine_crc_run")
     store = CountingStore(open_store(run_dir.url))
     run = Run(store)
     batches = list(run.iter_batches(HOOK, 8, block_bytes=6 * 24 * 2, shuffle_bytes=30 * 24 * 2))
@@ -121,14 +132,14 @@ def test_gcs_emulator(gcs_emulator, gcs_bucket):
     check_values(expected, list(run.iter_batches(HOOK, 9, seed=1, block_bytes=6 * 24 * 2)))
 
 
-def test_two_requests_per_block(run_dir):
-    """A block is one read of the hook's rows and one of its index rows (plus 2 header reads per part)."""
-    store = CountingStore(open_store(run_dir.url))
+def test_two_requests_per_block(fine_crc_run):
+    """A block is one read of the hook's rows and one of its index rows (plus 1 header read per part)."""
+    store = CountingStore(open_store(fine_crc_run.url))
     run = Run(store)
     block_tokens = 6
-    check_values(run_dir, list(run.iter_batches(HOOK, 8, block_bytes=block_tokens * 24 * 2)))
+    check_values(fine_crc_run, list(run.iter_batches(HOOK, 8, block_bytes=block_tokens * 24 * 2)))
     blocks = sum(-(-run.num_part_tokens(p) // block_tokens) for p in run.parts() if run.num_part_tokens(p))
-    assert len(store.ranges) == 2 * len(run.parts()) + 2 * blocks
+    assert len(store.ranges) == len(run.parts()) + 2 * blocks
 
 
 def test_index_gap_never_spans_a_hook(tmp_path):

@@ -5,6 +5,7 @@ Also drives `actex export` / `actex gc` through the CLI on the same run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -13,7 +14,8 @@ from typer.testing import CliRunner
 
 from actex import open_run
 from actex.cli import app
-from actex.store import shards
+from actex.store import layout, shards
+from actex.store.commits import PartRecord
 from actex.verify import forward_windows, verify
 
 HOOKS = ["hook_embed", "blocks.0.hook_resid_mid", "blocks.1.mlp.hook_post", "ln_final.hook_normalized"]
@@ -44,6 +46,17 @@ def engine_run(tmp_path_factory) -> str:
     return run.config.run_url
 
 
+def rewrite_part(run, part, encoded) -> None:
+    """Replace a part AND its commit record's checksums: wrong values written by a faulty
+    model or kernel, not corruption in storage, so only the numeric comparison can tell."""
+    run.store.write_bytes(part.path, encoded.data)
+    record = run.record(part.chunk)
+    parts = list(record.parts)
+    parts[part.index] = PartRecord(part.path, len(encoded.data), encoded.sha256, encoded.header_bytes,
+                                   encoded.header_crc32c)
+    run.store.write_bytes(layout.commit_path(part.chunk), dataclasses.replace(record, parts=tuple(parts)).to_json())
+
+
 def test_forward_windows():
     assert forward_windows(np.array([0, 1, 2, 0, 1, 0])) == [(0, 3), (3, 5), (5, 6)]
 
@@ -65,7 +78,7 @@ def test_verify_passes_then_fails_on_altered_tensor(engine_run):
         mlp[len(mlp) // 2, 3] += 0.05 * np.abs(mlp).max()
         encoded = shards.encode_part(hooks, decoded.token_ids, decoded.positions, decoded.sample_offsets,
                                      decoded.sample_ids, chunk=part.chunk, attempt="x", part=part.index)
-        run.store.write_bytes(part.path, encoded.data)
+        rewrite_part(run, part, encoded)
     altered = verify(open_run(engine_run), 100)
     failed = [c.hook for c in altered.checks if not c.ok]
     assert failed == ["blocks.1.mlp.hook_post"]
@@ -85,22 +98,18 @@ def test_cli_export_and_gc(engine_run, tmp_path):
     result = runner.invoke(app, ["export", engine_run, str(tmp_path / "x"), "--to", "saelens", "--hook", "nope"])
     assert result.exit_code == 2 and "no hook 'nope'" in result.output
     result = runner.invoke(app, ["gc", engine_run, "--dry-run"])
-    assert result.exit_code == 0 and "would delete 0 orphaned attempt(s); kept 3 committed" in result.output
+    assert result.exit_code == 0 and "would delete 0 orphaned attempt(s) and 0 stale temp file(s); kept 3 committed" \
+        in result.output
 
 
 def test_verify_fails_on_nan_in_stored_values(tmp_path, monkeypatch):
     # A NaN is the most common corruption of all (overflow, a bad kernel): it must fail
     # verify, not vanish in a max(). The reference is the clean stored data itself.
     import actex.verify as verify_module
-    from reader_fixtures import write_run
+    from reader_fixtures import stored_reference, write_run
 
     expected = write_run(str(tmp_path / "run"), lengths=[[[5, 7]], [[6]]], dtype="float32")
-    clean = {}
-    for sid in np.unique(expected.sample_ids):
-        rows = expected.sample_ids == sid
-        clean[expected.token_ids[rows].tobytes()] = {h: a[rows] for h, a in expected.hooks.items()}
-    monkeypatch.setattr(verify_module, "reference_activations",
-                        lambda ref, hooks, token_ids, positions: clean[np.asarray(token_ids).tobytes()])
+    monkeypatch.setattr(verify_module, "reference_activations", stored_reference(expected))
     run = open_run(expected.url)
     assert verify(run, 10, reference=object()).ok
 
@@ -110,7 +119,7 @@ def test_verify_fails_on_nan_in_stored_values(tmp_path, monkeypatch):
     hooks["blocks.0.hook_resid_post"][-1, 2] = np.nan  # last token: compared after clean ones
     encoded = shards.encode_part(hooks, decoded.token_ids, decoded.positions, decoded.sample_offsets,
                                  decoded.sample_ids, chunk=part.chunk, attempt="x", part=part.index)
-    run.store.write_bytes(part.path, encoded.data)
+    rewrite_part(run, part, encoded)
     checks = {c.hook: c for c in verify(open_run(expected.url), 10, reference=object()).checks}
     assert not checks["blocks.0.hook_resid_post"].ok
     assert checks["blocks.1.mlp.hook_post"].ok

@@ -1,4 +1,4 @@
-"""Format v1 on top of the store: parts, shard splitting, run.json, commit records, heartbeats."""
+"""Format v2 on top of the store: parts, shard splitting, run.json, commit records, heartbeats."""
 
 import json
 
@@ -48,7 +48,7 @@ def test_part_round_trip(dtype):
     np.testing.assert_array_equal(part.positions, positions)
     np.testing.assert_array_equal(part.sample_offsets, offsets)
     np.testing.assert_array_equal(part.sample_ids, sample_ids)
-    assert part.metadata == {"format_version": "1", "chunk": "4", "attempt": "att-1", "part": "2"}
+    assert part.metadata == {"format_version": "2", "chunk": "4", "attempt": "att-1", "part": "2"}
     assert (encoded.tokens, encoded.samples) == (9, 3)
     np.testing.assert_array_equal(part.positions[part.sample(1)], np.arange(5))
 

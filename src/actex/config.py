@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from actex.data.config import DataConfig
 from actex.flag import Flag
@@ -61,6 +61,21 @@ def parse_size(value: Any) -> Any:
     return int(float(match.group(1)) * scale)
 
 
+class GenerationConfig(BaseModel):
+    """`actex generate`: greedy decoding before capture. Its presence makes a run a
+    generation run (run.json `kind: generate`); its fields are part of the config hash."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_new_tokens: Annotated[int, Flag(panel="Generation")] = Field(
+        default=1024, ge=1,
+        description="Most tokens generated per prompt; a 30x30 ARC grid takes ~950 with minimal digits.")
+    stop_tokens: Annotated[tuple[str, ...], Flag(panel="Generation")] = Field(
+        default=("<|im_end|>", "<|endoftext|>"),
+        description="Token strings that end a row besides the tokenizer's EOS (chat end-of-turn); "
+                    "ones the tokenizer lacks are ignored.")
+
+
 class RunConfig(BaseModel):
     """Everything that defines an extraction run. Frozen: derive, never mutate."""
 
@@ -79,10 +94,33 @@ class RunConfig(BaseModel):
         1_000_000_000, ge=1, description="Max bytes per part file, e.g. 1GB, 256MB.")
     output: Annotated[str, Flag(panel="Run")] = Field(description="Where runs go: a local dir, file://, gs://, s3:// or memory:// URL.")
     run_name: Annotated[str | None, Flag(panel="Run")] = Field(None, description="Run directory name under --output (default: run-<config hash>).")
+    # A flag of `actex generate` only (cli/generate.py), never of extract.
+    generation: Annotated[GenerationConfig | None, Flag(skip=True)] = Field(
+        default=None, description="Greedy generation settings (actex generate); absent for extraction.")
+
+    @model_validator(mode="after")
+    def _prompt_room(self) -> RunConfig:
+        if self.generation is not None and self.generation.max_new_tokens >= self.data.max_seq_len:
+            raise ValueError(
+                f"generation.max_new_tokens {self.generation.max_new_tokens} leaves no room for a prompt "
+                f"within data.max_seq_len {self.data.max_seq_len}")
+        return self
+
+    @property
+    def kind(self) -> str:
+        """"generate" or "extract": recorded in run.json."""
+        return "extract" if self.generation is None else "generate"
 
     def canonical(self) -> dict:
-        """JSON-ready dict of every field (defaults included), stable across processes."""
-        return json.loads(canonical_json(self.model_dump(mode="json")))
+        """JSON-ready dict of every field (defaults included), stable across processes.
+
+        An extraction run leaves out `generation` (None), so its hash is what it was
+        before generation existed and older runs still resume.
+        """
+        fields = self.model_dump(mode="json")
+        if fields["generation"] is None:
+            del fields["generation"]
+        return json.loads(canonical_json(fields))
 
     @property
     def config_hash(self) -> str:

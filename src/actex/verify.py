@@ -11,7 +11,13 @@ positions at 0); each window is recomputed on its own, exactly as it was extract
 Tolerances depend on the stored dtype (its rounding alone is ~2^-9 relative for bfloat16)
 and on the compute dtype the run used; `--tolerance` overrides them.
 
-Needs the optional torch extra: `pip install 'actex[torch]'`.
+Integrity comes first: every part whose samples are recomputed is read whole and checked
+against the checksums recorded at write time (size and sha256 from the commit record,
+CRC-32C of the header and of every tensor); each corrupt part is one line of the report
+naming the file, the tensor and expected vs actual, and its samples are not recomputed.
+`check_integrity(run, run.parts())` checks a whole run without a model.
+
+Needs the optional torch extra for the recomputation: `pip install 'actex[torch]'`.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from actex.model.hooks import HOOK_EMBED, HOOK_LN_FINAL, parse_hook
+from actex.store.integrity import CorruptPartError
 from actex.store.reader import Block, Part, Run
 
 # Relative error allowed per dtype (stored or compute, whichever is looser).
@@ -44,10 +51,23 @@ class VerifyReport:
     sample_ids: tuple[int, ...]
     tokens: int
     checks: tuple[HookCheck, ...]
+    corrupt: tuple[str, ...] = ()  # one line per part that failed its checksums
 
     @property
     def ok(self) -> bool:
-        return all(c.ok for c in self.checks)
+        return all(c.ok for c in self.checks) and not self.corrupt
+
+
+def check_integrity(run: Run, parts: list[Part]) -> dict[str, str]:
+    """Check every byte of `parts`: {part path: one line naming file, tensor, expected vs actual}
+    for each corrupt part (empty when all are intact)."""
+    problems = {}
+    for part in parts:
+        try:
+            run.check_part(part)
+        except CorruptPartError as error:
+            problems[part.path] = str(error)
+    return problems
 
 
 def default_tolerance(run: Run) -> float:
@@ -142,6 +162,8 @@ def verify(run: Run, n_samples: int, *, seed: int = 0, tolerance: float | None =
     """Recompute n_samples random stored samples and compare every stored hook."""
     hooks = list(run.hooks)
     chosen = pick_samples(run, n_samples, seed)
+    corrupt = check_integrity(run, list({part.path: part for part, _, _, _ in chosen}.values()))
+    chosen = [c for c in chosen if c[0].path not in corrupt]  # their bytes are known bad
     if reference is None:
         reference = load_reference(model or run.config["model"], run.config.get("revision"), device)
     tol = default_tolerance(run) if tolerance is None else tolerance
@@ -160,4 +182,4 @@ def verify(run: Run, n_samples: int, *, seed: int = 0, tolerance: float | None =
                 max_err[hook] = float(np.maximum(max_err[hook], diff.max()))
                 max_ref[hook] = float(np.maximum(max_ref[hook], np.abs(ref[hook]).max()))
     checks = tuple(HookCheck(h, max_err[h] / max(max_ref[h], 1e-30), tol) for h in hooks)
-    return VerifyReport(run.url, tuple(sid for _, sid, _, _ in chosen), tokens, checks)
+    return VerifyReport(run.url, tuple(sid for _, sid, _, _ in chosen), tokens, checks, tuple(corrupt.values()))

@@ -2,7 +2,7 @@
 
 import typer
 
-from actex.cli import data, extract, fleet, k8s, reader, tpu
+from actex.cli import data, extract, fleet, generate, k8s, reader, tpu
 
 app = typer.Typer(
     name="actex",
@@ -13,5 +13,5 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for area in (extract, data, reader, fleet, k8s, tpu):
+for area in (extract, generate, data, reader, fleet, k8s, tpu):
     area.register(app)

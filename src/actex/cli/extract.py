@@ -252,6 +252,8 @@ def run_extract(fields: dict, options: WorkerOptions, *, storage_options: dict |
             if claim:
                 source.close()
     snap = summary.progress
+    if run.config.generation is not None:
+        _report_answers(run)
     log.info("done", extra={"data": {"event": "done", "committed": summary.committed, "skipped": summary.skipped, "lost": summary.lost, **snap}})
     if summary.failed:
         typer.echo(f"actex: error: {summary.failed} chunk(s) not committed after write failures (see log); "
@@ -279,19 +281,40 @@ def _chunks_left(run, source, claim: bool, committed_chunks) -> int:
     return sum(1 for chunk in share if chunk not in done)
 
 
-def extract_body(values: dict) -> None:
-    """Merge flags and ACTEX_* variables over the --config file, check, and extract."""
+def _report_answers(run) -> None:
+    """Once a generation run is complete: predictions.json, accuracy.json and a summary line."""
+    from actex.engine.generate import write_predictions
+
+    accuracy = write_predictions(run.store)
+    if accuracy is not None:
+        known = accuracy["test_inputs_known"]
+        scored = f"pass@2 {accuracy['pass_at_2']}/{known} test inputs" if known else "no known test outputs"
+        typer.echo(f"actex: {run.config.run_url}/predictions.json: {accuracy['test_inputs']} test inputs, "
+                   f"{accuracy['parsed']}/{accuracy['samples']} answers parsed, {scored}")
+
+
+def extract_body(values: dict, options: list | None = None, generating: bool = False) -> None:
+    """Merge flags and ACTEX_* variables over the --config file, check, and extract.
+
+    `actex generate` (cli/generate.py) passes its options (extract's + GenerationConfig's)
+    and `generating`: the run then has a `generation` section, defaults if none was given.
+    """
+    options = EXTRACT_OPTIONS if options is None else options
     with user_errors():
-        inputs = collect(values, EXTRACT_OPTIONS)
+        inputs = collect(values, options)
     worker = inputs.worker
     setup_logging(worker.log_json)
-    for message in unknown_variables(os.environ, EXTRACT_OPTIONS):
+    for message in unknown_variables(os.environ, options):
         log.warning(message)
     with user_errors():
         file_fields = load_config_file(inputs.config_file) if inputs.config_file else {}
         fields = merge_fields(file_fields, inputs.fields)
+        if generating:
+            fields["generation"] = fields.get("generation") or {}
+        elif fields.get("generation") is not None:
+            raise UserError("the config has generation fields: run it with `actex generate`")
         if inputs.show_config:
-            typer.echo(json.dumps({"config": with_defaults(fields, EXTRACT_OPTIONS), "worker": worker.model_dump()}, indent=2))
+            typer.echo(json.dumps({"config": with_defaults(fields, options), "worker": worker.model_dump()}, indent=2))
             return
         check_required(fields)
         if fields.get("layers") is not None and fields.get("hooks"):
@@ -367,6 +390,7 @@ def inspect_command(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Hooks, widths, dtype, chunks committed/total, samples, tokens, bytes and config of a run."""
+    from actex.engine.generate import answers_summary
     from actex.store.folder import open_store
     from actex.store.manifest import read_manifest
     from actex.store.reader import Run
@@ -375,7 +399,9 @@ def inspect_command(
         store = open_store(url)
         if not store.exists("run.json"):
             raise UserError(f"{store.url}: no run.json here (not an actex run)")
-        summary = Run(store).summary()
+        run = Run(store)
+        summary = run.summary()
+        summary["answers"] = answers_summary(run)
         summary["skipped_rows"] = read_manifest(store).skipped_rows
     if as_json:
         typer.echo(json.dumps(summary, indent=2, default=str))
@@ -386,7 +412,7 @@ def inspect_command(
     console = Console()
     console.print(f"[bold]{summary['url']}[/bold]")
     console.print(
-        f"chunks {summary['chunks_committed']}/{summary['chunks_total']} committed, "
+        f"{summary['kind']} run, chunks {summary['chunks_committed']}/{summary['chunks_total']} committed, "
         f"{summary['samples']:,} samples, {summary['tokens']:,} tokens, {summary['bytes'] / 1e6:,.1f} MB, dtype {summary['dtype']}"
     )
     if summary["skipped_rows"]:
@@ -398,7 +424,22 @@ def inspect_command(
         cells = [f"{stats[k]:.4g}" for k in ("mean_abs_mean", "mean_variance", "mean_l2_norm")] if stats else ["-"] * 3
         table.add_row(hook, str(entry["width"]), *cells)
     console.print(table)
+    if summary.get("answers"):
+        _print_answers(console, summary["answers"])
     console.print_json(json.dumps(summary["config"]))
+
+
+def _print_answers(console, answers: dict) -> None:
+    """The accuracy summary of a generation run (engine.generate.answers_summary)."""
+    known = answers["test_inputs_known"]
+    console.print(
+        f"answers: {answers['parsed']}/{answers['samples']} parsed, "
+        f"{answers['samples_correct']}/{answers['samples_known']} correct before voting; "
+        f"{answers['test_inputs']} test inputs, {known} with known outputs: "
+        f"pass@1 {answers['pass_at_1']}/{known}, pass@2 {answers['pass_at_2']}/{known}; "
+        f"tasks solved {answers['tasks_solved']}/{answers['tasks_known']}"
+    )
+    console.print(f"stop reasons {answers['stop_reasons']}; parse failures {answers['parse_failures'] or 'none'}")
 
 
 def register(app: typer.Typer) -> None:

@@ -56,10 +56,11 @@ def fleet_command(
     worker_resources: Optional[str] = typer.Option(None, "--worker-resources", help='ray: resources of one worker as JSON, e.g. \'{"TPU": 4}\' (one per accelerator host); default {"CPU": 1}.'),
     tpu_topology: Optional[str] = typer.Option(None, "--tpu-topology", help="ray: each worker is a multi-host TPU slice of this topology (e.g. 4x4), its hosts started together as one gang."),
     tpu_version: Optional[str] = typer.Option(None, "--tpu-version", help="ray: the slice's TPU generation for --tpu-topology (e.g. v6e, v5p, v4)."),
+    command: str = typer.Option("extract", "--command", help="What each worker runs: extract | generate."),
 ) -> None:
     """Run `actex extract --claim` workers until the run is complete: local processes, or Ray actors.
 
-    Everything after `--` goes to `actex extract`, e.g.
+    Everything after `--` goes to `actex extract` (`actex generate` with --command generate), e.g.
     `actex fleet --workers 4 -- --config run.yaml --output gs://bucket/runs`.
     A worker that dies is replaced (ray: by Ray's actor restarts and task retries). A
     `--claim` worker exits 0 on its own only once every chunk has its commit record, so the
@@ -68,8 +69,10 @@ def fleet_command(
     the fleet with exit 2. Ctrl-C or SIGTERM to the fleet stops every worker gracefully (each
     finishes its in-flight chunk). Watch progress with `actex status RUN_URL`.
     """
-    args = ["extract", "--claim", "--preempted-exit-code", str(PREEMPTED_EXIT), *ctx.args]
+    args = [command, "--claim", "--preempted-exit-code", str(PREEMPTED_EXIT), *ctx.args]
     with user_errors():
+        if command not in ("extract", "generate"):
+            raise ValueError(f"--command must be extract or generate, got {command!r}")
         if executor not in ("local", "ray"):
             raise ValueError(f"--executor must be local or ray, got {executor!r}")
         if executor == "local" and (address or worker_resources or tpu_topology):

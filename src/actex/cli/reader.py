@@ -1,7 +1,7 @@
 """`actex export`, `actex verify` and `actex gc`: flags in, library calls out.
 
 User errors end as one line on stderr with exit code 2 (shared with the extract area);
-`verify` exits 1 when a hook's error is above tolerance.
+`verify` exits 1 when a hook's error is above tolerance or a part fails its checksums.
 """
 
 from __future__ import annotations
@@ -78,14 +78,35 @@ def verify(
     model: Optional[str] = typer.Option(None, "--model", help="Checkpoint to use instead of run.json's "
                                         "(e.g. a local copy of it)."),
     device: str = typer.Option("cpu", "--device", help="torch device of the reference model."),
+    integrity_only: bool = typer.Option(False, "--integrity-only", help="Only check every committed part's "
+                                        "bytes against the checksums recorded at write time (no model, no torch)."),
 ) -> None:
-    """Recompute random stored samples with Hugging Face transformers and compare (needs the torch extra)."""
+    """Check the parts it reads against their checksums, then recompute random stored samples with
+    Hugging Face transformers and compare (needs the torch extra)."""
+    from actex.store.integrity import CorruptPartError
     from actex.store.reader import open_run
+    from actex.verify import check_integrity
     from actex.verify import verify as run_verify
 
     with user_errors():
-        report = run_verify(open_run(url), samples, seed=seed, tolerance=tolerance, model=model, device=device)
+        run = open_run(url)
+        try:
+            if integrity_only:
+                parts = run.parts()
+                corrupt = check_integrity(run, parts)
+                for line in corrupt.values():
+                    typer.echo(f"  FAIL  {line}")
+                typer.echo(f"actex: checked {len(parts)} part(s) of {run.url}: {len(corrupt)} corrupt")
+                if corrupt:
+                    raise typer.Exit(EXIT_VERIFY_FAILED)
+                return
+            report = run_verify(run, samples, seed=seed, tolerance=tolerance, model=model, device=device)
+        except CorruptPartError as error:  # a part's index, read while choosing samples
+            typer.echo(f"  FAIL  {error}")
+            raise typer.Exit(EXIT_VERIFY_FAILED) from None
     typer.echo(f"actex: verified {len(report.sample_ids)} sample(s), {report.tokens:,} tokens of {report.url}")
+    for line in report.corrupt:
+        typer.echo(f"  FAIL  {line}")
     for check in report.checks:
         verdict = "ok" if check.ok else "FAIL"
         typer.echo(f"  {verdict:4}  {check.hook:32}  error {check.error:.3e}  (tolerance {check.tolerance:.0e})")
@@ -108,8 +129,10 @@ def gc(
     action = "would delete" if dry_run else "deleted"
     for attempt in report.deleted:
         typer.echo(f"  {action} {attempt.dir} ({len(attempt.files)} files)")
-    typer.echo(f"actex: {action} {len(report.deleted)} orphaned attempt(s); kept {report.committed} committed and "
-               f"{len(report.kept_recent)} recent uncommitted")
+    for temp in report.temp_files:
+        typer.echo(f"  {action} {temp} (stale temp file)")
+    typer.echo(f"actex: {action} {len(report.deleted)} orphaned attempt(s) and {len(report.temp_files)} stale temp "
+               f"file(s); kept {report.committed} committed and {len(report.kept_recent)} recent uncommitted")
 
 
 def register(app: typer.Typer) -> None:

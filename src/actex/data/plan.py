@@ -47,6 +47,7 @@ class Sample:
     source_row: int  # global row index in the source
     text: str
     meta: dict[str, Any]  # JSON-ready: source, row, task_id, test_index, augmentation ...
+    task: arc.ArcTask | None = field(default=None, repr=False, compare=False)  # ARC rows: to score answers
 
 
 def parse_row(row: Row, cfg: DataConfig) -> arc.ArcTask | str:
@@ -102,7 +103,7 @@ def row_samples(row: Row, cfg: DataConfig, tokenizer, first_id: int, wanted: ran
             "prediction": prompt.prediction,
             "augmentation": prompt.augmentation.to_meta(),
         }
-        yield Sample(first_id + local, row.index, arc.render_chat(tokenizer, template, prompt.user), meta)
+        yield Sample(first_id + local, row.index, arc.render_chat(tokenizer, template, prompt.user), meta, task)
 
 
 def reason_kind(reason: str) -> str:

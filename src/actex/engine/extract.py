@@ -28,6 +28,7 @@ from actex.config import ConfigError, RunConfig, check_field_names, resolve_conf
 from actex.data import build_plan, pack, tokenize_samples
 from actex.data.plan import Plan, plan_fingerprint, plan_from_index
 from actex.engine.liveness import HEARTBEAT_EVERY_S, Liveness
+from actex.engine.generate import ChunkGenerator
 from actex.engine.pipeline import Pipeline, PipelineConfig
 from actex.engine.work import SINGLE_PROCESS, ChunkSource, ProcessRole
 from actex.model import LoadedModel, ModelConfig, hook_width, layers_needed, load_model, load_tokenizer, make_capture_fn
@@ -106,11 +107,14 @@ def open_run(fields: dict, *, storage_options: dict | None = None) -> OpenRun:
     plan, planned_here = plan_for_run(store, config, tokenizer)
     if plan.num_samples == 0:
         raise EmptyPlanError(empty_plan_message(config.data.dataset, plan))
+    generating = config.generation is not None
     model = load_model(
         config.model,
         revision=config.revision,
         dtype=config.compute_dtype,
-        max_layers=layers_needed(config.hooks, ckpt.n_layers),
+        # Decoding needs every block and the LM head; capture alone stops at the deepest hook.
+        max_layers=None if generating else layers_needed(config.hooks, ckpt.n_layers),
+        lm_head=generating,
     )
     widths = {hook: hook_width(model.config, hook) for hook in config.hooks}
     open_or_create_manifest(store, run_manifest(config, model, tokenizer, plan, widths))
@@ -170,6 +174,7 @@ def run_manifest(config: RunConfig, model: LoadedModel, tokenizer, plan: Plan, w
         hooks=tuple(HookSpec(hook, width, config.dtype) for hook, width in widths.items()),
         plan=PlanSummary(plan.num_samples, plan.chunk_size, plan.num_chunks, plan.fingerprint),
         skipped_rows=plan.skipped_by_reason(),
+        kind=config.kind,
     )
 
 
@@ -218,6 +223,9 @@ def extract(
     stop = stop or threading.Event()
     config = run.config
     capture = make_capture_fn(run.model.config, config.hooks, config.dtype)
+    # A generation run decodes each chunk's prompts first (engine/generate.py).
+    tokens_of = (lambda chunk: chunk_tokens(run, chunk)) if config.generation is None else \
+        ChunkGenerator(run).chunk_tokens
     done = committed_chunks(run.store)
     heartbeat = heartbeat or worker_heartbeat(run, worker)
     liveness = liveness or Liveness(heartbeat)
@@ -265,7 +273,7 @@ def extract(
                 source.finished(chunk)
                 continue
             liveness.took(chunk)
-            tokenized = chunk_tokens(run, chunk)
+            tokenized = tokens_of(chunk)
             liveness.progressed()
             batches = pack(tokenized, config.batch_tokens, config.data.max_seq_len)
             job = pipe.begin(chunk, tokenized, batches)

@@ -38,7 +38,8 @@ from actex.store import layout
 from actex.store.commits import CommitRecord, PartRecord, commit
 from actex.store.folder import Store, StoreError
 from actex.store.shards import EncodedPart, activation_dtype, encode_part, encode_samples_jsonl, split_samples, token_bytes
-from actex.store.stats import HookStats
+from actex.store.integrity import crc32c, hex32
+from actex.store.stats import HookStats, encode_stats
 
 log = logging.getLogger(__name__)
 
@@ -363,7 +364,8 @@ class Pipeline:
         path = layout.part_path(job.chunk, job.attempt, part.index)
         self.store.write_bytes(path, encoded.data)
         self.on_progress()
-        record = PartRecord(path=path, bytes=len(encoded.data), sha256=encoded.sha256)
+        record = PartRecord(path=path, bytes=len(encoded.data), sha256=encoded.sha256,
+                            header_bytes=encoded.header_bytes, header_crc32c=encoded.header_crc32c)
         return record, encoded.tokens
 
     # -- commit lane
@@ -386,9 +388,10 @@ class Pipeline:
         if not self.role.commits:
             return
         tokens = sum(n for _, n in written)
-        stats = {
-            hook: job.stats.get(hook, HookStats.empty(width)).to_json() for hook, width in self.widths.items()
-        }
+        # Statistics get their own object, so the commit record stays small (format v2).
+        stats = encode_stats({hook: job.stats.get(hook, HookStats.empty(width)) for hook, width in self.widths.items()})
+        stats_path = layout.stats_path(job.chunk, job.attempt)
+        self.store.write_bytes(stats_path, stats)
         record = CommitRecord(
             chunk=job.chunk,
             attempt=job.attempt,
@@ -396,7 +399,8 @@ class Pipeline:
             samples=len(samples),
             tokens=tokens,
             worker=self.worker,
-            stats=stats,
+            stats_path=stats_path,
+            stats_crc32c=hex32(crc32c(stats)),
             timings={"chunk_s": time.time() - job.started},
         )
         # The commit record is written LAST: its existence is what makes the parts exist.

@@ -169,25 +169,32 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def self_attention(p: Params, x: jax.Array, config: ModelConfig, rope, segment_ids) -> jax.Array:
-    """Grouped-query attention with q/k/v biases and no output bias. x: [B, T, D]."""
-    batch, seq, _ = x.shape
+def project_qkv(p: Params, h: jax.Array, config: ModelConfig, rope) -> tuple[jax.Array, ...]:
+    """Queries [B, T, H, hd] and keys, values [B, T, Hkv, hd] of normed input h [B, T, D],
+    with q/k norms (Qwen3) and RoPE applied."""
+    batch, seq, _ = h.shape
     heads = lambda t: t.reshape(batch, seq, -1, config.head_dim)  # noqa: E731
-    q = heads(dense(x, p["wq"], p.get("bq")))  # [B, T, H, hd]
-    k = heads(dense(x, p["wk"], p.get("bk")))  # [B, T, Hkv, hd]
-    v = heads(dense(x, p["wv"], p.get("bv")))  # [B, T, Hkv, hd]
+    q = heads(dense(h, p["wq"], p.get("bq")))  # [B, T, H, hd]
+    k = heads(dense(h, p["wk"], p.get("bk")))  # [B, T, Hkv, hd]
+    v = heads(dense(h, p["wv"], p.get("bv")))  # [B, T, Hkv, hd]
     if config.qk_norm:
         q = rms_norm(q, p["q_norm"], config.rms_norm_eps)
         k = rms_norm(k, p["k_norm"], config.rms_norm_eps)
-    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    out = attention(q, k, v, segment_ids)  # [B, T, H, hd]
-    return dense(out.reshape(batch, seq, -1), p["wo"])  # [B, T, D]
+    return apply_rope(q, *rope), apply_rope(k, *rope), v
 
 
-def block(p: Params, x: jax.Array, config: ModelConfig, rope, segment_ids) -> dict[str, jax.Array]:
-    """One decoder block; returns its hook values (keyed by hook suffix), resid_post last."""
-    attn_out = self_attention(p, rms_norm(x, p["attn_norm"], config.rms_norm_eps), config,
-                              rope, segment_ids)
+def block(p: Params, x: jax.Array, config: ModelConfig, rope, segment_ids,
+          attend=None) -> dict[str, jax.Array]:
+    """One decoder block; returns its hook values (keyed by hook suffix), resid_post last.
+
+    Grouped-query attention with q/k/v biases and no output bias. `attend(q, k, v)` ->
+    [B, T, H, hd] replaces the default causal segment attention over this call's own
+    tokens: KV-cached decoding (model/generate.py) attends over its cache instead.
+    """
+    batch, seq, _ = x.shape
+    q, k, v = project_qkv(p, rms_norm(x, p["attn_norm"], config.rms_norm_eps), config, rope)
+    out = attention(q, k, v, segment_ids) if attend is None else attend(q, k, v)  # [B, T, H, hd]
+    attn_out = dense(out.reshape(batch, seq, -1), p["wo"])  # [B, T, D]
     resid_mid = x + attn_out
     h = rms_norm(resid_mid, p["mlp_norm"], config.rms_norm_eps)
     mlp_post = jax.nn.silu(dense(h, p["w_gate"])) * dense(h, p["w_up"])  # [B, T, F]

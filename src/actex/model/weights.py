@@ -147,9 +147,13 @@ def _open_all(files: set[Path]):
 
 
 def load_params(
-    model_dir: Path, config: ModelConfig, dtype, max_layers: int | None = None
+    model_dir: Path, config: ModelConfig, dtype, max_layers: int | None = None, lm_head: bool = False
 ) -> tuple[Params, bytes, set[Path]]:
-    """Read, check, transpose and stack the checkpoint's tensors (host numpy arrays)."""
+    """Read, check, transpose and stack the checkpoint's tensors (host numpy arrays).
+
+    `lm_head` (generation only) also loads an untied LM head as params["lm_head"] [D, V];
+    a tied one is the embedding, so nothing more is read.
+    """
     found, index_bytes = _tensor_files(model_dir)
     prefix = "model." if any(n.startswith("model.") for n in found) else ""
     wanted = _hf_names(config, prefix)
@@ -177,6 +181,8 @@ def load_params(
     head = "lm_head.weight"
     if head in found:
         check_shape(head, (config.vocab_size, config.d_model))
+    elif lm_head and not config.tie_word_embeddings:
+        raise ValueError(f"{model_dir}: missing tensor {head!r} (untied embeddings; generation needs it)")
 
     def read(hf_name: str, transposed: bool) -> np.ndarray:
         tensor = handles[found[hf_name]].get_tensor(hf_name)
@@ -192,6 +198,8 @@ def load_params(
     for name, entries in by_name.items():
         # [L, ...]: one contiguous stack per weight kind, so the blocks can be scanned.
         params["layers"][name] = np.stack([read(h, t) for h, t in entries])
+    if lm_head and not config.tie_word_embeddings:
+        params["lm_head"] = read(head, transposed=True)  # [D, V]
     return params, index_bytes, set(found.values())
 
 
@@ -209,11 +217,13 @@ def load_model(
     revision: str | None = None,
     dtype: str | None = None,
     max_layers: int | None = None,
+    lm_head: bool = False,
 ) -> LoadedModel:
     """Load config and weights from a local directory or a hub repo id.
 
     `max_layers` keeps only the first blocks (enough for hooks up to that depth), which
     saves host and device memory on big models; shapes of all tensors are still checked.
+    `lm_head` loads the LM head too (untied checkpoints), for `actex generate`.
     """
     model_dir, resolved_revision = resolve_model_dir(str(model), revision)
     config_path = model_dir / "config.json"
@@ -221,7 +231,7 @@ def load_model(
         raise FileNotFoundError(f"{model_dir}: config.json not found")
     config = ModelConfig.from_hf_config(json.loads(config_path.read_text()))
     chosen = param_dtype(config, dtype)
-    host, index_bytes, files = load_params(model_dir, config, _DTYPES[chosen], max_layers)
+    host, index_bytes, files = load_params(model_dir, config, _DTYPES[chosen], max_layers, lm_head)
     params = jax.tree.map(jnp.asarray, host)
     return LoadedModel(
         config=config,

@@ -8,10 +8,15 @@ workers raced on it, and the loser's attempt is unreferenced garbage for `actex 
     commits/000042.json = {
       "chunk": 42, "attempt": "20250101T120000Z-w3-9f2c1a0b",
       "parts": [{"path": "chunks/000042/<attempt>/part-00000.safetensors",
-                 "bytes": 123456, "sha256": "..."}],
+                 "bytes": 123456, "sha256": "...", "header_bytes": 2504, "header_crc32c": "93d37d6b"}],
       "samples_path": "chunks/000042/<attempt>/samples.jsonl",
+      "stats_path": "chunks/000042/<attempt>/stats.safetensors", "stats_crc32c": "0c1d2e3f",
       "samples": 64, "tokens": 581234, "worker": "w3",
-      "timings": {...}, "stats": {...}, "committed_at": 1735732800.0, "format_version": 1}
+      "timings": {...}, "committed_at": 1735732800.0, "format_version": 2}
+
+A record stays a few hundred bytes per part whatever the hooks and widths: statistics
+live in their own object (v2). Format v1 records carried them inline under "stats" and
+no header fields; both versions are read.
 """
 
 from __future__ import annotations
@@ -33,7 +38,21 @@ from actex.store.folder import Store
 class PartRecord:
     path: str       # relative to the run root
     bytes: int
-    sha256: str
+    sha256: str     # of the whole file: a contract with other tools
+    header_bytes: int | None = None    # v2: 8 + header length (one ranged read gets the header)
+    header_crc32c: str | None = None   # v2: CRC-32C of those bytes, 8 hex digits
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"path": self.path, "bytes": self.bytes, "sha256": self.sha256}
+        if self.header_bytes is not None:
+            d |= {"header_bytes": self.header_bytes, "header_crc32c": self.header_crc32c}
+        return d
+
+    @classmethod
+    def from_dict(cls, p: Mapping[str, Any]) -> PartRecord:
+        header = p.get("header_bytes")
+        return cls(str(p["path"]), int(p["bytes"]), str(p["sha256"]),
+                   None if header is None else int(header), None if header is None else str(p["header_crc32c"]))
 
 
 @dataclass(frozen=True)
@@ -45,7 +64,9 @@ class CommitRecord:
     tokens: int
     worker: str
     timings: dict[str, float] = field(default_factory=dict)   # seconds per phase, engine's names
-    stats: dict[str, Any] = field(default_factory=dict)       # opaque to the store (engine/reader own it)
+    stats_path: str | None = None      # v2: the chunk's stats object (stats.encode_stats)
+    stats_crc32c: str | None = None    # v2: its CRC-32C, 8 hex digits
+    stats: dict[str, Any] = field(default_factory=dict)       # v1 only: {hook: HookStats.to_json()}
     committed_at: float = field(default_factory=time.time)
     format_version: int = layout.FORMAT_VERSION
 
@@ -58,19 +79,23 @@ class CommitRecord:
         return sum(p.bytes for p in self.parts)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "chunk": self.chunk,
             "attempt": self.attempt,
-            "parts": [{"path": p.path, "bytes": p.bytes, "sha256": p.sha256} for p in self.parts],
+            "parts": [p.to_dict() for p in self.parts],
             "samples_path": self.samples_path,
             "samples": self.samples,
             "tokens": self.tokens,
             "worker": self.worker,
             "timings": self.timings,
-            "stats": self.stats,
             "committed_at": self.committed_at,
             "format_version": self.format_version,
         }
+        if self.stats_path is not None:
+            d |= {"stats_path": self.stats_path, "stats_crc32c": self.stats_crc32c}
+        if self.stats:
+            d["stats"] = self.stats
+        return d
 
     def to_json(self) -> bytes:
         return (json.dumps(self.to_dict(), sort_keys=True) + "\n").encode()
@@ -82,14 +107,16 @@ class CommitRecord:
             return cls(
                 chunk=int(d["chunk"]),
                 attempt=str(d["attempt"]),
-                parts=tuple(PartRecord(str(p["path"]), int(p["bytes"]), str(p["sha256"])) for p in d["parts"]),
+                parts=tuple(PartRecord.from_dict(p) for p in d["parts"]),
                 samples=int(d["samples"]),
                 tokens=int(d["tokens"]),
                 worker=str(d.get("worker", "")),
                 timings=dict(d.get("timings", {})),
+                stats_path=None if d.get("stats_path") is None else str(d["stats_path"]),
+                stats_crc32c=None if d.get("stats_crc32c") is None else str(d["stats_crc32c"]),
                 stats=dict(d.get("stats", {})),
                 committed_at=float(d.get("committed_at", 0.0)),
-                format_version=int(d.get("format_version", layout.FORMAT_VERSION)),
+                format_version=int(d.get("format_version", 1)),
             )
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{where}: not a commit record ({type(exc).__name__}: {exc})") from None

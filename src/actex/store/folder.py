@@ -30,6 +30,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 from urllib.parse import quote
@@ -212,17 +213,64 @@ class _Backend:
         raise StoreError(f"{self.fs.protocol} has no conditional replace; use gs://, s3://, memory:// or a local path")
 
 
+def _is_temp(rel: str) -> bool:
+    return rel.rsplit("/", 1)[-1].startswith(TEMP_PREFIX)
+
+
+def _modified(info: dict) -> float | None:
+    """Last-modified unix time from an fsspec info dict (local mtime, S3 LastModified, GCS updated)."""
+    value = info.get("mtime") or info.get("LastModified") or info.get("updated") or info.get("created")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+    return value.timestamp() if isinstance(value, datetime) else None
+
+
+def _naming(error: OSError, path: str) -> OSError:
+    """`error` as a StoreError naming `path` (errno kept), unless it names a file already.
+
+    A full disk raises ENOSPC from write(2) with no file name at all; the user needs to
+    know which store and object. Not-found / exists / permission keep their own types.
+    """
+    if isinstance(error, (StoreError, FileNotFoundError, FileExistsError, PermissionError)):
+        return error
+    return StoreError(error.errno, f"write failed: {error.strerror or error}", path)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 class _LocalBackend(_Backend):
     """POSIX: rename for atomic writes, link(2) for exclusive create, flock for compare-and-swap."""
 
     def _write_temp(self, path: str, data: bytes) -> str:
+        """A fsynced temp file next to `path`; on failure (a full disk, say) none is left
+        behind and the StoreError names `path`, not the temp file."""
         directory = os.path.dirname(path)
-        self._make_dirs(directory)
-        temp = os.path.join(directory, f"{TEMP_PREFIX}{secrets.token_hex(8)}")
-        with open(temp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            self._make_dirs(directory)
+            temp = os.path.join(directory, f"{TEMP_PREFIX}{secrets.token_hex(8)}")
+            f = open(temp, "xb")
+        except OSError as error:
+            raise _naming(error, path) from error
+        try:
+            with f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException as error:
+            _unlink_quietly(temp)
+            if isinstance(error, OSError):
+                raise _naming(error, path) from error
+            raise
         return temp
 
     @classmethod
@@ -253,8 +301,10 @@ class _LocalBackend(_Backend):
         temp = self._write_temp(path, data)
         try:
             os.replace(temp, path)
-        except BaseException:
-            os.unlink(temp)
+        except BaseException as error:
+            _unlink_quietly(temp)
+            if isinstance(error, OSError):
+                raise _naming(error, path) from error
             raise
         self._fsync_dir(os.path.dirname(path))
 
@@ -266,8 +316,10 @@ class _LocalBackend(_Backend):
             os.link(temp, path)
         except FileExistsError:
             return False
+        except OSError as error:
+            raise _naming(error, path) from error
         finally:
-            os.unlink(temp)
+            _unlink_quietly(temp)
         self._fsync_dir(os.path.dirname(path))
         return True
 
@@ -373,6 +425,18 @@ class _GCSBackend(_Backend):
         return True
 
 
+def _past_the_end(exc: BaseException) -> bool:
+    """A ranged read that starts at or after the object's end: HTTP 416 / S3 InvalidRange."""
+    cur: BaseException | None = exc
+    while cur is not None:
+        response = getattr(cur, "response", None)
+        if _http_status(cur) == 416 or (isinstance(response, dict)
+                                        and response.get("Error", {}).get("Code") == "InvalidRange"):
+            return True
+        cur = cur.__cause__
+    return False
+
+
 def _is_precondition_failure(exc: BaseException) -> bool:
     cur: BaseException | None = exc
     while cur is not None:
@@ -386,8 +450,55 @@ def _is_precondition_failure(exc: BaseException) -> bool:
     return False
 
 
+# Set to 1 to skip the probe of If-None-Match on S3-compatible stores. UNSAFE: on a store
+# that ignores the header, a conditional create overwrites, so two workers racing on one
+# chunk can both "commit" (the later record wins; nothing is lost but exactly-once is).
+UNSAFE_S3_ENV = "ACTEX_UNSAFE_S3_NO_CONDITIONAL_CREATE"
+
+
 class _S3Backend(_Backend):
-    """s3fs: `pipe_file(mode="create")` sends If-None-Match: *; replace sends If-Match: <etag>."""
+    """s3fs: `pipe_file(mode="create")` sends If-None-Match: *; replace sends If-Match: <etag>.
+
+    Some S3-compatible stores accept If-None-Match and ignore it. So before the first
+    conditional create in a bucket (the run's run.json, before anything else is written),
+    the backend proves the store enforces it: it creates a probe object twice, and the
+    second create must fail. The verdict is cached per (endpoint, bucket) for the process.
+    """
+
+    _verdicts: dict[tuple[str, str], bool] = {}
+    _probing = threading.Lock()
+
+    def create_exclusive(self, path: str, data: bytes) -> bool:
+        self._require_conditional_create(path)
+        return super().create_exclusive(path, data)
+
+    def _require_conditional_create(self, path: str) -> None:
+        if os.environ.get(UNSAFE_S3_ENV) == "1":
+            return
+        bucket = self.fs.split_path(path)[0]
+        key = (str(getattr(self.fs, "endpoint_url", None) or ""), bucket)
+        with self._probing:
+            if key not in self._verdicts:
+                self._verdicts[key] = self._enforces_if_none_match(os.path.dirname(path))
+        if not self._verdicts[key]:
+            raise ValueError(
+                f"s3://{bucket}{' at ' + key[0] if key[0] else ''} ignores If-None-Match, so actex cannot "
+                f"commit exactly once there; use another store, or set {UNSAFE_S3_ENV}=1 to run anyway (UNSAFE)")
+
+    def _enforces_if_none_match(self, directory: str) -> bool:
+        probe = f"{directory}/{TEMP_PREFIX}probe-{secrets.token_hex(8)}"
+        self.fs.pipe_file(probe, b"first", mode="create")
+        try:
+            self.fs.pipe_file(probe, b"second", mode="create")
+        except FileExistsError:
+            return True
+        except OSError as exc:
+            if _is_precondition_failure(exc):
+                return True
+            raise
+        finally:
+            self.fs.rm_file(probe)
+        return False
 
     def read_versioned(self, path: str) -> tuple[bytes, str]:
         bucket, key, _ = self.fs.split_path(path)
@@ -415,7 +526,12 @@ class _S3Backend(_Backend):
         return True
 
 
-def _backend_for(fs: fsspec.AbstractFileSystem) -> _Backend:
+def _backend_for(fs: fsspec.AbstractFileSystem, url: str) -> _Backend:
+    """The backend of a filesystem with a proven conditional create; ValueError for any other.
+
+    Exactly-once rests on the conditional create: a generic fsspec filesystem (az://,
+    hdfs://, ...) can only check-then-write, which two workers can both pass.
+    """
     protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
     if protocols & {"file", "local"}:
         return _LocalBackend(fs)
@@ -425,7 +541,16 @@ def _backend_for(fs: fsspec.AbstractFileSystem) -> _Backend:
         return _GCSBackend(fs)
     if protocols & {"s3", "s3a"}:
         return _S3Backend(fs)
-    return _Backend(fs)
+    raise ValueError(_unproven(url, "/".join(sorted(protocols))))
+
+
+# URL schemes whose conditional create is proven (by the tests, on the real client libraries).
+PROVEN_PROTOCOLS = ("file", "memory", "gs", "gcs", "s3", "s3a")
+
+
+def _unproven(url: str, protocol: str) -> str:
+    return (f"{url}: {protocol}:// has no conditional create actex can prove, and exactly-once commits need one; "
+            "use a local path, memory://, gs:// or s3://")
 
 
 # ----------------------------------------------------------------------------- the folder
@@ -439,7 +564,7 @@ class Store:
         self.root = root.rstrip("/")
         self.url = url.rstrip("/")
         self.retry = retry
-        self._backend = _backend_for(fs)
+        self._backend = _backend_for(fs, self.url)
         self._client_retries = client_retries(fs)
 
     def __repr__(self) -> str:
@@ -487,13 +612,27 @@ class Store:
         return self._call("read", f"{len(rels)} objects under {rels[0].rsplit('/', 1)[0]}", cat)
 
     def read_range(self, rel: str, start: int, stop: int) -> bytes:
-        """Bytes [start, stop) of one object: one ranged GET on object stores."""
+        """Bytes [start, stop) of one object: one ranged GET on object stores.
+
+        Short (maybe empty) where the object ends first, on every backend alike: a local
+        read stops at the end, and GCS / S3 answer a range wholly past it with 416, which
+        is returned as b"" so callers see a truncated object as a short read.
+        """
         if not 0 <= start <= stop:
             raise ValueError(f"bad byte range [{start}, {stop}) for {self.url_of(rel)}")
         if start == stop:
             return b""
         path = self.path(rel)
-        return self._call("read", rel, lambda: self.fs.cat_file(path, start=start, end=stop))
+
+        def read() -> bytes:
+            try:
+                return self.fs.cat_file(path, start=start, end=stop)
+            except Exception as exc:  # gcsfs's HttpError is no OSError
+                if _past_the_end(exc):
+                    return b""
+                raise
+
+        return self._call("read", rel, read)
 
     def size(self, rel: str) -> int:
         path = self.path(rel)
@@ -517,22 +656,35 @@ class Store:
         """Relative paths of all objects under the folder `prefix`, sorted; [] if none.
 
         One recursive listing (paged by the backend), never one request per object.
+        Temp files of unfinished local writes are left out (see `list_temp`).
         """
+        return sorted(rel for rel in self._find(prefix, detail=False) if not _is_temp(rel))
+
+    def list_temp(self, prefix: str = "") -> dict[str, float | None]:
+        """Temp files under `prefix` ({relative path: modified unix time, None if unknown}).
+
+        A local write that died (killed process, full disk before this version cleaned up)
+        leaves its `.actex-tmp-*` file; `gc` deletes the stale ones.
+        """
+        return {rel: _modified(info) for rel, info in self._find(prefix, detail=True).items() if _is_temp(rel)}
+
+    def _find(self, prefix: str, detail: bool) -> dict[str, dict]:
+        """{relative path: fsspec info (empty unless `detail`, which costs a stat per file locally)}."""
         base = self.path(prefix)
 
-        def find() -> list[str]:
+        def find() -> dict[str, dict]:
             self._fresh(base)
             try:
-                found = self.fs.find(base)
+                found = self.fs.find(base, detail=True) if detail else dict.fromkeys(self.fs.find(base), {})
             except FileNotFoundError:
-                return []
+                return {}
             root = self.fs._strip_protocol(self.root).rstrip("/") + "/"
-            rels = []
-            for full in found:
+            rels = {}
+            for full, info in found.items():
                 full = self.fs._strip_protocol(full)
-                if full.startswith(root) and not os.path.basename(full).startswith(TEMP_PREFIX):
-                    rels.append(full[len(root):])
-            return sorted(rels)
+                if full.startswith(root):
+                    rels[full[len(root):]] = info
+            return rels
 
         return self._call("list", prefix or ".", find)
 
@@ -610,6 +762,10 @@ def open_store(url: str | os.PathLike, *, retry: RetryPolicy | None = None, **st
     url = os.fspath(url)
     if "://" not in url:
         url = os.path.abspath(os.path.expanduser(url))
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    if protocol not in PROVEN_PROTOCOLS:
+        # Refused before fsspec builds (or fails to import) the filesystem.
+        raise ValueError(_unproven(url, protocol))
     fs, root = fsspec.core.url_to_fs(url, **storage_options)
     if "://" not in url:
         shown = url

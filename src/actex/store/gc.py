@@ -7,6 +7,10 @@ attempt is deleted only if
   * it is older than the grace period, counted from the UTC start stamp in its id
     (`layout.new_attempt_id`). The grace period must exceed the longest time a live
     worker spends writing one chunk; an attempt whose id carries no stamp is never deleted.
+
+It also deletes temp files (`.actex-tmp-*`, anywhere in the run) last modified more than
+the grace period ago: a local write that was killed midway leaves one, which `Store.list`
+hides and nothing else removes. A live write's temp file lives for one write, seconds.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ class GcReport:
     kept_recent: tuple[Attempt, ...]  # uncommitted but inside the grace period (or undated)
     committed: int  # attempts named by commit records
     dry_run: bool
+    temp_files: tuple[str, ...] = ()  # stale temp files deleted (or, with dry_run, to delete)
 
 
 def list_attempts(store: Store) -> list[Attempt]:
@@ -69,4 +74,18 @@ def collect_garbage(store: Store, *, grace_s: float = DEFAULT_GRACE_S, dry_run: 
             store.delete(path)
         deleted.append(attempt)
     kept = tuple(a for a in orphans if a not in old)
-    return GcReport(tuple(deleted), kept, len(attempts) - len(orphans), dry_run)
+    return GcReport(tuple(deleted), kept, len(attempts) - len(orphans), dry_run,
+                    stale_temp_files(store, grace_s=grace_s, dry_run=dry_run, now=now))
+
+
+def stale_temp_files(store: Store, *, grace_s: float, dry_run: bool, now: float) -> tuple[str, ...]:
+    """Delete (unless dry_run) temp files older than grace_s; their relative paths.
+
+    A temp file whose age is unknown is kept, like an undated attempt.
+    """
+    stale = sorted(rel for rel, modified in store.list_temp().items()
+                   if modified is not None and now - modified > grace_s)
+    if not dry_run:
+        for rel in stale:
+            store.delete(rel)
+    return tuple(stale)

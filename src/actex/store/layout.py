@@ -1,8 +1,9 @@
-"""Where everything lives in a run folder (store format v1). Paths only; no I/O.
+"""Where everything lives in a run folder (store format v2). Paths only; no I/O.
 
     run.json                                         manifest (manifest.py)
     chunks/<chunk>/<attempt>/part-<k>.safetensors    activations (shards.py)
     chunks/<chunk>/<attempt>/samples.jsonl           per-sample metadata
+    chunks/<chunk>/<attempt>/stats.safetensors       per-hook statistics of the chunk (v2; stats.py)
     commits/<chunk>.json                             commit record; its existence IS the commit
     claims/<chunk>.json                              lease for dynamic claiming
     workers/<worker>.json                            heartbeat
@@ -20,7 +21,10 @@ import secrets
 import time
 from calendar import timegm
 
-FORMAT_VERSION = 1
+# v2: per-tensor checksums in part headers, header length + CRC in commit records, and
+# statistics in their own object instead of the commit record. v1 runs stay readable.
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 CHUNK_DIGITS = 6
 
 MANIFEST = "run.json"
@@ -72,6 +76,10 @@ def part_path(chunk: int, attempt: str, part: int) -> str:
 
 def samples_path(chunk: int, attempt: str) -> str:
     return f"{attempt_dir(chunk, attempt)}/samples.jsonl"
+
+
+def stats_path(chunk: int, attempt: str) -> str:
+    return f"{attempt_dir(chunk, attempt)}/stats.safetensors"
 
 
 def commit_path(chunk: int) -> str:

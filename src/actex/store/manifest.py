@@ -53,6 +53,7 @@ class RunManifest:
     tokenizer_fingerprint: str
     hooks: tuple[HookSpec, ...]
     plan: PlanSummary
+    kind: str = "extract"             # "extract" or "generate" (greedy decoding, then capture)
     format_version: int = layout.FORMAT_VERSION
     # Provenance only: excluded from the identity check.
     created_at: float = field(default_factory=time.time)
@@ -68,6 +69,7 @@ class RunManifest:
     def to_dict(self) -> dict[str, Any]:
         return {
             "format_version": self.format_version,
+            "kind": self.kind,
             "config": self.config,
             "config_hash": self.config_hash,
             "model_fingerprint": self.model_fingerprint,
@@ -90,8 +92,9 @@ class RunManifest:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = layout.MANIFEST) -> RunManifest:
         version = d.get("format_version")
-        if version != layout.FORMAT_VERSION:
-            raise ValueError(f"{where}: format_version {version!r}, this actex reads {layout.FORMAT_VERSION}")
+        if version not in layout.READABLE_FORMATS:
+            raise ValueError(f"{where}: format_version {version!r}, this actex reads "
+                             f"{', '.join(map(str, layout.READABLE_FORMATS))}")
         try:
             return cls(
                 config=dict(d["config"]),
@@ -100,6 +103,7 @@ class RunManifest:
                 tokenizer_fingerprint=str(d["tokenizer_fingerprint"]),
                 hooks=tuple(HookSpec(str(h["name"]), int(h["width"]), str(h["dtype"])) for h in d["hooks"]),
                 plan=PlanSummary(**{k: d["plan"][k] for k in ("num_samples", "chunk_size", "num_chunks", "fingerprint")}),
+                kind=str(d.get("kind", "extract")),
                 format_version=version,
                 created_at=float(d.get("created_at", 0.0)),
                 actex_version=str(d.get("actex_version", "")),

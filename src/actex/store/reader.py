@@ -4,40 +4,49 @@
     for batch in run.iter_batches("blocks.12.hook_resid_post", batch_size=4096, seed=0):
         batch.activations  # [4096, 896] in the stored dtype
 
-How bytes move (DESIGN "Store format v1"; parts are safetensors files):
-  1. Only committed chunks are visible: the commit records name the parts to read.
-  2. Each part's safetensors header is fetched with two small ranged reads (length, JSON).
+How bytes move (docs/store.md; parts are safetensors files):
+  1. Only committed chunks are visible: one listing of commits/ says which. Their
+     records, which name the parts, are fetched as the chunks come up, never all up front.
+  2. Each part's safetensors header is one ranged read (v2 records give its length and
+     CRC; v1 parts take a guess of 64 KiB and a second read if longer), fetched as the
+     part comes up, a bounded number ahead.
   3. A part is cut into row blocks; a block is one ranged read of the hook's rows plus one
      of the matching rows of `token_ids`/`positions` and the part's small sample index
      (the small gaps between those are read too; they never hold another hook's bytes).
      Other hooks' bytes are never requested.
-  4. Background threads fetch the next `prefetch` blocks while the caller trains.
-  5. With shuffle, the blocks of all of this rank's parts are visited in a seeded random
-     order and mixed in a bounded buffer of `shuffle_tokens` rows (see docs/reader.md for
-     its memory), so one batch holds tokens from many chunks.
-Ranks split the run by whole parts (a seeded permutation dealt round-robin), so ranks
+  4. Every range is checked against the CRC-32C recorded at write time (v2; see
+     store/integrity.py) before it is returned: a mismatch, a short read or an impossible
+     header raises CorruptPartError naming the part and the tensor.
+  5. Background threads fetch the next `prefetch` blocks while the caller trains.
+  6. With shuffle, this rank's chunks are visited in a seeded random order, each chunk's
+     blocks in random order, and rows are mixed in a bounded buffer of `shuffle_bytes`
+     (see docs/reader.md for its memory), so one batch holds tokens from many chunks.
+Ranks split the run by whole chunks (a seeded permutation dealt round-robin), so ranks
 never overlap and every committed token is yielded exactly once per epoch.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import threading
-from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from functools import cached_property
 
 import numpy as np
 
-from actex.store import shards
+from actex.store import integrity, shards
+from actex.store.commits import CommitRecord, committed_chunks, read_commits
 from actex.store.folder import Store, open_store
-from actex.store.commits import CommitRecord, read_commits
+from actex.store.integrity import CorruptPartError
 from actex.store.manifest import RunManifest, read_manifest
 from actex.store.shards import TensorInfo
-from actex.store.stats import HookStats
+from actex.store.stats import HookStats, decode_stats
 
-# Index tensors every part holds besides one tensor per hook (DESIGN "Store format v1").
+# Index tensors every part holds besides one tensor per hook (docs/store.md, "Parts").
 TOKEN_IDS, POSITIONS, SAMPLE_OFFSETS, SAMPLE_IDS = shards.INDEX_TENSORS
 
 # A block's hook rows are about this many bytes: big enough that per-request latency on
@@ -47,6 +56,15 @@ DEFAULT_SHUFFLE_BYTES = 1 << 30
 # A request to an object store costs tens of milliseconds, the time to stream about a MiB:
 # a block's index rows (token ids, positions, sample index) closer than this are one request.
 INDEX_GAP_BYTES = 1 << 20
+# Format v1 records do not say how long a part's header is: read this much and hope
+# (a second read fetches the rest of a longer one).
+V1_HEADER_GUESS = 64 * 1024
+# Commit records fetched per concurrent batch, and part headers kept in memory (a header
+# is ~100 bytes per tensor; a run can have hundreds of thousands of parts).
+RECORD_BATCH = 512
+HEADER_CACHE = 4096
+# Stats objects fetched per batch: 24 hooks x 896 wide is 344 KB each, so 64 is ~22 MB.
+STATS_BATCH = 64
 
 
 # ---------------------------------------------------------------------------------------
@@ -54,13 +72,42 @@ INDEX_GAP_BYTES = 1 << 20
 # ---------------------------------------------------------------------------------------
 
 
-def fetch_header(store: Store, path: str) -> dict[str, TensorInfo]:
-    """A part's tensor index from two ranged reads (length, then JSON); no tensor data."""
-    length = shards.header_length(store.read_range(path, 0, 8))
-    try:
-        return shards.read_header(store.read_range(path, 0, length)).tensors
-    except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{store.url_of(path)}: not a safetensors part ({err})") from None
+def fetch_header(store: Store, part: Part) -> dict[str, TensorInfo]:
+    """A part's tensor index, checked, from one ranged read (two for a long v1 header).
+
+    v2: the commit record gives the header's length and CRC-32C, so the header is checked
+    before any offset in it is trusted. Raises CorruptPartError (one line naming the part)
+    for a wrong CRC, a length past the part's end, or offsets outside it.
+    """
+    where = store.url_of(part.path)
+    if part.header_bytes is not None:
+        raw = store.read_range(part.path, 0, part.header_bytes)
+        actual = integrity.hex32(integrity.crc32c(raw))
+        if len(raw) != part.header_bytes:
+            raise CorruptPartError(f"{where}: truncated: header needs {part.header_bytes} bytes, got {len(raw)}")
+        if actual != part.header_crc32c:
+            raise CorruptPartError(f"{where}: header crc32c expected {part.header_crc32c}, actual {actual}")
+    else:
+        raw = store.read_range(part.path, 0, min(part.bytes, V1_HEADER_GUESS))
+        length = shards.header_length(raw, where, part.bytes)
+        if length > len(raw):
+            raw += store.read_range(part.path, len(raw), length)
+    return shards.read_header(raw, where, part.bytes).tensors
+
+
+def checked_rows(info: TensorInfo, name: str, where: str, raw: bytes | memoryview,
+                 got: tuple[int, int], want: tuple[int, int]) -> np.ndarray:
+    """Rows `want` of a tensor from the bytes of rows `got` (covering them), checked first."""
+    info.check(raw, where, name, *got)
+    lo, hi = want
+    return decode_rows(info, memoryview(raw)[(lo - got[0]) * info.row_bytes : (hi - got[0]) * info.row_bytes], lo, hi)
+
+
+def aligned(block_tokens: int, info: TensorInfo) -> int:
+    """Block rows rounded to whole checksum blocks, so no block is read twice."""
+    if not info.crc_rows:
+        return block_tokens
+    return max(1, block_tokens // info.crc_rows) * info.crc_rows
 
 
 def row_range(info: TensorInfo, lo: int, hi: int) -> tuple[int, int]:
@@ -114,12 +161,20 @@ def only_index_between(spec: dict[str, TensorInfo], ranges: Sequence[tuple[int, 
 
 @dataclass(frozen=True)
 class Part:
-    """One committed part file: the unit ranks split the run by."""
+    """One committed part file."""
 
     chunk: int
     index: int  # position in the commit record's `parts`
     path: str  # relative to the run root
     bytes: int
+    header_bytes: int | None = None  # v2: length and CRC of its header, from the commit record
+    header_crc32c: str | None = None
+    sha256: str | None = None  # of the whole file, from the commit record
+
+
+def parts_of(record: CommitRecord) -> list[Part]:
+    return [Part(record.chunk, i, p.path, p.bytes, p.header_bytes, p.header_crc32c, p.sha256)
+            for i, p in enumerate(record.parts)]
 
 
 @dataclass(frozen=True)
@@ -170,11 +225,15 @@ class Batch:
 _BATCH_FIELDS = ("activations", "token_ids", "positions", "sample_ids")
 
 
-def deal_parts(parts: Sequence[Part], rank: int, world_size: int, seed: int | None) -> list[Part]:
-    """This rank's parts: all parts in a (seeded) order dealt round-robin, so ranks never overlap."""
+def deal_chunks(chunks: Sequence[int], rank: int, world_size: int, seed: int | None) -> list[int]:
+    """This rank's chunks: all chunks in a (seeded) order dealt round-robin, so ranks never overlap.
+
+    By chunk, not by part: which parts a chunk has is in its record, and dealing must not
+    need every record before the first batch.
+    """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
-    order = list(parts) if seed is None else [parts[i] for i in np.random.default_rng(seed).permutation(len(parts))]
+    order = list(chunks) if seed is None else [chunks[i] for i in np.random.default_rng(seed).permutation(len(chunks))]
     return order[rank::world_size]
 
 
@@ -295,8 +354,11 @@ def rebatch(pieces: Iterator[Batch], batch_size: int) -> Iterator[Batch]:
         yield Batch.concat(carry)
 
 
-def prefetched(items: Sequence, fetch: Callable, threads: int, depth: int) -> Iterator:
-    """fetch(item) for each item in order, keeping `depth` fetches in flight on `threads` threads."""
+def prefetched(items: Iterable, fetch: Callable, threads: int, depth: int) -> Iterator:
+    """fetch(item) for each item in order, keeping `depth` fetches in flight on `threads` threads.
+
+    `items` is consumed lazily (at most `depth` + 1 ahead of what was yielded).
+    """
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="actex-read")
     inflight: deque[Future] = deque()
     try:
@@ -307,10 +369,11 @@ def prefetched(items: Sequence, fetch: Callable, threads: int, depth: int) -> It
         while inflight:
             yield inflight.popleft().result()
     finally:
-        # The caller may stop early (break, exception): drop the queued reads.
+        # The caller may stop early (break, exception): drop the queued reads and wait for
+        # the few running ones, so nothing reads on behind a closed iterator.
         for fut in inflight:
             fut.cancel()
-        pool.shutdown(wait=False, cancel_futures=True)
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -319,13 +382,23 @@ def prefetched(items: Sequence, fetch: Callable, threads: int, depth: int) -> It
 
 
 class Run:
-    """A run's committed contents. Cheap to create: reads run.json and the commit records."""
+    """A run's committed contents, read lazily.
+
+    Opening costs run.json and one listing of commits/, whatever the run's size. Commit
+    records are fetched when something needs them (concurrently, in batches) and kept in
+    memory (`records`); part headers are fetched one ranged read each as parts are reached
+    and kept in a bounded cache; statistics objects are read only by `stats` / `summary`.
+    """
 
     def __init__(self, store: Store):
         self.store = store
         self.manifest: RunManifest = read_manifest(store)
-        self.commits: dict[int, CommitRecord] = read_commits(store)
-        self._headers: dict[str, dict[str, TensorInfo]] = {}
+        # One listing: the committed chunks at open time (a record never disappears).
+        self.chunks: list[int] = sorted(committed_chunks(store))
+        self._committed = frozenset(self.chunks)
+        self._records: dict[int, CommitRecord] = {}
+        self._headers: OrderedDict[str, dict[str, TensorInfo]] = OrderedDict()
+        self._stats: dict[str, HookStats] | None = None
         self._lock = threading.Lock()
 
     # -- what the run holds ------------------------------------------------------------
@@ -349,14 +422,36 @@ class Run:
         return self.manifest.hooks[0].dtype
 
     @property
-    def chunks(self) -> list[int]:
-        """Committed chunk ids, sorted."""
-        return sorted(self.commits)
-
-    @property
     def num_chunks(self) -> int:
         """Chunks in the plan, committed or not."""
         return self.manifest.plan.num_chunks
+
+    def record(self, chunk: int) -> CommitRecord:
+        """The commit record of a committed chunk (fetched once, then cached)."""
+        return self.records([chunk])[chunk]
+
+    def records(self, chunks: Sequence[int] | None = None) -> dict[int, CommitRecord]:
+        """Commit records of `chunks` (default: every committed chunk), by chunk id.
+
+        Records not yet cached are fetched RECORD_BATCH at a time, each batch concurrently.
+        """
+        wanted = self.chunks if chunks is None else sorted(chunks)
+        unknown = [c for c in wanted if c not in self._committed]
+        if unknown:
+            raise KeyError(f"{self.url}: chunk {unknown[0]} is not committed")
+        with self._lock:
+            missing = [c for c in wanted if c not in self._records]
+        for at in range(0, len(missing), RECORD_BATCH):
+            got = read_commits(self.store, missing[at : at + RECORD_BATCH])
+            with self._lock:
+                self._records.update(got)
+        with self._lock:
+            return {c: self._records[c] for c in wanted}
+
+    @property
+    def commits(self) -> dict[int, CommitRecord]:
+        """Every committed chunk's record (reads them all on first use)."""
+        return self.records()
 
     @property
     def num_samples(self) -> int:
@@ -372,41 +467,64 @@ class Run:
 
     def parts(self, chunks: Sequence[int] | None = None) -> list[Part]:
         """Committed parts (optionally of some chunks), in (chunk, index) order."""
-        chosen = self.chunks if chunks is None else sorted(chunks)
-        return [
-            Part(chunk, i, p.path, p.bytes)
-            for chunk in chosen
-            for i, p in enumerate(self.commits[chunk].parts)
-        ]
+        return [part for record in self.records(chunks).values() for part in parts_of(record)]
 
     def stats(self, hook: str) -> HookStats:
-        """Statistics of the hook over all committed chunks, merged from the commit records."""
+        """Statistics of the hook over all committed chunks, merged from each chunk's stats."""
         self.check_hook(hook)
-        records = [c.stats.get(hook) for c in self.commits.values()]
-        if any(r is None for r in records):
-            raise ValueError(f"{self.url}: some commit records carry no stats for {hook}")
-        return HookStats.merge_all([HookStats.empty(self.hooks[hook])] + [HookStats.from_json(r) for r in records])
+        merged = self._merged_stats()
+        if hook not in merged:
+            raise ValueError(f"{self.url}: some committed chunks carry no stats for {hook}")
+        return merged[hook]
+
+    def _merged_stats(self) -> dict[str, HookStats]:
+        """{hook: stats over all committed chunks} for the hooks every chunk has; one pass, cached."""
+        if self._stats is not None:
+            return self._stats
+        merged = {h: HookStats.empty(w) for h, w in self.hooks.items()}
+        covered = set(merged)
+        records = list(self.commits.values())
+        for at in range(0, len(records), STATS_BATCH):
+            batch = records[at : at + STATS_BATCH]
+            paths = [r.stats_path for r in batch if r.stats_path]
+            raw = self.store.read_many(paths) if paths else {}
+            for record in batch:
+                chunk_stats = self._chunk_stats(record, raw)
+                covered &= set(chunk_stats)
+                for hook in covered:
+                    merged[hook] = merged[hook].merge(chunk_stats[hook])
+        self._stats = {h: merged[h] for h in self.hooks if h in covered}
+        return self._stats
+
+    def _chunk_stats(self, record: CommitRecord, raw: dict[str, bytes]) -> dict[str, HookStats]:
+        if record.stats_path is None:  # format v1: inline JSON
+            return {hook: HookStats.from_json(s) for hook, s in record.stats.items()}
+        data, where = raw[record.stats_path], self.store.url_of(record.stats_path)
+        actual = integrity.hex32(integrity.crc32c(data))
+        if actual != record.stats_crc32c:
+            raise CorruptPartError(f"{where}: crc32c expected {record.stats_crc32c}, actual {actual}")
+        return decode_stats(data, where)
 
     def samples(self, chunk: int) -> list[dict]:
         """Per-sample metadata of a committed chunk (samples.jsonl of its committed attempt)."""
-        if chunk not in self.commits:
-            raise KeyError(f"{self.url}: chunk {chunk} is not committed")
-        path = self.commits[chunk].samples_path
+        path = self.record(chunk).samples_path
         return shards.decode_samples_jsonl(self.store.read_bytes(path), self.store.url_of(path))
 
     def summary(self) -> dict:
         """What `actex inspect` prints: counts, hooks and merged stats where recorded."""
+        merged = self._merged_stats() if self.chunks else {}
         hooks = {}
         for hook, width in self.hooks.items():
             entry: dict = {"width": width}
-            if self.commits and all(hook in c.stats for c in self.commits.values()):
-                entry["stats"] = self.stats(hook).summary()
+            if hook in merged:
+                entry["stats"] = merged[hook].summary()
             hooks[hook] = entry
         return {
             "url": self.url,
+            "kind": self.manifest.kind,
             "dtype": self.dtype,
             "hooks": hooks,
-            "chunks_committed": len(self.commits),
+            "chunks_committed": len(self.chunks),
             "chunks_total": self.num_chunks,
             "samples": self.num_samples,
             "tokens": self.num_tokens,
@@ -417,47 +535,73 @@ class Run:
     # -- reading tensors ---------------------------------------------------------------
 
     def header(self, part: Part) -> dict[str, TensorInfo]:
-        """The part's tensor index (cached: fetched once per part per Run)."""
+        """The part's tensor index, checked (cached for the last HEADER_CACHE parts)."""
         with self._lock:
             cached = self._headers.get(part.path)
-        if cached is None:
-            cached = fetch_header(self.store, part.path)
-            with self._lock:
-                self._headers[part.path] = cached
-        return cached
+            if cached is not None:
+                self._headers.move_to_end(part.path)
+                return cached
+        spec = fetch_header(self.store, part)
+        with self._lock:
+            self._headers[part.path] = spec
+            while len(self._headers) > HEADER_CACHE:
+                self._headers.popitem(last=False)
+        return spec
 
     def num_part_tokens(self, part: Part) -> int:
         return self.header(part)[TOKEN_IDS].shape[0]
 
-    def read_block(self, block: Block, hook: str) -> Batch:
-        """The hook's rows of one block with their index rows: two ranged reads when the
-        index tensors sit together (the store format's layout), more only if a hook lies between."""
-        spec = self.header(block.part)
+    def read_block(self, block: Block, hook: str, spec: dict[str, TensorInfo] | None = None) -> Batch:
+        """The hook's rows of one block with their index rows, every byte checked: two ranged
+        reads when the index tensors sit together (the store format's layout), more only if
+        a hook lies between. Ranges widen to whole checksum blocks (v2)."""
+        spec = spec or self.header(block.part)
+        where = self.store.url_of(block.part.path)
         lo, hi = block.lo, block.hi
-        index = [
-            row_range(spec[TOKEN_IDS], lo, hi),
-            row_range(spec[POSITIONS], lo, hi),
-            whole(spec[SAMPLE_IDS]),
-            whole(spec[SAMPLE_OFFSETS]),
-        ]
+        names = (TOKEN_IDS, POSITIONS, SAMPLE_IDS, SAMPLE_OFFSETS)
+        rows = [spec[TOKEN_IDS].covering(lo, hi), spec[POSITIONS].covering(lo, hi),
+                (0, spec[SAMPLE_IDS].rows), (0, spec[SAMPLE_OFFSETS].rows)]
+        index = [row_range(spec[n], *r) for n, r in zip(names, rows)]
         gap = INDEX_GAP_BYTES if only_index_between(spec, index) else 0
-        tokens, positions, ids, offsets = read_ranges(self.store, block.part.path, index, max_gap=gap)
-        acts = self.store.read_range(block.part.path, *row_range(spec[hook], lo, hi))
-        offsets = spec[SAMPLE_OFFSETS].to_numpy(offsets)  # [samples + 1]
+        raws = read_ranges(self.store, block.part.path, index, max_gap=gap)
+        tokens, positions, ids, offsets = (
+            checked_rows(spec[n], n, where, raw, r, full) for n, raw, r, full in
+            zip(names, raws, rows, [(lo, hi), (lo, hi), rows[2], rows[3]])
+        )
+        hook_rows = spec[hook].covering(lo, hi)
+        acts = self.store.read_range(block.part.path, *row_range(spec[hook], *hook_rows))
         # Token t belongs to sample s where offsets[s] <= t < offsets[s+1].
         owner = np.searchsorted(offsets, np.arange(lo, hi), side="right") - 1
         return Batch(
-            activations=decode_rows(spec[hook], acts, lo, hi),
-            token_ids=decode_rows(spec[TOKEN_IDS], tokens, lo, hi),
-            positions=decode_rows(spec[POSITIONS], positions, lo, hi),
-            sample_ids=spec[SAMPLE_IDS].to_numpy(ids)[owner],
+            activations=checked_rows(spec[hook], hook, where, acts, hook_rows, (lo, hi)),
+            token_ids=tokens,
+            positions=positions,
+            sample_ids=ids[owner],
         )
 
     def read_index(self, part: Part) -> tuple[np.ndarray, np.ndarray]:
-        """The part's sample_ids [samples] and sample_offsets [samples+1] (token offsets)."""
+        """The part's sample_ids [samples] and sample_offsets [samples+1] (token offsets), checked."""
         spec = self.header(part)
-        ids, offsets = read_ranges(self.store, part.path, [whole(spec[SAMPLE_IDS]), whole(spec[SAMPLE_OFFSETS])])
-        return spec[SAMPLE_IDS].to_numpy(ids), spec[SAMPLE_OFFSETS].to_numpy(offsets)
+        where = self.store.url_of(part.path)
+        raws = read_ranges(self.store, part.path, [whole(spec[SAMPLE_IDS]), whole(spec[SAMPLE_OFFSETS])])
+        return tuple(spec[n].read(raw, where, n) for n, raw in zip((SAMPLE_IDS, SAMPLE_OFFSETS), raws))
+
+    def check_part(self, part: Part) -> None:
+        """Read a whole part and check every byte: size and sha256 from the commit record,
+        header CRC (v2), each tensor's CRCs (v2). CorruptPartError names the part and, where
+        the checksums can tell, the tensor (v1 parts have only the sha256)."""
+        where = self.store.url_of(part.path)
+        data = self.store.read_bytes(part.path)
+        if len(data) != part.bytes:
+            raise CorruptPartError(f"{where}: truncated: {len(data)} bytes, the commit record says {part.bytes}")
+        if part.header_bytes is not None:
+            actual = integrity.hex32(integrity.crc32c(memoryview(data)[: part.header_bytes]))
+            if actual != part.header_crc32c:
+                raise CorruptPartError(f"{where}: header crc32c expected {part.header_crc32c}, actual {actual}")
+        shards.decode_part(data, where)
+        actual = hashlib.sha256(data).hexdigest()
+        if part.sha256 is not None and actual != part.sha256:
+            raise CorruptPartError(f"{where}: sha256 expected {part.sha256}, actual {actual}")
 
     def read_part(self, part: Part, hook: str) -> Batch:
         return self.read_block(Block(part, 0, self.num_part_tokens(part)), hook)
@@ -481,33 +625,36 @@ class Run:
     ) -> Iterator[Batch]:
         """Yield every committed token of `hook` on this rank once, in batches of batch_size.
 
-        shuffle: rows are mixed across blocks of all this rank's parts through a buffer of
-          about `shuffle_bytes` of activations (order depends on seed and epoch only).
-        rank/world_size: parts are dealt to ranks without overlap; ranks may get a few
-          tokens more or fewer than each other.
-        prefetch: blocks (about `block_bytes` of activations each) fetched ahead on `threads`.
+        Streams: commit records and part headers are fetched as the chunks that need them
+        come up (at most `prefetch` ahead), so the first batch costs a few requests
+        whatever the run's size.
+        shuffle: chunks are visited in a seeded random order, the blocks of each chunk in
+          random order, and rows are mixed through a buffer of about `shuffle_bytes` of
+          activations (order depends on seed and epoch only).
+        rank/world_size: committed chunks are dealt to ranks without overlap (a seeded
+          permutation, the same for every epoch); ranks may get a few chunks more or fewer.
+        prefetch: blocks (about `block_bytes` of activations each, a whole number of
+          checksum blocks) fetched ahead on `threads`.
         dtype: convert activations per batch (e.g. np.float32); default the stored dtype.
         """
         self.check_hook(hook)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        chosen = self.chunks if chunks is None else sorted(chunks)
+        unknown = set(chosen) - self._committed
+        if unknown:
+            raise KeyError(f"{self.url}: chunk {min(unknown)} is not committed")
         row_bytes = self.hooks[hook] * shards.activation_dtype(self.dtype).itemsize
-        block_tokens = max(1, block_bytes // row_bytes)
         rng = np.random.default_rng([seed, epoch]) if shuffle else None
-        mine = deal_parts(self.parts(chunks), rank, world_size, None if rng is None else seed)
-        threads = max(1, threads)
-        blocks = [
-            b
-            for part, tokens in zip(mine, self._map(self.num_part_tokens, mine, threads))
-            for b in cut_blocks(part, tokens, block_tokens)
-        ]
+        mine = deal_chunks(chosen, rank, world_size, None if rng is None else seed)
         if rng is not None:
-            blocks = [blocks[i] for i in rng.permutation(len(blocks))]
-        fetched = prefetched(blocks, lambda b: self.read_block(b, hook), threads, max(1, prefetch))
+            mine = [mine[i] for i in rng.permutation(len(mine))]
+        threads, depth = max(1, threads), max(1, prefetch)
+        blocks = self._blocks(mine, hook, max(1, block_bytes // row_bytes), rng, threads, depth)
+        fetched = prefetched(blocks, lambda b: self.read_block(b[0], hook, b[1]), threads, depth)
         if rng is not None:
-            # Never allocate more buffer than this rank has rows.
-            buffer_tokens = min(max(batch_size, shuffle_bytes // row_bytes), sum(b.hi - b.lo for b in blocks))
-            batches = mix(fetched, batch_size, max(buffer_tokens, 1), rng)
+            buffer_tokens = max(batch_size, shuffle_bytes // row_bytes)
+            batches = mix(fetched, batch_size, buffer_tokens, rng)
         else:
             batches = rebatch(fetched, batch_size)
         for batch in batches:
@@ -515,17 +662,28 @@ class Run:
                 batch = batch.with_activations(batch.activations.astype(dtype))
             yield batch
 
+    def _blocks(self, chunks: Sequence[int], hook: str, block_tokens: int, rng: np.random.Generator | None,
+                threads: int, depth: int) -> Iterator[tuple[Block, dict[str, TensorInfo]]]:
+        """(block, its part's header) for each block of `chunks` in order, records and headers
+        fetched `depth` ahead; with `rng`, each chunk's blocks in random order."""
+        records = prefetched(chunks, self.record, threads, depth)
+        parts = (part for record in records for part in parts_of(record))
+        headed = prefetched(parts, lambda p: (p, self.header(p)), threads, depth)
+        for _, group in itertools.groupby(headed, key=lambda ph: ph[0].chunk):
+            blocks = [
+                (block, spec)
+                for part, spec in group
+                for block in cut_blocks(part, spec[TOKEN_IDS].rows, aligned(block_tokens, spec[hook]))
+            ]
+            if rng is not None:
+                blocks = [blocks[i] for i in rng.permutation(len(blocks))]
+            yield from blocks
+
     # -- helpers -----------------------------------------------------------------------
 
     def check_hook(self, hook: str) -> None:
         if hook not in self.hooks:
             raise ValueError(f"{self.url}: no hook {hook!r}; stored hooks: {', '.join(self.hooks)}")
-
-    @staticmethod
-    def _map(fn: Callable, items: Sequence, threads: int) -> list:
-        # Headers are tiny: fetch them concurrently so object-store latency is paid once.
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            return list(pool.map(fn, items))
 
 
 def open_run(url: str, **storage_options) -> Run:

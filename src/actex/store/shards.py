@@ -7,16 +7,20 @@ One part holds whole samples, concatenated along the token axis:
     positions        [tokens]          int32    position of each token within its sample
     sample_offsets   [samples + 1]     int64    sample i is rows offsets[i]:offsets[i+1]
     sample_ids       [samples]         int64    ids in the run's deterministic enumeration
-    __metadata__     {"format_version", "chunk", "attempt", "part"}  (strings)
+    __metadata__     {"format_version", "chunk", "attempt", "part", "crc32c"}  (strings)
 
-Any safetensors reader opens a part; `read_header` + `tensor_range` give the byte range of
-one tensor so a reader fetches only the hook it wants (one ranged GET).
+Any safetensors reader opens a part; `read_header` gives the byte range of each tensor so a
+reader fetches only the hook it wants (one ranged GET), and (format v2) the CRC-32C of each
+block of its rows, so those bytes are checked too (store/integrity.py). `read_header`
+refuses a header that cannot describe the part (a length past its end, offsets outside
+it, sizes that disagree with shapes) with one CorruptPartError line naming the part.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +30,8 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from actex.store import integrity
+from actex.store.integrity import CorruptPartError
 from actex.store.layout import FORMAT_VERSION
 
 # Stored activation dtypes by name, and safetensors' dtype codes for every tensor we write.
@@ -44,8 +50,11 @@ _FROM_SAFETENSORS: dict[str, np.dtype] = {
 INDEX_TENSORS = ("token_ids", "positions", "sample_offsets", "sample_ids")
 
 # Room kept in a part for the safetensors header (JSON with one entry per tensor) when
-# planning splits against the shard size.
+# planning splits against the shard size. Checksums take 8 hex digits per MiB of data
+# (plus one block per tensor), so the allowance covers parts of tens of GB.
 HEADER_ALLOWANCE = 64 * 1024
+# safetensors' own limit on a header: a length field above it is corruption, not a part.
+MAX_HEADER_BYTES = 100_000_000
 
 
 def activation_dtype(name: str) -> np.dtype:
@@ -82,9 +91,11 @@ class Part:
 @dataclass(frozen=True)
 class EncodedPart:
     data: bytes
-    sha256: str
+    sha256: str           # of the whole file (commit record; a contract with other tools)
     tokens: int
     samples: int
+    header_bytes: int     # 8 + header length: one ranged read fetches the whole header
+    header_crc32c: str    # 8 hex digits of CRC-32C over data[:header_bytes]
 
 
 def encode_part(
@@ -98,7 +109,10 @@ def encode_part(
     attempt: str,
     part: int,
 ) -> EncodedPart:
-    """Check shapes and serialise with safetensors; the sha256 goes into the commit record."""
+    """Check shapes and serialise with safetensors, checksums of every tensor in the header.
+
+    The sha256, header length and header CRC go into the commit record.
+    """
     tokens = int(np.shape(token_ids)[0])
     samples = int(np.shape(sample_ids)[0])
     offsets = np.asarray(sample_offsets, dtype=np.int64)
@@ -122,9 +136,16 @@ def encode_part(
     tensors["positions"] = np.ascontiguousarray(positions, dtype=np.int32)
     tensors["sample_offsets"] = offsets
     tensors["sample_ids"] = np.ascontiguousarray(sample_ids, dtype=np.int64)
-    metadata = {"format_version": str(FORMAT_VERSION), "chunk": str(chunk), "attempt": attempt, "part": str(part)}
+    metadata = {
+        "format_version": str(FORMAT_VERSION), "chunk": str(chunk), "attempt": attempt, "part": str(part),
+        integrity.METADATA_KEY: integrity.tensor_checksums(tensors),
+    }
     data = safetensors.numpy.save(tensors, metadata=metadata)
-    return EncodedPart(data=data, sha256=hashlib.sha256(data).hexdigest(), tokens=tokens, samples=samples)
+    header = header_length(data)
+    return EncodedPart(
+        data=data, sha256=hashlib.sha256(data).hexdigest(), tokens=tokens, samples=samples,
+        header_bytes=header, header_crc32c=integrity.hex32(integrity.crc32c(memoryview(data)[:header])),
+    )
 
 
 def _to_numpy(dtype: str, shape: Sequence[int], raw) -> np.ndarray:
@@ -135,20 +156,24 @@ def _to_numpy(dtype: str, shape: Sequence[int], raw) -> np.ndarray:
     return np.frombuffer(raw, dtype=np_dtype).reshape(shape)
 
 
-def decode_part(data: bytes) -> Part:
-    """Parse a whole part (tensors via safetensors, metadata from its header)."""
-    header = read_header(data)
-    arrays = {name: _to_numpy(t["dtype"], t["shape"], t["data"]) for name, t in safetensors.deserialize(data)}
+def decode_part(data: bytes, where: str = "part") -> Part:
+    """Parse a whole part; every tensor is checked against its header checksums (format v2).
+
+    Raises CorruptPartError (one line naming `where` and the tensor) on any mismatch.
+    """
+    header = read_header(data, where=where, size=len(data))
+    view = memoryview(data)  # slices without copies; the arrays are views of `data`
+    arrays = {name: info.read(view[info.start : info.stop], where, name) for name, info in header.tensors.items()}
     missing = [name for name in INDEX_TENSORS if name not in arrays]
     if missing:
-        raise ValueError(f"not an actex part: missing tensors {missing}")
+        raise CorruptPartError(f"{where}: not an actex part: missing tensors {missing}")
     return Part(
         hooks={name: a for name, a in arrays.items() if name not in INDEX_TENSORS},
         token_ids=arrays["token_ids"],
         positions=arrays["positions"],
         sample_offsets=arrays["sample_offsets"],
         sample_ids=arrays["sample_ids"],
-        metadata=header.metadata,
+        metadata={k: v for k, v in header.metadata.items() if k != integrity.METADATA_KEY},
     )
 
 
@@ -161,10 +186,40 @@ class TensorInfo:
     shape: tuple[int, ...]
     start: int               # absolute byte offsets in the file
     stop: int
+    crc_rows: int = 0        # rows per checksum block; 0: no checksums (format v1)
+    crcs: tuple[int, ...] = ()
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def row_bytes(self) -> int:
+        return (self.stop - self.start) // max(self.rows, 1)
 
     def to_numpy(self, raw: bytes) -> np.ndarray:
-        """Array from exactly the bytes [start, stop) of the file."""
+        """Array from exactly the bytes [start, stop) of the file (unchecked)."""
         return _to_numpy(self.dtype, self.shape, raw)
+
+    def covering(self, lo: int, hi: int) -> tuple[int, int]:
+        """Rows [lo, hi) widened to whole checksum blocks (unchanged without checksums)."""
+        if not self.crc_rows or lo >= hi:
+            return lo, hi
+        return lo - lo % self.crc_rows, min(self.rows, -(-hi // self.crc_rows) * self.crc_rows)
+
+    def check(self, raw: bytes | memoryview, where: str, name: str, lo: int, hi: int) -> None:
+        """Check rows [lo, hi) (from `covering`) against the checksums; always checks the length."""
+        if self.crc_rows:
+            integrity.check_rows(raw, where=where, tensor=name, row_bytes=self.row_bytes,
+                                 rows_per_block=self.crc_rows, crcs=self.crcs, lo=lo, hi=hi)
+        elif len(raw) != (hi - lo) * self.row_bytes:
+            raise CorruptPartError(f"{where}: truncated: tensor {name} rows [{lo}, {hi}) need "
+                                   f"{(hi - lo) * self.row_bytes} bytes, got {len(raw)}")
+
+    def read(self, raw: bytes | memoryview, where: str, name: str) -> np.ndarray:
+        """The whole tensor from its bytes, checked."""
+        self.check(raw, where, name, 0, self.rows)
+        return self.to_numpy(raw)
 
 
 @dataclass(frozen=True)
@@ -174,24 +229,55 @@ class PartHeader:
     data_start: int           # 8 + header length
 
 
-def header_length(prefix: bytes) -> int:
-    """Total bytes of the header (length field included) from the file's first 8 bytes."""
+def header_length(prefix: bytes, where: str = "part", size: int | None = None) -> int:
+    """Total bytes of the header (length field included) from the file's first 8 bytes.
+
+    CorruptPartError when the length cannot be right: past `size` (the part's byte count,
+    when known) or above safetensors' own limit, as a flipped or garbage length field is.
+    """
     if len(prefix) < 8:
-        raise ValueError("a safetensors file starts with an 8-byte header length")
-    return 8 + struct.unpack("<Q", prefix[:8])[0]
+        raise CorruptPartError(f"{where}: truncated: {len(prefix)} bytes, a part starts with an 8-byte header length")
+    length = 8 + struct.unpack("<Q", prefix[:8])[0]
+    if length - 8 > MAX_HEADER_BYTES or (size is not None and length > size):
+        raise CorruptPartError(f"{where}: header length {length - 8} is impossible for a part of "
+                               f"{'unknown size' if size is None else f'{size} bytes'}")
+    return length
 
 
-def read_header(data: bytes) -> PartHeader:
-    """Parse the safetensors header at the start of `data` (which may be just the header)."""
-    start = header_length(data)
+def read_header(data: bytes, where: str = "part", size: int | None = None) -> PartHeader:
+    """Parse the safetensors header at the start of `data` (which may be just the header).
+
+    `size`: the part's total bytes, when known, so offsets past its end are caught here.
+    Every tensor's byte count must match its dtype and shape. CorruptPartError otherwise.
+    """
+    start = header_length(data, where, size)
     if len(data) < start:
-        raise ValueError(f"truncated safetensors header: need {start} bytes, have {len(data)}")
-    raw = json.loads(data[8:start])
-    metadata = raw.pop("__metadata__", None) or {}
-    tensors = {
-        name: TensorInfo(t["dtype"], tuple(t["shape"]), start + t["data_offsets"][0], start + t["data_offsets"][1])
-        for name, t in raw.items()
-    }
+        raise CorruptPartError(f"{where}: truncated header: need {start} bytes, have {len(data)}")
+    try:
+        raw = json.loads(bytes(data[8:start]))
+        metadata = raw.pop("__metadata__", None) or {}
+        tensors = {
+            name: TensorInfo(str(t["dtype"]), tuple(int(n) for n in t["shape"]),
+                             start + int(t["data_offsets"][0]), start + int(t["data_offsets"][1]))
+            for name, t in raw.items()
+        }
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+        raise CorruptPartError(f"{where}: not a safetensors header ({type(err).__name__}: {err})") from None
+    checksums = integrity.parse_checksums(metadata[integrity.METADATA_KEY], where) if integrity.METADATA_KEY in metadata else {}
+    for name, info in tensors.items():
+        if info.dtype not in _FROM_SAFETENSORS:
+            raise CorruptPartError(f"{where}: tensor {name}: unexpected dtype {info.dtype!r}")
+        nbytes = math.prod(info.shape) * _FROM_SAFETENSORS[info.dtype].itemsize
+        if info.stop - info.start != nbytes or info.start < start or (size is not None and info.stop > size):
+            raise CorruptPartError(f"{where}: tensor {name}: bytes [{info.start}, {info.stop}) do not fit shape "
+                                   f"{list(info.shape)} {info.dtype} in a part of {size if size is not None else '?'} bytes")
+        if checksums:
+            if name not in checksums:
+                raise CorruptPartError(f"{where}: tensor {name} has no checksum")
+            per_block, crcs = checksums[name]
+            if len(crcs) != -(-info.rows // per_block) and nbytes:
+                raise CorruptPartError(f"{where}: tensor {name}: {len(crcs)} checksums for {info.rows} rows")
+            tensors[name] = TensorInfo(info.dtype, info.shape, info.start, info.stop, per_block, crcs)
     return PartHeader(tensors=tensors, metadata=metadata, data_start=start)
 
 

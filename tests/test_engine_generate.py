@@ -1,0 +1,121 @@
+"""`actex generate` end to end on a tiny random Qwen2 over real ARC tasks: generated tokens
+and their activations against transformers, samples.jsonl fields, predictions.json,
+inspect, and the worker modes of extract (static split, --claim) giving every chunk once."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from engine_fixtures import TINY_HOOKS, arc_dataset, committed_tensors, jax_cache, tiny_model_dir  # noqa: F401
+from model_fixtures import reference_hooks
+from transformers import AutoTokenizer, Qwen2ForCausalLM
+from typer.testing import CliRunner
+
+from actex.cli import app
+from actex.store.folder import open_store
+from actex.store.reader import Run
+
+ACTEX = str(Path(sys.executable).parent / "actex")
+MAX_NEW = 6
+F32_TOL = 1e-4  # as tests/test_model_parity.py: max abs error / max abs value
+runner = CliRunner()
+
+
+def generate_args(model_dir: Path, dataset: Path, output: Path, name: str, *extra: str) -> list[str]:
+    return [
+        "generate", "--model", str(model_dir), "--dataset", str(dataset), "--output", str(output),
+        "--run-name", name, "--hooks", ",".join(TINY_HOOKS), "--dtype", "float32", "--compute-dtype", "float32",
+        "--predictions-per-task", "2", "--chunk-size", "2", "--batch-tokens", "2048",
+        "--max-new-tokens", str(MAX_NEW), "--no-progress", *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, arc_dataset, tmp_path_factory) -> Path:
+    """One run in-process through the CLI code path: 3 tasks x 2 predictions, 3 chunks."""
+    output = tmp_path_factory.mktemp("generate")
+    result = runner.invoke(app, generate_args(tiny_model_dir, arc_dataset, output, "g"))
+    assert result.exit_code == 0, result.output
+    assert "predictions.json: 3 test inputs, 0/6 answers parsed, pass@2 0/3" in result.output
+    return output / "g"
+
+
+def test_generated_tokens_and_their_activations_match_transformers(reference, tiny_model_dir):
+    run = Run(open_store(str(reference)))
+    assert run.manifest.kind == "generate"
+    assert run.config["generation"] == {"max_new_tokens": MAX_NEW, "stop_tokens": ["<|im_end|>", "<|endoftext|>"]}
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = Qwen2ForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    stop_ids = sorted({tokenizer.eos_token_id, *tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])})
+    stored = committed_tensors(str(reference))
+    records = {r["sample_id"]: r for chunk in run.chunks for r in run.samples(chunk)}
+    assert sorted(stored) == sorted(records) == list(range(6))
+    for sample_id, record in records.items():
+        ids = np.frombuffer(stored[sample_id]["token_ids"], np.int32)
+        n_prompt = record["n_prompt_tokens"]
+        assert len(ids) == record["n_tokens"] == n_prompt + len(ids[n_prompt:]) and len(ids) > n_prompt
+        prompt, generated = ids[:n_prompt].tolist(), ids[n_prompt:].tolist()
+        with torch.inference_mode():
+            expected = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, n_prompt, dtype=torch.long),
+                                      max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=stop_ids, pad_token_id=0)
+        assert generated == expected[0, n_prompt:].tolist()
+        assert record["generated_text"] == tokenizer.decode(generated, skip_special_tokens=False)
+        stopped = generated[-1] in stop_ids
+        assert record["stop_reason"] == ("stop_token" if stopped else "max_new_tokens")
+        assert stopped or len(generated) == MAX_NEW
+        assert record["answer"]["grid"] is None and record["answer"]["reason"] and record["answer"]["correct"] is False
+        # Every stored token, prompt and generated, against one transformers forward.
+        want = reference_hooks(model, ids[None].copy())  # frombuffer arrays are read-only
+        for hook in TINY_HOOKS:
+            got = np.frombuffer(stored[sample_id][hook], np.float32).reshape(len(ids), -1)
+            err = np.abs(got - want[hook][0]).max() / np.abs(want[hook][0]).max()
+            assert err <= F32_TOL, f"sample {sample_id} {hook}: {err:.1e}"
+        assert np.frombuffer(stored[sample_id]["positions"], np.int32).tolist() == list(range(len(ids)))
+
+
+def test_predictions_accuracy_and_inspect(reference):
+    predictions = json.loads((reference / "predictions.json").read_text())
+    tasks = [json.loads(line) for line in Path(Run(open_store(str(reference))).config["data"]["dataset"]).read_text().splitlines()]
+    assert predictions == {t["id"]: [{"attempt_1": [[0]], "attempt_2": [[0]]}] * len(t["test"]) for t in tasks}
+    accuracy = json.loads((reference / "accuracy.json").read_text())
+    assert accuracy["samples"] == 6 and accuracy["test_inputs_known"] == 3 and accuracy["pass_at_2"] == 0
+    result = runner.invoke(app, ["inspect", str(reference), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["kind"] == "generate" and summary["answers"] == accuracy
+    shown = runner.invoke(app, ["inspect", str(reference)]).output
+    assert "answers: 0/6 parsed" in shown and "pass@2 0/3" in shown
+
+
+def test_claim_and_static_workers_give_every_chunk_once_equal_to_one_worker(reference, tiny_model_dir, arc_dataset,
+                                                                            tmp_path):
+    """Two --claim workers at once (real processes), and a static split 0/2 + 1/2: the same
+    bytes as the single worker, each sample stored once (committed_tensors checks that)."""
+    claimers = [subprocess.Popen([ACTEX, *generate_args(tiny_model_dir, arc_dataset, tmp_path, "c", "--claim")],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    for index in range(2):
+        result = runner.invoke(app, generate_args(tiny_model_dir, arc_dataset, tmp_path, "s",
+                                                  "--worker-index", str(index), "--num-workers", "2"))
+        assert result.exit_code == 0, result.output
+    for proc in claimers:
+        output, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, output
+    expected = committed_tensors(str(reference))
+    for name in ("c", "s"):
+        assert committed_tensors(str(tmp_path / name)) == expected, name
+        assert json.loads((tmp_path / name / "predictions.json").read_text()) == json.loads(
+            (reference / "predictions.json").read_text())
+
+
+def test_generation_fields_are_validated_before_anything_is_written(tiny_model_dir, arc_dataset, tmp_path):
+    result = runner.invoke(app, generate_args(tiny_model_dir, arc_dataset, tmp_path, "bad", "--max-seq-len", "64",
+                                              "--max-new-tokens", "64"))
+    assert result.exit_code == 2
+    assert "actex: error: invalid config field" in result.output and "max_seq_len 64" in result.output
+    assert not (tmp_path / "bad").exists()
