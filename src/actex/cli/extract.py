@@ -67,6 +67,18 @@ def infrastructure_message(error: OSError) -> str:
     return f"{where}{error.strerror or _first_line(error)}"
 
 
+_USER_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def _caused_by_user(error: BaseException) -> bool:
+    cause = error.__cause__
+    while cause is not None:
+        if isinstance(cause, _USER_OS_ERRORS):
+            return True
+        cause = cause.__cause__
+    return False
+
+
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """The input boundary of a command: user-caused exceptions become one line and exit 2;
@@ -76,9 +88,11 @@ def user_errors() -> Iterator[None]:
 
     try:
         yield
-    except StoreError as error:  # an OSError, but never the user's: the store failed after retries
+    except StoreError as error:
+        # The store failed after retries (1), unless what failed is where the user pointed
+        # it: a file where a folder should be, no permission (2).
         typer.echo(f"actex: error: {_first_line(error)}", err=True)
-        raise typer.Exit(EXIT_INFRASTRUCTURE) from None
+        raise typer.Exit(EXIT_USER_ERROR if _caused_by_user(error) else EXIT_INFRASTRUCTURE) from None
     except _USER_ERRORS as error:
         message = _first_line(error)
         if isinstance(error, PermissionError) and error.filename:
