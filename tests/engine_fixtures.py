@@ -10,6 +10,7 @@ the byte level, for comparisons between runs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -106,12 +107,19 @@ def run_fields(model_dir: Path, dataset: Path, output: str, **overrides) -> dict
 
 
 def committed_tensors(url: str, storage_options: dict | None = None) -> dict[int, dict[str, bytes]]:
-    """sample id -> {tensor name: raw bytes} over every committed part of a run."""
+    """sample id -> {tensor name: raw bytes} over every committed part of a run.
+
+    Also checks each part against its commit record: size, and a sha256 recomputed here
+    from the bytes read back (hashlib, not actex's own encoder).
+    """
     store = open_store(url, **(storage_options or {}))
     out: dict[int, dict[str, bytes]] = {}
     for record in read_commits(store).values():
         for part_record in record.parts:
-            part = decode_part(store.read_bytes(part_record.path))
+            data = store.read_bytes(part_record.path)
+            assert len(data) == part_record.bytes, f"{part_record.path}: {len(data)} bytes, record says {part_record.bytes}"
+            assert hashlib.sha256(data).hexdigest() == part_record.sha256, f"{part_record.path}: sha256 differs from its commit record"
+            part = decode_part(data)
             for i, sample_id in enumerate(part.sample_ids.tolist()):
                 rows = part.sample(i)
                 tensors = {name: a[rows].tobytes() for name, a in part.hooks.items()}

@@ -11,6 +11,9 @@ Two kinds of reset matter and are counted apart:
   case that catches a store whose retried conditional create misreads its own success as
   "someone else got there first".
 
+Every injected fault is recorded with the request's method, path and precondition
+(`proxy.injected`), so a test can check which operations a fault really hit.
+
 Usage: `with FaultProxy(upstream_url, FaultPlan(seed=1, rate=0.2)) as proxy: ... proxy.url`.
 """
 
@@ -42,45 +45,84 @@ _HOP_BY_HOP = {
 }
 
 
+PRECONDITIONS = ("create", "swap")
+
+
+def precondition(path: str, headers) -> str | None:
+    """What a request makes conditional: "create" (GCS `ifGenerationMatch=0`, S3
+    `If-None-Match: *`), "swap" (GCS `ifGenerationMatch=<generation>`, S3 `If-Match`), or None."""
+    generation = urllib.parse.parse_qs(urllib.parse.urlsplit(path).query).get("ifGenerationMatch")
+    if generation:
+        return "create" if generation[0] == "0" else "swap"
+    if headers.get("If-None-Match", "").strip() == "*":
+        return "create"
+    if headers.get("If-Match"):
+        return "swap"
+    return None
+
+
 @dataclass(frozen=True)
 class FaultPlan:
     """Which fraction of requests fail, and how.
 
     rate: probability that a request gets a fault at all; the kind is then drawn uniformly
     from `kinds`. `delay_s` is how long a delayed request waits before being forwarded.
+    `targeted`: (precondition, kind) pairs: the first request carrying that precondition
+    (see `precondition`) gets that fault, whatever the draw says, so a test can make sure a
+    lost answer hits a conditional create and a compare-and-swap.
     """
 
     seed: int = 0
     rate: float = 0.1
     kinds: tuple[str, ...] = ("503", "reset", "delay")
     delay_s: float = 0.5
+    targeted: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
-        unknown = set(self.kinds) - set(FAULT_KINDS)
+        unknown = (set(self.kinds) | {kind for _, kind in self.targeted}) - set(FAULT_KINDS)
         if unknown:
             raise ValueError(f"unknown fault kinds {sorted(unknown)}; expected some of {FAULT_KINDS}")
+        if not {condition for condition, _ in self.targeted} <= set(PRECONDITIONS):
+            raise ValueError(f"targeted faults need a precondition among {PRECONDITIONS}, got {self.targeted}")
         if not 0.0 <= self.rate <= 1.0:
             raise ValueError(f"fault rate must be in [0, 1], got {self.rate}")
 
 
+@dataclass(frozen=True)
+class Injected:
+    """One injected fault: what it was and which request it hit."""
+
+    kind: str
+    method: str
+    path: str  # path and query, as the client sent them
+    precondition: str | None  # see `precondition`
+
+
 class _Faults:
-    """Thread-safe draw of the next request's fault, and the tally of what was injected."""
+    """Thread-safe draw of the next request's fault, and the record of what was injected."""
 
     def __init__(self, plan: FaultPlan) -> None:
         self.plan = plan
         self._rng = random.Random(plan.seed)
         self._lock = threading.Lock()
+        self._targeted = dict(plan.targeted)
         self.enabled = True
         self.requests = 0
-        self.counts: collections.Counter[str] = collections.Counter()
+        self.injected: list[Injected] = []
 
-    def draw(self) -> str | None:
+    def draw(self, method: str, path: str, headers) -> str | None:
+        condition = precondition(path, headers)
         with self._lock:
             self.requests += 1
-            if not self.enabled or self._rng.random() >= self.plan.rate:
+            if not self.enabled:
                 return None
-            kind = self._rng.choice(self.plan.kinds)
-            self.counts[kind] += 1
+            kind = self._targeted.pop(condition, None) if condition else None
+            # The seeded draw happens for every request, so targeting does not shift it.
+            drawn = self._rng.random() < self.plan.rate
+            chosen = self._rng.choice(self.plan.kinds) if drawn else None
+            kind = kind or chosen
+            if kind is not None:
+                self.injected.append(Injected(kind, method, path, condition))
             return kind
 
 
@@ -114,7 +156,7 @@ def _make_handler(upstream: urllib.parse.SplitResult, faults: _Faults):
 
         def _proxy(self) -> None:
             body = _read_request_body(self)
-            fault = faults.draw()
+            fault = faults.draw(self.command, self.path, self.headers)
             if fault == "reset":
                 self.close_connection = True
                 _reset(self.connection)
@@ -192,7 +234,13 @@ class FaultProxy:
     @property
     def counts(self) -> dict[str, int]:
         """Injected faults by kind so far."""
-        return dict(self._faults.counts)
+        return dict(collections.Counter(i.kind for i in self.injected))
+
+    @property
+    def injected(self) -> list[Injected]:
+        """Every injected fault so far, in order, with the request it hit."""
+        with self._faults._lock:
+            return list(self._faults.injected)
 
     def set_enabled(self, enabled: bool) -> None:
         """Pause or resume injection (setup and verification run through a healthy proxy)."""

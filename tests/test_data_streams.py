@@ -54,6 +54,9 @@ def test_streams_cli_text_and_errors(tmp_path):
     assert ok.exit_code == 0, ok.output
     assert _read_streams(tmp_path / "s", 2) == [[{"text": "a", "source_row": 0}], [{"text": "b", "source_row": 1}]]
     bad = runner.invoke(app, ["streams", str(source), str(tmp_path / "t"), "-n", "2", "--format", "text", "--text-column", "body"])
-    assert bad.exit_code == 1 and f"error: {source}:row 2: column 'body' is int, not a string" in bad.output
+    # The same prefix and exit code as every other command's user errors.
+    assert bad.exit_code == 2
+    assert bad.stderr == f"actex: error: {source}:row 2: column 'body' is int, not a string\n"
     wrong = runner.invoke(app, ["streams", str(source), str(tmp_path / "u"), "-n", "2", "--format", "csv"])
-    assert wrong.exit_code == 1 and "error: --format:" in wrong.output
+    assert wrong.exit_code == 2 and wrong.stderr.startswith("actex: error: --format:")
+    assert len(wrong.stderr.splitlines()) == 1

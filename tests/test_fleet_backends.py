@@ -6,6 +6,7 @@ smaller fleet with one worker killed mid-run, then the run is compared to one cl
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ from engine_fixtures import jax_cache, tiny_model_dir  # noqa: F401 (fixtures)
 from fleet_fixtures import (
     WORKER_ENV,
     Chaos,
+    assert_ended_cleanly,
     check_run,
     fleet_case,
     timeline,
@@ -25,6 +27,7 @@ from fleet_fixtures import (
 
 from actex.fleet.local import LocalFleet, actex_command
 from actex.fleet.monitor import run_complete
+from actex.store.commits import read_commits
 from actex.store.folder import open_store
 
 CHUNKS = 48
@@ -54,14 +57,18 @@ def test_claim_fleet_with_a_killed_worker(backend, case, tmp_path, request):
         log_dir=tmp_path / "logs",
         poll_s=0.1,
     )
-    chaos = Chaos(signal.SIGKILL, every_s=0.2, times=1, seed=1)
+    chaos = Chaos(signal.SIGKILL, times=1, chunks=CHUNKS, seed=1)
     try:
         chaos.drive(fleet, timeout_s=80)
     finally:
         print(timeline(fleet))
     assert len(chaos.sent) == 1
-    check = check_run(url, options, reference)
+    killed = {pid for _, pid in chaos.sent}
+    check = check_run(url, options, reference, workers=fleet.result.exited, disabled=killed)
     assert check.chunks == CHUNKS
+    for worker in fleet.result.exited:
+        if worker.process.pid not in killed:
+            assert_ended_cleanly(worker)
     print(f"{backend}: 1 kill, {fleet.result.restarts} restarts, {len(check.orphans)} orphan attempts")
 
     # A worker that joins with a different stored dtype refuses before touching anything.
@@ -69,7 +76,9 @@ def test_claim_fleet_with_a_killed_worker(backend, case, tmp_path, request):
     before = sorted(open_store(url, **options).list())
     refused = subprocess.run(worker_argv(changed), env={**fleet.env}, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2, refused.stderr[-2000:]
-    errors = [line for line in refused.stderr.splitlines() if line.startswith("actex: error:")]
+    # Workers log with --log-json: stderr is JSON lines only, the error one record among them.
+    records = [json.loads(line) for line in refused.stderr.splitlines()]
+    errors = [r["message"] for r in records if r["level"] == "error"]
     assert len(errors) == 1 and "dtype" in errors[0] and "bfloat16" in errors[0], refused.stderr[-2000:]
     assert sorted(open_store(url, **options).list()) == before
 
@@ -90,6 +99,10 @@ def test_fleet_and_status_commands(case, tmp_path):
     status = subprocess.run([*actex_command(), "status", url, "--json"], env=env, capture_output=True, text=True, timeout=60)
     progress = json.loads(status.stdout)
     assert progress["complete"] and progress["committed"] == CHUNKS and progress["leased"] == {}
-    assert sum(w["chunks_done"] for w in progress["workers"]) >= CHUNKS
+    # Each chunk counted once, by the worker whose commit record it is: a worker that also
+    # counted a commit it lost (or one it skipped) would show here.
+    by_worker = collections.Counter(r.worker for r in read_commits(open_store(url)).values())
+    assert {w["worker"]: w["chunks_done"] for w in progress["workers"] if w["chunks_done"]} == dict(by_worker)
+    assert sum(w["chunks_done"] for w in progress["workers"]) == CHUNKS
     # The first worker to finish ends the fleet; the other is stopped gracefully.
     assert all(w["state"] in ("finished", "stopped") and not w["silent"] for w in progress["workers"])

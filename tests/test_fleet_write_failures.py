@@ -29,7 +29,7 @@ def broken_chunk_1(monkeypatch):
 
 
 @pytest.mark.parametrize("policy", ["exit", "continue"])
-def test_write_failure_policy(policy, broken_chunk_1, tiny_model_dir, text_dataset, tmp_path, caplog):  # noqa: F811
+def test_write_failure_policy(policy, broken_chunk_1, tiny_model_dir, text_dataset, tmp_path, caplog, monkeypatch):  # noqa: F811
     run = open_run(run_fields(tiny_model_dir, text_dataset, str(tmp_path)))
     assert run.plan.num_chunks >= 3
     source = StaticChunks(run.plan.num_chunks)
@@ -43,7 +43,14 @@ def test_write_failure_policy(policy, broken_chunk_1, tiny_model_dir, text_datas
     assert summary.failed == 1 and summary.committed == run.plan.num_chunks - 1
     assert committed_chunks(run.store) == set(range(run.plan.num_chunks)) - {1}
     assert any("chunk 1 not committed" in r.message and "chunks/000001/" in r.message for r in caplog.records)
-    assert committed_tensors(run.config.run_url)  # what was committed reads back
+    # Every other chunk is whole and right: the same tensors as a clean run, less chunk 1's samples.
+    monkeypatch.undo()  # the store works again
+    clean = open_run(run_fields(tiny_model_dir, text_dataset, str(tmp_path / "clean")))
+    extract(clean, StaticChunks(clean.plan.num_chunks), worker="w0")
+    expected = committed_tensors(clean.config.run_url)
+    failed = range(*run.plan.chunk_range(1))
+    assert len(failed) > 0 and set(failed) <= set(expected)
+    assert committed_tensors(run.config.run_url) == {sid: t for sid, t in expected.items() if sid not in failed}
 
 
 def test_cli_exit_code_after_write_failures_lets_the_fleet_restart(broken_chunk_1, tiny_model_dir, text_dataset, tmp_path):  # noqa: F811

@@ -166,3 +166,72 @@ def test_forward_takes_hooks_in_any_order(tiny):
     out = forward(tiny.params, tiny.config, token_ids, positions, segment_ids, hooks)
     assert set(out) == set(hooks)
     np.testing.assert_array_equal(out[hooks[0]], out[hooks[1]])
+
+
+def test_ln_final_hook_normalized_is_transformer_lens_pre_gain(tiny):
+    # TransformerLens's ln_final.hook_normalized is x / sqrt(mean(x^2) + eps), before the
+    # gain; the gained value (HF's last_hidden_state) is ln_final.hook_out.
+    last = f"blocks.{tiny.config.n_layers - 1}.hook_resid_post"
+    hooks = (last, "ln_final.hook_normalized", "ln_final.hook_out")
+    token_ids = np.arange(1, 13, dtype=np.int32)[None]
+    out = make_capture_fn(tiny.config, hooks, "float32")(
+        tiny.params, token_ids, np.arange(12, dtype=np.int32)[None], np.ones_like(token_ids))
+    x = np.asarray(out[last], np.float64)
+    normalized = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + tiny.config.rms_norm_eps)
+    gain = np.asarray(tiny.params["final_norm"], np.float64)
+    assert np.abs(gain - 1).max() > 0.05  # the gain is not the identity, so the two differ
+    np.testing.assert_allclose(out["ln_final.hook_normalized"], normalized, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out["ln_final.hook_out"], normalized * gain, rtol=1e-5, atol=1e-6)
+
+
+def _dot_precisions(params, config, hooks):
+    import jax.extend
+
+    from actex.model.qwen2 import forward
+
+    ids = jnp.zeros((1, 8), jnp.int32)
+    jaxpr = jax.make_jaxpr(lambda p: forward(p, config, ids, ids, ids + 1, hooks))(params)
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                found.append(eqn.params["precision"])
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jaxpr.jaxpr)
+    return found
+
+
+def test_float32_matmuls_ask_for_full_precision_and_cpu_results_are_unchanged(tiny, monkeypatch):
+    # TPUs (one bf16 pass) and GPUs (TF32) would otherwise round float32 matmul inputs.
+    from actex.model import qwen2
+
+    hooks = ("blocks.2.hook_resid_post",)
+    highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+    float32 = _dot_precisions(tiny.params, tiny.config, hooks)
+    assert len(float32) >= 9 and set(float32) == {highest}  # 7 dense + 2 attention (one scanned block)
+    bf16 = jax.tree.map(lambda w: w.astype(jnp.bfloat16), tiny.params)
+    assert set(_dot_precisions(bf16, tiny.config, hooks)) == {None}
+
+    inputs = (np.arange(24, dtype=np.int32).reshape(2, 12),
+              np.tile(np.arange(12, dtype=np.int32), (2, 1)), np.ones((2, 12), np.int32))
+    explicit = make_capture_fn(tiny.config, hooks, "float32")(tiny.params, *inputs)
+    monkeypatch.setattr(qwen2, "matmul_precision", lambda dtype: None)
+    default = make_capture_fn(tiny.config, hooks, "float32")(tiny.params, *inputs)
+    if jax.default_backend() == "cpu":
+        np.testing.assert_array_equal(explicit[hooks[0]], default[hooks[0]])
+
+
+def test_embedding_only_params_shard_and_capture(tiny):
+    # hook_embed alone loads no block weight: params["layers"] is empty, and both the mesh
+    # placement and the forward must take that (they once looked up a block weight).
+    embed_only = load_model(tiny.path, max_layers=0)
+    assert embed_only.params["layers"] == {}
+    params = shard_params(embed_only.params, embed_only.config, make_mesh())
+    token_ids = np.array([[3, 1, 4, 1, 5]], np.int32)
+    out = make_capture_fn(embed_only.config, ["hook_embed", "blocks.0.hook_resid_pre"], "float32")(
+        params, token_ids, np.arange(5, dtype=np.int32)[None], np.ones_like(token_ids))
+    for value in out.values():
+        np.testing.assert_array_equal(value[0], np.asarray(tiny.params["embed"])[token_ids[0]])

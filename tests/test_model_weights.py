@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
@@ -30,9 +31,16 @@ def test_sharded_checkpoint_loads_same_params(tmp_path):
     assert len(list((tmp_path / "many").glob("*.safetensors"))) > 2
     assert (tmp_path / "many" / "model.safetensors.index.json").exists()
     one, many = load_model(tmp_path / "one"), load_model(tmp_path / "many")
-    for a, b in zip(np.asarray(one.params["layers"]["wq"]), np.asarray(many.params["layers"]["wq"])):
-        np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(one.params["embed"], many.params["embed"])
+    # Every leaf, by path: same tree, same shapes and dtypes, same values (no zip that
+    # stops at the shorter side).
+    leaves_one = dict(jax.tree_util.tree_leaves_with_path(one.params))
+    leaves_many = dict(jax.tree_util.tree_leaves_with_path(many.params))
+    assert sorted(map(jax.tree_util.keystr, leaves_one)) == sorted(map(jax.tree_util.keystr, leaves_many))
+    assert len(leaves_one) >= 10
+    for path, leaf in leaves_one.items():
+        other = leaves_many[path]
+        assert (leaf.shape, leaf.dtype) == (other.shape, other.dtype), jax.tree_util.keystr(path)
+        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(other), err_msg=jax.tree_util.keystr(path))
     assert one.fingerprint != many.fingerprint  # different files, headers and index
 
 

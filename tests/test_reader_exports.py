@@ -13,7 +13,7 @@ from reader_fixtures import write_run
 
 from actex import open_run
 from actex.exports.legacy import export_legacy, layer_keys
-from actex.exports.saelens import export_saelens, window_starts
+from actex.exports.saelens import export_saelens, infer_context_size, window_starts
 
 HOOK = "blocks.0.hook_resid_post"
 
@@ -38,8 +38,18 @@ def test_saelens_cuts_windows_and_drops_tails(tmp_path):
     ds = load_from_disk(str(tmp_path / "sae")).with_format("numpy")
     rows = [0, 1, 2, 3, 4, 5, 6, 7, 10, 11, 12, 13]
     np.testing.assert_array_equal(ds[:][HOOK].reshape(-1, 16), expected.hooks[HOOK][rows].astype(np.float32))
-    with pytest.raises(ValueError, match="different lengths"):
-        export_saelens(open_run(expected.url), tmp_path / "other", HOOK)
+    # Samples of different lengths (ARC prompts, say) need no --context-size: the default is
+    # the largest power of two that fits the shortest window (min(7, window 4) -> 4).
+    default = export_saelens(open_run(expected.url), tmp_path / "other", HOOK)
+    assert (default.context_size, default.rows, default.tokens_dropped) == (4, 3, 5)
+
+
+def test_saelens_default_context_size_for_varying_lengths(tmp_path):
+    expected = write_run(str(tmp_path / "run"), lengths=[[[37, 21]], [[100]]])
+    assert infer_context_size(open_run(expected.url)) == 16  # 21 tokens -> 16, each sample a row
+    config = {"model": "tiny", "dtype": "bfloat16", "compute_dtype": "float32", "data": {"max_seq_len": 12}}
+    windowed = write_run(str(tmp_path / "windowed"), lengths=[[[37, 21]]], window=12, config=config)
+    assert infer_context_size(open_run(windowed.url)) == 8  # no window is longer than 12
 
 
 def test_window_starts_never_cross_a_restart():
@@ -66,5 +76,7 @@ def test_legacy_pickles_round_trip(tmp_path):
     assert entries[1]["text_preview"] == f"ids{expected.token_ids[3:5].tolist()}"
     meta = json.loads((tmp_path / "legacy" / "metadata.json").read_text())
     assert meta["num_samples"] == 4 and "trusted" in meta["format"]
-    with pytest.raises(ValueError, match="both map to legacy layer 0"):
+    with pytest.raises(ValueError, match="both map to legacy layer 0") as error:
         layer_keys(["blocks.0.hook_resid_post", "blocks.0.hook_mlp_out"])
+    # It names the option `actex export` has (--hook, repeatable); there is no --hooks.
+    assert "--hooks" not in str(error.value) and "--hook blocks.0.hook_resid_post" in str(error.value)

@@ -16,9 +16,10 @@ from actex import open_run
 from actex.cli import app
 from actex.store import layout, shards
 from actex.store.commits import PartRecord
-from actex.verify import forward_windows, verify
+from actex.verify import TOLERANCE, forward_windows, verify
 
-HOOKS = ["hook_embed", "blocks.0.hook_resid_mid", "blocks.1.mlp.hook_post", "ln_final.hook_normalized"]
+HOOKS = ["hook_embed", "blocks.0.hook_resid_mid", "blocks.1.mlp.hook_post", "ln_final.hook_normalized",
+         "ln_final.hook_out"]
 
 
 @pytest.fixture(scope="module")
@@ -86,15 +87,67 @@ def test_verify_passes_then_fails_on_altered_tensor(engine_run):
     assert result.exit_code == 1 and "FAIL  blocks.1.mlp.hook_post" in result.output
 
 
+def stored_samples(url: str, hook: str) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """sample id -> (token_ids [n], positions [n], hook values [n, width]) read from the parts."""
+    run = open_run(url)
+    out = {}
+    for part in run.parts():
+        decoded = shards.decode_part(run.store.read_bytes(part.path))
+        for i, sid in enumerate(decoded.sample_ids.tolist()):
+            rows = decoded.sample(i)
+            out[sid] = (decoded.token_ids[rows], decoded.positions[rows], decoded.hooks[hook][rows])
+    return out
+
+
+def expected_contexts(samples: dict, size: int) -> list[tuple[bytes, bytes]]:
+    """(token ids, values) of every run of `size` tokens starting at a multiple of `size`
+    within one forward window (positions restart at 0 in each window), sorted."""
+    found = []
+    for token_ids, positions, values in samples.values():
+        for start in np.flatnonzero(positions % size == 0):
+            stop = start + size
+            if stop <= len(positions) and np.array_equal(positions[start:stop], positions[start] + np.arange(size)):
+                found.append((token_ids[start:stop].astype(np.int32).tobytes(), values[start:stop].astype(np.float32).tobytes()))
+    return sorted(found)
+
+
 def test_cli_export_and_gc(engine_run, tmp_path):
+    import gzip
+    import pickle
+
+    from datasets import Array2D, load_from_disk
+
     runner = CliRunner()
     result = runner.invoke(app, ["export", engine_run, str(tmp_path / "sae"), "--to", "saelens",
                                  "--hook", "hook_embed", "--context-size", "16"])
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "sae" / "dataset_info.json").exists()
-    result = runner.invoke(app, ["export", engine_run, str(tmp_path / "legacy"), "--to", "legacy-pickle",
-                                 "--hook", "blocks.0.hook_resid_mid"])
-    assert result.exit_code == 0 and (tmp_path / "legacy" / "shard_0000.pkl.gz").exists()
+    # The export holds exactly the stored 16-token contexts of hook_embed, values and ids.
+    ds = load_from_disk(str(tmp_path / "sae"))
+    width = open_run(engine_run).hooks["hook_embed"]
+    assert ds.features["hook_embed"] == Array2D(shape=(16, width), dtype="float32")
+    ds.set_format("numpy")
+    exported = sorted(
+        (ids.astype(np.int32).tobytes(), acts.astype(np.float32).tobytes())
+        for ids, acts in zip(ds[:]["token_ids"], ds[:]["hook_embed"], strict=True)
+    )
+    expected = expected_contexts(stored_samples(engine_run, "hook_embed"), 16)
+    assert len(expected) >= 5 and exported == expected
+
+    hook = "blocks.0.hook_resid_mid"
+    result = runner.invoke(app, ["export", engine_run, str(tmp_path / "legacy"), "--to", "legacy-pickle", "--hook", hook])
+    assert result.exit_code == 0, result.output
+    entries = []
+    for path in sorted((tmp_path / "legacy").glob("shard_*.pkl.gz")):
+        with gzip.open(path) as f:
+            shard = pickle.load(f)
+        assert set(shard) == {0}  # blocks.0.* -> legacy layer 0
+        entries += shard[0]
+    stored = stored_samples(engine_run, hook)
+    assert sorted(e["sample_idx"] for e in entries) == sorted(stored)
+    for entry in entries:
+        values = stored[entry["sample_idx"]][2]
+        assert entry["shape"] == values.shape
+        np.testing.assert_array_equal(entry["activation"], values)
     result = runner.invoke(app, ["export", engine_run, str(tmp_path / "x"), "--to", "saelens", "--hook", "nope"])
     assert result.exit_code == 2 and "no hook 'nope'" in result.output
     result = runner.invoke(app, ["gc", engine_run, "--dry-run"])
@@ -123,3 +176,77 @@ def test_verify_fails_on_nan_in_stored_values(tmp_path, monkeypatch):
     checks = {c.hook: c for c in verify(open_run(expected.url), 10, reference=object()).checks}
     assert not checks["blocks.0.hook_resid_post"].ok
     assert checks["blocks.1.mlp.hook_post"].ok
+
+
+def _outlier_run(root, *, leak: bool, monkeypatch) -> str:
+    """A run of a tiny model whose first token carries a Qwen-like massive activation.
+
+    Every text row starts with the same word; that token's embedding row is scaled by 1e4,
+    so position 0 of every sample holds values ~1e4 times the rest. With `leak`, extraction
+    runs with an attention that ignores segment ids: in a packed row each sample also sees
+    the samples before it, the kind of bug per-sample verification exists to catch.
+    """
+    from safetensors.numpy import load_file, save_file
+
+    from actex.data import build_tokenizer
+    from actex.engine.extract import extract
+    from actex.engine.extract import open_run as open_for_extraction
+    from actex.engine.work import StaticChunks
+    from actex.model import qwen2
+    from actex.model.random_checkpoint import tiny_hf_config, write_random_checkpoint
+
+    model = root / "model"
+    if not model.exists():
+        tokenizer = build_tokenizer(model, vocab_size=300)
+        write_random_checkpoint(model, tiny_hf_config(vocab_size=len(tokenizer), hidden_size=32,
+                                                      intermediate_size=48, num_hidden_layers=2), seed=0)
+        first = tokenizer("Hello", add_special_tokens=False)["input_ids"][0]
+        tensors = load_file(model / "model.safetensors")
+        tensors["model.embed_tokens.weight"][first] *= 1e4
+        save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+        rows = [{"text": "Hello " + "the quick brown fox jumps " * (i % 3 + 1) + f"row {i}"} for i in range(6)]
+        (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if leak:
+        honest = qwen2.attention
+        monkeypatch.setattr(qwen2, "attention", lambda q, k, v, seg: honest(q, k, v, (seg > 0).astype(seg.dtype)))
+    fields = {
+        "model": str(model), "hooks": ["blocks.1.hook_resid_post"], "dtype": "float32", "chunk_size": 6,
+        "output": str(root / "out"), "run_name": "leak" if leak else "clean",
+        "data": {"dataset": str(root / "data.jsonl"), "format": "text", "max_seq_len": 256},
+    }
+    run = open_for_extraction(fields)
+    extract(run, StaticChunks(run.plan.num_chunks), worker="w0")
+    return run.config.run_url
+
+
+def test_verify_catches_a_segment_leak_behind_a_first_token_outlier(tmp_path, monkeypatch):
+    from actex.verify import load_reference, reference_activations
+
+    clean_url = _outlier_run(tmp_path, leak=False, monkeypatch=monkeypatch)
+    leak_url = _outlier_run(tmp_path, leak=True, monkeypatch=monkeypatch)
+    reference = load_reference(str(tmp_path / "model"))
+    assert verify(open_run(clean_url), 6, reference=reference).ok
+
+    run = open_run(leak_url)
+    hook = "blocks.1.hook_resid_post"
+    part = run.parts()[0]
+    stored = run.read_part(part, hook)
+    assert (stored.positions == 0).sum() == 6  # six samples...
+    assert len(np.unique(stored.positions)) < len(stored.positions)  # ...packed, sharing rows
+    # The old metric, max |delta| / max |reference| over all tokens, sees nothing: the
+    # first tokens' outliers dwarf every leaked value.
+    ids, offsets = run.read_index(part)
+    ref = np.concatenate([reference_activations(reference, [hook], stored.token_ids[lo:hi],
+                                                stored.positions[lo:hi])[hook]
+                          for lo, hi in zip(offsets[:-1], offsets[1:])])
+    assert np.abs(ref[stored.positions == 0]).max() > 1e3 * np.abs(ref[stored.positions > 0]).max()
+    old_error = np.abs(stored.activations - ref).max() / np.abs(ref).max()
+    assert old_error < TOLERANCE["float32"]
+
+    report = verify(run, 6, reference=reference)
+    (check,) = report.checks
+    assert not check.ok and check.error > 0.1 and check.cosine < 0.99
+    # The worst token is named: its sample, its index in the sample and its position there.
+    assert check.worst_sample in ids.tolist() and check.worst_position > 0
+    lo = int(offsets[ids.tolist().index(check.worst_sample)])
+    assert stored.positions[lo + check.worst_index] == check.worst_position

@@ -212,11 +212,34 @@ def test_create_whose_response_was_lost_still_wins(store, monkeypatch):
     assert not store.create_exclusive("commits/000009.json", b"someone else")
 
 
-def test_local_write_never_exposes_partial_file(tmp_path):
-    store = open_store(tmp_path / "run")
-    store.write_bytes("p/part.bin", b"a" * 1000)
-    names = os.listdir(tmp_path / "run" / "p")
-    assert names == ["part.bin"]  # the temp file was renamed, not copied
+@pytest.mark.parametrize("op, publish", [("write_bytes", "replace"), ("create_exclusive", "link")])
+def test_local_write_never_exposes_partial_file(tmp_path, monkeypatch, op, publish):
+    """Bytes go to a hidden temp name, fully written and fsynced, and appear under the final
+    name only by one rename/link: when that step fails, the final name never appears."""
+    from actex.store.folder import TEMP_PREFIX
+
+    final = tmp_path / "run" / "p" / "part.bin"
+    data = b"a" * 100_000
+    seen = []
+
+    def failing(src, dst, *args, **kwargs):
+        # What a reader could see at the instant of publishing: the temp holds every byte,
+        # the final name does not exist yet.
+        seen.append((os.path.basename(src), open(src, "rb").read() == data, os.path.exists(dst)))
+        raise OSError(5, "injected: publish failed")
+
+    monkeypatch.setattr(os, publish, failing)
+    store = open_store(tmp_path / "run", retry=FAST_RETRY)
+    with pytest.raises(OSError, match="injected"):
+        getattr(store, op)("p/part.bin", data)
+    assert len(seen) == 1
+    temp_name, complete, final_existed = seen[0]
+    assert temp_name.startswith(TEMP_PREFIX) and complete and not final_existed
+    assert not final.exists()
+    assert os.listdir(final.parent) == []  # the temp file is cleaned up too
+    monkeypatch.undo()
+    getattr(store, op)("p/part.bin", data)
+    assert os.listdir(final.parent) == ["part.bin"] and final.read_bytes() == data
 
 
 def test_bad_relative_paths_are_refused(tmp_path):

@@ -123,10 +123,15 @@ def manifest(**changes):
 def test_manifest_created_once_and_reopened(store_url):
     url, options = store_url
     store = open_store(url, **options)
-    ours = manifest()
+    ours = manifest(created_at=1_000.0)
     assert open_or_create_manifest(store, ours) == ours
-    again = open_or_create_manifest(store, manifest())  # a rerun or a second worker
+    created = store.read_bytes("run.json")
+    # A rerun or a second worker, later and with an identical identity: it must read the
+    # stored run.json back, never write its own over it (created_at is the first worker's).
+    again = open_or_create_manifest(store, manifest(created_at=2_000.0))
     assert again.identity() == ours.identity()
+    assert again.created_at == 1_000.0
+    assert store.read_bytes("run.json") == created
     assert read_manifest(store).to_dict()["plan"]["num_chunks"] == 3
 
 

@@ -22,14 +22,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from actex.data.config import DataConfig
 from actex.flag import Flag
 from actex.model.hooks import hooks_for_layers, parse_hooks
 
 StoredDtype = Literal["bfloat16", "float16", "float32"]
-ComputeDtype = Literal["bfloat16", "float16", "float32"]
+# No float16 forward: the weight loader has none (and massive activations risk overflowing it).
+# Refused here, by config validation, before the slow plan rather than after it.
+ComputeDtype = Literal["bfloat16", "float32"]
 
 # Fields that say where/how a run is written or named, not what it contains. The model
 # revision is pinned by run.json instead (the commit it resolved to when the run was
@@ -93,7 +95,17 @@ class RunConfig(BaseModel):
     shard_size: Annotated[int, BeforeValidator(parse_size), Flag(panel="Performance", text=True)] = Field(
         1_000_000_000, ge=1, description="Max bytes per part file, e.g. 1GB, 256MB.")
     output: Annotated[str, Flag(panel="Run")] = Field(description="Where runs go: a local dir, file://, gs://, s3:// or memory:// URL.")
-    run_name: Annotated[str | None, Flag(panel="Run")] = Field(None, description="Run directory name under --output (default: run-<config hash>).")
+    run_name: Annotated[str | None, Flag(panel="Run")] = Field(
+        None, description="Run directory name under --output (default: run-<config hash>); one path segment.")
+
+    @field_validator("run_name")
+    @classmethod
+    def _one_path_segment(cls, name: str | None) -> str | None:
+        # The name is joined to `output`: a separator or `..` would write outside it.
+        if name is not None and (not name or "/" in name or "\\" in name or name in (".", "..")):
+            raise ValueError(f"{name!r} must be one directory name under output: no '/', '\\' or '..'")
+        return name
+
     # A flag of `actex generate` only (cli/generate.py), never of extract.
     generation: Annotated[GenerationConfig | None, Flag(skip=True)] = Field(
         default=None, description="Greedy generation settings (actex generate); absent for extraction.")

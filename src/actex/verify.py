@@ -2,9 +2,16 @@
 
 `actex verify URL --samples N` picks N random committed samples, feeds their stored token
 ids and positions to transformers' own Qwen2 (torch, float32, on CPU by default) with
-forward hooks at the TransformerLens points, and compares with what the store holds:
+forward hooks at the TransformerLens points, and compares with what the store holds,
+token by token:
 
-    error(hook) = max |stored - reference| / max |reference|     over the checked samples
+    error(hook)  = max over tokens t of ||stored_t - reference_t||_2 / ||reference_t||_2
+    cosine(hook) = min over tokens t of cos(stored_t, reference_t)
+
+and names the worst token (sample id, token index, position). A per-token measure, not
+max |delta| / max |reference|: Qwen models put activations thousands of times larger
+than the rest on the first token(s), and a ratio to that maximum hides real errors
+elsewhere (a segment leaking into another of its packed row, say).
 
 A stored sample may consist of several forward windows (long-text policies restart
 positions at 0); each window is recomputed on its own, exactly as it was extracted.
@@ -26,19 +33,53 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from actex.model.hooks import HOOK_EMBED, HOOK_LN_FINAL, parse_hook
+from actex.model.hooks import HOOK_EMBED, HOOK_LN_FINAL, HOOK_LN_FINAL_OUT, parse_hook
 from actex.store.integrity import CorruptPartError
 from actex.store.reader import Block, Part, Run
 
-# Relative error allowed per dtype (stored or compute, whichever is looser).
+# Per-token relative L2 error allowed per dtype (stored or compute, whichever is looser).
+# bfloat16 rounding alone is ~2^-9 relative per value, ~1e-3 over a token's vector.
 TOLERANCE = {"float32": 1e-3, "float16": 5e-3, "bfloat16": 2e-2}
+
+
+@dataclass(frozen=True)
+class TokenErrors:
+    """Worst token of one hook so far: its relative L2 error, and the lowest cosine."""
+
+    error: float = 0.0  # ||stored - reference|| / ||reference|| of the worst token
+    cosine: float = 1.0  # lowest cos(stored, reference) over the tokens
+    sample_id: int = -1  # the worst token's sample
+    index: int = -1  # its index among the sample's stored tokens
+    position: int = -1  # its position in its forward window
+
+    def merge(self, other: TokenErrors) -> TokenErrors:
+        """The worse of two; NaN counts as worst (np.minimum keeps it), so it fails the check."""
+        other_worse = not np.isnan(self.error) and (np.isnan(other.error) or other.error > self.error)
+        worse = other if other_worse else self
+        cosine = float(np.minimum(self.cosine, other.cosine))
+        return TokenErrors(worse.error, cosine, worse.sample_id, worse.index, worse.position)
+
+
+def token_errors(stored: np.ndarray, reference: np.ndarray, sample_id: int, positions: np.ndarray,
+                 first_index: int = 0) -> TokenErrors:
+    """Per-token relative L2 error and cosine of stored [tokens, width] against reference."""
+    s, r = stored.astype(np.float64), reference.astype(np.float64)
+    ref_norm = np.linalg.norm(r, axis=-1)
+    rel = np.linalg.norm(s - r, axis=-1) / np.maximum(ref_norm, 1e-30)
+    cos = np.sum(s * r, axis=-1) / np.maximum(np.linalg.norm(s, axis=-1) * ref_norm, 1e-30)
+    worst = int(np.argmax(np.where(np.isnan(rel), np.inf, rel)))
+    return TokenErrors(float(rel[worst]), float(cos.min()), sample_id, first_index + worst, int(positions[worst]))
 
 
 @dataclass(frozen=True)
 class HookCheck:
     hook: str
-    error: float  # max abs error / max abs reference value
+    error: float  # worst per-token ||stored - reference|| / ||reference||
     tolerance: float
+    cosine: float = 1.0  # lowest per-token cosine similarity
+    worst_sample: int = -1  # sample id of the worst token
+    worst_index: int = -1  # its token index within the sample
+    worst_position: int = -1  # its position in its forward window
 
     @property
     def ok(self) -> bool:
@@ -125,7 +166,8 @@ def reference_activations(reference, hooks: list[str], token_ids: np.ndarray, po
 
     handles = [
         reference.embed_tokens.register_forward_hook(keep(HOOK_EMBED), with_kwargs=True),
-        reference.norm.register_forward_hook(keep(HOOK_LN_FINAL), with_kwargs=True),
+        reference.norm.register_forward_pre_hook(keep_input("ln_final.input"), with_kwargs=True),
+        reference.norm.register_forward_hook(keep(HOOK_LN_FINAL_OUT), with_kwargs=True),
     ]
     for layer, block in enumerate(reference.layers):
         handles += [
@@ -151,6 +193,9 @@ def reference_activations(reference, hooks: list[str], token_ids: np.ndarray, po
         point = parse_hook(hook, n_layers)
         if point.kind == "hook_resid_mid":
             value = seen[f"blocks.{point.layer}.hook_resid_pre"] + seen[f"blocks.{point.layer}.hook_attn_out"]
+        elif point.kind == HOOK_LN_FINAL:  # TransformerLens's meaning: the norm before its gain
+            x = seen["ln_final.input"].float()
+            value = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + reference.norm.variance_epsilon)
         else:
             value = seen[hook]
         out[hook] = value[0].float().cpu().numpy()  # [tokens, width]
@@ -167,19 +212,18 @@ def verify(run: Run, n_samples: int, *, seed: int = 0, tolerance: float | None =
     if reference is None:
         reference = load_reference(model or run.config["model"], run.config.get("revision"), device)
     tol = default_tolerance(run) if tolerance is None else tolerance
-    max_err = dict.fromkeys(hooks, 0.0)
-    max_ref = dict.fromkeys(hooks, 0.0)
+    worst = dict.fromkeys(hooks, TokenErrors())
     tokens = 0
-    for part, _, lo, hi in chosen:
+    for part, sid, lo, hi in chosen:
         stored = {hook: run.read_block(Block(part, lo, hi), hook) for hook in hooks}
         first = stored[hooks[0]]
         tokens += hi - lo
         for a, b in forward_windows(first.positions):
             ref = reference_activations(reference, hooks, first.token_ids[a:b], first.positions[a:b])
             for hook in hooks:
-                diff = np.abs(stored[hook].activations[a:b].astype(np.float32) - ref[hook])
-                # np.maximum, not max(): a NaN on either side must survive and fail the check.
-                max_err[hook] = float(np.maximum(max_err[hook], diff.max()))
-                max_ref[hook] = float(np.maximum(max_ref[hook], np.abs(ref[hook]).max()))
-    checks = tuple(HookCheck(h, max_err[h] / max(max_ref[h], 1e-30), tol) for h in hooks)
+                window = token_errors(stored[hook].activations[a:b], ref[hook], sid, first.positions[a:b], a)
+                worst[hook] = worst[hook].merge(window)
+    checks = tuple(
+        HookCheck(h, w.error, tol, w.cosine, w.sample_id, w.index, w.position) for h, w in worst.items()
+    )
     return VerifyReport(run.url, tuple(sid for _, sid, _, _ in chosen), tokens, checks, tuple(corrupt.values()))

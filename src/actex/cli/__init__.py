@@ -1,8 +1,20 @@
 """The `actex` command. Each area registers its subcommands from its own module; no logic lives here."""
 
 import typer
+import typer.core
 
 from actex.cli import data, extract, fleet, generate, k8s, reader, tpu
+
+
+def _type_label(option: typer.core.TyperOption, ctx) -> str | None:
+    # Typer labels every option with its type, flags too ("--claim <bool>"), which reads as
+    # if the flag took a value. Flags take none: no label. (One place, so options generated
+    # from the config models get it too.)
+    return None if option.is_flag else _typer_type_label(option, ctx)
+
+
+_typer_type_label = typer.core.TyperOption.display_type_rich
+typer.core.TyperOption.display_type_rich = _type_label
 
 app = typer.Typer(
     name="actex",

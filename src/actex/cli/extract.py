@@ -79,11 +79,20 @@ def _caused_by_user(error: BaseException) -> bool:
     return False
 
 
+def error_line(message: str, exit_code: int, log_json: bool = False) -> None:
+    """The one line of a failed command: `actex: error: ...`, or a JSON record with --log-json."""
+    if log_json:
+        log.error(message, extra={"data": {"event": "error", "exit_code": exit_code}})
+    else:
+        typer.echo(f"actex: error: {message}", err=True)
+
+
 @contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """The input boundary of a command: user-caused exceptions become one line and exit 2;
-    other I/O errors (a reset connection, a full disk, a store failing after retries) one
-    line and exit 1; Ctrl-C exit 75. Anything else is a bug and keeps its traceback."""
+def user_errors(log_json: bool = False) -> Iterator[None]:
+    """The input boundary of a command: user-caused exceptions become one line (a JSON
+    record with `log_json`) and exit 2; other I/O errors (a reset connection, a full disk,
+    a store failing after retries) one line and exit 1; Ctrl-C exit 75. Anything else is a
+    bug and keeps its traceback."""
     from actex.store.folder import StoreError
 
     try:
@@ -91,31 +100,42 @@ def user_errors() -> Iterator[None]:
     except StoreError as error:
         # The store failed after retries (1), unless what failed is where the user pointed
         # it: a file where a folder should be, no permission (2).
-        typer.echo(f"actex: error: {_first_line(error)}", err=True)
-        raise typer.Exit(EXIT_USER_ERROR if _caused_by_user(error) else EXIT_INFRASTRUCTURE) from None
+        code = EXIT_USER_ERROR if _caused_by_user(error) else EXIT_INFRASTRUCTURE
+        error_line(_first_line(error), code, log_json)
+        raise typer.Exit(code) from None
     except _USER_ERRORS as error:
         message = _first_line(error)
         if isinstance(error, PermissionError) and error.filename:
             message = f"{error.filename}: permission denied (is the output writable?)"
-        typer.echo(f"actex: error: {message}", err=True)
+        error_line(message, EXIT_USER_ERROR, log_json)
         raise typer.Exit(EXIT_USER_ERROR) from None
     except OSError as error:
-        typer.echo(f"actex: error: {infrastructure_message(error)}", err=True)
+        error_line(infrastructure_message(error), EXIT_INFRASTRUCTURE, log_json)
         raise typer.Exit(EXIT_INFRASTRUCTURE) from None
     except KeyboardInterrupt:
-        typer.echo("actex: interrupted before finishing", err=True)
+        error_line("interrupted before finishing", EXIT_STOPPED, log_json)
         raise typer.Exit(EXIT_STOPPED) from None
 
 
 @contextlib.contextmanager
-def infrastructure_errors() -> Iterator[None]:
+def infrastructure_errors(log_json: bool = False) -> Iterator[None]:
     """While the work runs: I/O errors that outlived their retries exit 1 (restartable);
     everything else, ValueError included, is a bug and keeps its traceback."""
     try:
         yield
     except OSError as error:
-        typer.echo(f"actex: error: {infrastructure_message(error)}", err=True)
+        error_line(infrastructure_message(error), EXIT_INFRASTRUCTURE, log_json)
         raise typer.Exit(EXIT_INFRASTRUCTURE) from None
+
+
+def run_store(url: str):
+    """The store of the run at `url`; a UserError if no run.json is there (not a run)."""
+    from actex.store.folder import open_store
+
+    store = open_store(url)
+    if not store.exists("run.json"):
+        raise UserError(f"{store.url}: no run.json here (not an actex run)")
+    return store
 
 
 # ----------------------------------------------------------------------------- logging
@@ -138,6 +158,11 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup_logging(log_json: bool, verbose: bool = False) -> None:
+    """Log to stderr; with `log_json`, stderr carries only JSON lines (see cli/json_stderr.py)."""
+    if log_json:
+        from actex.cli.json_stderr import capture_stderr
+
+        capture_stderr()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_json else logging.Formatter("actex: %(message)s"))
     root = logging.getLogger()
@@ -214,8 +239,9 @@ def run_extract(fields: dict, options: WorkerOptions, *, storage_options: dict |
 
     worker_index, num_workers, claim = options.worker_index, options.num_workers, options.claim
     on_write_failure, preempted_exit_code = options.on_write_failure, options.preempted_exit_code
+    log_json = options.log_json
     enable_compilation_cache()
-    with user_errors():
+    with user_errors(log_json):
         if worker_index is None:
             worker_index = worker_index_from_env()
             if worker_index is None and num_workers > 1 and not claim:
@@ -259,7 +285,7 @@ def run_extract(fields: dict, options: WorkerOptions, *, storage_options: dict |
             ProgressView(todo, show_bar=show_bar) as view:
         watch_gce_preemption(guard)
         try:
-            with infrastructure_errors():
+            with infrastructure_errors(log_json):
                 summary = extract(run, source, worker=worker, stop=stop, on_commit=view.committed,
                                   on_write_failure=on_write_failure, heartbeat=heartbeat, liveness=liveness)
         finally:
@@ -270,8 +296,7 @@ def run_extract(fields: dict, options: WorkerOptions, *, storage_options: dict |
         _report_answers(run)
     log.info("done", extra={"data": {"event": "done", "committed": summary.committed, "skipped": summary.skipped, "lost": summary.lost, **snap}})
     if summary.failed:
-        typer.echo(f"actex: error: {summary.failed} chunk(s) not committed after write failures (see log); "
-                   "rerun to redo them", err=True)
+        error_line(f"{summary.failed} chunk(s) not committed after write failures (see log); rerun to redo them", EXIT_INFRASTRUCTURE, log_json)
         raise typer.Exit(EXIT_INFRASTRUCTURE)
     if guard.reason is not None:
         with infrastructure_errors():
@@ -320,7 +345,7 @@ def extract_body(values: dict, options: list | None = None, generating: bool = F
     setup_logging(worker.log_json)
     for message in unknown_variables(os.environ, options):
         log.warning(message)
-    with user_errors():
+    with user_errors(worker.log_json):
         file_fields = load_config_file(inputs.config_file) if inputs.config_file else {}
         fields = merge_fields(file_fields, inputs.fields)
         if generating:
@@ -376,7 +401,7 @@ def demo_command(
 
     setup_logging(log_json)
     started = time.monotonic()
-    with user_errors():
+    with user_errors(log_json):
         model_dir = demo_model_dir()
         dataset = demo_dataset(output / "arc-tasks.jsonl", tasks)
     fields = {
@@ -410,10 +435,7 @@ def inspect_command(
     from actex.store.reader import Run
 
     with user_errors():
-        store = open_store(url)
-        if not store.exists("run.json"):
-            raise UserError(f"{store.url}: no run.json here (not an actex run)")
-        run = Run(store)
+        run = Run(run_store(url))
         summary = run.summary()
         summary["answers"] = answers_summary(run)
         summary["skipped_rows"] = read_manifest(store).skipped_rows

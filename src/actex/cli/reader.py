@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from actex.cli.extract import UserError, user_errors
+from actex.cli.extract import UserError, run_store, user_errors
 
 EXIT_VERIFY_FAILED = 1
 
@@ -73,8 +73,9 @@ def verify(
     url: str = typer.Argument(..., help="Run URL."),
     samples: int = typer.Option(8, "--samples", min=1, help="Random committed samples to recompute."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sample choice."),
-    tolerance: Optional[float] = typer.Option(None, "--tolerance", help="Max error relative to the reference's "
-                                              "max |value| (default by dtype: f32 1e-3, f16 5e-3, bf16 2e-2)."),
+    tolerance: Optional[float] = typer.Option(None, "--tolerance", help="Max per-token relative L2 error "
+                                              "||stored - reference|| / ||reference|| (default by dtype: f32 1e-3, "
+                                              "f16 5e-3, bf16 2e-2)."),
     model: Optional[str] = typer.Option(None, "--model", help="Checkpoint to use instead of run.json's "
                                         "(e.g. a local copy of it)."),
     device: str = typer.Option("cpu", "--device", help="torch device of the reference model."),
@@ -109,7 +110,9 @@ def verify(
         typer.echo(f"  FAIL  {line}")
     for check in report.checks:
         verdict = "ok" if check.ok else "FAIL"
-        typer.echo(f"  {verdict:4}  {check.hook:32}  error {check.error:.3e}  (tolerance {check.tolerance:.0e})")
+        typer.echo(f"  {verdict:4}  {check.hook:32}  error {check.error:.3e}  cosine {check.cosine:.6f}  "
+                   f"(tolerance {check.tolerance:.0e}; worst token: sample {check.worst_sample} "
+                   f"token {check.worst_index} position {check.worst_position})")
     if not report.ok:
         raise typer.Exit(EXIT_VERIFY_FAILED)
 
@@ -121,11 +124,10 @@ def gc(
     dry_run: bool = typer.Option(False, "--dry-run", help="List what would be deleted; delete nothing."),
 ) -> None:
     """Delete uncommitted attempts older than the grace period; never anything a commit record names."""
-    from actex.store.folder import open_store
     from actex.store.gc import collect_garbage
 
     with user_errors():
-        report = collect_garbage(open_store(url), grace_s=grace_hours * 3600, dry_run=dry_run)
+        report = collect_garbage(run_store(url), grace_s=grace_hours * 3600, dry_run=dry_run)
     action = "would delete" if dry_run else "deleted"
     for attempt in report.deleted:
         typer.echo(f"  {action} {attempt.dir} ({len(attempt.files)} files)")

@@ -11,12 +11,14 @@ process on any machine renders the same prompt.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import numpy as np
 
 ANSWER_PREFIX = "### Output\n\n```grid"
 NUM_COLOURS = 10
+MAX_SIDE = 30  # ARC grids are 1..30 cells high and wide
 
 
 class BadRow(ValueError):
@@ -47,18 +49,27 @@ class ArcTask:
 
 
 def validate_grid(value: Any, what: str) -> np.ndarray:
-    """A non-empty rectangular list of lists of ints 0-9, else BadRow naming `what`."""
-    # Fast path: numpy checks shape and dtype in C; only a failing grid walks the cells in
-    # Python to name the first bad one (counting 200k barc rows must stay quick).
-    if isinstance(value, list) and value and isinstance(value[0], list):
+    """A rectangular list of 1..30 lists of 1..30 ints 0-9, else BadRow naming `what`."""
+    # Fast path: numpy checks shape and range in C; only a failing grid walks the cells in
+    # Python to name the first bad one (counting 200k barc rows must stay quick). The cell
+    # types are checked first, also in C: numpy would silently turn True into colour 1.
+    if isinstance(value, list) and value and isinstance(value[0], list) and _all_ints(value):
         try:
             grid = np.asarray(value)
         except ValueError:
             grid = None
         if grid is not None and grid.ndim == 2 and grid.size and grid.dtype.kind == "i":
-            if grid.min() >= 0 and grid.max() < NUM_COLOURS:
+            if grid.min() >= 0 and grid.max() < NUM_COLOURS and max(grid.shape) <= MAX_SIDE:
                 return grid.astype(np.int8)
     return _validate_grid_slowly(value, what)
+
+
+def _all_ints(rows: list) -> bool:
+    """Every cell's type is exactly int (bool, an int subclass, is not)."""
+    try:
+        return set(map(type, chain.from_iterable(rows))) == {int}
+    except TypeError:  # a row that is not iterable: the slow path names it
+        return False
 
 
 def _validate_grid_slowly(value: Any, what: str) -> np.ndarray:
@@ -78,6 +89,8 @@ def _validate_grid_slowly(value: Any, what: str) -> np.ndarray:
                 raise BadRow(f"{what}: cell ({r},{c}) is not an integer: {_short(cell)}")
             if not 0 <= cell < NUM_COLOURS:
                 raise BadRow(f"{what}: cell ({r},{c}) = {cell} is outside 0-9")
+    if max(len(value), width) > MAX_SIDE:
+        raise BadRow(f"{what}: grid is {len(value)}x{width}; ARC grids have 1 to {MAX_SIDE} cells per side")
     return np.asarray(value, dtype=np.int8)
 
 
@@ -233,9 +246,35 @@ class GridEncoder:
 
 ENCODER_PARTS = ("minimal", "row_numbers", "shape")
 
+# The default: shape header + row numbers + minimal digits, the format the legacy system
+# and arc24's Qwen models use (arc24 found it best for Qwen); models fine-tuned on it
+# should see it by default.
+DEFAULT_ENCODER = "shape+row_numbers"
+
+# arc24's composite encoder names (its encoders.py), accepted so its configs run
+# unchanged; each renders exactly the text of the actex name it maps to.
+ARC24_ENCODERS = {
+    "GridCodeBlockEncoder(MinimalGridEncoder())": "minimal",
+    "GridCodeBlockEncoder(RowNumberEncoder(MinimalGridEncoder()))": "row_numbers",
+    "GridShapeEncoder(MinimalGridEncoder())": "shape",
+    "GridShapeEncoder(RowNumberEncoder(MinimalGridEncoder()))": "shape+row_numbers",
+}
+
+
+def canonical_encoder_name(name: str) -> str:
+    """The actex name of an encoder given by actex name or arc24 composite name."""
+    compact = "".join(name.split())
+    if compact in ARC24_ENCODERS:
+        return ARC24_ENCODERS[compact]
+    if "(" in compact:
+        raise ValueError(f"unknown grid encoder {name!r}: the arc24 names accepted are {', '.join(ARC24_ENCODERS)}")
+    get_encoder(name)  # validates
+    return name
+
 
 def get_encoder(name: str) -> GridEncoder:
-    """Parse "shape+row_numbers" style names (order free, "minimal" implied)."""
+    """Parse "shape+row_numbers" style names (order free, "minimal" implied), or an arc24 alias."""
+    name = ARC24_ENCODERS.get("".join(name.split()), name)
     parts = name.split("+")
     unknown = [p for p in parts if p not in ENCODER_PARTS]
     if unknown or not name:

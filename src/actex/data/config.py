@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from actex.data.arc import DEFAULT_ENCODER, canonical_encoder_name
 from actex.flag import Flag
 
 
@@ -39,7 +40,10 @@ class DataConfig(BaseModel):
     limit: int | None = Field(default=None, ge=1, description="Read only the first N rows.")
 
     # ARC prompts (see docs/data.md).
-    encoder: Annotated[str, Flag(panel="ARC prompts")] = Field("minimal", description="ARC grid encoder.")
+    encoder: Annotated[str, Flag(panel="ARC prompts")] = Field(
+        DEFAULT_ENCODER, description="ARC grid encoder: minimal, row_numbers, shape joined by '+' (shape+row_numbers: "
+        "shape header, row numbers, minimal digits), or an arc24 name such as "
+        "GridShapeEncoder(RowNumberEncoder(MinimalGridEncoder())).")
     template: Annotated[str, Flag(panel="ARC prompts")] = Field("output-from-examples-v1", description="ARC prompt template.")
     predictions_per_task: Annotated[int, Flag(panel="ARC prompts")] = Field(8, ge=1, description="Augmented prompts per ARC test input.")
     seed: Annotated[int, Flag(panel="ARC prompts")] = Field(0, ge=0, description="Augmentation seed.")
@@ -54,8 +58,17 @@ class DataConfig(BaseModel):
     long_policy: Annotated[Literal["truncate", "split", "skip"], Flag(panel="Tokens")] = Field(
         "truncate", description="Samples over --max-seq-len: truncate, split into windows, or skip.")
     add_bos: Annotated[bool, Flag(panel="Tokens")] = Field(False, description="Prepend BOS to text rows.")
+    parse_special_tokens: Annotated[bool, Flag(panel="Tokens")] = Field(
+        False, description="Text rows: read special-token strings such as <|endoftext|> as control tokens "
+        "(by default they are encoded as the plain text they are).")
 
     on_bad_row: Literal["error", "skip"] = Field("error", description="A row that cannot become a prompt: stop with an error, or skip it.")
+
+    @field_validator("encoder")
+    @classmethod
+    def _encoder_name(cls, name: str) -> str:
+        # arc24 aliases become the actex name: the same prompts make the same run (and hash).
+        return canonical_encoder_name(name)
 
     def canonical(self) -> dict:
         """JSON-ready dict with every field (defaults included), stable across processes."""

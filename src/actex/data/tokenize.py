@@ -1,8 +1,10 @@
 """Token ids per sample, with the long-sample policy applied and recorded in its meta.
 
 ARC prompts are already rendered through the chat template (special tokens included as
-text), so they are encoded without extra special tokens; text documents get a BOS token
-when `add_bos` is set. A sample longer than `max_seq_len` is truncated, split into windows
+text), so they are encoded without extra special tokens and their markers parsed; text
+documents get a BOS token when `add_bos` is set, and by default their text is plain text:
+a document that contains the string "<|endoftext|>" or "<|im_end|>" is encoded as those
+characters, not as the control token (`parse_special_tokens` turns parsing on). A sample longer than `max_seq_len` is truncated, split into windows
 (one document, several segments whose positions each restart at 0), or skipped (kept with
 no tokens so sample ids never shift).
 """
@@ -50,12 +52,18 @@ def tokenize_samples(samples: Sequence[Sample], tokenizer, cfg: DataConfig) -> l
     out: list[TokenizedSample] = []
     for begin in range(0, len(samples), ENCODE_BATCH):
         batch = samples[begin : begin + ENCODE_BATCH]
-        encoded = tokenizer([s.text for s in batch], add_special_tokens=False)["input_ids"]
+        encoded = tokenizer([s.text for s in batch], add_special_tokens=False,
+                            split_special_tokens=_splits_special_tokens(cfg))["input_ids"]
         for sample, ids in zip(batch, encoded):
             full = np.asarray(([bos] if bos is not None else []) + list(ids), dtype=np.int32)
             kept, windows, info = apply_long_policy(full, cfg)
             out.append(TokenizedSample(sample.sample_id, kept, windows, {**sample.meta, **info}))
     return out
+
+
+def _splits_special_tokens(cfg: DataConfig) -> bool:
+    """Documents are plain text unless asked otherwise; chat-rendered ARC prompts never are."""
+    return cfg.format == "text" and not cfg.parse_special_tokens
 
 
 def _bos_id(tokenizer) -> int:

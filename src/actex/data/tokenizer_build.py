@@ -7,10 +7,12 @@ so ARC grids tokenize the way they do with real models.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+if TYPE_CHECKING:  # transformers imports torch: seconds that `actex --help` should not pay
+    from transformers import PreTrainedTokenizerFast
 
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 
@@ -44,6 +46,8 @@ def default_corpus(num_tasks: int = 60) -> list[str]:
 
 def build_tokenizer(out_dir: str | Path, texts: Iterable[str] | None = None, vocab_size: int = 512) -> PreTrainedTokenizerFast:
     """Train, save to `out_dir` and return the tokenizer (reload with AutoTokenizer)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 import threading
@@ -32,7 +31,7 @@ from actex.engine.generate import ChunkGenerator
 from actex.engine.pipeline import Pipeline, PipelineConfig
 from actex.engine.work import SINGLE_PROCESS, ChunkSource, ProcessRole
 from actex.model import LoadedModel, ModelConfig, hook_width, layers_needed, load_model, load_tokenizer, make_capture_fn
-from actex.model.weights import param_dtype, resolve_model_dir
+from actex.model.weights import param_dtype, read_model_config, resolve_model_dir
 from actex.store.commits import CommitRecord, Heartbeat, committed_chunks
 from actex.store.folder import Store, open_store
 from actex.store.layout import MANIFEST, PLAN_INDEX
@@ -70,10 +69,7 @@ def checkpoint_config(model: str, revision: str | None) -> ModelConfig:
     if model.startswith((".", "/", "~")) and not Path(model).expanduser().is_dir():
         raise FileNotFoundError(f"--model {model}: no such directory (nor a Hugging Face repo id)")
     model_dir, _ = resolve_model_dir(model, revision)
-    config_path = model_dir / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{model_dir}: config.json not found (is this a model directory?)")
-    return ModelConfig.from_hf_config(json.loads(config_path.read_text()))
+    return read_model_config(model_dir)
 
 
 class EmptyPlanError(ValueError):

@@ -45,7 +45,8 @@ def layer_keys(hooks: list[str]) -> dict[str, int | str]:
         key = hook if point.layer is None else point.layer
         clash = [h for h, k in keys.items() if k == key]
         if clash:
-            raise ValueError(f"hooks {clash[0]} and {hook} both map to legacy layer {key}; pick one kind with --hooks")
+            raise ValueError(f"hooks {clash[0]} and {hook} both map to legacy layer {key}: the legacy layout keeps "
+                             f"one hook kind per layer; choose hooks with --hook (repeatable), e.g. --hook {clash[0]}")
         keys[hook] = key
     return keys
 

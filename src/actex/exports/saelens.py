@@ -9,7 +9,9 @@ long sample may consist of several forward windows whose positions restart at 0)
 forward window is cut at positions 0, C, 2C, ... into rows of C = context_size tokens and
 the shorter tail of every window is dropped (counted in the summary). For a run extracted
 with a fixed context size (every sample exactly C tokens, e.g. text cut into C-token
-windows) nothing is dropped and the export holds every stored token.
+windows) nothing is dropped and the export holds every stored token; that C is the
+default. Otherwise the default C is the largest power of two that fits the shortest
+forward window (see `infer_context_size`).
 """
 
 from __future__ import annotations
@@ -58,12 +60,17 @@ def context_rows(part: Batch, context_size: int) -> tuple[np.ndarray, np.ndarray
 
 
 def infer_context_size(run: Run) -> int:
-    """The common n_tokens of the run's samples, or an error naming the lengths found."""
+    """The default context size C: the common n_tokens of a fixed-length run (nothing is
+    dropped), else the largest power of two that fits the shortest forward window, so every
+    sample gives at least one row (ARC prompts, text of varying length)."""
     lengths = {int(n) for part in run.parts() for n in np.diff(run.read_index(part)[1]) if n > 0}
-    if len(lengths) != 1:
-        shown = ", ".join(map(str, sorted(lengths)[:8]))
-        raise ValueError(f"{run.url}: samples have {len(lengths)} different lengths ({shown} ...); pass --context-size")
-    return lengths.pop()
+    if not lengths:
+        raise ValueError(f"{run.url}: no committed sample has tokens to export")
+    if len(lengths) == 1:
+        return lengths.pop()
+    max_window = (run.config.get("data") or {}).get("max_seq_len") or max(lengths)
+    shortest = min(min(lengths), max_window)
+    return 1 << (shortest.bit_length() - 1)
 
 
 def export_saelens(run: Run, out: str | Path, hook: str, *, context_size: int | None = None,

@@ -1,8 +1,13 @@
 """Hook point names (TransformerLens's), their validation, order and widths.
 
-A hook name is either global (`hook_embed`, `ln_final.hook_normalized`) or per block
-(`blocks.{l}.hook_resid_post`, ...). Everything else in actex refers to activations by
-these strings; this module is the only place that parses them.
+A hook name is either global (`hook_embed`, `ln_final.hook_normalized`,
+`ln_final.hook_out`) or per block (`blocks.{l}.hook_resid_post`, ...). Everything else in
+actex refers to activations by these strings; this module is the only place that parses them.
+
+`ln_final.hook_normalized` means what it means in TransformerLens: the final RMSNorm's
+normalised input before its gain, x / sqrt(mean(x^2) + eps). `ln_final.hook_out` (not a
+TransformerLens name) is the norm's output with the gain applied: Hugging Face's
+`last_hidden_state`, the input of the LM head.
 """
 
 from __future__ import annotations
@@ -11,7 +16,9 @@ import re
 from typing import NamedTuple
 
 HOOK_EMBED = "hook_embed"
-HOOK_LN_FINAL = "ln_final.hook_normalized"
+HOOK_LN_FINAL = "ln_final.hook_normalized"  # pre-gain, as in TransformerLens
+HOOK_LN_FINAL_OUT = "ln_final.hook_out"  # post-gain: HF's last_hidden_state
+GLOBAL_HOOKS = (HOOK_EMBED, HOOK_LN_FINAL, HOOK_LN_FINAL_OUT)
 
 # Per-block hook suffixes, in the order they are computed inside a block.
 BLOCK_HOOKS = (
@@ -38,12 +45,12 @@ class HookPoint(NamedTuple):
 
     name: str
     layer: int | None
-    kind: str  # a BLOCK_HOOKS suffix, HOOK_EMBED or HOOK_LN_FINAL
+    kind: str  # a BLOCK_HOOKS suffix or one of GLOBAL_HOOKS
 
 
 def _expected_names(n_layers: int) -> str:
     return (
-        f"{HOOK_EMBED}, {HOOK_LN_FINAL}, or blocks.{{0..{n_layers - 1}}}."
+        f"{', '.join(GLOBAL_HOOKS)}, or blocks.{{0..{n_layers - 1}}}."
         f"{{{', '.join(BLOCK_HOOKS)}}}"
     )
 
@@ -57,7 +64,7 @@ def _check_layer(layer: int, n_layers: int) -> None:
 
 def parse_hook(name: str, n_layers: int) -> HookPoint:
     """Validate one hook name against a model with `n_layers` blocks."""
-    if name in (HOOK_EMBED, HOOK_LN_FINAL):
+    if name in GLOBAL_HOOKS:
         return HookPoint(name, None, name)
     match = _BLOCK_RE.fullmatch(name)
     if match is None or match.group(2) not in BLOCK_HOOKS:
@@ -71,8 +78,8 @@ def _order_key(point: HookPoint, n_layers: int) -> tuple[int, int]:
     # Canonical order is the order of computation: embed, blocks in depth order, ln_final.
     if point.kind == HOOK_EMBED:
         return (-1, 0)
-    if point.kind == HOOK_LN_FINAL:
-        return (n_layers, 0)
+    if point.kind in (HOOK_LN_FINAL, HOOK_LN_FINAL_OUT):
+        return (n_layers, GLOBAL_HOOKS.index(point.kind))
     return (point.layer, BLOCK_HOOKS.index(point.kind))
 
 
@@ -141,7 +148,7 @@ def layers_needed(hooks: tuple[str, ...], n_layers: int) -> int:
     needed = 0
     for name in hooks:
         point = parse_hook(name, n_layers)
-        if point.kind == HOOK_LN_FINAL:
+        if point.kind in (HOOK_LN_FINAL, HOOK_LN_FINAL_OUT):
             needed = max(needed, n_layers)
         elif point.kind == "hook_resid_pre":
             # The input of block l is the output of block l - 1: block l itself need not run.

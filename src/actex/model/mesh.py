@@ -12,7 +12,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from actex.model.qwen2 import ModelConfig, Params, global_param_axes, layer_param_axes
+from actex.model.qwen2 import ModelConfig, Params, global_param_axes, layer_param_axes, stacked_layers
 
 DATA, MODEL = "data", "model"
 
@@ -49,10 +49,10 @@ def _spec(shape: tuple[int, ...], axes: tuple[str, ...], mesh: Mesh) -> Partitio
 def param_specs(config: ModelConfig, mesh: Mesh, n_layers: int | None = None) -> Params:
     """PartitionSpecs in the same tree as the parameters (layers stacked on axis 0)."""
     n_layers = config.n_layers if n_layers is None else n_layers
-    layers = {
+    layers = {  # none when no block was loaded (embedding-only hooks)
         name: _spec((n_layers, *shape), ("layers", *axes), mesh)
         for name, (shape, axes) in layer_param_axes(config).items()
-    }
+    } if n_layers else {}
     specs = {name: _spec(shape, axes, mesh) for name, (shape, axes) in global_param_axes(config).items()}
     return {**specs, "layers": layers}
 
@@ -64,8 +64,7 @@ def batch_spec() -> PartitionSpec:
 
 def shard_params(params: Params, config: ModelConfig, mesh: Mesh) -> Params:
     """Place parameters on the mesh according to param_specs."""
-    n_layers = params["layers"]["attn_norm"].shape[0]
-    specs = param_specs(config, mesh, n_layers)
+    specs = param_specs(config, mesh, stacked_layers(params))
     return jax.tree.map(lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec)), params, specs)
 
 

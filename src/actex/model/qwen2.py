@@ -21,13 +21,54 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from pydantic import BaseModel, ConfigDict, PositiveFloat, PositiveInt, ValidationError
 
 from actex.model.attention import attention
-from actex.model.hooks import HOOK_EMBED, HOOK_LN_FINAL, layers_needed, parse_hook
+from actex.model.hooks import HOOK_EMBED, HOOK_LN_FINAL, HOOK_LN_FINAL_OUT, layers_needed, parse_hook
 
 Params = dict[str, Any]
 
 _SUPPORTED_TYPES = {"qwen2", "qwen3", "llama", "mistral"}
+
+
+class _HfFields(BaseModel):
+    """Types of the config.json fields the model reads (strict: "four" is not 4)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    model_type: str = "qwen2"
+    vocab_size: PositiveInt
+    hidden_size: PositiveInt
+    num_hidden_layers: PositiveInt
+    num_attention_heads: PositiveInt
+    num_key_value_heads: PositiveInt | None = None
+    head_dim: PositiveInt | None = None
+    intermediate_size: PositiveInt
+    hidden_act: str = "silu"
+    rms_norm_eps: PositiveFloat = 1e-6
+    rope_theta: PositiveFloat = 10000.0
+    rope_parameters: dict | None = None
+    rope_scaling: dict | None = None
+    tie_word_embeddings: bool | None = None
+    attention_bias: bool | None = None
+    mlp_bias: bool | None = None
+    use_sliding_window: bool | None = None
+    torch_dtype: str | None = None
+    dtype: str | None = None
+
+
+def _check_field_types(hf: dict) -> None:
+    """One-line ValueError naming the first wrong-typed or missing field."""
+    try:
+        _HfFields.model_validate(hf)
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        if "rope_theta" in rope:
+            _HfFields.model_validate({**hf, "rope_theta": rope["rope_theta"]})
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = ".".join(str(part) for part in first["loc"])
+        got = "" if first["type"] == "missing" else f", got {first['input']!r}"
+        raise ValueError(f"field {field}: {first['msg']}{got}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,32 +95,37 @@ class ModelConfig:
 
     @classmethod
     def from_hf_config(cls, hf: dict) -> ModelConfig:
-        """Build from a config.json dict; refuse what this model would compute wrongly."""
+        """Build from a config.json dict; refuse what this model would compute wrongly.
+
+        Errors are one-line ValueErrors naming the field ("field num_hidden_layers: ...");
+        callers that know the file prefix its path (weights.read_model_config).
+        """
         model_type = hf.get("model_type", "qwen2")
         if model_type not in _SUPPORTED_TYPES:
             raise ValueError(
-                f"config.json: model_type {model_type!r} not supported; "
+                f"model_type {model_type!r} not supported; "
                 f"expected one of {sorted(_SUPPORTED_TYPES)}"
             )
+        _check_field_types(hf)
         if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"config.json: hidden_act {hf['hidden_act']!r} not supported (silu)")
+            raise ValueError(f"hidden_act {hf['hidden_act']!r} not supported (silu)")
         if hf.get("use_sliding_window") or (
             model_type == "mistral" and hf.get("sliding_window") is not None
         ):
-            raise ValueError("config.json: sliding-window attention is not supported")
+            raise ValueError("sliding-window attention is not supported")
         if hf.get("mlp_bias"):
-            raise ValueError("config.json: mlp_bias=true is not supported")
+            raise ValueError("mlp_bias=true is not supported")
         # transformers 5 writes `rope_parameters`; older configs `rope_theta` + `rope_scaling`.
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
-            raise ValueError(f"config.json: rope_type {rope_type!r} not supported (default)")
+            raise ValueError(f"rope_type {rope_type!r} not supported (default)")
         rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
         n_heads = hf["num_attention_heads"]
         n_kv_heads = hf.get("num_key_value_heads") or n_heads
         if n_heads % n_kv_heads:
             raise ValueError(
-                f"config.json: num_attention_heads {n_heads} not a multiple of "
+                f"num_attention_heads {n_heads} not a multiple of "
                 f"num_key_value_heads {n_kv_heads}"
             )
         qkv_bias = True if model_type == "qwen2" else bool(hf.get("attention_bias", False))
@@ -148,11 +194,27 @@ def dense(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
     return y.astype(x.dtype)
 
 
+def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
+    """x / sqrt(mean(x^2) + eps) over the last axis, in float32 (RMSNorm before its gain)."""
+    x32 = x.astype(jnp.float32)
+    return x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+
+
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """RMSNorm in float32; the scale multiplies in x's dtype, as in transformers."""
-    x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return weight * normed.astype(x.dtype)
+    return weight * rms_normalize(x, eps).astype(x.dtype)
+
+
+def matmul_precision(dtype) -> str | None:
+    """The matmul precision that makes `dtype` compute mean that dtype on every backend.
+
+    JAX's default lets TPUs multiply float32 operands in one bfloat16 pass and GPUs use
+    TF32 (10-bit mantissa), so a float32 forward would agree with float32 references only
+    to ~1e-3. "highest" asks for true float32 (several bf16 passes on TPU, no TF32 on GPU;
+    see docs/benchmarks.md for the cost). CPUs always compute float32 matmuls in float32,
+    so their results are the same either way. bfloat16 inputs keep the default.
+    """
+    return "highest" if jnp.dtype(dtype) == jnp.float32 else None
 
 
 def rope_angles(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
@@ -238,7 +300,19 @@ def forward(
     """Run the decoder just deep enough for `hooks`; return {hook: [B, T, width]}.
 
     Values are cast to `out_dtype` (default: the parameter dtype) as they are captured.
+    Matmuls run at `matmul_precision(parameter dtype)` (float32 means float32 on TPU/GPU).
     """
+    with jax.default_matmul_precision(matmul_precision(params["embed"].dtype)):
+        return _forward(params, config, token_ids, positions, segment_ids, hooks, out_dtype)
+
+
+def stacked_layers(params: Params) -> int:
+    """How many decoder blocks `params` holds (0 when only embeddings were loaded)."""
+    layers = params["layers"]
+    return next(iter(layers.values())).shape[0] if layers else 0
+
+
+def _forward(params, config, token_ids, positions, segment_ids, hooks, out_dtype):
     x = params["embed"][token_ids]  # [B, T, D]
     out_dtype = out_dtype or x.dtype
     captured: dict[str, jax.Array] = {}
@@ -247,7 +321,7 @@ def forward(
             captured[name] = x.astype(out_dtype)
 
     n_run = layers_needed(hooks, config.n_layers)
-    n_stacked = params["layers"]["attn_norm"].shape[0]
+    n_stacked = stacked_layers(params)
     if n_run > n_stacked:
         raise ValueError(
             f"hooks need {n_run} layers but the parameters hold only {n_stacked} "
@@ -267,7 +341,9 @@ def forward(
             # Its tensor was captured under the other name of the same slot.
             layer = point.layer - (point.kind == "hook_resid_pre")
             captured[name] = captured[slots["hook_resid_post"][layer]]
-        if point.kind == HOOK_LN_FINAL:
+        if point.kind == HOOK_LN_FINAL:  # TransformerLens's meaning: before the gain
+            captured[name] = rms_normalize(x, config.rms_norm_eps).astype(out_dtype)
+        elif point.kind == HOOK_LN_FINAL_OUT:
             captured[name] = rms_norm(x, params["final_norm"], config.rms_norm_eps).astype(
                 out_dtype)
     return {name: captured[name] for name in hooks}

@@ -17,7 +17,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from actex.model.qwen2 import ModelConfig, Params, global_param_axes, layer_param_axes
 
@@ -72,19 +72,68 @@ class LoadedModel:
     dtype: str  # parameter dtype: "float32" or "bfloat16"
 
 
+class HubUnreachableError(ConnectionError):
+    """The hub could not be reached and the cache holds no snapshot; the message says where."""
+
+
 def resolve_model_dir(model: str, revision: str | None = None) -> tuple[Path, str]:
     """A local directory, or a hub repo id downloaded into (or found in) the HF cache.
 
     Returns (directory, revision): "local" for a directory, else the snapshot's commit.
     With HF_HUB_OFFLINE=1 the cached snapshot is used without touching the network.
+    Raises HubUnreachableError naming the model id and the cache folder looked in, and a
+    one-line FileNotFoundError for a repo or revision the hub does not have.
     """
     if Path(model).is_dir():
         return Path(model), revision or "local"
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
-    path = Path(snapshot_download(model, revision=revision, allow_patterns=HUB_PATTERNS))
+    at = f" at revision {revision}" if revision else ""
+    try:
+        path = Path(snapshot_download(model, revision=revision, allow_patterns=HUB_PATTERNS))
+    except LocalEntryNotFoundError:
+        cache = Path(constants.HF_HUB_CACHE) / f"models--{model.replace('/', '--')}"
+        how = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hugging Face hub could not be reached"
+        raise HubUnreachableError(
+            f"--model {model}: {how}, and no cached snapshot{at} was found in {cache} "
+            "(check the network, or set HF_HUB_CACHE / HF_HOME to where the model is cached)"
+        ) from None
+    except RevisionNotFoundError:
+        raise FileNotFoundError(f"--model {model}: the hub has no revision {revision!r}") from None
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(
+            f"--model {model}: no such model on the Hugging Face hub (private or gated models need "
+            "`hf auth login` or HF_TOKEN)") from None
     # Snapshot folders are named after the commit they hold: the revision that was used.
     return path, path.name
+
+
+def read_model_config(model_dir: Path) -> ModelConfig:
+    """`model_dir/config.json` as a ModelConfig; one-line errors naming the file and field."""
+    path = Path(model_dir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{model_dir}: config.json not found (is this a model directory?)")
+    try:
+        fields = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        where = f" (line {error.lineno} column {error.colno}: {error.msg})" if isinstance(
+            error, json.JSONDecodeError) else ""
+        raise ValueError(f"{path}: not valid JSON{where}") from None
+    if not isinstance(fields, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(fields).__name__}")
+    try:
+        return ModelConfig.from_hf_config(fields)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+
+
+def _open_safetensors(path: Path):
+    """safe_open with a one-line error naming the file (truncated, garbage, absurd header)."""
+    try:
+        return safe_open(path, framework="np")
+    except SafetensorError as error:
+        raise ValueError(f"{path}: not a valid safetensors file ({error})") from None
 
 
 def _tensor_files(model_dir: Path) -> tuple[dict[str, Path], bytes]:
@@ -92,12 +141,15 @@ def _tensor_files(model_dir: Path) -> tuple[dict[str, Path], bytes]:
     index = model_dir / INDEX_FILE
     if index.exists():
         index_bytes = index.read_bytes()
-        weight_map = json.loads(index_bytes)["weight_map"]
-        return {name: model_dir / file for name, file in weight_map.items()}, index_bytes
+        try:
+            weight_map = json.loads(index_bytes)["weight_map"]
+            return {name: model_dir / file for name, file in weight_map.items()}, index_bytes
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ValueError(f"{index}: not a safetensors index (a JSON object with a weight_map)") from None
     single = model_dir / SINGLE_FILE
     if not single.exists():
         raise FileNotFoundError(f"{model_dir}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
-    with safe_open(single, framework="np") as f:
+    with _open_safetensors(single) as f:
         return {name: single for name in f.keys()}, b""
 
 
@@ -105,6 +157,8 @@ def _safetensors_header(path: Path) -> bytes:
     """The JSON header of a safetensors file (names, dtypes, shapes, offsets): cheap to hash."""
     with open(path, "rb") as f:
         size = int.from_bytes(f.read(8), "little")
+        if size > os.fstat(f.fileno()).st_size - 8:  # never allocate what a bad header claims
+            raise ValueError(f"{path}: not a valid safetensors file (header length {size} exceeds the file)")
         return f.read(size)
 
 
@@ -133,17 +187,28 @@ def _hf_names(config: ModelConfig, prefix: str) -> dict[str, tuple[str, int | No
     return wanted
 
 
-def _check_names(found: dict[str, Path], wanted: dict, model_dir: Path) -> None:
+_QKV_BIASES = ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias")
+
+
+def _check_names(found: dict[str, Path], wanted: dict, model_dir: Path, config: ModelConfig) -> None:
     for name in wanted:
         if name not in found:
             raise ValueError(f"{model_dir}: missing tensor {name!r}")
     for name, path in found.items():
         if name not in wanted and name not in _IGNORED and not name.endswith(_IGNORED_SUFFIXES):
+            if name.endswith(_QKV_BIASES) and not config.qkv_bias:
+                # e.g. a Qwen2 checkpoint relabelled "llama": computing it without its
+                # biases would give wrong activations without any error.
+                raise ValueError(
+                    f"{path}: checkpoint has q/k/v biases ({name}) but {model_dir / 'config.json'} says "
+                    f"model_type {config.model_type!r} without attention_bias: unsupported model "
+                    "(set \"attention_bias\": true if the model uses them, as Qwen2 does)"
+                )
             raise ValueError(f"{path}: unexpected tensor {name!r} for this config")
 
 
 def _open_all(files: set[Path]):
-    return {path: safe_open(path, framework="np") for path in files}
+    return {path: _open_safetensors(path) for path in files}
 
 
 def load_params(
@@ -157,7 +222,7 @@ def load_params(
     found, index_bytes = _tensor_files(model_dir)
     prefix = "model." if any(n.startswith("model.") for n in found) else ""
     wanted = _hf_names(config, prefix)
-    _check_names(found, wanted, model_dir)
+    _check_names(found, wanted, model_dir, config)
     n_keep = config.n_layers if max_layers is None else min(max_layers, config.n_layers)
     shapes = layer_param_axes(config) | global_param_axes(config)
     handles = _open_all(set(found.values()))
@@ -226,10 +291,7 @@ def load_model(
     `lm_head` loads the LM head too (untied checkpoints), for `actex generate`.
     """
     model_dir, resolved_revision = resolve_model_dir(str(model), revision)
-    config_path = model_dir / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{model_dir}: config.json not found")
-    config = ModelConfig.from_hf_config(json.loads(config_path.read_text()))
+    config = read_model_config(model_dir)
     chosen = param_dtype(config, dtype)
     host, index_bytes, files = load_params(model_dir, config, _DTYPES[chosen], max_layers, lm_head)
     params = jax.tree.map(jnp.asarray, host)

@@ -487,7 +487,9 @@ class _S3Backend(_Backend):
 
     def _enforces_if_none_match(self, directory: str) -> bool:
         probe = f"{directory}/{TEMP_PREFIX}probe-{secrets.token_hex(8)}"
-        self.fs.pipe_file(probe, b"first", mode="create")
+        # The first write is unconditional: a retried write whose answer was lost cannot
+        # then be mistaken for a refusal. Only the second, conditional one tests the store.
+        self.fs.pipe_file(probe, b"first")
         try:
             self.fs.pipe_file(probe, b"second", mode="create")
         except FileExistsError:
