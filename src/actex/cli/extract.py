@@ -430,7 +430,6 @@ def inspect_command(
 ) -> None:
     """Hooks, widths, dtype, chunks committed/total, samples, tokens, bytes and config of a run."""
     from actex.engine.generate import answers_summary
-    from actex.store.folder import open_store
     from actex.store.manifest import read_manifest
     from actex.store.reader import Run
 
@@ -438,7 +437,7 @@ def inspect_command(
         run = Run(run_store(url))
         summary = run.summary()
         summary["answers"] = answers_summary(run)
-        summary["skipped_rows"] = read_manifest(store).skipped_rows
+        summary["skipped_rows"] = read_manifest(run.store).skipped_rows
     if as_json:
         typer.echo(json.dumps(summary, indent=2, default=str))
         return
