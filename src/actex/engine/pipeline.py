@@ -84,25 +84,48 @@ def stored_tokens(tokenized) -> tuple[np.ndarray, dict[int, int]]:
     return (np.concatenate(pieces) if pieces else np.zeros(0, np.int32)), offsets
 
 
+def fill_order(tokenized: Sequence, batches: Sequence | None) -> list:
+    """The samples in the order the packed batches complete them (then by sample id).
+
+    Packing is longest-first, so sample-id order is not the order rows arrive in; parts cut
+    in arrival order complete one after another, and host memory holds only the parts being
+    filled or written, not nearly every part of the chunk until its last batch. Samples
+    with no tokens (in no batch) come first: they are complete from the start.
+    """
+    done_at: dict[int, int] = {}
+    for index, batch in enumerate(batches or ()):
+        for placement in batch.placements:
+            done_at[placement.sample_id] = index
+    return sorted(tokenized, key=lambda t: (done_at.get(t.sample_id, -1), t.sample_id))
+
+
 class ChunkAssembler:
     """Turns a chunk's packed-batch outputs back into per-sample tokens, in parts.
 
-    The parts are planned up front from the samples' token counts (store.shards.split_samples):
-    a sample never spans two parts, and a part stays under `shard_size` bytes unless one
-    sample alone is larger. A part is handed out as soon as all of its rows have arrived.
+    The parts are planned up front from the samples' token counts (store.shards.split_samples),
+    taking the samples in the order the batches complete them (`fill_order`), so parts fill
+    one after another; within a part samples are in id order. A sample never spans two
+    parts, and a part stays under `shard_size` bytes unless one sample alone is larger. A
+    part is handed out as soon as all of its rows have arrived.
     """
 
-    def __init__(self, tokenized: Sequence, widths: dict[str, int], dtype: str, shard_size: int, part_base: int = 0):
+    def __init__(self, tokenized: Sequence, widths: dict[str, int], dtype: str, shard_size: int, part_base: int = 0,
+                 batches: Sequence | None = None):
         self.widths = widths
         self.dtype = activation_dtype(dtype)
-        ordered = sorted(tokenized, key=lambda t: t.sample_id)
-        stored = [stored_tokens(t) for t in ordered]
+        arrival = fill_order(tokenized, batches)
+        arrival_stored = [stored_tokens(t) for t in arrival]
+        spans = split_samples([len(ids) for ids, _ in arrival_stored], token_bytes(list(widths.values()), dtype), shard_size)
+        # Within each part, samples in id order (readers and samples.jsonl list them so).
+        order = [i for span in spans for i in sorted(span, key=lambda i: arrival[i].sample_id)]
+        ordered = [arrival[i] for i in order]
+        stored = [arrival_stored[i] for i in order]
         lengths = [len(ids) for ids, _ in stored]
         self.records = sample_records(ordered, lengths)
         self.parts: list[PartBuffer] = []
         # sample id -> (its part, {window start in the sample -> row in the part})
         self.rows: dict[int, tuple[PartBuffer, dict[int, int]]] = {}
-        for index, span in enumerate(split_samples(lengths, token_bytes(list(widths.values()), dtype), shard_size)):
+        for index, span in enumerate(spans):
             offsets = np.concatenate([[0], np.cumsum([lengths[i] for i in span], dtype=np.int64)]).astype(np.int64)
             token_ids = np.concatenate([stored[i][0] for i in span]) if span else np.zeros(0, np.int32)
             part = PartBuffer(
@@ -277,6 +300,7 @@ class Pipeline:
         on_write_failure: Callable[[int, StoreError], None] | None = None,
         role: ProcessRole = SINGLE_PROCESS,
         config: PipelineConfig = PipelineConfig(),
+        on_progress: Callable[..., None] = lambda **counters: None,
     ):
         self.store = store
         self.widths = widths
@@ -286,6 +310,9 @@ class Pipeline:
         self.worker = worker
         self.on_commit = on_commit
         self.on_write_failure = on_write_failure
+        # Called with counters (batches=1 when a batch reached the host, nothing when a part
+        # was written) from the lanes: what the stall watchdog watches (engine/liveness.py).
+        self.on_progress = on_progress
         self.role = role
         self._host = _Lane("actex-host", config.host_queue)
         self._commit = _Lane("actex-commit", 2)
@@ -295,11 +322,14 @@ class Pipeline:
 
     # -- main thread
 
-    def begin(self, chunk: int, tokenized: Sequence, *, part_base: int = 0, records: list[dict] | None = None) -> ChunkJob:
+    def begin(self, chunk: int, tokenized: Sequence, batches: Sequence | None = None, *, part_base: int = 0,
+              records: list[dict] | None = None) -> ChunkJob:
         """Start a chunk. tokenized: the samples whose rows this process holds (all of the
-        chunk on one process); part_base: the index of this process's first part;
-        records: samples.jsonl of the whole chunk when `tokenized` is only a share."""
-        assembler = ChunkAssembler(tokenized, self.widths, self.dtype_name, self.shard_size, part_base)
+        chunk on one process); batches: their packed batches in dispatch order, which let the
+        parts be cut in the order they fill and so bound host memory (see `fill_order`);
+        part_base: the index of this process's first part; records: samples.jsonl of the
+        whole chunk when `tokenized` is only a share."""
+        assembler = ChunkAssembler(tokenized, self.widths, self.dtype_name, self.shard_size, part_base, batches)
         self._begun += 1
         # One attempt id for the chunk across a slice: process 0's, shared with the others.
         attempt = self.role.share(f"attempt/{chunk}/{self._begun}", lambda: layout.new_attempt_id(self.worker))
@@ -341,6 +371,7 @@ class Pipeline:
         for hook, stats in to_stats(moments).items():
             job.stats[hook] = job.stats[hook].merge(stats) if hook in job.stats else stats
         job.assembler.add(batch.placements, np.asarray(batch.positions), host)
+        self.on_progress(batches=1)
         self._write(job, job.assembler.ready_parts())
 
     def _finish(self, job: ChunkJob) -> None:
@@ -363,6 +394,7 @@ class Pipeline:
         part.acts = {}
         path = layout.part_path(job.chunk, job.attempt, part.index)
         self.store.write_bytes(path, encoded.data)
+        self.on_progress()
         record = PartRecord(path=path, bytes=len(encoded.data), sha256=encoded.sha256,
                             header_bytes=encoded.header_bytes, header_crc32c=encoded.header_crc32c)
         return record, encoded.tokens

@@ -7,9 +7,9 @@ with them, in order:
    no new chunk is taken, the in-flight chunk keeps going so its work is not lost.
 2. A deadline timer starts (default 25 s, inside GCE's 30 s). If the in-flight chunk has
    not committed by then it is abandoned: `on_abandon` runs (flush the heartbeat, say which
-   chunk was dropped) and the process exits 0 at once. Abandoning is always safe because a
+   chunk was dropped) and the process exits 75 at once. Abandoning is always safe because a
    chunk exists only once its commit record does; its half-written attempt is garbage.
-3. A second signal exits at once (128 + signal number): the user means it.
+3. A second signal exits at once (128 + signal number: 130 for a second Ctrl-C): the user means it.
 
 The deadline runs on its own thread, so it fires even while the main thread sits in a
 long XLA call or a blocked upload. The metadata poll also runs on its own daemon thread
@@ -54,7 +54,7 @@ class PreemptionGuard:
         *,
         deadline_s: float = DEFAULT_DEADLINE_S,
         on_abandon: Callable[[], None] | None = None,
-        exit_code: int = 0,
+        exit_code: int = 75,
         exit: Callable[[int], None] = os._exit,
         signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT),
         on_request: Callable[[str], None] | None = None,
@@ -64,8 +64,8 @@ class PreemptionGuard:
         self.stop = stop
         self.deadline_s = deadline_s
         self.on_abandon = on_abandon
-        # The code a stopped worker exits with: 0 by default (a pre-empted VM did nothing
-        # wrong); a supervisor such as `actex fleet` asks for another to tell it from "done".
+        # The code a worker stopped before finishing exits with: 75 (EX_TEMPFAIL), so that
+        # `actex extract ... && actex export ...` never exports a partial run.
         self.exit_code = exit_code
         self.reason: str | None = None
         self.signals = signals
@@ -142,11 +142,13 @@ class PreemptionGuard:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def exit_line(self, committed: int) -> str:
-        """The one line printed when a stop request ended the run cleanly."""
+    def exit_line(self, committed: int, exit_code: int | None = None) -> str:
+        """The one line printed when a stop request ended the run cleanly; `exit_code` is
+        this guard's unless the caller found the worker's share complete anyway (0)."""
+        code = self.exit_code if exit_code is None else exit_code
         return (
             f"actex: stopped by {self.reason} after finishing the in-flight chunk; "
-            f"{committed} chunk(s) committed by this worker; nothing left half-committed; exit {self.exit_code}"
+            f"{committed} chunk(s) committed by this worker; nothing left half-committed; exit {code}"
         )
 
 
