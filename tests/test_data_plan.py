@@ -7,12 +7,14 @@ import sys
 import textwrap
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from data_fixtures import HAND_TASK, tokenizer, tokenizer_dir, write_jsonl  # noqa: F401
 
 from actex.data import DataConfig, build_plan, tokenize_samples
+from actex.data.plan import plan_from_index
 
 TWO_TESTS = {
     "task_id": "two",
@@ -221,3 +223,33 @@ def test_identical_samples_across_processes(tokenizer_dir):
     # The digest covers the samples, not just the fingerprint: an empty plan proves nothing.
     # 6 tasks, each with at least one test input and predictions_per_task >= 1.
     assert results[0]["samples"] == results[0]["planned"] >= 6
+
+
+def test_samples_read_their_rows_from_the_index_not_the_rows_before(tmp_path, tokenizer):  # noqa: F811
+    """samples(k) seeks to chunk k's rows: blanking every earlier line after planning (same
+    byte length, so the offsets hold) changes nothing, where re-reading from row 0 would
+    miscount rows. A skipped bad row in between needs a seek of its own."""
+    rows = [{"text": f"row {k} " + "x" * (k % 7)} for k in range(40)]
+    rows[33] = {"text": ""}  # skipped: empty text
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    cfg = DataConfig(dataset=str(path), format="text", on_bad_row="skip")
+    plan = build_plan(cfg, tokenizer, chunk_size=4)
+    last = 8  # samples 32-35: rows 32 and 34-36, around the skipped row
+    expected = [(s.sample_id, s.source_row, s.text) for s in plan.samples(last)]
+    assert [row for _, row, _ in expected] == [32, 34, 35, 36]
+    lines = path.read_bytes().splitlines(keepends=True)
+    first = int(plan.row_indices[np.searchsorted(plan.row_first_ids, plan.chunk_range(last)[0])])
+    path.write_bytes(b"".join(b" " * (len(line) - 1) + b"\n" for line in lines[:first]) + b"".join(lines[first:]))
+    assert [(s.sample_id, s.source_row, s.text) for s in plan.samples(last)] == expected
+    assert plan.skipped_by_reason() == {"column 'text' is empty": 1}
+
+
+def test_row_index_round_trips_and_is_refused_for_another_plan(tmp_path, tokenizer):  # noqa: F811
+    path = write_jsonl(tmp_path / "t.jsonl", [HAND_TASK, TWO_TESTS, HAND_TASK])
+    cfg = DataConfig(dataset=str(path), predictions_per_task=3)
+    plan = build_plan(cfg, tokenizer, chunk_size=4)
+    again = plan_from_index(cfg, tokenizer, plan.index_bytes(), plan.fingerprint, "index")
+    assert (again.num_samples, again.num_chunks) == (plan.num_samples, plan.num_chunks)
+    assert [s.text for s in _all_samples(again)] == [s.text for s in _all_samples(plan)]
+    assert plan_from_index(cfg, tokenizer, plan.index_bytes(), "another-fingerprint", "index") is None
+    assert plan_from_index(cfg, tokenizer, b"not an npz", plan.fingerprint, "index") is None

@@ -12,7 +12,7 @@ from engine_fixtures import TINY_HOOKS, arc_dataset, jax_cache, committed_tensor
 from actex.data import TokenizedSample, tokenize_samples
 from actex.engine.extract import extract, open_run
 from actex.engine.pipeline import ChunkAssembler
-from actex.engine.work import SINGLE_PROCESS, StaticChunks
+from actex.engine.work import StaticChunks
 from actex.model import make_capture_fn
 from actex.store.commits import read_commits
 from actex.store.manifest import ManifestMismatchError
@@ -134,10 +134,10 @@ def test_assembler_reassembles_windows_out_of_order_and_cuts_parts():
     host = {"h": np.arange(2 * 4 * 2, dtype=np.float32).reshape(2, 4, 2)}  # [rows, seq, width]
     positions = np.array([[0, 1, 0, 1], [0, 1, 2, 0]], np.int32)
     # Row 0: window 2 of sample 10 then sample 11; row 1: window 1 of sample 10.
-    assembler.add([(10, 3, 0, 0, 2)], positions, host, SINGLE_PROCESS)
+    assembler.add([(10, 3, 0, 0, 2)], positions, host)
     first = assembler.ready_parts()
     assert [p.sample_ids.tolist() for p in first] == [[12]]  # empty: complete from the start
-    assembler.add([(11, 0, 0, 2, 2), (10, 0, 1, 0, 3)], positions, host, SINGLE_PROCESS)
+    assembler.add([(11, 0, 0, 2, 2), (10, 0, 1, 0, 3)], positions, host)
     parts = sorted(first + assembler.ready_parts(final=True), key=lambda p: p.index)
 
     assert [p.sample_ids.tolist() for p in parts] == [[10], [11], [12]]
@@ -201,4 +201,5 @@ def test_the_same_run_reached_by_another_spelling_of_output_is_accepted(tmp_path
     first = open_run(fields)
     again = open_run({**fields, "output": str(tmp_path) + "/", "run_name": first.config.name})
     assert again.config.run_url == first.config.run_url
-    assert LOCATION_FIELDS == NOT_HASHED
+    # The revision is not hashed either, but it is pinned by run.json's config instead.
+    assert LOCATION_FIELDS | {"revision"} == NOT_HASHED

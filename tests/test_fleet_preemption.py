@@ -45,27 +45,27 @@ def test_first_stop_sets_event_and_closing_in_time_disarms_the_deadline():
         timer.join(timeout=5)
         assert not timer.is_alive()
     assert exits.codes == []
-    assert "SIGTERM" in guard.exit_line(committed=3) and "exit 0" in guard.exit_line(committed=3)
+    assert "SIGTERM" in guard.exit_line(committed=3) and "exit 75" in guard.exit_line(committed=3)
 
 
-def test_deadline_abandons_in_flight_chunk_and_exits_zero(capsys):
+def test_deadline_abandons_in_flight_chunk_and_exits_75(capsys):
     stop, exits, flushed = threading.Event(), Exits(), []
     guard = PreemptionGuard(stop, deadline_s=0.1, on_abandon=lambda: flushed.append(True), exit=exits)
     guard.request_stop("GCE pre-emption notice")
     assert exits.called.wait(2)
-    assert exits.codes == [0] and flushed == [True]
+    assert exits.codes == [75] and flushed == [True]
     assert "abandoned" in capsys.readouterr().out
 
 
-def test_supervised_worker_exits_with_the_code_its_supervisor_asked_for(capsys):
-    """`actex fleet` passes --preempted-exit-code 75 so a worker pre-empted from outside is
-    replaced instead of being taken for one that found the run complete (exit 0)."""
+def test_worker_exits_with_the_code_it_was_asked_for(capsys):
+    """--preempted-exit-code overrides the default 75 (a stopped worker is never taken for
+    one that found its share complete, exit 0)."""
     stop, exits = threading.Event(), Exits()
-    guard = PreemptionGuard(stop, deadline_s=0.1, exit_code=75, exit=exits)
+    guard = PreemptionGuard(stop, deadline_s=0.1, exit_code=76, exit=exits)
     guard.request_stop("SIGTERM")
     assert exits.called.wait(2)
-    assert exits.codes == [75] and "exit 75" in capsys.readouterr().out
-    assert guard.exit_line(3).endswith("exit 75")
+    assert exits.codes == [76] and "exit 76" in capsys.readouterr().out
+    assert guard.exit_line(3).endswith("exit 76")
 
 
 def test_second_signal_exits_at_once_with_128_plus_signum():
@@ -141,7 +141,7 @@ def test_real_process_deadline_and_second_signal(second_signal):
         assert proc.returncode == 128 + signal.SIGTERM and elapsed < 5
         assert "second signal" in out
     else:
-        assert proc.returncode == 0 and 0.4 < elapsed < 5
+        assert proc.returncode == 75 and 0.4 < elapsed < 5
         assert out.count("\n") == 1 and "abandoned" in out, out
         assert "SIGTERM" in err  # the warning when the signal arrived
 

@@ -33,8 +33,11 @@ StoredDtype = Literal["bfloat16", "float16", "float32"]
 # Refused here, by config validation, before the slow plan rather than after it.
 ComputeDtype = Literal["bfloat16", "float32"]
 
-# Fields that say where/how a run is written or named, not what it contains.
-NOT_HASHED = frozenset({"output", "run_name"})
+# Fields that say where/how a run is written or named, not what it contains. The model
+# revision is pinned by run.json instead (the commit it resolved to when the run was
+# created, see engine/extract.py): `--revision <that commit>`, a branch that still points
+# there, or no --revision at all name the same run.
+NOT_HASHED = frozenset({"output", "run_name", "revision"})
 
 
 class ConfigError(ValueError):
@@ -211,9 +214,28 @@ class WorkerOptions(BaseModel):
     preempt_deadline: Annotated[float, Flag(panel="Workers")] = Field(
         25.0, ge=0.1, description="On SIGTERM / GCE pre-emption notice: seconds to finish the in-flight chunk before abandoning it.")
     preempted_exit_code: Annotated[int, Flag(panel="Workers")] = Field(
-        0, ge=0, le=255, description="Exit code after a pre-emption stop (`actex fleet` sets 75 to tell a stopped worker from a finished run).")
+        75, ge=0, le=255, description="Exit code when a signal or pre-emption stopped the worker before its share was done (default 75, EX_TEMPFAIL: rerun to resume).")
+    stall_timeout: Annotated[float, Flag(panel="Workers")] = Field(
+        1200.0, ge=1.0, description="Seconds without progress (no batch, part or commit) after which the worker stops renewing its leases and exits 1, so a fleet restarts it and another worker takes its chunk.")
     on_write_failure: Annotated[Literal["exit", "continue"], Flag(panel="Workers")] = Field(
         "exit", description="A chunk whose writes fail after retries: exit (stop the worker) | continue (leave it uncommitted, go on, exit 1 at the end).")
+    # A multi-host pod slice (engine/distributed.py, docs/pod-slices.md).
+    coordinator: Annotated[str | None, Flag(panel="Pod slice")] = Field(
+        None, description="HOST:PORT of process 0's coordination service (default: $JAX_COORDINATOR_ADDRESS, "
+        "or auto-detected on Cloud TPU / GKE).")
+    num_processes: Annotated[int | None, Flag(panel="Pod slice")] = Field(
+        None, ge=1, description="Processes in the slice (default: $JAX_NUM_PROCESSES, or auto-detected).")
+    process_id: Annotated[int | None, Flag(panel="Pod slice")] = Field(
+        None, ge=0, description="This process's index in the slice (default: $JAX_PROCESS_ID, or auto-detected).")
+    init_timeout_s: Annotated[float, Flag(panel="Pod slice")] = Field(
+        1800.0, gt=0, description="Seconds to wait for every process to join. Generous: after a pre-emption a "
+        "slice's hosts restart cold at uneven times (image pull, install, model download).")
+    heartbeat_timeout_s: Annotated[float, Flag(panel="Pod slice")] = Field(
+        120.0, gt=0, description="Seconds without a heartbeat after which a process is declared dead and every "
+        "other process aborts (exit 134).")
+    barrier_timeout_s: Annotated[float, Flag(panel="Pod slice")] = Field(
+        900.0, gt=0, description="Seconds an actex barrier (config agreement, each chunk's commit) waits before "
+        "naming the processes that did not arrive.")
     log_json: Annotated[bool, Flag(panel="Output")] = Field(False, description="Structured JSON log lines on stderr instead of a progress bar.")
     progress: Annotated[bool | None, Flag(panel="Output")] = Field(None, description="Progress bar (default: when stderr is a TTY).")
 

@@ -18,7 +18,8 @@ typer.core.TyperOption.display_type_rich = _type_label
 
 app = typer.Typer(
     name="actex",
-    help="Extract decoder-LLM activations exactly once into local disk, GCS or S3, and read them back.",
+    help="Extract decoder-LLM activations exactly once into local disk, GCS or S3, and read them back.\n\n"
+    + extract.EXIT_CODES_HELP,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -1,8 +1,17 @@
 """`actex extract`, `actex demo` and `actex inspect`: flags in, library calls out.
 
-Every user error (bad flag, unknown hook, missing dataset, unwritable output, a config that
-disagrees with the run already there) ends as ONE line on stderr and exit code 2, before
-anything in the store is touched. Bugs still get their traceback.
+Exit codes, the same for every `actex` command (README "Exit codes"):
+
+    0    done (for `extract`: this worker's share of the run is committed)
+    2    bad input or config, found before anything is written: ONE line on stderr
+    1    infrastructure failure after retries (dataset read, store, disk full): restartable
+    75   stopped by a signal or pre-emption before finishing (Ctrl-C included): rerun resumes
+    130  a second Ctrl-C (128 + the signal's number for a second SIGTERM)
+
+Errors are classified where input enters: while a command opens its inputs (flags, config,
+checkpoint, dataset plan, run.json) a ValueError or a missing file is the user's; once the
+work runs, only I/O errors are expected (exit 1) and anything else is a bug that keeps its
+traceback.
 """
 
 from __future__ import annotations
@@ -24,7 +33,16 @@ from actex.config import ConfigError, WorkerOptions, load_config_file, merge_fie
 
 log = logging.getLogger("actex")
 
+EXIT_DONE = 0
+EXIT_INFRASTRUCTURE = 1
 EXIT_USER_ERROR = 2
+EXIT_STOPPED = 75  # EX_TEMPFAIL: not finished, start it again
+EXIT_SECOND_INTERRUPT = 130  # 128 + SIGINT
+
+EXIT_CODES_HELP = (
+    "Exit codes: 0 done; 2 bad input or config (nothing written); 1 infrastructure failure after "
+    "retries (restartable); 75 stopped by a signal or pre-emption before finishing; 130 second Ctrl-C."
+)
 
 
 class UserError(Exception):
@@ -34,8 +52,31 @@ class UserError(Exception):
 # ----------------------------------------------------------------------------- errors
 
 
-# Errors that come from what the user asked for, not from a bug in actex.
+# Errors that come from what the user asked for, while a command opens its inputs.
 _USER_ERRORS = (ConfigError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, UserError)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def infrastructure_message(error: OSError) -> str:
+    """One line naming the path (when the error has one) and the cause."""
+    where = f"{error.filename}: " if getattr(error, "filename", None) else ""
+    return f"{where}{error.strerror or _first_line(error)}"
+
+
+_USER_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def _caused_by_user(error: BaseException) -> bool:
+    cause = error.__cause__
+    while cause is not None:
+        if isinstance(cause, _USER_OS_ERRORS):
+            return True
+        cause = cause.__cause__
+    return False
 
 
 def error_line(message: str, exit_code: int, log_json: bool = False) -> None:
@@ -48,20 +89,52 @@ def error_line(message: str, exit_code: int, log_json: bool = False) -> None:
 
 @contextlib.contextmanager
 def user_errors(log_json: bool = False) -> Iterator[None]:
-    """Turn a user-caused exception into one line on stderr (a JSON record with `log_json`)
-    and exit code 2."""
+    """The input boundary of a command: user-caused exceptions become one line (a JSON
+    record with `log_json`) and exit 2; other I/O errors (a reset connection, a full disk,
+    a store failing after retries) one line and exit 1; Ctrl-C exit 75. Anything else is a
+    bug and keeps its traceback."""
+    from actex.store.folder import StoreError
+
     try:
         yield
+    except StoreError as error:
+        # The store failed after retries (1), unless what failed is where the user pointed
+        # it: a file where a folder should be, no permission (2).
+        code = EXIT_USER_ERROR if _caused_by_user(error) else EXIT_INFRASTRUCTURE
+        error_line(_first_line(error), code, log_json)
+        raise typer.Exit(code) from None
     except _USER_ERRORS as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        message = _first_line(error)
         if isinstance(error, PermissionError) and error.filename:
             message = f"{error.filename}: permission denied (is the output writable?)"
         error_line(message, EXIT_USER_ERROR, log_json)
         raise typer.Exit(EXIT_USER_ERROR) from None
-    except OSError as error:  # an unwritable or unreachable output, a full disk, ...
-        where = f"{error.filename}: " if getattr(error, "filename", None) else ""
-        error_line(f"{where}{error.strerror or error}", EXIT_USER_ERROR, log_json)
-        raise typer.Exit(EXIT_USER_ERROR) from None
+    except OSError as error:
+        error_line(infrastructure_message(error), EXIT_INFRASTRUCTURE, log_json)
+        raise typer.Exit(EXIT_INFRASTRUCTURE) from None
+    except KeyboardInterrupt:
+        error_line("interrupted before finishing", EXIT_STOPPED, log_json)
+        raise typer.Exit(EXIT_STOPPED) from None
+
+
+@contextlib.contextmanager
+def infrastructure_errors(log_json: bool = False) -> Iterator[None]:
+    """While the work runs: the store failing after retries, any other I/O error that
+    outlived its retries, or a slice's barrier timing out (a straggler, a stuck host) is not
+    the user's input, so exit 1 (restartable), not 2, which `actex fleet` takes for a bad
+    config and never restarts. One line naming what failed. Everything else, ValueError
+    included, is a bug and keeps its traceback."""
+    from actex.engine.distributed import BarrierTimeout
+    from actex.store.folder import StoreError
+
+    try:
+        yield
+    except (StoreError, BarrierTimeout) as error:
+        error_line(str(error), EXIT_INFRASTRUCTURE, log_json)
+        raise typer.Exit(EXIT_INFRASTRUCTURE) from None
+    except OSError as error:
+        error_line(infrastructure_message(error), EXIT_INFRASTRUCTURE, log_json)
+        raise typer.Exit(EXIT_INFRASTRUCTURE) from None
 
 
 def run_store(url: str):
@@ -166,75 +239,118 @@ class ProgressView:
 
 
 def run_extract(fields: dict, options: WorkerOptions, *, storage_options: dict | None = None) -> None:
-    """The body of `actex extract` (and of `actex demo`): open, extract, report."""
+    """The body of `actex extract` (and of `actex demo`): open, extract, report; exits with
+    the codes in this module's docstring.
+
+    With several processes (--num-processes / --coordinator, JAX_* variables, or a
+    multi-host Cloud TPU slice) this process first joins the slice (engine/distributed.py).
+    """
+    from actex.engine import distributed
     from actex.engine.extract import enable_compilation_cache, extract, open_run, worker_heartbeat
+    from actex.engine.liveness import Liveness
     from actex.engine.preemption import PreemptionGuard, watch_gce_preemption
-    from actex.engine.work import StaticChunks, worker_index_from_env
+    from actex.engine.work import SINGLE_PROCESS, StaticChunks, worker_index_from_env
     from actex.store.claims import ClaimedChunks
     from actex.store.commits import committed_chunks
-    from actex.store.folder import StoreError
 
     worker_index, num_workers, claim = options.worker_index, options.num_workers, options.claim
     on_write_failure, preempted_exit_code = options.on_write_failure, options.preempted_exit_code
     log_json = options.log_json
     enable_compilation_cache()
-    with user_errors(log_json):
+    slice_ = None
+    # Opening: a store that refuses the output is the user's to fix (exit 2, as on one host);
+    # a slice's barrier timing out is not (exit 1).
+    with infrastructure_errors(log_json), user_errors(log_json):
+        if distributed.wanted(options):
+            slice_ = distributed.initialize(options)
         if worker_index is None:
-            worker_index = worker_index_from_env() or 0
-        run = open_run(fields, storage_options=storage_options)
+            # On a TPU slice TPU_WORKER_ID is the host's index within the slice, not a worker's.
+            worker_index = worker_index_from_env() if slice_ is None else None
+            if worker_index is None and num_workers > 1 and not claim:
+                raise UserError(
+                    f"--num-workers {num_workers} needs --worker-index (or $TPU_WORKER_ID, $CLOUD_TPU_TASK_ID, "
+                    "$JOB_COMPLETION_INDEX); without one every worker would do worker 0's share"
+                )
+            worker_index = worker_index or 0
+        StaticChunks(1, worker_index, num_workers)  # a bad index is the user's, found before opening
+        workers = {"claim": claim, "num_workers": num_workers, "worker_index": worker_index}
+        run = _open_run(open_run, fields, storage_options, slice_, workers)
         # A TPU fleet VM's hostname is not its node name: its bootstrap sets ACTEX_WORKER_HOST so
         # `actex monitor` can tell which VM a heartbeat comes from.
         host = options.worker_host or os.uname().nodename
         worker = f"w{worker_index}" if not claim else f"{host}-{os.getpid()}"
+        role = SINGLE_PROCESS
+        if slice_ is not None:
+            # The slice is one worker: process 0's name; the others' heartbeats say which process.
+            role = slice_.role()
+            worker = slice_.broadcast("worker", lambda: worker)
         done = committed_chunks(run.store)
+        heartbeat = worker_heartbeat(run, worker if role.index == 0 else f"{worker}.p{role.index}")
+        liveness = Liveness(heartbeat, stall_timeout_s=options.stall_timeout)
+        primary = slice_ is None or slice_.primary
+        static = StaticChunks(run.plan.num_chunks, worker_index, num_workers)
         if claim:
-            source = ClaimedChunks(run.store, run.plan.num_chunks, worker, lease_s=options.lease_seconds)
+            # A stalled worker stops renewing, so its leases run out and others take over.
+            source = ClaimedChunks(run.store, run.plan.num_chunks, worker, lease_s=options.lease_seconds,
+                                   renew_while=liveness.progressing) if primary else None
             todo = run.plan.num_chunks - len(done)
         else:
-            source = StaticChunks(run.plan.num_chunks, worker_index, num_workers)
-            todo = len(set(source.assigned()) - done)
+            source = static
+            todo = len(set(static.assigned()) - done)
+        claims = source if claim else None
+        guard_holder: list = []
+        if slice_ is not None:
+            source = distributed.SliceChunks(
+                slice_, source if primary else None,
+                on_stop=lambda step, reason: _slice_stops(guard_holder[0], step, reason),
+            )
 
     log.info("run %s: %d chunks, %d to do by worker %s", run.config.run_url, run.plan.num_chunks, todo, worker,
              extra={"data": {"event": "start", "run": run.config.run_url, "config_hash": run.config.config_hash,
                              "num_chunks": run.plan.num_chunks, "todo": todo, "worker": worker}})
     stop = threading.Event()
     show_bar = sys.stderr.isatty() and not options.log_json if options.progress is None else options.progress
-    heartbeat = worker_heartbeat(run, worker)
 
     def abandon() -> None:
         # Past the deadline the in-flight chunk is dropped: hand its lease back so another
         # worker starts on it at once, and say so in this worker's heartbeat.
-        if claim:
-            source.close()
+        if claims is not None:
+            claims.close()
         heartbeat.beat(state="abandoned", force=True)
 
-    with PreemptionGuard(stop, deadline_s=options.preempt_deadline, on_abandon=abandon, exit_code=preempted_exit_code) as guard, \
+    # In a slice a stop on any host is broadcast by process 0 at a step boundary (see
+    # engine/distributed.py SliceChunks), so every host stops after the same chunk.
+    on_request = None if slice_ is None else slice_.request_stop
+    with PreemptionGuard(stop, deadline_s=options.preempt_deadline, on_abandon=abandon, exit_code=preempted_exit_code,
+                         on_request=on_request) as guard, \
             ProgressView(todo, show_bar=show_bar) as view:
+        guard_holder.append(guard)
         watch_gce_preemption(guard)
         try:
-            with user_errors(log_json):
-                try:
-                    summary = extract(run, source, worker=worker, stop=stop, on_commit=view.committed,
-                                      on_write_failure=on_write_failure, heartbeat=heartbeat)
-                except StoreError as error:
-                    # The store kept failing after retries: not the user's input, so not exit 2,
-                    # which `actex fleet` takes for a bad config and never restarts.
-                    error_line(str(error), 1, log_json)
-                    raise typer.Exit(1) from None
+            with infrastructure_errors(log_json):
+                summary = extract(run, source, worker=worker, stop=stop, on_commit=view.committed,
+                                  on_write_failure=on_write_failure, heartbeat=heartbeat, role=role, liveness=liveness)
         finally:
-            if claim:
-                source.close()
+            if claims is not None:
+                claims.close()
     snap = summary.progress
     if run.config.generation is not None:
         _report_answers(run)
     log.info("done", extra={"data": {"event": "done", "committed": summary.committed, "skipped": summary.skipped, "lost": summary.lost, **snap}})
     if summary.failed:
-        error_line(f"{summary.failed} chunk(s) not committed after write failures (see log); rerun to redo them", 1, log_json)
-        raise typer.Exit(1)
+        error_line(f"{summary.failed} chunk(s) not committed after write failures (see log); rerun to redo them", EXIT_INFRASTRUCTURE, log_json)
+        raise typer.Exit(EXIT_INFRASTRUCTURE)
     if guard.reason is not None:
-        typer.echo(guard.exit_line(summary.committed))
-        if preempted_exit_code:
+        with infrastructure_errors():
+            left = _chunks_left(run, static, claim, committed_chunks)
+        if left:
+            typer.echo(guard.exit_line(summary.committed) + f" ({left} chunk(s) left to do; rerun to resume)")
             raise typer.Exit(preempted_exit_code)
+        typer.echo(guard.exit_line(summary.committed, EXIT_DONE) + " (this worker's share is complete)")
+        return
+    if role.index != 0:
+        typer.echo(f"actex: process {role.index} of {role.count}: wrote its rows of every chunk; "
+                   "process 0 committed them (see its line)")
         return
     typer.echo(
         f"actex: {run.config.run_url}: committed {summary.committed} chunk(s) "
@@ -242,6 +358,46 @@ def run_extract(fields: dict, options: WorkerOptions, *, storage_options: dict |
         f"{snap['tokens_per_s']:,.0f} tokens/s); "
         f"{summary.skipped} already committed"
     )
+
+
+def _slice_stops(guard, step: int, reason: str) -> None:
+    """Every process of a slice stops at the same step: say which, and why."""
+    typer.echo(f"actex: the slice stops before step {step}: {reason}")
+    guard.request_stop(reason)
+
+
+def _open_run(open_run, fields: dict, storage_options: dict | None, slice_, workers: dict):
+    """open_run, with the config agreed by every process of a slice (exit 2 on all of them
+    if any differs, or if any failed to resolve its config: its error, named, everywhere)."""
+    if slice_ is None:
+        return open_run(fields, storage_options=storage_options)
+    from actex.engine import distributed
+
+    agreed = False
+
+    def agree(resolved: dict) -> None:
+        nonlocal agreed
+        agreed = True
+        distributed.agree(slice_, {**resolved, "workers": workers})
+        if resolved.get("generation") is not None:  # the same on every process, so all exit 2
+            raise UserError("generation runs do not run on a multi-host slice yet (decoding is per process); "
+                            "run `actex generate` as independent workers (--claim) instead")
+
+    try:
+        return open_run(fields, storage_options=storage_options, agree=agree)
+    except _USER_ERRORS as error:
+        if agreed:
+            raise
+        # Tell the others why before exiting, so they exit 2 naming this process, not 134.
+        distributed.agree(slice_, None, error=str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
+        raise
+
+
+def _chunks_left(run, static, claim: bool, committed_chunks) -> int:
+    """Chunks of this worker's share without a commit record (all of the run's with --claim)."""
+    done = committed_chunks(run.store)
+    share = range(run.plan.num_chunks) if claim else static.assigned()
+    return sum(1 for chunk in share if chunk not in done)
 
 
 def _report_answers(run) -> None:
@@ -304,7 +460,11 @@ extract_command = with_extract_options(extract_body, options=EXTRACT_OPTIONS, do
     "Extract activations of MODEL over DATASET into OUTPUT/RUN, exactly once.\n\n"
     "Every option can also come from its ACTEX_* environment variable or the --config file "
     "(flag > variable > file > default). Rerun the same command to resume: committed chunks "
-    "are skipped, unfinished ones redone."
+    "are skipped, unfinished ones redone.\n\n"
+    "Exit codes: 0 done (this worker's share committed); 2 bad input or config (nothing written); "
+    "1 infrastructure failure after retries, or no progress for --stall-timeout (restartable); "
+    "75 stopped by a signal or pre-emption before finishing (Ctrl-C included; rerun to resume); "
+    "130 second Ctrl-C."
 ))
 
 
@@ -351,6 +511,7 @@ def inspect_command(
     """Hooks, widths, dtype, chunks committed/total, samples, tokens, bytes and config of a run."""
     from actex.store.commits import useful_token_fraction
     from actex.engine.generate import answers_summary
+    from actex.store.manifest import read_manifest
     from actex.store.reader import Run
 
     with user_errors():
@@ -359,6 +520,7 @@ def inspect_command(
         # Real tokens / computed slots over the committed chunks: what packing wasted.
         summary["useful_token_fraction"] = useful_token_fraction(run.commits.values())
         summary["answers"] = answers_summary(run)
+        summary["skipped_rows"] = read_manifest(run.store).skipped_rows
     if as_json:
         typer.echo(json.dumps(summary, indent=2, default=str))
         return
@@ -373,6 +535,9 @@ def inspect_command(
     )
     if summary["useful_token_fraction"] is not None:
         console.print(f"useful tokens {summary['useful_token_fraction']:.1%} of the slots computed (the rest: padding)")
+    if summary["skipped_rows"]:
+        reasons = ", ".join(f"{count} x {reason}" for reason, count in summary["skipped_rows"].items())
+        console.print(f"skipped rows (--on-bad-row skip): {sum(summary['skipped_rows'].values()):,}: {reasons}", markup=False)
     table = Table("hook", "width", "mean |mean|", "mean var", "mean L2 norm")
     for hook, entry in summary["hooks"].items():
         stats = entry.get("stats")

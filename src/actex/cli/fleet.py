@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from actex.cli.extract import user_errors
+from actex.cli.extract import EXIT_STOPPED, user_errors
 
 
 def status_command(
@@ -43,7 +43,7 @@ def status_command(
         )
 
 
-PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped before the run was complete; start another
+PREEMPTED_EXIT = EXIT_STOPPED  # stopped before the run was complete; start another
 
 
 def fleet_command(

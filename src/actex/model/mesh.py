@@ -227,3 +227,16 @@ def shard_params(params: Params, config: ModelConfig, mesh: Mesh) -> Params:
 def shard_batch(arrays, mesh: Mesh):
     """Place [rows, ...] arrays with rows split over the data axis (single process)."""
     return global_batch(arrays, mesh)
+
+
+def local_rows(array) -> np.ndarray:
+    """This process's rows of a global [rows, ...] array with rows over "data", on the host.
+
+    The inverse of `global_batch`: the rows this process passed in, in order. On one
+    process that is the whole array; in a slice, one copy of each addressable data shard
+    (shards repeat over "model" with replica_id > 0), ordered by row.
+    """
+    if array.is_fully_addressable:
+        return np.asarray(jax.device_get(array))
+    shards = sorted((s for s in array.addressable_shards if s.replica_id == 0), key=lambda s: s.index[0].start or 0)
+    return np.concatenate([np.asarray(s.data) for s in shards], axis=0)

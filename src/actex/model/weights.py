@@ -80,7 +80,8 @@ class HubUnreachableError(ConnectionError):
 
 
 def resolve_model_dir(model: str, revision: str | None = None) -> tuple[Path, str]:
-    """A local directory, or a hub repo id downloaded into (or found in) the HF cache.
+    """A local directory, a gs:// or s3:// folder (copied into a verified local cache, see
+    model/remote.py), or a hub repo id downloaded into (or found in) the HF cache.
 
     Returns (directory, revision): "local" for a directory, else the snapshot's commit.
     With HF_HUB_OFFLINE=1 the cached snapshot is used without touching the network.
@@ -89,6 +90,11 @@ def resolve_model_dir(model: str, revision: str | None = None) -> tuple[Path, st
     """
     if Path(model).is_dir():
         return Path(model), revision or "local"
+    from actex.model.remote import fetch_checkpoint, is_remote
+
+    if is_remote(model):
+        # A verified local copy, loaded as a local directory: same fingerprint as on disk.
+        return fetch_checkpoint(model, HUB_PATTERNS), revision or "local"
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 

@@ -94,7 +94,9 @@ class ClaimedChunks:
     the chunk is no longer in flight here; this worker never takes that chunk again.
     A heartbeat thread renews held leases every `lease_s / 3` until `close()`, so chunks
     still being written after `chunks()` ended (the engine commits in the background) keep
-    their leases until the caller closes the source.
+    their leases until the caller closes the source. `renew_while()`, when given, is asked
+    before each renewal: once it says False (the worker stopped progressing, see
+    engine/liveness.py) leases are left to run out, so another worker takes the chunks over.
     """
 
     def __init__(
@@ -107,6 +109,7 @@ class ClaimedChunks:
         skew_s: float = DEFAULT_SKEW_S,
         poll_s: float | None = None,
         clock: Callable[[], float] = time.time,
+        renew_while: Callable[[], bool] | None = None,
     ) -> None:
         if lease_s <= 0:
             raise ValueError(f"--lease-seconds must be > 0, got {lease_s}")
@@ -117,6 +120,7 @@ class ClaimedChunks:
         self.skew_s = skew_s
         self.poll_s = poll_s if poll_s is not None else min(5.0, lease_s / 3)
         self.clock = clock
+        self.renew_while = renew_while
         self._held: dict[int, Lease] = {}
         self._lost: set[int] = set()
         self._finished: set[int] = set()  # committed or given up while this source ran
@@ -254,7 +258,11 @@ class ClaimedChunks:
             self.renew()
 
     def renew(self) -> None:
-        """Push every held lease's expiry forward; a lease someone else took is dropped."""
+        """Push every held lease's expiry forward; a lease someone else took is dropped.
+        Nothing is renewed once `renew_while()` says the worker stopped progressing."""
+        if self.renew_while is not None and not self.renew_while():
+            log.warning("no progress: leases of chunks %s are no longer renewed", self.held)
+            return
         with self._lock:
             held = list(self._held.values())
         for lease in held:

@@ -178,15 +178,17 @@ def read_commits(store: Store, chunks: Sequence[int] | None = None) -> dict[int,
 
 
 class Heartbeat:
-    """A worker's counters, written to workers/<worker>.json at most every `interval_s`.
+    """A worker's counters, written to workers/<worker>.json (by the engine's heartbeat
+    thread every HEARTBEAT_EVERY_S, and at start, commit and exit).
 
     Monitoring only (nothing decides correctness from it), so a failed write is logged by
     the caller and the worker goes on. Overwrites are atomic per backend (see folder.py).
-    Writes are serialised, and a final state (`abandoned`: the process is about to exit
-    from another thread) is never overwritten by a later beat, so the last word stands.
+    Writes are serialised, and a final state (`abandoned` or `stalled`: the process is about
+    to exit from another thread) is never overwritten by a later beat, so the last word stands.
     """
 
-    FINAL_STATES = frozenset({"abandoned"})
+    FINAL_STATES = frozenset({"abandoned", "stalled"})
+    COUNTERS = ("chunks_done", "batches", "samples", "tokens", "bytes", "token_slots")
 
     def __init__(self, store: Store, worker: str, *, interval_s: float = 10.0, info: Mapping[str, Any] | None = None):
         self.store = store
@@ -194,15 +196,17 @@ class Heartbeat:
         self.interval_s = interval_s
         self.info = dict(info or {})
         self.started_at = time.time()
-        self.counters = {"chunks_done": 0, "samples": 0, "tokens": 0, "bytes": 0, "token_slots": 0}
+        self.counters = dict.fromkeys(self.COUNTERS, 0)
         self.state = "running"
         self._last_write = float("-inf")
         self._writing = threading.Lock()
+        self._counting = threading.Lock()
 
-    def add(self, *, chunks_done: int = 0, samples: int = 0, tokens: int = 0, bytes: int = 0, token_slots: int = 0) -> None:
-        for key, value in (("chunks_done", chunks_done), ("samples", samples), ("tokens", tokens), ("bytes", bytes),
-                           ("token_slots", token_slots)):
-            self.counters[key] += value
+    def add(self, **counts: int) -> None:
+        """Add to the counters (chunks_done, batches, samples, tokens, bytes, token_slots); any thread."""
+        with self._counting:
+            for key, value in counts.items():
+                self.counters[key] += value
 
     def snapshot(self) -> dict[str, Any]:
         now = time.time()
@@ -214,7 +218,7 @@ class Heartbeat:
             "state": self.state,
             "started_at": self.started_at,
             "updated_at": now,
-            **self.counters,
+            **dict(self.counters),
             "tokens_per_s": self.counters["tokens"] / elapsed,
             "bytes_per_s": self.counters["bytes"] / elapsed,
             # Real tokens / computed slots of the chunks committed so far (padding waste).

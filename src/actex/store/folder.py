@@ -15,7 +15,8 @@ small backend class each:
                        S3 `If-Match: <etag>`, local rename under flock of the directory).
 
 Transient failures (5xx, 429, timeouts, resets) are retried by one `RetryPolicy` that
-wraps every operation; the final error names the object and the cause.
+wraps every operation (and every dataset read, data/sources.py), except those the
+filesystem's client retried already; the final error names the object and the cause.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import hashlib
 import itertools
 import json
 import os
-import random
 import secrets
 import threading
 import time
@@ -36,6 +36,7 @@ from typing import TypeVar
 from urllib.parse import quote
 
 import fsspec
+import tenacity
 
 T = TypeVar("T")
 
@@ -118,31 +119,72 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
+def client_retries(fs: fsspec.AbstractFileSystem) -> Callable[[BaseException], bool]:
+    """Which failures the filesystem's own client already retried before raising them.
+
+    gcsfs retries 408/429/5xx and connection errors itself (6 tries, `gcsfs.retry`); s3fs
+    retries its S3_RETRYABLE_ERRORS and botocore retries 5xx, throttling and connection
+    errors. Retrying those again would multiply the attempts (36 instead of 6) and the
+    time before a dead store is reported; what they do not retry (S3's 409
+    ConditionalRequestConflict, a timeout raised outside the client) is still ours.
+    """
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    if protocols & {"gs", "gcs"}:
+        from gcsfs.retry import is_retriable
+
+        return lambda exc: any(is_retriable(e) for e in _chain(exc))
+    if protocols & {"s3", "s3a"}:
+        import botocore.exceptions as bce
+        from s3fs.core import S3_RETRYABLE_ERRORS
+
+        retried = (*S3_RETRYABLE_ERRORS, bce.HTTPClientError, bce.ConnectionError)
+        return lambda exc: any(
+            isinstance(e, retried) or (_http_status(e) or 0) >= 500 for e in _chain(exc)
+        )
+    return lambda exc: False
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and all(cur is not e for e in seen):
+        seen.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return seen
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Exponential backoff with full jitter, bounded attempts.
+    """The one retry policy of actex, for store operations and dataset reads alike
+    (tenacity: exponential backoff with full jitter, bounded attempts).
 
     Delay before retry n (1-based) is uniform in [0, min(max_delay, base_delay * 2**(n-1))];
-    full jitter spreads a fleet of workers that all saw the same outage.
+    full jitter spreads a fleet of workers that all saw the same outage. Only transient
+    failures (`is_transient`) are retried, and not those the client already retried
+    (`already_retried`, see `client_retries`). The final error is a StoreError naming
+    `what` (the object or file) and the cause.
     """
 
     attempts: int = 6
     base_delay: float = 0.25
     max_delay: float = 10.0
 
-    def call(self, fn: Callable[[], T], *, what: str) -> T:
-        for attempt in itertools.count(1):
-            try:
-                return fn()
-            except Exception as exc:
-                if not is_transient(exc):
-                    raise
-                if attempt >= self.attempts:
-                    raise StoreError(
-                        f"{what} failed after {attempt} attempts: {type(exc).__name__}: {exc}"
-                    ) from exc
-                time.sleep(random.uniform(0, min(self.max_delay, self.base_delay * 2 ** (attempt - 1))))
-        raise AssertionError("unreachable")
+    def call(self, fn: Callable[[], T], *, what: str,
+             already_retried: Callable[[BaseException], bool] = lambda exc: False) -> T:
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(self.attempts),
+            wait=tenacity.wait_random_exponential(multiplier=self.base_delay, max=self.max_delay),
+            retry=tenacity.retry_if_exception(lambda exc: is_transient(exc) and not already_retried(exc)),
+            reraise=True,
+        )
+        try:
+            return retrying(fn)
+        except Exception as exc:
+            if not is_transient(exc) or isinstance(exc, StoreError) and not isinstance(exc, TransientStoreError):
+                raise
+            attempts = retrying.statistics.get("attempt_number", 1)
+            client = " (each with the client's own retries)" if already_retried(exc) else ""
+            raise StoreError(f"{what} failed after {attempts} attempt{'s' if attempts != 1 else ''}{client}: {type(exc).__name__}: {exc}") from exc
 
 
 # ----------------------------------------------------------------------------- backends
@@ -525,6 +567,7 @@ class Store:
         self.url = url.rstrip("/")
         self.retry = retry
         self._backend = _backend_for(fs, self.url)
+        self._client_retries = client_retries(fs)
 
     def __repr__(self) -> str:
         return f"Store({self.url!r})"
@@ -546,7 +589,7 @@ class Store:
         return Store(self.fs, self.path(rel), self.url_of(rel), self.retry)
 
     def _call(self, op: str, rel: str, fn: Callable[[], T]) -> T:
-        return self.retry.call(fn, what=f"{op} {self.url_of(rel)}")
+        return self.retry.call(fn, what=f"{op} {self.url_of(rel)}", already_retried=self._client_retries)
 
     def _fresh(self, path: str) -> None:
         # gcsfs / s3fs cache listings; other workers write here, so never trust that cache.
@@ -738,6 +781,7 @@ def open_store(url: str | os.PathLike, *, retry: RetryPolicy | None = None, **st
 __all__ = [
     "RetryPolicy",
     "Store",
+    "client_retries",
     "StoreError",
     "TransientStoreError",
     "is_transient",

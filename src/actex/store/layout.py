@@ -7,6 +7,7 @@
     commits/<chunk>.json                             commit record; its existence IS the commit
     claims/<chunk>.json                              lease for dynamic claiming
     workers/<worker>.json                            heartbeat
+    plan/index.npz                                   the plan's row index (data/plan.py)
 
 Chunk ids are zero-padded to 6 digits so listings sort numerically. Attempt ids are
 unique per write attempt (UTC time + worker + random), so a retried or duplicated chunk
@@ -31,6 +32,7 @@ CHUNKS_DIR = "chunks"
 COMMITS_DIR = "commits"
 CLAIMS_DIR = "claims"
 WORKERS_DIR = "workers"
+PLAN_INDEX = "plan/index.npz"
 ATTEMPT_STAMP = "%Y%m%dT%H%M%SZ"  # UTC start time leading every attempt id
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

@@ -58,12 +58,13 @@ class RunManifest:
     # Provenance only: excluded from the identity check.
     created_at: float = field(default_factory=time.time)
     actex_version: str = __version__
+    skipped_rows: dict[str, int] = field(default_factory=dict)  # rows skipped by --on-bad-row skip, by reason
 
     def identity(self) -> dict[str, Any]:
         """Everything that must agree between workers of one run."""
         full = self.to_dict()
         full["config"] = {k: v for k, v in self.config.items() if k not in LOCATION_FIELDS}
-        return {k: v for k, v in full.items() if k not in ("created_at", "actex_version")}
+        return {k: v for k, v in full.items() if k not in ("created_at", "actex_version", "skipped_rows")}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -82,6 +83,7 @@ class RunManifest:
             },
             "created_at": self.created_at,
             "actex_version": self.actex_version,
+            "skipped_rows": self.skipped_rows,
         }
 
     def to_json(self) -> bytes:
@@ -105,6 +107,7 @@ class RunManifest:
                 format_version=version,
                 created_at=float(d.get("created_at", 0.0)),
                 actex_version=str(d.get("actex_version", "")),
+                skipped_rows={str(k): int(v) for k, v in d.get("skipped_rows", {}).items()},
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{where}: not a run manifest ({type(exc).__name__}: {exc})") from None

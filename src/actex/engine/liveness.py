@@ -1,0 +1,159 @@
+"""Liveness: a worker proves it is alive by beating, and proves it is useful by progressing.
+
+Two daemon threads per worker, so that neither a slow store nor a hung XLA call can hide:
+
+* the heartbeat thread writes `workers/<id>.json` every `HEARTBEAT_EVERY_S` with the
+  progress counters, whatever the main thread is doing; `actex status` calls a worker
+  silent from the age of that file alone (a healthy worker's is never older than a beat,
+  however long its chunks take);
+* the stall watchdog notes when the pipeline last progressed (a batch reached the host, a
+  part was written, a chunk committed). Once nothing progressed for `stall_timeout_s`,
+  `progressing()` turns False, which stops lease renewal in `--claim` mode, and the
+  watchdog ends the process with exit code 1, so a fleet restarts it while another worker
+  takes the chunk over when its lease runs out. Only a worker with a chunk in flight can
+  stall: one waiting for work (every chunk left is leased to others) is idle, not stuck.
+
+Why exit rather than raise: the stuck call (an upload that never returns, a device that
+never answers) sits on another thread and cannot be interrupted from Python; the chunk is
+safe to abandon because it exists only once its commit record does.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+
+from actex.store.commits import Heartbeat
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_EVERY_S = 10.0
+DEFAULT_STALL_TIMEOUT_S = 1200.0  # first compiles of a big model take minutes; a stuck upload forever
+EXIT_STALLED = 1
+
+
+class Liveness:
+    """Progress clock, heartbeat thread and stall watchdog of one worker.
+
+    `progressed()` is called by the pipeline at every step forward (any thread);
+    `took(chunk)` / `done(chunk)` bracket each chunk's time in flight (outside of them the
+    clock does not run). `start()` launches both threads; `close()` stops them (the final heartbeat is the
+    caller's). `exit` is os._exit in production (the watchdog runs off the main thread,
+    where SystemExit would end only that thread); tests pass a recorder.
+    """
+
+    def __init__(
+        self,
+        heartbeat: Heartbeat,
+        *,
+        stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
+        beat_every_s: float = HEARTBEAT_EVERY_S,
+        on_stall: Callable[[], None] | None = None,
+        exit: Callable[[int], None] = os._exit,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if stall_timeout_s <= 0:
+            raise ValueError(f"--stall-timeout must be > 0 seconds, got {stall_timeout_s}")
+        self.heartbeat = heartbeat
+        self.stall_timeout_s = stall_timeout_s
+        self.beat_every_s = beat_every_s
+        self.on_stall = on_stall
+        self._exit = exit
+        self._clock = clock
+        self._last_progress = clock()
+        self._in_flight: set[int] = set()
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.stalled = False
+
+    # -- progress ------------------------------------------------------------------------
+
+    def progressed(self, **counters: int) -> None:
+        """The pipeline moved forward; `counters` are added to the heartbeat's."""
+        self._last_progress = self._clock()
+        if counters:
+            self.heartbeat.add(**counters)
+
+    def took(self, chunk: int) -> None:
+        """The worker started on `chunk` (the clock runs while any chunk is in flight)."""
+        with self._lock:
+            if not self._in_flight:
+                self._last_progress = self._clock()
+            self._in_flight.add(chunk)
+
+    def done(self, chunk: int) -> None:
+        """`chunk` is no longer in flight here (committed, lost, skipped or given up)."""
+        with self._lock:
+            self._in_flight.discard(chunk)
+        self._last_progress = self._clock()
+
+    def idle_s(self) -> float:
+        """Seconds since the pipeline last moved forward, while a chunk is in flight (else 0)."""
+        with self._lock:
+            if not self._in_flight:
+                return 0.0
+        return self._clock() - self._last_progress
+
+    def progressing(self) -> bool:
+        """False once nothing progressed for the stall timeout: leases are no longer renewed."""
+        return not self.stalled and self.idle_s() < self.stall_timeout_s
+
+    # -- threads -------------------------------------------------------------------------
+
+    def start(self) -> "Liveness":
+        for name, target in (("heartbeat", self._beat_loop), ("stall-watchdog", self._watch_loop)):
+            thread = threading.Thread(target=target, name=f"actex-{name}-{self.heartbeat.worker}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def close(self) -> None:
+        self._closed.set()
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                # A heartbeat write hung in a dead store must not hold the exit up.
+                thread.join(timeout=self.beat_every_s)
+
+    def _beat_loop(self) -> None:
+        while not self._closed.wait(self.beat_every_s):
+            try:
+                self.heartbeat.beat(force=True)
+            except OSError as error:  # monitoring only: a run never fails over its heartbeat
+                log.warning("heartbeat %s not written: %s", self.heartbeat.worker, error)
+
+    def _watch_loop(self) -> None:
+        # Check often enough to act within a few percent of the timeout, at most every 5 s.
+        period = min(5.0, self.stall_timeout_s / 20)
+        while not self._closed.wait(period):
+            if self.idle_s() >= self.stall_timeout_s:
+                self._stall()
+                return
+
+    def _stall(self) -> None:
+        self.stalled = True
+        message = (
+            f"actex: error: no progress for {self.idle_s():.0f} s (--stall-timeout {self.stall_timeout_s:.0f} s): "
+            "a store or device call is stuck; leases no longer renewed, exiting 1 so the worker is restarted"
+        )
+        log.error(message)
+        print(message, flush=True)
+        # The last word, written on a helper thread: the store may be what hangs.
+        final = threading.Thread(target=self._final_beat, daemon=True)
+        final.start()
+        final.join(timeout=min(5.0, self.beat_every_s))
+        if self.on_stall is not None:
+            try:
+                self.on_stall()
+            except Exception as error:  # exiting anyway; say why the hook failed
+                log.error("while giving up after a stall: %s", error)
+        self._exit(EXIT_STALLED)
+
+    def _final_beat(self) -> None:
+        try:
+            self.heartbeat.beat(state="stalled", force=True)
+        except OSError as error:
+            log.warning("heartbeat %s not written: %s", self.heartbeat.worker, error)
