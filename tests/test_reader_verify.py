@@ -192,7 +192,7 @@ def _outlier_run(root, *, leak: bool, monkeypatch) -> str:
     from actex.engine.extract import extract
     from actex.engine.extract import open_run as open_for_extraction
     from actex.engine.work import StaticChunks
-    from actex.model import qwen2
+    from actex.model import attention as kernels
     from actex.model.random_checkpoint import tiny_hf_config, write_random_checkpoint
 
     model = root / "model"
@@ -207,8 +207,9 @@ def _outlier_run(root, *, leak: bool, monkeypatch) -> str:
         rows = [{"text": "Hello " + "the quick brown fox jumps " * (i % 3 + 1) + f"row {i}"} for i in range(6)]
         (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if leak:
-        honest = qwen2.attention
-        monkeypatch.setattr(qwen2, "attention", lambda q, k, v, seg: honest(q, k, v, (seg > 0).astype(seg.dtype)))
+        # The engine's CPU kernel is attention.attention (make_attention's "blockwise").
+        honest = kernels.attention
+        monkeypatch.setattr(kernels, "attention", lambda q, k, v, seg: honest(q, k, v, (seg > 0).astype(seg.dtype)))
     fields = {
         "model": str(model), "hooks": ["blocks.1.hook_resid_post"], "dtype": "float32", "chunk_size": 6,
         "output": str(root / "out"), "run_name": "leak" if leak else "clean",

@@ -11,7 +11,7 @@ workers raced on it, and the loser's attempt is unreferenced garbage for `actex 
                  "bytes": 123456, "sha256": "...", "header_bytes": 2504, "header_crc32c": "93d37d6b"}],
       "samples_path": "chunks/000042/<attempt>/samples.jsonl",
       "stats_path": "chunks/000042/<attempt>/stats.safetensors", "stats_crc32c": "0c1d2e3f",
-      "samples": 64, "tokens": 581234, "worker": "w3",
+      "samples": 64, "tokens": 581234, "token_slots": 589824, "worker": "w3",
       "timings": {...}, "committed_at": 1735732800.0, "format_version": 2}
 
 A record stays a few hundred bytes per part whatever the hooks and widths: statistics
