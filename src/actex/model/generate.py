@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from actex.model.attention import attention
-from actex.model.qwen2 import ModelConfig, Params, block, rms_norm, rope_angles
+from actex.model.qwen2 import ModelConfig, Params, block, matmul_precision, rms_norm, rope_angles
 
 _NEG = -1e30  # finite "minus infinity", as in attention.py
 
@@ -128,6 +128,13 @@ def greedy_generate(params: Params, token_ids: jax.Array, mask: jax.Array, stop_
     Returns tokens [B, N] int32 (N = max_new_tokens; a row's stop token is included and
     followed by zeros), n_generated [B] int32 and stopped [B] bool (ended by a stop token).
     """
+    # The same matmul precision as the capture forward: float32 decoding means float32 on
+    # TPU/GPU too, so the tokens chosen match the recomputed activations' forward.
+    with jax.default_matmul_precision(matmul_precision(params["embed"].dtype)):
+        return _greedy_generate(params, token_ids, mask, stop_ids, config, max_new_tokens)
+
+
+def _greedy_generate(params: Params, token_ids, mask, stop_ids, config: ModelConfig, max_new_tokens: int):
     batch, prompt_len = token_ids.shape
     logits, cache = prefill(params, config, token_ids, mask, prompt_len + max_new_tokens)
     n_prompt = mask.sum(axis=1).astype(jnp.int32)
