@@ -65,7 +65,7 @@ def fleet_command(
     A worker that dies is replaced (ray: by Ray's actor restarts and task retries). A
     `--claim` worker exits 0 on its own only once every chunk has its commit record, so the
     first clean exit ends the fleet; a worker stopped from outside (SIGTERM, GCE pre-emption
-    notice) exits PREEMPTED_EXIT instead and is replaced; one that exits 2 (bad config) ends
+    notice) exits 75 instead and is replaced; one that exits 2 (bad config) ends
     the fleet with exit 2. Ctrl-C or SIGTERM to the fleet stops every worker gracefully (each
     finishes its in-flight chunk). Watch progress with `actex status RUN_URL`.
     """
