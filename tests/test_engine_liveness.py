@@ -16,7 +16,6 @@ from actex.data.tokenize import TokenizedSample
 from actex.engine.extract import extract, open_run, worker_heartbeat
 from actex.engine.liveness import Liveness
 from actex.engine.pipeline import ChunkAssembler
-from actex.engine.work import SINGLE_PROCESS
 from actex.store import layout
 from actex.store.claims import ClaimedChunks
 from actex.store.commits import read_commits, read_heartbeats
@@ -33,7 +32,7 @@ def _peak_parts_held(assembler: ChunkAssembler, batches) -> int:
     for batch in batches:
         seq = batch.token_ids.shape[1]
         host = {hook: np.zeros((batch.token_ids.shape[0], seq, w), np.float32) for hook, w in WIDTHS.items()}
-        assembler.add(batch.placements, np.asarray(batch.positions), host, SINGLE_PROCESS)
+        assembler.add(batch.placements, np.asarray(batch.positions), host)
         peak = max(peak, sum(1 for p in assembler.parts if p.acts))
         for part in assembler.ready_parts():
             part.acts = {}

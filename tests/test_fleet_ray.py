@@ -33,12 +33,14 @@ def ray_address(jax_cache):  # noqa: F811
     """A local 2-CPU cluster; actors inherit this environment (compile cache, one XLA thread)."""
     saved = {k: os.environ.get(k) for k in WORKER_ENV}
     os.environ.update(WORKER_ENV)
+    # Servers other modules started (session fixtures) are not Ray's: only what appears from here on is.
+    already = {p.pid for p in psutil.Process().children(recursive=True)}
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 2**20, _node_ip_address="127.0.0.1",
              log_to_driver=False)
     try:
         yield ray.get_runtime_context().gcs_address
     finally:
-        ours = psutil.Process().children(recursive=True)
+        ours = [p for p in psutil.Process().children(recursive=True) if p.pid not in already]
         ray.shutdown()
         for key, value in saved.items():
             os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)

@@ -109,8 +109,8 @@ class ChunkAssembler:
     part is handed out as soon as all of its rows have arrived.
     """
 
-    def __init__(self, tokenized: Sequence, widths: dict[str, int], dtype: str, shard_size: int, part_base: int = 0,
-                 batches: Sequence | None = None):
+    def __init__(self, tokenized: Sequence, widths: dict[str, int], dtype: str, shard_size: int,
+                 batches: Sequence | None = None, *, part_base: int = 0):
         self.widths = widths
         self.dtype = activation_dtype(dtype)
         arrival = fill_order(tokenized, batches)
@@ -329,7 +329,7 @@ class Pipeline:
         parts be cut in the order they fill and so bound host memory (see `fill_order`);
         part_base: the index of this process's first part; records: samples.jsonl of the
         whole chunk when `tokenized` is only a share."""
-        assembler = ChunkAssembler(tokenized, self.widths, self.dtype_name, self.shard_size, part_base, batches)
+        assembler = ChunkAssembler(tokenized, self.widths, self.dtype_name, self.shard_size, batches, part_base=part_base)
         self._begun += 1
         # One attempt id for the chunk across a slice: process 0's, shared with the others.
         attempt = self.role.share(f"attempt/{chunk}/{self._begun}", lambda: layout.new_attempt_id(self.worker))
