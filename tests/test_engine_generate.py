@@ -119,3 +119,23 @@ def test_generation_fields_are_validated_before_anything_is_written(tiny_model_d
     assert result.exit_code == 2
     assert "actex: error: invalid config field" in result.output and "max_seq_len 64" in result.output
     assert not (tmp_path / "bad").exists()
+
+
+def test_generate_on_a_data_by_model_mesh_equals_one_device(reference, tiny_model_dir, arc_dataset, tmp_path):
+    """4 host devices as a 2 x 2 (data, model) mesh: the same generations and predictions,
+    activations within float32 rounding (the model axis sums partial products per device)."""
+    import os
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    result = subprocess.run([ACTEX, *generate_args(tiny_model_dir, arc_dataset, tmp_path, "m", "--mesh", "data=2,model=2")],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ours, theirs = Run(open_store(str(tmp_path / "m"))), Run(open_store(str(reference)))
+    assert [s["generated_text"] for c in range(ours.num_chunks) for s in ours.samples(c)] == \
+        [s["generated_text"] for c in range(theirs.num_chunks) for s in theirs.samples(c)]
+    assert json.loads((tmp_path / "m" / "predictions.json").read_text()) == json.loads(
+        (reference / "predictions.json").read_text())
+    for hook in TINY_HOOKS:
+        got, want = (np.concatenate([b.activations.astype(np.float32) for b in run.iter_batches(hook, 256, shuffle=False)])
+                     for run in (ours, theirs))
+        assert got.shape == want.shape and np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), hook
