@@ -24,7 +24,8 @@ def markdown_table(options: Iterable[ConfigOption]) -> str:
         default = "required" if o.required else ("-" if o.default is None else f"`{show_value(o.default)}`")
         flag = f"`{o.flag}` / `--no-{o.flag[2:]}`" if o.kind is bool else f"`{o.flag}`"
         choices = f" One of: {', '.join(o.choices)}." if o.choices else ""
-        rows.append(f"| {flag} | `{o.envvar}` | {field} | {default} | {o.description.replace('|', '/')}{choices} |")
+        meaning = o.description.replace("|", "\\|")  # a bare | would end the table cell
+        rows.append(f"| {flag} | `{o.envvar}` | {field} | {default} | {meaning}{choices} |")
     return "\n".join(rows)
 
 
