@@ -35,10 +35,10 @@ def export(
     samples_per_shard: int = typer.Option(64, "--samples-per-shard", min=1, help="legacy-pickle: samples per shard."),
 ) -> None:
     """Export a run for other tools: SAELens cached activations or the legacy pickle layout."""
-    from actex.store.reader import open_run
+    from actex.store.reader import Run
 
     with user_errors():
-        run = open_run(url)
+        run = Run(run_store(url))
         if to is ExportFormat.saelens:
             from actex.exports.saelens import export_saelens
 
@@ -85,12 +85,12 @@ def verify(
     """Check the parts it reads against their checksums, then recompute random stored samples with
     Hugging Face transformers and compare (needs the torch extra)."""
     from actex.store.integrity import CorruptPartError
-    from actex.store.reader import open_run
+    from actex.store.reader import Run
     from actex.verify import check_integrity
     from actex.verify import verify as run_verify
 
     with user_errors():
-        run = open_run(url)
+        run = Run(run_store(url))
         try:
             if integrity_only:
                 parts = run.parts()
