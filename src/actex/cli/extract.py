@@ -29,7 +29,7 @@ from pathlib import Path
 import typer
 
 from actex.cli.options import collect, extract_options, unknown_variables, with_defaults, with_extract_options
-from actex.config import ConfigError, WorkerOptions, load_config_file, merge_fields
+from actex.config import ConfigError, WorkerOptions, check_field_names, load_config_file, merge_fields
 
 log = logging.getLogger("actex")
 
@@ -433,6 +433,7 @@ def extract_body(values: dict, options: list | None = None, generating: bool = F
         elif fields.get("generation") is not None:
             raise UserError("the config has generation fields: run it with `actex generate`")
         if inputs.show_config:
+            check_field_names(fields)  # what it shows must be what a run would accept
             typer.echo(json.dumps({"config": with_defaults(fields, options), "worker": worker.model_dump()}, indent=2))
             return
         check_required(fields)
