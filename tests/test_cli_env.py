@@ -4,7 +4,12 @@ defaults, in that order; all generated from the config models (one source)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 import typer
 from pydantic import Field
@@ -117,3 +122,17 @@ def test_a_new_config_field_becomes_a_flag_and_variable():
 def test_docs_list_every_variable():
     text = DOCS.read_text()
     assert render_docs(text, extract_options()) == text, "docs/config.md is stale: run `python -m actex.cli.config_docs docs/config.md`"
+
+
+@pytest.mark.parametrize("argv, env, named", [
+    (["extract", "--dtype", "bf16"], {}, "'bf16' is not one of"),
+    (["extract", "--bogus-flag"], {}, "No such option: --bogus-flag"),
+    (["extract", "--model", "m"], {"ACTEX_CHUNK_SIZE": "abc"}, "ACTEX_CHUNK_SIZE"),
+])
+def test_a_mistyped_flag_or_variable_is_one_line_exit_2(argv, env, named):
+    """Click's usage errors follow the same rule as every other input error: one line."""
+    actex = str(Path(sys.executable).parent / "actex")
+    result = subprocess.run([actex, *argv], capture_output=True, text=True, env={**os.environ, **env}, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("actex: error: ") and named in lines[0], result.stderr

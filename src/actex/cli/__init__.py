@@ -1,7 +1,9 @@
 """The `actex` command. Each area registers its subcommands from its own module; no logic lives here."""
 
+import click
 import typer
 import typer.core
+import typer.rich_utils
 
 from actex.cli import data, extract, fleet, generate, k8s, reader, tpu
 
@@ -15,6 +17,18 @@ def _type_label(option: typer.core.TyperOption, ctx) -> str | None:
 
 _typer_type_label = typer.core.TyperOption.display_type_rich
 typer.core.TyperOption.display_type_rich = _type_label
+
+
+def _usage_error_line(error: click.ClickException) -> None:
+    # A mistyped flag, value or variable is the user's input like any other: one line
+    # `actex: error: ...` (exit 2, click's code), not typer's boxed panel.
+    message = " ".join(error.format_message().split()).replace("Value error, ", "")
+    ctx = getattr(error, "ctx", None)
+    hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+    typer.echo(f"actex: error: {message}{hint}", err=True)
+
+
+typer.rich_utils.rich_format_error = _usage_error_line
 
 app = typer.Typer(
     name="actex",
