@@ -120,15 +120,18 @@ class FleetMonitor:
         beats = read_heartbeats(self.store)
         complete = progress is not None and progress.complete
         for slot in self.slots:
-            self._reap(slot)
-            if repair and not errors and not complete:
+            # A repair that finished after the listing above is judged on the next tick's
+            # listing: this one may predate its new VM (which would read as NOT_FOUND).
+            reaped = self._reap(slot)
+            if repair and not errors and not complete and not reaped:
                 latest = _latest_beat(beats, slot.name)
                 self._repair(slot, nodes.get((slot.zone, slot.name)), latest[1] if latest else None, now)
         return self._snapshot(nodes, progress, beats, errors, now)
 
-    def _reap(self, slot: Slot) -> None:
+    def _reap(self, slot: Slot) -> bool:
+        """Log the slot's finished repair, if any; True when there was one."""
         if slot.busy is None or not slot.busy.done():
-            return
+            return False
         action, started = slot.action, slot.started
         try:
             result = slot.busy.result()
@@ -145,6 +148,7 @@ class FleetMonitor:
                 self._log(action, slot, outcome="done", seconds=round(self.clock() - started, 1))
         slot.busy, slot.action = None, ""
         slot.ready_since = None
+        return True
 
     def _repair(self, slot: Slot, node: NodeInfo | None, beat: dict | None, now: float) -> None:
         if slot.busy is not None or now < slot.not_before:
