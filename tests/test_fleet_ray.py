@@ -106,7 +106,7 @@ def test_killed_actor_is_restarted_by_ray_and_the_run_completes_once(ray_address
     url = f"{output}/{fields['run_name']}"
     process = fleet(ray_address, 3, write_config(tmp_path / "run.yaml", {**fields, "output": output}))
     store = open_store(url)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 240  # a loaded machine: the whole run has taken 119 s
 
     # SIGKILL the actor (not its worker process) of the first worker to commit a chunk.
     first = wait_for(lambda: busy_workers(store), process, deadline)
@@ -123,8 +123,9 @@ def test_killed_actor_is_restarted_by_ray_and_the_run_completes_once(ray_address
     other[0].send_signal(signal.SIGTERM)
 
     # Ray restarts the killed actor in a new process and retries its `run`: a new worker.
-    restarted = wait_for(lambda: [p for pid, p in actor_processes().items() if pid not in before and p.children()],
-                         process, deadline)
+    # (A new actor process is the evidence: it lives until the fleet ends, whereas its worker
+    # may already be gone when the other workers finished the run meanwhile.)
+    restarted = wait_for(lambda: [p for pid, p in actor_processes().items() if pid not in before], process, deadline)
     retried = wait_for(lambda: [c for c in its_actor.children() if c.pid != stopped], process, deadline)
     log = finish(process, 150)
     assert restarted, log[-4000:]
