@@ -94,8 +94,11 @@ def busy_workers(store) -> list[psutil.Process]:
 def wait_for(condition, process: subprocess.Popen, deadline: float):
     """condition()'s first true value, polled while the fleet runs; None if it never came."""
     while process.poll() is None and time.monotonic() < deadline:
-        if value := condition():
-            return value
+        try:
+            if value := condition():
+                return value
+        except psutil.NoSuchProcess:  # a worker exited between listing and asking: poll again
+            pass
         time.sleep(0.05)
     return None
 
