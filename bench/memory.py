@@ -21,7 +21,6 @@ import argparse
 import random
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import psutil

@@ -150,7 +150,7 @@ ACTEX=("$ACTEX_VENV/bin/actex"); PY=("$ACTEX_VENV/bin/python")"""
 
 def _install_image(payload: Payload) -> str:
     image = shlex.quote(payload.image)
-    run = f'docker run --rm --net=host --privileged -v "$ACTEX_HOME:$ACTEX_HOME" -w "$ACTEX_HOME" -e ACTEX_WORKER_HOST'
+    run = 'docker run --rm --net=host --privileged -v "$ACTEX_HOME:$ACTEX_HOME" -w "$ACTEX_HOME" -e ACTEX_WORKER_HOST'
     return f"""if [ -n "${{ACTEX_VENV:-}}" ]; then
   ACTEX=("$ACTEX_VENV/bin/actex"); PY=("$ACTEX_VENV/bin/python")
 else

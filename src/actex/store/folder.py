@@ -28,7 +28,6 @@ import json
 import os
 import secrets
 import threading
-import time
 from dataclasses import dataclass
 from datetime import datetime
 from collections.abc import Callable, Sequence
