@@ -168,11 +168,12 @@ class JsonFormatter(logging.Formatter):
 
 def setup_logging(log_json: bool, verbose: bool = False) -> None:
     """Log to stderr; with `log_json`, stderr carries only JSON lines (see cli/json_stderr.py)."""
+    stream = sys.stderr
     if log_json:
         from actex.cli.json_stderr import capture_stderr
 
-        capture_stderr()
-    handler = logging.StreamHandler(sys.stderr)
+        stream = capture_stderr()
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter() if log_json else logging.Formatter("actex: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -333,10 +334,12 @@ def run_extract(fields: dict, options: WorkerOptions, *, storage_options: dict |
         finally:
             if claims is not None:
                 claims.close()
-    snap = summary.progress
-    if run.config.generation is not None:
-        _report_answers(run)
-    log.info("done", extra={"data": {"event": "done", "committed": summary.committed, "skipped": summary.skipped, "lost": summary.lost, **snap}})
+        # Still under the guard: a SIGTERM now (a fleet stopping a worker whose work is done)
+        # is a stop request answered below, not a default-action death mid-report.
+        snap = summary.progress
+        if run.config.generation is not None:
+            _report_answers(run)
+        log.info("done", extra={"data": {"event": "done", "committed": summary.committed, "skipped": summary.skipped, "lost": summary.lost, **snap}})
     if summary.failed:
         error_line(f"{summary.failed} chunk(s) not committed after write failures (see log); rerun to redo them", EXIT_INFRASTRUCTURE, log_json)
         raise typer.Exit(EXIT_INFRASTRUCTURE)

@@ -6,6 +6,11 @@ into logging. Native code writes to file descriptor 2 directly: XLA, libtpu and 
 descriptor 2 is replaced by a pipe whose reader thread passes JSON lines through and wraps
 every other line as {"time", "level", "logger": "stderr", "message"}. An uncaught exception
 (a bug) becomes one record whose "error" holds the traceback.
+
+Python's own log records are JSON already, so they skip the pipe: `capture_stderr` returns a
+stream on the original descriptor 2 for the logging handler. A record is then on its way to
+the file before `log.info` returns, not queued behind a reader thread that a SIGTERM arriving
+as the process exits would cut off (the "done" record was lost that way).
 """
 
 from __future__ import annotations
@@ -18,12 +23,13 @@ import re
 import sys
 import threading
 import time
+from typing import TextIO
 
 # absl / glog line prefix: severity letter, then MMDD (or 0000 before absl is initialised).
 _ABSL = re.compile(r"^([IWEF])\d{4} ")
 _ABSL_LEVELS = {"I": "info", "W": "warning", "E": "error", "F": "critical"}
 
-_started = False
+_log_stream = None
 
 
 def as_json_line(raw: bytes) -> bytes:
@@ -47,12 +53,17 @@ def _forward(read_fd: int, out_fd: int) -> None:
                 os.write(out_fd, as_json_line(raw))
 
 
-def capture_stderr() -> None:
-    """Route descriptor 2 (and so sys.stderr) through the JSON wrapper until exit. Idempotent."""
-    global _started
-    if _started or not _is_process_stderr():
-        return
-    _started = True
+def capture_stderr() -> TextIO:
+    """Route descriptor 2 (and so sys.stderr) through the JSON wrapper until exit. Idempotent.
+
+    Returns the stream Python logging should write its (JSON) records to: the original
+    descriptor 2, line-buffered; sys.stderr when descriptor 2 is not this process's stderr
+    (under a test runner), which is then left alone."""
+    global _log_stream
+    if _log_stream is not None:
+        return _log_stream
+    if not _is_process_stderr():
+        return sys.stderr
     logging.captureWarnings(True)
     sys.excepthook = _log_uncaught
     sys.stderr.flush()
@@ -62,6 +73,7 @@ def capture_stderr() -> None:
     os.close(write_fd)
     reader = threading.Thread(target=_forward, args=(read_fd, original), name="actex-json-stderr", daemon=True)
     reader.start()
+    _log_stream = os.fdopen(os.dup(original), "w", buffering=1, encoding="utf-8", errors="replace")
 
     def restore() -> None:
         # Closing the pipe's last write end (fd 2) ends the reader once it has drained.
@@ -70,6 +82,7 @@ def capture_stderr() -> None:
         reader.join(timeout=5)
 
     atexit.register(restore)
+    return _log_stream
 
 
 def _is_process_stderr() -> bool:

@@ -93,7 +93,11 @@ class ExtractWorker:
         # start_new_session: a Ctrl-C meant for the raylet's terminal is not the worker's.
         self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
                                         start_new_session=True)
+        # Ray prefixes an actor's output with "(ExtractWorker pid=<actor pid>)" in the driver's
+        # log, so these two lines show each restart and retry there.
+        print(f"actex fleet: worker process {self.process.pid} started on {node}", flush=True)
         code = self.process.wait()
+        print(f"actex fleet: worker process {self.process.pid} exited with {code}", flush=True)
         if code == 0 or self.stopping:
             return code
         if code == BAD_CONFIG_EXIT:
