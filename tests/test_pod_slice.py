@@ -92,6 +92,42 @@ def test_two_processes_of_two_devices_store_what_one_process_does(reference, tin
     assert all(len({p.path.rsplit("/", 1)[0] for p in r.parts}) == 1 and len(r.parts) >= 2 for r in records.values())
 
 
+def stored_parts(run: Path) -> tuple[list[str], list[str]]:
+    """(every part path the commit records list, every part file under chunks/), both sorted."""
+    listed = sorted(p.path for r in read_commits(open_store(str(run))).values() for p in r.parts)
+    on_disk = sorted(str(f.relative_to(run)) for f in (run / "chunks").rglob("part-*.safetensors"))
+    return listed, on_disk
+
+
+def test_four_processes_of_one_device_store_what_one_process_does(reference, tiny_model_dir, dataset, tmp_path):
+    procs = launch_slice(4, extract_args(tiny_model_dir, dataset, tmp_path), devices=1)
+    codes, logs = wait_slice(procs, timeout_s=180)
+    assert codes == [0, 0, 0, 0], logs
+    assert "committed 8 chunk(s)" in logs[0]
+    assert_same_as_reference(tmp_path / "r", reference)
+    listed, on_disk = stored_parts(tmp_path / "r")
+    assert listed == on_disk and len(set(listed)) == len(listed)
+
+
+@pytest.mark.parametrize("processes, mesh", [(2, "model=2"), (4, "data=2,model=2")])
+def test_a_model_axis_across_processes_stores_what_one_process_does(
+        reference, tiny_model_dir, dataset, tmp_path, processes, mesh):
+    """Consecutive processes form one model group and hold the same rows; only the
+    group's first process writes them. Same bound as for one host: a model axis split over
+    processes sums wo / w_down's partial products in another order, as it does over the
+    devices of one host (tests/test_model_mesh.py)."""
+    procs = launch_slice(processes, extract_args(tiny_model_dir, dataset, tmp_path, "--mesh", mesh), devices=1)
+    codes, logs = wait_slice(procs, timeout_s=180)
+    assert codes == [0] * processes, logs
+    for p in range(1, processes):
+        writes = p % 2 == 0  # the first process of each group of two
+        assert ("wrote its rows of every chunk" in logs[p]) == writes, logs[p]
+        assert ("computed its model shard of every chunk" in logs[p]) != writes, logs[p]
+    assert_same_as_reference(tmp_path / "r", reference)  # also: no sample stored twice
+    listed, on_disk = stored_parts(tmp_path / "r")
+    assert listed == on_disk and len(set(listed)) == len(listed)  # nothing written twice, nor left over
+
+
 def test_a_config_difference_makes_every_process_exit_2_naming_field_and_process(tiny_model_dir, dataset, tmp_path):
     procs = launch_slice(2, extract_args(tiny_model_dir, dataset, tmp_path), devices=1,
                          extra={1: ["--chunk-size", "3"]})

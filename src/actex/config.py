@@ -249,8 +249,9 @@ class DeviceConfig(BaseModel):
 
     mesh: Annotated[str, Flag(panel="Performance")] = Field(
         default="auto",
-        description="Device mesh over this host's devices: 'auto' (model axis the fewest devices "
-        "that hold the weights, the rest data) or 'data=D,model=M'.",
+        description="Device mesh: 'auto' (model axis the fewest devices of one host that hold the "
+        "weights, the rest data) or 'data=D,model=M'. M divides each host's devices, or on a "
+        "multi-host slice may be a multiple of them: a model group of whole hosts.",
     )
     attention: Annotated[Literal["auto", "blockwise", "splash", "pallas_gpu", "cudnn", "xla"], Flag(panel="Performance")] = Field(
         default="auto",

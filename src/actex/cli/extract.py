@@ -352,8 +352,11 @@ def run_extract(fields: dict, options: WorkerOptions, *, storage_options: dict |
         typer.echo(guard.exit_line(summary.committed, EXIT_DONE) + " (this worker's share is complete)")
         return
     if role.index != 0:
-        typer.echo(f"actex: process {role.index} of {role.count}: wrote its rows of every chunk; "
-                   "process 0 committed them (see its line)")
+        from actex.model.mesh import process_rows
+
+        wrote = "wrote its rows of every chunk" if process_rows(run.mesh).writes else \
+            "computed its model shard of every chunk; its model group's first process wrote the rows"
+        typer.echo(f"actex: process {role.index} of {role.count}: {wrote}; process 0 committed them (see its line)")
         return
     typer.echo(
         f"actex: {run.config.run_url}: committed {summary.committed} chunk(s) "

@@ -33,7 +33,7 @@ from actex.engine.pipeline import ChunkAssembler, ChunkJob, Pipeline, PipelineCo
 from actex.engine.work import SINGLE_PROCESS, ChunkSource, ProcessRole
 from actex.model import LoadedModel, ModelConfig, hook_width, layers_needed, load_model, load_tokenizer, make_capture_fn
 from actex.model.attention import resolve_backend
-from actex.model.mesh import DATA, choose_mesh, describe, global_batch
+from actex.model.mesh import DATA, RowShare, choose_mesh, describe, global_batch, process_rows
 from actex.model.weights import param_dtype, read_model_config, resolve_model_dir
 from actex.store.commits import CommitRecord, Heartbeat, committed_chunks
 from actex.store.folder import Store, open_store
@@ -238,9 +238,11 @@ def extract(
     config = run.config
     capture = make_capture_fn(run.model.config, config.hooks, config.dtype, mesh=run.mesh, attention=run.attention)
     data_shards = run.mesh.shape[DATA] if run.mesh is not None else 1
-    # One per share (one per process of a slice), kept alike by every process; caps the
-    # programs compiled for partial batches.
-    budgets = [ShapeBudget() for _ in range(role.count)]
+    # The rows this process holds: a share per process, or per model group when the model
+    # axis spans processes (its processes hold the same rows; the first writes them).
+    rows = process_rows(run.mesh) if run.mesh is not None else RowShare()
+    # One per share, kept alike by every process; caps the programs compiled for partial batches.
+    budgets = [ShapeBudget() for _ in range(rows.count)]
     # A generation run decodes each chunk's prompts first (engine/generate.py).
     tokens_of = (lambda chunk: chunk_tokens(run, chunk)) if config.generation is None else \
         ChunkGenerator(run).chunk_tokens
@@ -280,6 +282,7 @@ def extract(
         on_commit=committed,
         on_write_failure=write_failed if on_write_failure == "continue" else None,
         role=role,
+        rows=rows,
         config=pipeline,
         on_progress=liveness.progressed,
     )
@@ -300,7 +303,7 @@ def extract(
                                row_multiple=data_shards, budget=budgets[0])
                 job = pipe.begin(chunk, tokenized, batches)
             else:
-                job, batches = _slice_chunk(run, pipe, role, chunk, tokenized, data_shards, budgets)
+                job, batches = _slice_chunk(run, pipe, rows, chunk, tokenized, data_shards, budgets)
             for batch in batches:
                 inputs = (batch.token_ids, batch.positions, batch.segment_ids)
                 if run.mesh is not None:
@@ -327,21 +330,23 @@ def extract(
     return Summary(counts["committed"], counts["skipped"], counts["lost"], heartbeat.snapshot(), counts["failed"])
 
 
-def _slice_chunk(run: OpenRun, pipe: Pipeline, role: ProcessRole, chunk: int, tokenized: list,
+def _slice_chunk(run: OpenRun, pipe: Pipeline, rows: RowShare, chunk: int, tokenized: list,
                  data_shards: int, budgets: list[ShapeBudget]) -> tuple[ChunkJob, list]:
     """This process's job and step-aligned batches for `chunk` in a slice (engine/lockstep.py).
 
-    batch_tokens stays the global tokens per step: each process packs its share of them.
+    The chunk is cut into `rows.count` shares (one per process, or per model group when
+    the model axis spans processes: every process of a group packs the same share).
+    batch_tokens stays the global tokens per step: each share packs its part of them.
     Parts stay in sample-id order here (no fill order): every process must count the parts
-    of the shares before its own the same way their owners cut them.
+    of the shares before its own the same way their writers cut them.
     """
-    shares = split_shares(tokenized, role.count)
+    shares = split_shares(tokenized, rows.count)
     config = run.config
     part_base = sum(len(ChunkAssembler(s, run.widths, config.dtype, config.shard_size).parts)
-                    for s in shares[: role.index])
-    job = pipe.begin(chunk, shares[role.index], part_base=part_base, records=chunk_records(tokenized))
-    local_shards = max(1, data_shards // role.count)
-    batches = lockstep_batches(shares, role.index, max(16, config.batch_tokens // role.count),
+                    for s in shares[: rows.index])
+    job = pipe.begin(chunk, shares[rows.index], part_base=part_base, records=chunk_records(tokenized))
+    local_shards = max(1, data_shards // rows.count)
+    batches = lockstep_batches(shares, rows.index, max(16, config.batch_tokens // rows.count),
                                config.data.max_seq_len, row_multiple=local_shards, budgets=budgets)
     return job, batches
 

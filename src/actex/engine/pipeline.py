@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from actex.engine.work import SINGLE_PROCESS, ProcessRole
-from actex.model.mesh import local_rows
+from actex.model.mesh import RowShare, local_rows
 from actex.store import layout
 from actex.store.commits import CommitRecord, PartRecord, commit
 from actex.store.folder import Store, StoreError
@@ -269,7 +269,7 @@ class ChunkJob:
 
     chunk: int
     attempt: str
-    assembler: ChunkAssembler
+    assembler: ChunkAssembler | None  # None where this process writes no rows (RowShare.writes)
     started: float
     parts: list[Future] = field(default_factory=list)
     stats: dict[str, HookStats] = field(default_factory=dict)  # merged over the chunk's batches
@@ -282,7 +282,10 @@ class Pipeline:
 
     Use: `job = begin(chunk, tokenized)`, `add(job, batch, outputs)` per dispatched batch,
     `end(job)`; `close()` waits for everything and re-raises the first background error.
-    `on_commit(record, committed)` runs on the commit lane after each chunk. With
+    `on_commit(record, committed)` runs on the commit lane after each chunk. `rows`: this
+    process's RowShare of the mesh; a process that does not write its rows (not the first
+    of its model group) assembles and writes nothing, but still takes part in every
+    collective and in the commit gather (with no parts). With
     `on_write_failure(chunk, error)` given, a chunk whose writes failed for good (after the
     store's retries) is reported there and left uncommitted, and the pipeline goes on;
     without it, that error stops the pipeline.
@@ -299,6 +302,7 @@ class Pipeline:
         on_commit: Callable[[CommitRecord, bool], None] = lambda record, committed: None,
         on_write_failure: Callable[[int, StoreError], None] | None = None,
         role: ProcessRole = SINGLE_PROCESS,
+        rows: RowShare = RowShare(),
         config: PipelineConfig = PipelineConfig(),
         on_progress: Callable[..., None] = lambda **counters: None,
     ):
@@ -314,6 +318,9 @@ class Pipeline:
         # was written) from the lanes: what the stall watchdog watches (engine/liveness.py).
         self.on_progress = on_progress
         self.role = role
+        # Which rows of each global batch this process holds and whether it writes them:
+        # of a model group spanning hosts only the first process writes (mesh.RowShare).
+        self.rows = rows
         self._host = _Lane("actex-host", config.host_queue)
         self._commit = _Lane("actex-commit", 2)
         self._writers = ThreadPoolExecutor(config.writers, thread_name_prefix="actex-writer")
@@ -329,7 +336,10 @@ class Pipeline:
         parts be cut in the order they fill and so bound host memory (see `fill_order`);
         part_base: the index of this process's first part; records: samples.jsonl of the
         whole chunk when `tokenized` is only a share."""
-        assembler = ChunkAssembler(tokenized, self.widths, self.dtype_name, self.shard_size, batches, part_base=part_base)
+        # Where this process does not write its rows (its model group's first process does),
+        # there is nothing to assemble: not even the empty part a share without samples gets.
+        assembler = ChunkAssembler(tokenized, self.widths, self.dtype_name, self.shard_size, batches,
+                                   part_base=part_base) if self.rows.writes else None
         self._begun += 1
         # One attempt id for the chunk across a slice: process 0's, shared with the others.
         attempt = self.role.share(f"attempt/{chunk}/{self._begun}", lambda: layout.new_attempt_id(self.worker))
@@ -342,8 +352,8 @@ class Pipeline:
         global segment ids (default: batch's, right on one process)."""
         segment_ids = batch.segment_ids if segment_ids is None else segment_ids
         moments = batch_moments(outputs, segment_ids)  # async, like the capture itself
-        # Every process packs the same shape each step, so the global slots are count x ours.
-        job.token_slots += batch.token_ids.size * self.role.count
+        # Every share packs the same shape each step, so the global slots are count x ours.
+        job.token_slots += batch.token_ids.size * self.rows.count
         self._host.submit(lambda: self._to_host(job, batch, outputs, moments))
 
     def end(self, job: ChunkJob) -> None:
@@ -364,6 +374,12 @@ class Pipeline:
     # -- host lane
 
     def _to_host(self, job: ChunkJob, batch, outputs: dict, moments: dict) -> None:
+        if not self.rows.writes:
+            # Nothing to copy: wait for the step only, so this lane still paces the main
+            # thread (backpressure) and the stall watchdog sees the batches go by.
+            jax.block_until_ready(outputs)
+            self.on_progress(batches=1)
+            return
         # The only device sync of the pipeline, and it happens off the main thread.
         host = {hook: local_rows(values) for hook, values in outputs.items()}
         # Moments are reduced over the global batch (replicated): the chunk's stats, whole.
@@ -375,7 +391,8 @@ class Pipeline:
         self._write(job, job.assembler.ready_parts())
 
     def _finish(self, job: ChunkJob) -> None:
-        self._write(job, job.assembler.ready_parts(final=True))
+        if job.assembler is not None:
+            self._write(job, job.assembler.ready_parts(final=True))
         self._commit.submit(lambda: self._commit_chunk(job))
 
     def _write(self, job: ChunkJob, parts: list[PartBuffer]) -> None:

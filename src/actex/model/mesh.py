@@ -5,18 +5,24 @@ the table below maps those to mesh axes, Megatron style: attention heads, MLP wi
 vocabulary are split over "model", rows of a batch over "data". On one device the mesh
 is 1 x 1 and every spec is a no-op.
 
-Layout across hosts (issue 13 builds on this): the "model" axis always stays within one
-process's devices (its collectives run on every layer, so they must ride the fast local
-links), and "data" spans processes. Every global batch is built by `global_batch`, which
-is `jax.make_array_from_process_local_data`: one process passes its own rows, so the same
+Layout across hosts (issue 13): devices are laid out process by process, so "data" spans
+processes and the "model" axis stays within one process's devices whenever it fits there
+(its collectives run on every layer, so they should ride the fast local links). A model
+axis a multiple of one host's devices spans whole hosts instead: consecutive processes
+form one model group (a model too big for one host), and every process of a group holds
+the SAME rows of each batch (`process_rows` says which, and which process writes them).
+Every global batch is built by `global_batch`, which is
+`jax.make_array_from_process_local_data`: one process passes its own rows, so the same
 call serves one host and a pod slice.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import jax
 import numpy as np
@@ -105,25 +111,30 @@ def _by_process(devices: Sequence) -> list[list]:
     return [groups[p] for p in sorted(groups)]
 
 
-def make_mesh(model_parallel: int = 1, devices=None, data: int | None = None) -> Mesh:
-    """A (data, model) mesh: `model_parallel` devices of one process per model group.
+def device_grid(devices: Sequence, model_parallel: int = 1, data: int | None = None) -> np.ndarray:
+    """The [data, model] array of devices make_mesh builds (devices need only `id` and
+    `process_index`, so the layout can be checked without a slice).
 
-    devices: default all of jax.devices(). data: default every device; fewer uses the
-    first data * model_parallel devices (one host's share of each process first).
-    Raises ValueError if the sizes do not fit the devices.
+    Devices are taken process by process, ids in order, and cut into rows of
+    `model_parallel`: a model group lies within one process when model_parallel divides
+    each process's device count, else it is `model_parallel // per_process` consecutive
+    whole processes. data: default every row; fewer keeps the first `data` rows.
+    Raises ValueError (one line) for sizes that fit neither way, or that leave a process
+    of a slice without a device.
     """
-    devices = list(jax.devices() if devices is None else devices)
     if model_parallel < 1 or (data is not None and data < 1):
         raise ValueError(f"mesh sizes must be >= 1, got data={data} model={model_parallel}")
     groups = _by_process(devices)
     per_process = len(groups[0])
-    if any(len(g) != per_process for g in groups) or per_process % model_parallel:
+    even = all(len(g) == per_process for g in groups)
+    within = per_process % model_parallel == 0
+    across = model_parallel % per_process == 0 and len(groups) % (model_parallel // per_process) == 0
+    if not even or not (within or across):
         raise ValueError(
-            f"--mesh model={model_parallel} must divide each host's {per_process} devices "
-            "(the model axis stays within one host)"
+            f"--mesh model={model_parallel} must divide each host's {per_process} devices, or be a multiple "
+            f"of them that divides the {len(groups)} host(s) x {per_process} devices (a model group of whole hosts)"
         )
-    rows = [np.asarray(g).reshape(-1, model_parallel) for g in groups]
-    grid = np.concatenate(rows, axis=0)  # [data, model]: processes stacked along data
+    grid = np.asarray([d for g in groups for d in g], dtype=object).reshape(-1, model_parallel)
     if data is not None:
         if data > grid.shape[0]:
             raise ValueError(
@@ -131,7 +142,64 @@ def make_mesh(model_parallel: int = 1, devices=None, data: int | None = None) ->
                 f"{len(devices)} available"
             )
         grid = grid[:data]
-    return Mesh(grid, (DATA, MODEL))
+        left_out = sorted({d.process_index for d in devices} - {d.process_index for d in grid.flat})
+        if len(groups) > 1 and left_out:
+            raise ValueError(
+                f"--mesh data={data},model={model_parallel} leaves process(es) {', '.join(map(str, left_out))} "
+                "without a device; a slice's mesh must use every host"
+            )
+    return grid
+
+
+def make_mesh(model_parallel: int = 1, devices=None, data: int | None = None) -> Mesh:
+    """A (data, model) mesh: `model_parallel` devices per model group, of one process when
+    they fit in one, else of consecutive whole processes (see device_grid).
+
+    devices: default all of jax.devices(). data: default every device; fewer uses the
+    first data * model_parallel devices (one host's share of each process first).
+    Raises ValueError if the sizes do not fit the devices.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    return Mesh(device_grid(devices, model_parallel, data), (DATA, MODEL))
+
+
+@dataclass(frozen=True)
+class RowShare:
+    """Which rows of every global batch one process holds, and whether it writes them.
+
+    The processes holding the same data rows (a model group spanning hosts; else one
+    process alone) form one share; shares are numbered in data-axis order and hold equal
+    numbers of rows, so share `index` of `count` packs 1/count of each step's rows.
+    `writes`: this process is the first of its group (it holds replica 0 of its rows,
+    the copy `local_rows` returns first); the others compute the same rows, store nothing.
+    """
+
+    index: int = 0
+    count: int = 1
+    writes: bool = True
+
+
+def row_share(grid: np.ndarray, process: int) -> RowShare:
+    """Process `process`'s RowShare in a [data, model] device grid (Mesh.devices).
+    Raises ValueError when the process holds no device, or the grid mixes groups."""
+    rows_of: dict[int, set[int]] = {}
+    for (row, _), device in np.ndenumerate(grid):
+        rows_of.setdefault(device.process_index, set()).add(row)
+    if process not in rows_of:
+        raise ValueError(f"process {process} holds no device of the mesh")
+    shares = sorted({frozenset(rows) for rows in rows_of.values()}, key=min)
+    if sum(map(len, shares)) != grid.shape[0] or len({len(s) for s in shares}) != 1:
+        raise ValueError(f"the mesh's data rows do not split evenly over processes: {sorted(map(sorted, shares))}")
+    mine = frozenset(rows_of[process])
+    first_row = min(mine)
+    # Replica 0 of a data row is on its first device (JAX numbers replicas in mesh order).
+    return RowShare(shares.index(mine), len(shares), grid[first_row, 0].process_index == process)
+
+
+@functools.lru_cache(maxsize=8)
+def process_rows(mesh: Mesh, process: int | None = None) -> RowShare:
+    """This process's (default jax.process_index()) RowShare of `mesh`."""
+    return row_share(mesh.devices, jax.process_index() if process is None else process)
 
 
 _MESH_RE = re.compile(r"^\s*(data|model)\s*=\s*(\d+)\s*$")
@@ -178,7 +246,8 @@ def auto_model_parallel(weight_bytes: int, n_local: int, memory: int | None) -> 
             return m
     raise ValueError(
         f"the weights ({weight_bytes / 1e9:.1f} GB) do not fit this host's {n_local} devices "
-        f"({memory / 1e9:.1f} GB each, {WEIGHT_SHARE:.0%} for weights)"
+        f"({memory / 1e9:.1f} GB each, {WEIGHT_SHARE:.0%} for weights); --mesh model=M with M a multiple "
+        f"of {n_local} spans hosts"
     )
 
 
@@ -203,16 +272,18 @@ def global_batch(arrays, mesh: Mesh):
     """This process's rows -> global arrays with rows over "data".
 
     The one place batches become global arrays: each process passes only the rows of its
-    own data shards (on one host: all rows), as make_array_from_process_local_data wants.
+    own data shards (on one host: all rows; every process of a model group spanning hosts:
+    the group's rows), as make_array_from_process_local_data wants.
     arrays: a pytree of [local_rows, ...] numpy arrays; local_rows must divide evenly over
     this process's data shards.
     """
     sharding = NamedSharding(mesh, batch_spec())
-    n_processes = len({d.process_index for d in mesh.devices.flat})
+    # Every process of a model group passes the same rows: the shares, not the processes, add up.
+    shares = process_rows(mesh).count
 
     def place(x):
         x = np.asarray(x)
-        global_shape = (x.shape[0] * n_processes, *x.shape[1:])
+        global_shape = (x.shape[0] * shares, *x.shape[1:])
         return jax.make_array_from_process_local_data(sharding, x, global_shape)
 
     return jax.tree.map(place, arrays)
@@ -234,9 +305,13 @@ def local_rows(array) -> np.ndarray:
 
     The inverse of `global_batch`: the rows this process passed in, in order. On one
     process that is the whole array; in a slice, one copy of each addressable data shard
-    (shards repeat over "model" with replica_id > 0), ordered by row.
+    (shards repeat over "model"), ordered by row. Any process of a model group gets its
+    group's rows (the copy with the lowest replica id it holds), though only the group's
+    first process, the RowShare writer, needs them.
     """
     if array.is_fully_addressable:
         return np.asarray(jax.device_get(array))
-    shards = sorted((s for s in array.addressable_shards if s.replica_id == 0), key=lambda s: s.index[0].start or 0)
-    return np.concatenate([np.asarray(s.data) for s in shards], axis=0)
+    copies: dict[int, object] = {}
+    for shard in sorted(array.addressable_shards, key=lambda s: s.replica_id):
+        copies.setdefault(shard.index[0].start or 0, shard)
+    return np.concatenate([np.asarray(copies[start].data) for start in sorted(copies)], axis=0)
