@@ -11,13 +11,14 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from engine_fixtures import run_fields, text_dataset, tiny_model_dir, jax_cache  # noqa: F401
 
 from actex.model.attention import resolve_backend
-from actex.model.mesh import WEIGHT_SHARE, auto_model_parallel, parse_mesh
+from actex.model.mesh import WEIGHT_SHARE, RowShare, auto_model_parallel, device_grid, parse_mesh, row_share
 
 TESTS = Path(__file__).parent
 MESHES = ("data=8,model=1", "data=4,model=2", "data=2,model=4", "data=1,model=8")
@@ -129,4 +130,71 @@ def test_a_mesh_larger_than_the_host_is_refused_before_the_run_exists(tmp_path, 
     fields = run_fields(tiny_model_dir, text_dataset, str(tmp_path / "out"), mesh="data=3,model=1")
     with pytest.raises(ValueError, match="needs 3 devices, 1 available"):
         open_run(fields)
+    assert not (tmp_path / "out").exists()
+
+
+@dataclass(frozen=True)
+class FakeDevice:
+    """What device_grid reads of a device: its id and its process."""
+
+    id: int
+    process_index: int
+
+
+def slice_devices(processes: int, per_process: int) -> list[FakeDevice]:
+    # Listed out of order: the grid must not depend on the order jax.devices() gives.
+    return [FakeDevice(p * per_process + d, p) for p in reversed(range(processes)) for d in range(per_process)]
+
+
+def layout(grid) -> list[list[tuple[int, int]]]:
+    """The grid as (process, device id) pairs, row by row."""
+    return [[(d.process_index, d.id) for d in row] for row in grid]
+
+
+def test_one_host_keeps_its_model_groups_within_the_host():
+    assert layout(device_grid(slice_devices(1, 8), 2)) == [[(0, 0), (0, 1)], [(0, 2), (0, 3)], [(0, 4), (0, 5)], [(0, 6), (0, 7)]]
+    assert layout(device_grid(slice_devices(1, 8), 4, data=1)) == [[(0, 0), (0, 1), (0, 2), (0, 3)]]
+    for bad in (3, 16):  # neither divides the host's 8 devices nor spans whole hosts of a 1-host slice
+        with pytest.raises(ValueError, match=f"--mesh model={bad} must divide each host's 8 devices"):
+            device_grid(slice_devices(1, 8), bad)
+
+
+def test_a_model_axis_within_each_host_gives_every_process_its_own_rows():
+    grid = device_grid(slice_devices(2, 2), 2)
+    assert layout(grid) == [[(0, 0), (0, 1)], [(1, 2), (1, 3)]]
+    assert [row_share(grid, p) for p in range(2)] == [RowShare(0, 2, True), RowShare(1, 2, True)]
+
+
+def test_a_model_axis_across_hosts_groups_consecutive_processes_on_the_same_rows():
+    grid = device_grid(slice_devices(4, 1), 2)  # 4 x 1 with --mesh data=2,model=2
+    assert layout(grid) == [[(0, 0), (1, 1)], [(2, 2), (3, 3)]]
+    assert [row_share(grid, p) for p in range(4)] == [
+        RowShare(0, 2, True), RowShare(0, 2, False), RowShare(1, 2, True), RowShare(1, 2, False)]
+    grid = device_grid(slice_devices(2, 2), 4)  # 2 x 2 with --mesh model=4
+    assert layout(grid) == [[(0, 0), (0, 1), (1, 2), (1, 3)]]
+    assert [row_share(grid, p) for p in range(2)] == [RowShare(0, 1, True), RowShare(0, 1, False)]
+    grid = device_grid(slice_devices(4, 2), 4)  # 4 x 2 with --mesh model=4: two groups of two hosts
+    assert [row_share(grid, p) for p in range(4)] == [
+        RowShare(0, 2, True), RowShare(0, 2, False), RowShare(1, 2, True), RowShare(1, 2, False)]
+
+
+def test_model_axes_that_fit_neither_way_are_refused():
+    with pytest.raises(ValueError, match="must divide each host's 2 devices, or be a multiple of them that divides "
+                                         r"the 3 host\(s\) x 2 devices"):
+        device_grid(slice_devices(3, 2), 4)  # two hosts per group, three hosts
+    with pytest.raises(ValueError, match="--mesh model=3 must divide each host's 2 devices"):
+        device_grid(slice_devices(2, 2), 3)
+    with pytest.raises(ValueError, match=r"leaves process\(es\) 1 without a device"):
+        device_grid(slice_devices(2, 2), 2, data=1)
+
+
+def test_a_model_axis_across_hosts_on_one_host_is_refused_before_the_run_exists(tmp_path, tiny_model_dir, text_dataset):  # noqa: F811
+    from typer.testing import CliRunner
+
+    from actex.cli import app
+
+    result = CliRunner().invoke(app, ["extract", "--model", str(tiny_model_dir), "--dataset", str(text_dataset),
+                                      "--output", str(tmp_path / "out"), "--layers", "0", "--mesh", "model=2"])
+    assert result.exit_code == 2, result.output
+    assert "actex: error: --mesh model=2 must divide each host's 1 devices" in result.output
     assert not (tmp_path / "out").exists()
