@@ -119,13 +119,13 @@ def test_a_model_axis_across_processes_stores_what_one_process_does(
     procs = launch_slice(processes, extract_args(tiny_model_dir, dataset, tmp_path, "--mesh", mesh), devices=1)
     codes, logs = wait_slice(procs, timeout_s=180)
     assert codes == [0] * processes, logs
+    assert_same_as_reference(tmp_path / "r", reference)  # also: no sample stored twice
+    listed, on_disk = stored_parts(tmp_path / "r")
+    assert listed == on_disk and len(set(listed)) == len(listed)  # nothing written twice, nor left over
     for p in range(1, processes):
         writes = p % 2 == 0  # the first process of each group of two
         assert ("wrote its rows of every chunk" in logs[p]) == writes, logs[p]
         assert ("computed its model shard of every chunk" in logs[p]) != writes, logs[p]
-    assert_same_as_reference(tmp_path / "r", reference)  # also: no sample stored twice
-    listed, on_disk = stored_parts(tmp_path / "r")
-    assert listed == on_disk and len(set(listed)) == len(listed)  # nothing written twice, nor left over
 
 
 def test_a_config_difference_makes_every_process_exit_2_naming_field_and_process(tiny_model_dir, dataset, tmp_path):
