@@ -179,8 +179,7 @@ def test_a_model_axis_across_hosts_groups_consecutive_processes_on_the_same_rows
 
 
 def test_model_axes_that_fit_neither_way_are_refused():
-    with pytest.raises(ValueError, match="must divide each host's 2 devices, or be a multiple of them that divides "
-                                         r"the 3 host\(s\) x 2 devices"):
+    with pytest.raises(ValueError, match=r"must divide each host's 2 devices, or be 2 x a divisor of the 3 host\(s\)"):
         device_grid(slice_devices(3, 2), 4)  # two hosts per group, three hosts
     with pytest.raises(ValueError, match="--mesh model=3 must divide each host's 2 devices"):
         device_grid(slice_devices(2, 2), 3)

@@ -131,8 +131,8 @@ def device_grid(devices: Sequence, model_parallel: int = 1, data: int | None = N
     across = model_parallel % per_process == 0 and len(groups) % (model_parallel // per_process) == 0
     if not even or not (within or across):
         raise ValueError(
-            f"--mesh model={model_parallel} must divide each host's {per_process} devices, or be a multiple "
-            f"of them that divides the {len(groups)} host(s) x {per_process} devices (a model group of whole hosts)"
+            f"--mesh model={model_parallel} must divide each host's {per_process} devices, or be "
+            f"{per_process} x a divisor of the {len(groups)} host(s) (a model group of whole hosts)"
         )
     grid = np.asarray([d for g in groups for d in g], dtype=object).reshape(-1, model_parallel)
     if data is not None:
