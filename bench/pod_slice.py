@@ -1,14 +1,16 @@
 """Pod-slice overheads on local CPU processes (real jax.distributed, coordinator on 127.0.0.1).
 
     python bench/pod_slice.py commit [--processes 2] [--chunks 200]
-    python bench/pod_slice.py steps WORKDIR [--rows 96]
+    python bench/pod_slice.py steps WORKDIR [--rows 96] [--layouts data|model]
 
 commit: the per-chunk cost of the distributed commit's coordination as the engine does
 it: process 0 broadcasts the step and the attempt id, every process hands process 0 its
 part records, process 0 waits for all of them. Milliseconds per chunk on process 0.
 
-steps: the same run (random 2-layer Qwen2, text rows) as 1 process x 4 CPU devices and
-as 2 processes x 2 devices; wall seconds and tokens/s of each (process 0's final line).
+steps: the same run (random 4-layer Qwen2, text rows) as 1 process x 4 CPU devices and
+as 2 processes x 2 devices (--layouts data); or with a model axis of 2 within one process
+(1 x 2) against across two processes (2 x 1, --layouts model). Wall seconds and tokens/s
+of each (process 0's final line).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -61,7 +64,13 @@ def commit(processes: int, chunks: int) -> dict:
     return json.loads(outs[0].strip().splitlines()[-1])
 
 
-def steps(work: Path, rows: int) -> dict:
+LAYOUTS = {  # name -> (processes, devices per process, --mesh)
+    "data": {"1x4": (1, 4, "auto"), "2x2": (2, 2, "auto")},
+    "model": {"1x2 model=2": (1, 2, "model=2"), "2x1 model=2": (2, 1, "model=2")},
+}
+
+
+def steps(work: Path, rows: int, layouts: str = "data") -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from actex.data import build_tokenizer
     from actex.model.random_checkpoint import tiny_hf_config, write_random_checkpoint
@@ -79,15 +88,17 @@ def steps(work: Path, rows: int) -> dict:
             "--max-seq-len", "512", "--batch-tokens", "4096", "--chunk-size", "16", "--dtype", "float32"]
     env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(work / "jax-cache")}
     report = {}
-    for name, processes, devices in (("1x4", 1, 4), ("2x2", 2, 2)):
+    for name, (processes, devices, mesh) in LAYOUTS[layouts].items():
         for attempt in ("warm-up", "timed"):  # the first run fills the compilation cache
-            output = work / f"out-{name}-{attempt}"
+            output = work / f"out-{name.replace(' ', '-')}-{attempt}"
+            shutil.rmtree(output, ignore_errors=True)  # a run left by an earlier call would only resume
             coordinator = f"127.0.0.1:{free_port()}"
             started = time.perf_counter()
             procs = []
             for i in range(processes):
                 extra = [] if processes == 1 else ["--coordinator", coordinator, "--num-processes", str(processes), "--process-id", str(i)]
-                procs.append(subprocess.Popen([actex, *base, "--output", str(output), "--run-name", "r", *extra],
+                procs.append(subprocess.Popen([actex, *base, "--output", str(output), "--run-name", "r", "--mesh", mesh,
+                                               *extra],
                                               env={**env, **env_with(devices)}, stdout=subprocess.PIPE,
                                               stderr=subprocess.STDOUT, text=True))
             outs = [p.communicate(timeout=900)[0] for p in procs]
@@ -106,12 +117,13 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--chunks", type=int, default=200)
     parser.add_argument("--rows", type=int, default=96)
+    parser.add_argument("--layouts", choices=sorted(LAYOUTS), default="data")
     args = parser.parse_args()
     if args.what == "commit":
         print(json.dumps(commit(args.processes, args.chunks)))
     else:
         args.work.mkdir(parents=True, exist_ok=True)
-        print(json.dumps(steps(args.work, args.rows)))
+        print(json.dumps(steps(args.work, args.rows, args.layouts)))
 
 
 if __name__ == "__main__":
