@@ -1,15 +1,18 @@
 """One chunk across the processes of a slice, in lockstep.
 
 Every process tokenizes the whole chunk (cheap next to the forward pass, and deterministic),
-cuts it into one contiguous share of samples per process, balanced by tokens, and packs
-EVERY share, so that each process knows every other's batch shapes without a message.
+cuts it into contiguous shares of samples, balanced by tokens, and packs EVERY share, so
+that each process knows every other's batch shapes without a message. There is one share
+per process, or per model group when the model axis spans processes (mesh.RowShare): the
+processes of a group hold the same rows, so they pack the same share alike.
 Step s then has one shape for all: the largest rows and row length any share packed at
 step s; a share with fewer batches pads whole steps of padding rows. Shapes must match
 because each step is a collective over all hosts (`make_array_from_process_local_data`
 then the jitted forward); a mismatch is a gloo "collective mismatch" and an abort.
 
-Process p holds and writes only its share's samples. Parts are numbered across shares in
-share order, so a chunk's parts are in sample-id order as on one process.
+Process p holds only its share's samples, and writes them unless another process of its
+model group does (the group's first). Parts are numbered across shares in share order, so
+a chunk's parts are in sample-id order as on one process.
 """
 
 from __future__ import annotations
@@ -56,9 +59,9 @@ def empty_batch(rows: int, seq: int) -> PackedBatch:
 
 def lockstep_batches(shares: Sequence[Sequence], index: int, batch_tokens: int, max_seq_len: int, *,
                      row_multiple: int, budgets: Sequence[ShapeBudget]) -> list[PackedBatch]:
-    """Process `index`'s batches for one chunk, padded so every process's step s has one shape.
+    """Share `index`'s batches for one chunk, padded so every process's step s has one shape.
 
-    shares: every process's samples (split_shares); batch_tokens: per process and step;
+    shares: every share's samples (split_shares); batch_tokens: per share and step;
     row_multiple: this process's data shards; budgets: one ShapeBudget per share, kept by
     every process alike (so every process packs every share identically).
     """

@@ -351,7 +351,9 @@ class Pipeline:
         batch: this process's packed rows; outputs: the global arrays; segment_ids: the
         global segment ids (default: batch's, right on one process)."""
         segment_ids = batch.segment_ids if segment_ids is None else segment_ids
-        moments = batch_moments(outputs, segment_ids)  # async, like the capture itself
+        # Async, like the capture itself; every process dispatches it, writer or not: a step
+        # over global arrays is a collective.
+        moments = batch_moments(outputs, segment_ids)
         # Every share packs the same shape each step, so the global slots are count x ours.
         job.token_slots += batch.token_ids.size * self.rows.count
         self._host.submit(lambda: self._to_host(job, batch, outputs, moments))
