@@ -5,9 +5,10 @@ Two seams keep the other execution modes out of the loop:
 
 * ChunkSource: static assignment (chunk k goes to worker k mod N) lives here; dynamic
   claiming with leases (`--claim`) is another source with the same two methods.
-* ProcessRole: which rows of a global batch this process holds and writes, and whether it
-  writes commit records. One process holds every row and commits; a multi-host pod slice
-  gives each process its rows and lets process 0 commit after a barrier.
+* ProcessRole: this process's place in a slice, and whether it writes commit records. One
+  process holds every row and commits; a multi-host pod slice gives each process its rows
+  (which ones, and whether it writes them, the mesh says: mesh.process_rows) and lets
+  process 0 commit after a barrier.
 
 A worker stops taking chunks when its stop event is set (pre-emption, Ctrl-C); the chunk
 in flight is finished or, past the pre-emption deadline, abandoned by exiting the process.
@@ -104,7 +105,8 @@ class ProcessRole:
     `barrier(name)` returns once every process reached it; `gather(name, value)` gives
     process 0 every process's value (by index; None elsewhere) once all arrived;
     `share(name, make)` runs make() on process 0 and hands its JSON result to everyone.
-    Each process writes the rows of the global batch it holds; process 0 commits.
+    Each process writes the rows of the global batch it holds (of a model group spanning
+    processes, only the group's first: mesh.RowShare); process 0 commits.
     """
 
     index: int = 0
