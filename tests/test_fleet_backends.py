@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 
 import pytest
 from engine_fixtures import jax_cache, tiny_model_dir  # noqa: F401 (fixtures)
@@ -25,7 +26,7 @@ from fleet_fixtures import (
     write_config,
 )
 
-from actex.fleet.local import LocalFleet, actex_command
+from actex.fleet.local import FleetError, LocalFleet, actex_command, restart_delay
 from actex.fleet.monitor import run_complete
 from actex.store.commits import read_commits
 from actex.store.folder import open_store
@@ -106,3 +107,20 @@ def test_fleet_and_status_commands(case, tmp_path):
     assert sum(w["chunks_done"] for w in progress["workers"]) == CHUNKS
     # The first worker to finish ends the fleet; the other is stopped gracefully.
     assert all(w["state"] in ("finished", "stopped") and not w["silent"] for w in progress["workers"])
+
+
+def test_a_slot_whose_workers_die_young_is_restarted_after_a_growing_delay(tmp_path):
+    """A worker that exits 1 at once (its hub or bucket is down) is not restarted in a tight
+    loop: the second restart in a row waits backoff_s, the third twice that, and the fleet
+    gives up after max_restarts."""
+    fleet = LocalFleet([sys.executable, "-c", "import sys; sys.exit(1)"], 1, is_complete=lambda: False,
+                       max_restarts=4, poll_s=0.01, backoff_s=0.4)
+    with pytest.raises(FleetError, match="gave up after 4 worker restarts"):
+        fleet.run(timeout_s=30)
+    starts = [w.started_at for w in sorted(fleet.result.exited, key=lambda w: w.incarnation)]
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    assert len(gaps) == 4
+    # Each gap is the delay plus a Python start-up (slow on a loaded machine: upper bounds loose).
+    assert gaps[0] < 0.4 + 1.5, gaps  # the first death may be a pre-emption: replaced at once
+    assert 0.4 <= gaps[1] < 0.4 + 1.5 and 0.8 <= gaps[2] < 0.8 + 1.5 and 1.6 <= gaps[3] < 1.6 + 1.5, gaps
+    assert [restart_delay(n) for n in (1, 2, 3, 4, 9, 20)] == [0, 1, 2, 4, 60, 60]

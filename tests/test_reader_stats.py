@@ -10,6 +10,7 @@ import pytest
 from reader_fixtures import HOOKS, write_run
 
 from actex import open_run
+from actex.store.reader import spread
 from actex.store.stats import HookStats
 
 
@@ -54,3 +55,24 @@ def test_run_stats_match_numpy_over_committed_tokens(tmp_path):
     summary = run.summary()
     assert summary["chunks_committed"] == 2 and summary["tokens"] == 51
     assert summary["hooks"]["blocks.0.hook_resid_post"]["stats"]["count"] == 51
+
+
+def test_summary_reads_the_stats_of_a_spread_of_chunks_not_of_every_chunk(tmp_path):
+    lengths = [[[5, 9], [7]], [[12, 0, 8]], [[30]], [[4]], [[6, 2]]]  # tokens per chunk: 21, 20, 30, 4, 8
+    expected = write_run(str(tmp_path / "run"), lengths=lengths)
+    run = open_run(expected.url)
+    read = []
+    honest = run.store.read_many
+    run.store.read_many = lambda paths: read.extend(paths) or honest(paths)
+    summary = run.summary(stats_chunks=2)
+    assert summary["stats_chunks"] == 2 and summary["chunks_committed"] == 5
+    stats_read = [path for path in read if path.endswith("stats.safetensors")]
+    assert [path.split("/")[1] for path in stats_read] == ["000000", "000004"]  # not chunks 1-3
+    hook = next(iter(HOOKS))
+    mean, var, norm = numpy_stats(np.concatenate([expected.hooks[hook][:21], expected.hooks[hook][-8:]]))
+    sampled = run.stats(hook, spread(run.chunks, 2))
+    assert sampled.count == 29 and summary["hooks"][hook]["stats"]["count"] == 29
+    np.testing.assert_allclose(sampled.mean, mean, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(sampled.variance, var, rtol=1e-6)
+    assert run.summary(stats_chunks=None)["hooks"][hook]["stats"]["count"] == 83
+    assert spread([3, 5, 8, 13, 21], 3) == [3, 8, 21] and spread([1, 2], 5) == [1, 2] and spread([1, 2], 0) == []

@@ -251,3 +251,23 @@ def test_verify_catches_a_segment_leak_behind_a_first_token_outlier(tmp_path, mo
     assert check.worst_sample in ids.tolist() and check.worst_position > 0
     lo = int(offsets[ids.tolist().index(check.worst_sample)])
     assert stored.positions[lo + check.worst_index] == check.worst_position
+
+
+def test_pick_samples_reads_the_indices_of_the_drawn_chunks_only(tmp_path):
+    from reader_fixtures import write_run
+
+    from actex import open_run
+    from actex.verify import pick_samples
+
+    lengths = [[[5, 9], [7]], [[12, 0, 8]], [[30]], [[4]], [[6, 2]], [[0]]]  # chunk 5: no tokens
+    run = open_run(write_run(str(tmp_path / "run"), lengths=lengths).url)
+    indexed = []
+    honest = run.read_index
+    run.read_index = lambda part: indexed.append(part.chunk) or honest(part)
+    two = pick_samples(run, 2, seed=3)
+    assert len(two) == 2 and len({p.chunk for p, *_ in two}) == 2
+    assert len(set(indexed)) <= 3  # the two drawn chunks, and chunk 5 if drawn first
+    everything = pick_samples(run, 100, seed=3)  # more than there are: every sample with tokens, once
+    assert sorted((p.chunk, sid) for p, sid, *_ in everything) == sorted(
+        (p.chunk, sid) for p in run.parts() for sid, lo, hi in zip(honest(p)[0].tolist(), honest(p)[1][:-1].tolist(), honest(p)[1][1:].tolist()) if hi > lo)
+    assert len(everything) == 9

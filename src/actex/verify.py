@@ -117,17 +117,40 @@ def default_tolerance(run: Run) -> float:
 
 
 def pick_samples(run: Run, n: int, seed: int) -> list[tuple[Part, int, int, int]]:
-    """n random committed samples with tokens, as (part, sample_id, token lo, token hi)."""
-    candidates = []
-    for part in run.parts():
-        ids, offsets = run.read_index(part)
-        for sid, lo, hi in zip(ids.tolist(), offsets[:-1].tolist(), offsets[1:].tolist()):
-            if hi > lo:
-                candidates.append((part, sid, lo, hi))
-    if not candidates:
+    """n random committed samples with tokens, as (part, sample_id, token lo, token hi).
+
+    Chunks are drawn first (a seeded permutation), then one random sample of each in turn,
+    round after round until n are picked: only the drawn chunks' part indices are read,
+    not every part of a run of thousands of chunks. Chunks hold about equal numbers of
+    samples (--chunk-size), so the pick is close to uniform over samples. Raises
+    ValueError when no committed sample has tokens.
+    """
+    rng = np.random.default_rng(seed)
+    order = [int(c) for c in rng.permutation(run.chunks)]
+    pools: dict[int, list[tuple[Part, int, int, int]]] = {}
+    picked: list[tuple[Part, int, int, int]] = []
+    while len(picked) < n:
+        before = len(picked)
+        for chunk in order:
+            if len(picked) == n:
+                break
+            if chunk not in pools:
+                pools[chunk] = _samples_with_tokens(run, chunk)
+            if pools[chunk]:
+                picked.append(pools[chunk].pop(int(rng.integers(len(pools[chunk])))))
+        if len(picked) == before:  # every chunk's samples are taken
+            break
+    if not picked:
         raise ValueError(f"{run.url}: no committed sample has tokens to verify")
-    chosen = np.random.default_rng(seed).choice(len(candidates), size=min(n, len(candidates)), replace=False)
-    return [candidates[i] for i in sorted(chosen)]
+    return sorted(picked, key=lambda p: (p[0].chunk, p[0].index, p[2]))
+
+
+def _samples_with_tokens(run: Run, chunk: int) -> list[tuple[Part, int, int, int]]:
+    out = []
+    for part in run.parts([chunk]):
+        ids, offsets = run.read_index(part)
+        out += [(part, sid, lo, hi) for sid, lo, hi in zip(ids.tolist(), offsets[:-1].tolist(), offsets[1:].tolist()) if hi > lo]
+    return out
 
 
 def forward_windows(positions: np.ndarray) -> list[tuple[int, int]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -21,12 +22,21 @@ def markdown_table(options: Iterable[ConfigOption]) -> str:
     ]
     for o in options:
         field = "`" + ".".join(o.path) + "`" if o.target == "config" else "- (worker option)"
-        default = "required" if o.required else ("-" if o.default is None else f"`{show_value(o.default)}`")
+        default = _default_cell(o)
         flag = f"`{o.flag}` / `--no-{o.flag[2:]}`" if o.kind is bool else f"`{o.flag}`"
         choices = f" One of: {', '.join(o.choices)}." if o.choices else ""
         meaning = o.description.replace("|", "\\|")  # a bare | would end the table cell
         rows.append(f"| {flag} | `{o.envvar}` | {field} | {default} | {meaning}{choices} |")
     return "\n".join(rows)
+
+
+def _default_cell(option: ConfigOption) -> str:
+    """A field the model requires but actex fills in before validation (compute_dtype: the
+    checkpoint's) says so in its description; only a field nobody fills in is "required"."""
+    if option.required:
+        filled = re.search(r"\(default: ([^)]*)\)", option.description)
+        return filled.group(1) if filled else "required"
+    return "-" if option.default is None else f"`{show_value(option.default)}`"
 
 
 def render_docs(text: str, options: Iterable[ConfigOption]) -> str:

@@ -514,6 +514,7 @@ def demo_command(
 def inspect_command(
     url: str = typer.Argument(..., help="A run's URL (OUTPUT/RUN_NAME), local or gs:// / s3:// / memory://."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    stats_chunks: int = typer.Option(64, "--stats-chunks", min=0, help="Merge the hooks' statistics over this many committed chunks, spread evenly over the run (0: all; each chunk's stats object is read)."),
 ) -> None:
     """Hooks, widths, dtype, chunks committed/total, samples, tokens, bytes and config of a run."""
     from actex.store.commits import useful_token_fraction
@@ -523,7 +524,7 @@ def inspect_command(
 
     with user_errors():
         run = Run(run_store(url))
-        summary = run.summary()
+        summary = run.summary(stats_chunks or None)
         # Real tokens / computed slots over the committed chunks: what packing wasted.
         summary["useful_token_fraction"] = useful_token_fraction(run.commits.values())
         summary["answers"] = answers_summary(run)
@@ -545,6 +546,9 @@ def inspect_command(
     if summary["skipped_rows"]:
         reasons = ", ".join(f"{count} x {reason}" for reason, count in summary["skipped_rows"].items())
         console.print(f"skipped rows (--on-bad-row skip): {sum(summary['skipped_rows'].values()):,}: {reasons}", markup=False)
+    if summary["stats_chunks"] < summary["chunks_committed"]:
+        console.print(f"statistics below: over {summary['stats_chunks']} of the {summary['chunks_committed']} committed chunks, "
+                      "spread evenly (--stats-chunks 0 for all)")
     table = Table("hook", "width", "mean |mean|", "mean var", "mean L2 norm")
     for hook, entry in summary["hooks"].items():
         stats = entry.get("stats")

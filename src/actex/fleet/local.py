@@ -5,7 +5,9 @@ so a restarted worker simply joins in again; the executor's only decision is "is
 complete?", which it reads from the store (every chunk has a commit record). A worker that
 exits before then, for any reason (killed, crashed, pre-empted, a failed upload), gets a
 replacement, up to `max_restarts` in total; an exit code in `fatal_codes` (a bad flag, a
-config mismatch) ends the fleet at once, as a replacement would fail the same way.
+config mismatch) ends the fleet at once, as a replacement would fail the same way. A slot
+whose workers keep dying young (a hub or bucket that is down: exit 1 within seconds) is
+restarted after a growing delay (restart_delay), not in a tight loop.
 
     fleet = LocalFleet(["actex", "extract", "--config", "run.yaml", "--claim"], workers=4,
                        is_complete=lambda: run_complete(open_store(run_url)))
@@ -37,6 +39,21 @@ def actex_command() -> list[str]:
     if found := shutil.which("actex"):
         return [found]
     return [sys.executable, "-c", "from actex.cli import app; app()"]
+
+
+# A worker that lived this long before exiting was healthy: its slot's next restart is
+# immediate. Each younger death in a row doubles the delay, from BACKOFF_S up to BACKOFF_MAX_S.
+HEALTHY_S = 60.0
+BACKOFF_S = 1.0
+BACKOFF_MAX_S = 60.0
+
+
+def restart_delay(young_deaths: int, base_s: float = BACKOFF_S, max_s: float = BACKOFF_MAX_S) -> float:
+    """Seconds to wait before restarting a slot whose last `young_deaths` workers in a row
+    died before HEALTHY_S: 0 for the first (a pre-emption, a crash), then base, 2 base, ..."""
+    if young_deaths <= 1:
+        return 0.0
+    return min(max_s, base_s * 2 ** (young_deaths - 2))
 
 
 class FleetError(RuntimeError):
@@ -77,6 +94,7 @@ class LocalFleet:
         max_restarts: int = 50,
         fatal_codes: tuple[int, ...] = (2,),
         poll_s: float = 0.5,
+        backoff_s: float = BACKOFF_S,
     ) -> None:
         if workers < 1:
             raise ValueError(f"--workers must be >= 1, got {workers}")
@@ -90,7 +108,10 @@ class LocalFleet:
         # a config that disagrees with run.json): restarting would only loop.
         self.fatal_codes = fatal_codes
         self.poll_s = poll_s
+        self.backoff_s = backoff_s
         self.live: dict[int, WorkerProcess] = {}
+        self.young_deaths: dict[int, int] = {}  # slot -> workers in a row that died young
+        self.waiting: dict[int, float] = {}  # slot -> time.monotonic() of its delayed restart
         self.result = FleetResult()
         self._incarnations = 0
 
@@ -149,8 +170,16 @@ class LocalFleet:
             if self.result.restarts >= self.max_restarts:
                 raise FleetError(f"gave up after {self.result.restarts} worker restarts (last exit code {worker.returncode})")
             self.result.restarts += 1
-            log.warning("worker slot %d exited with %s before the run completed; restarting it", slot, worker.returncode)
-            self._launch(slot)
+            young = time.time() - worker.started_at < HEALTHY_S
+            self.young_deaths[slot] = self.young_deaths.get(slot, 0) + 1 if young else 0
+            delay = restart_delay(self.young_deaths[slot], self.backoff_s)
+            log.warning("worker slot %d exited with %s before the run completed; restarting it%s", slot,
+                        worker.returncode, f" in {delay:.0f} s ({self.young_deaths[slot]} young exits in a row)" if delay else "")
+            self.waiting[slot] = time.monotonic() + delay
+        for slot, due in list(self.waiting.items()):
+            if time.monotonic() >= due:
+                del self.waiting[slot]
+                self._launch(slot)
         return False
 
     def run(self, timeout_s: float | None = None) -> FleetResult:
@@ -184,3 +213,4 @@ class LocalFleet:
             worker.returncode = worker.process.returncode
             self.result.exited.append(worker)
         self.live.clear()
+        self.waiting.clear()

@@ -636,13 +636,18 @@ class Store:
         return self._call("read", rel, read)
 
     def size(self, rel: str) -> int:
+        return int(self.info(rel)["size"])
+
+    def info(self, rel: str) -> dict:
+        """The backend's metadata of one object: "size" always; GCS adds "crc32c" (base64
+        of the big-endian CRC-32C), "md5Hash" and "generation"; S3 adds "ETag"."""
         path = self.path(rel)
 
-        def size() -> int:
+        def info() -> dict:
             self._fresh(path)
-            return int(self.fs.info(path)["size"])
+            return dict(self.fs.info(path))
 
-        return self._call("stat", rel, size)
+        return self._call("stat", rel, info)
 
     def exists(self, rel: str) -> bool:
         path = self.path(rel)

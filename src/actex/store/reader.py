@@ -65,6 +65,20 @@ RECORD_BATCH = 512
 HEADER_CACHE = 4096
 # Stats objects fetched per batch: 24 hooks x 896 wide is 344 KB each, so 64 is ~22 MB.
 STATS_BATCH = 64
+# `summary()` (actex inspect) merges the stats of this many chunks spread over the run.
+SUMMARY_STATS_CHUNKS = 64
+
+
+def spread(items: Sequence[int], count: int) -> list[int]:
+    """At most `count` of `items`, evenly spaced from first to last (all when count >= len)."""
+    if count >= len(items):
+        return list(items)
+    if count <= 0:
+        return []
+    if count == 1:
+        return [items[0]]
+    step = (len(items) - 1) / (count - 1)
+    return [items[round(i * step)] for i in range(count)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -398,7 +412,7 @@ class Run:
         self._committed = frozenset(self.chunks)
         self._records: dict[int, CommitRecord] = {}
         self._headers: OrderedDict[str, dict[str, TensorInfo]] = OrderedDict()
-        self._stats: dict[str, HookStats] | None = None
+        self._stats: tuple[tuple[int, ...], dict[str, HookStats]] | None = None
         self._lock = threading.Lock()
 
     # -- what the run holds ------------------------------------------------------------
@@ -469,23 +483,31 @@ class Run:
         """Committed parts (optionally of some chunks), in (chunk, index) order."""
         return [part for record in self.records(chunks).values() for part in parts_of(record)]
 
-    def stats(self, hook: str) -> HookStats:
-        """Statistics of the hook over all committed chunks, merged from each chunk's stats."""
+    def stats(self, hook: str, chunks: Sequence[int] | None = None) -> HookStats:
+        """Statistics of the hook (count, per-dimension mean and variance, mean L2 norm) over
+        `chunks` (default: every committed chunk), merged from each chunk's stats object.
+
+        Reads one stats object per chunk (about 8 * width bytes per hook: 0.3-2 MB a chunk
+        for a whole model's residuals), so on a run of thousands of chunks pass a sample,
+        e.g. `run.stats(hook, spread(run.chunks, 64))`. Raises ValueError for an unknown
+        hook or when some of the chunks carry no stats for it; CorruptPartError when a stats
+        object fails its CRC-32C."""
         self.check_hook(hook)
-        merged = self._merged_stats()
+        merged = self._merged_stats(self.chunks if chunks is None else sorted(chunks))
         if hook not in merged:
             raise ValueError(f"{self.url}: some committed chunks carry no stats for {hook}")
         return merged[hook]
 
-    def _merged_stats(self) -> dict[str, HookStats]:
-        """{hook: stats over all committed chunks} for the hooks every chunk has; one pass, cached."""
-        if self._stats is not None:
-            return self._stats
+    def _merged_stats(self, chunks: list[int]) -> dict[str, HookStats]:
+        """{hook: stats over `chunks`} for the hooks every one of them has; one pass, cached
+        for the last set of chunks asked for."""
+        key = tuple(chunks)
+        if self._stats is not None and self._stats[0] == key:
+            return self._stats[1]
         merged = {h: HookStats.empty(w) for h, w in self.hooks.items()}
         covered = set(merged)
-        records = list(self.commits.values())
-        for at in range(0, len(records), STATS_BATCH):
-            batch = records[at : at + STATS_BATCH]
+        for at in range(0, len(chunks), STATS_BATCH):
+            batch = list(self.records(chunks[at : at + STATS_BATCH]).values())
             paths = [r.stats_path for r in batch if r.stats_path]
             raw = self.store.read_many(paths) if paths else {}
             for record in batch:
@@ -493,8 +515,9 @@ class Run:
                 covered &= set(chunk_stats)
                 for hook in covered:
                     merged[hook] = merged[hook].merge(chunk_stats[hook])
-        self._stats = {h: merged[h] for h in self.hooks if h in covered}
-        return self._stats
+        result = {h: merged[h] for h in self.hooks if h in covered}
+        self._stats = (key, result)
+        return result
 
     def _chunk_stats(self, record: CommitRecord, raw: dict[str, bytes]) -> dict[str, HookStats]:
         if record.stats_path is None:  # format v1: inline JSON
@@ -510,9 +533,13 @@ class Run:
         path = self.record(chunk).samples_path
         return shards.decode_samples_jsonl(self.store.read_bytes(path), self.store.url_of(path))
 
-    def summary(self) -> dict:
-        """What `actex inspect` prints: counts, hooks and merged stats where recorded."""
-        merged = self._merged_stats() if self.chunks else {}
+    def summary(self, stats_chunks: int | None = SUMMARY_STATS_CHUNKS) -> dict:
+        """What `actex inspect` prints: counts, hooks and merged stats where recorded.
+
+        stats_chunks: merge the stats of at most this many committed chunks, spread evenly
+        over the run (None: all of them), so that the cost does not grow with the run."""
+        picked = self.chunks if stats_chunks is None else spread(self.chunks, stats_chunks)
+        merged = self._merged_stats(picked) if picked else {}
         hooks = {}
         for hook, width in self.hooks.items():
             entry: dict = {"width": width}
@@ -529,6 +556,7 @@ class Run:
             "samples": self.num_samples,
             "tokens": self.num_tokens,
             "bytes": self.num_bytes,
+            "stats_chunks": len(picked),
             "config": self.config,
         }
 
