@@ -1,7 +1,7 @@
 """Issue 12's CPU scenario, side by side in one run: `actex extract` end to end against a
 plain transformers script, float32 and bfloat16.
 
-    .venv/bin/python bench/scenario.py [--dtypes float32,bfloat16] [--reps 1]
+    .venv/bin/python bench/scenario.py [--dtypes float32,bfloat16] [--reps 1] [--copies 1]
 
 Both sides get the same random checkpoint of Qwen2.5-0.5B's shape (float32; the bfloat16
 runs cast it on load), the same 16 text samples of about 400 tokens (6,383 tokens in all,
@@ -68,8 +68,9 @@ TRANSFORMERS_SCRIPT = textwrap.dedent('''
 ''')
 
 
-def prepare(work: Path) -> tuple[Path, Path, int]:
-    """Checkpoint + tokenizer (cached across runs) and the 16-sample dataset."""
+def prepare(work: Path, copies: int = 1) -> tuple[Path, Path, int]:
+    """Checkpoint + tokenizer (cached across runs) and the 16-sample dataset, `copies` times
+    over (more chunks of the same samples: start-up and a lone chunk's tail amortised)."""
     if not (MODEL_DIR / "model.safetensors").exists():
         build_tokenizer(MODEL_DIR, vocab_size=384)
         write_random_checkpoint(MODEL_DIR, QWEN25_05B, seed=0)
@@ -89,8 +90,8 @@ def prepare(work: Path) -> tuple[Path, Path, int]:
         total += len(tokenizer(text)["input_ids"])
         rows.append(json.dumps({"text": text}))
     dataset = work / "scenario.jsonl"
-    dataset.write_text("\n".join(rows) + "\n")
-    return MODEL_DIR, dataset, total
+    dataset.write_text("\n".join(rows * copies) + "\n")
+    return MODEL_DIR, dataset, total * copies
 
 
 def _children_cpu_s() -> float:
@@ -125,13 +126,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--reps", type=int, default=1)
+    parser.add_argument("--copies", type=int, default=1, help="the 16 samples this many times over (16 per chunk)")
     parser.add_argument("--mesh", default="auto", help="actex --mesh (default auto: one CPU device)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="actex-scenario-") as tmp:
         work = Path(tmp)
-        model_dir, dataset, tokens = prepare(work)
+        model_dir, dataset, tokens = prepare(work, args.copies)
         load = os.getloadavg()[0]
-        print(f"{N_SAMPLES} samples, {tokens} tokens; Qwen2.5-0.5B shape, 24 hook_resid_post; "
+        print(f"{N_SAMPLES * args.copies} samples, {tokens} tokens; Qwen2.5-0.5B shape, 24 hook_resid_post; "
               f"{os.cpu_count()} CPUs, load average {load:.1f} at start")
         for dtype in args.dtypes.split(","):
             ours, theirs = [], []
