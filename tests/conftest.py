@@ -3,4 +3,4 @@
 Add a module here rather than fixtures to this file: each area keeps its own.
 """
 
-pytest_plugins = ["servers"]
+pytest_plugins = ["servers", "logging_fixtures"]
