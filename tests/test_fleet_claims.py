@@ -4,6 +4,8 @@ and the progress a monitor reads back from commits, claims and heartbeats."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -177,7 +179,16 @@ def test_progress_reports_commits_live_leases_and_silent_workers(tmp_path):
     for worker, age in (("alive", 2.0), ("gone", 600.0)):
         beat = {"state": "running", "updated_at": clock.now - age, "chunks_done": 1, "tokens_per_s": 5.0}
         store.write_bytes(layout.worker_path(worker), json.dumps(beat).encode())
-    progress = read_progress(store, silent_after_s=60, now=clock.now)
+    # A worker of this host SIGKILLed a moment ago: its last beat is fresh, its pid is gone.
+    killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    killed.kill()
+    killed.wait()
+    beat = {"state": "running", "updated_at": clock.now - 1.0, "host": "here", "pid": killed.pid}
+    store.write_bytes(layout.worker_path("killed"), json.dumps(beat).encode())
+    progress = read_progress(store, silent_after_s=60, now=clock.now, host="here")
     assert (progress.total, progress.committed, progress.leased) == (3, 1, {1: "alive"})
-    assert [(w.worker, w.silent) for w in progress.workers] == [("alive", False), ("gone", True)]
+    assert [(w.worker, w.silent, w.gone) for w in progress.workers] == [
+        ("alive", False, False), ("gone", True, False), ("killed", False, True)]
+    elsewhere = read_progress(store, silent_after_s=60, now=clock.now, host="another-vm")  # its pid says nothing there
+    assert not any(w.gone for w in elsewhere.workers)
     assert not progress.complete and not run_complete(store)

@@ -36,7 +36,7 @@ def status_command(
         + (" (complete)" if progress.complete else f", {len(progress.leased)} leased")
     )
     for worker in progress.workers:
-        flag = "  SILENT (likely dead)" if worker.silent else ""
+        flag = "  DEAD (its process is gone)" if worker.gone else "  SILENT (likely dead)" if worker.silent else ""
         typer.echo(
             f"  {worker.worker:<28} {worker.state:<9} {worker.chunks_done:>6} chunks "
             f"{worker.tokens_per_s:>10,.0f} tok/s  last beat {worker.age_s:,.0f} s ago{flag}"

@@ -2,12 +2,15 @@
 
 Nothing here talks to a worker. Whoever can read the bucket can see how far a fleet got,
 which chunks are leased to whom, and which workers stopped beating. Silence is judged by
-the heartbeat's age alone: a worker's heartbeat thread writes it every HEARTBEAT_EVERY_S
+the heartbeat's age: a worker's heartbeat thread writes it every HEARTBEAT_EVERY_S
 whatever its chunks take (engine/liveness.py), so an old one means a dead or frozen process.
+A worker that ran on the machine reading the progress is also checked by its pid.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from dataclasses import dataclass
 
@@ -31,6 +34,7 @@ class WorkerView:
     tokens_per_s: float
     age_s: float  # seconds since its last heartbeat
     silent: bool  # 'running' but no heartbeat for too long: probably killed
+    gone: bool = False  # 'running', on this host, and its process no longer exists: dead for sure
 
 
 @dataclass(frozen=True)
@@ -45,9 +49,32 @@ class Progress:
         return self.total > 0 and self.committed == self.total
 
 
-def read_progress(store: Store, *, silent_after_s: float = DEFAULT_SILENT_AFTER_S, now: float | None = None) -> Progress:
-    """Progress of the run at `store`; FileNotFoundError if no worker created run.json yet."""
+def process_gone(beat: dict, host: str) -> bool:
+    """True when the heartbeat's worker ran on `host` (this machine) and its pid is gone.
+
+    A worker SIGKILLed or OOM-killed leaves its last beat saying "running"; on its own
+    machine that is known at once instead of after `silent_after_s`. (A pid reused by
+    another process reads as alive: the silence check still catches that worker.)"""
+    pid = beat.get("pid")
+    if beat.get("host") != host or not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def read_progress(store: Store, *, silent_after_s: float = DEFAULT_SILENT_AFTER_S, now: float | None = None,
+                  host: str | None = None) -> Progress:
+    """Progress of the run at `store`; FileNotFoundError if no worker created run.json yet.
+
+    host: the machine this runs on (default socket.gethostname()): its workers' processes
+    are checked directly (WorkerView.gone)."""
     now = time.time() if now is None else now
+    host = socket.gethostname() if host is None else host
     total = read_manifest(store).plan.num_chunks
     committed = committed_chunks(store)
     leased = {}
@@ -70,6 +97,7 @@ def read_progress(store: Store, *, silent_after_s: float = DEFAULT_SILENT_AFTER_
                 tokens_per_s=float(beat.get("tokens_per_s", 0.0)),
                 age_s=age,
                 silent=state == "running" and age > silent_after_s,
+                gone=state == "running" and process_gone(beat, host),
             )
         )
     return Progress(total, len(committed), leased, tuple(workers))
