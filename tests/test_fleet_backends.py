@@ -107,6 +107,14 @@ def test_fleet_and_status_commands(case, tmp_path):
     assert sum(w["chunks_done"] for w in progress["workers"]) == CHUNKS
     # The first worker to finish ends the fleet; the other is stopped gracefully.
     assert all(w["state"] in ("finished", "stopped") and not w["silent"] for w in progress["workers"])
+    # A worker's bad config ends the fleet with the worker's exit 2, not 1: a supervisor
+    # restarts a fleet that exited 1.
+    bad = subprocess.run(
+        [*actex_command(), "fleet", "--workers", "2", "--", "--config", str(config), "--model", str(tmp_path / "no-such-model")],
+        env=env, capture_output=True, text=True, timeout=80,
+    )
+    assert bad.returncode == 2, bad.stdout + bad.stderr[-2000:]
+    assert "exited with 2 (bad arguments or config); not restarting" in bad.stderr
 
 
 def test_a_slot_whose_workers_die_young_is_restarted_after_a_growing_delay(tmp_path):

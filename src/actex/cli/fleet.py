@@ -99,7 +99,7 @@ def fleet_command(
         result = fleet.run()
     except FleetError as error:
         typer.echo(f"actex: error: {error}", err=True)
-        raise typer.Exit(1) from None
+        raise typer.Exit(error.exit_code) from None
     except KeyboardInterrupt:
         typer.echo("actex fleet: interrupted; workers stopped after their in-flight chunks", err=True)
         raise typer.Exit(130) from None

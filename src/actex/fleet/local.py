@@ -57,7 +57,12 @@ def restart_delay(young_deaths: int, base_s: float = BACKOFF_S, max_s: float = B
 
 
 class FleetError(RuntimeError):
-    """The fleet gave up: too many worker restarts, or a timeout."""
+    """The fleet gave up: a worker's fatal exit (`exit_code` is that code, 2 for a bad
+    config), too many worker restarts or a timeout (`exit_code` 1: restartable)."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass
@@ -166,7 +171,8 @@ class LocalFleet:
             return True
         for slot, worker in exited:
             if worker.returncode in self.fatal_codes:
-                raise FleetError(f"worker slot {slot} exited with {worker.returncode} (bad arguments or config); not restarting")
+                raise FleetError(f"worker slot {slot} exited with {worker.returncode} (bad arguments or config); not restarting",
+                                 worker.returncode)
             if self.result.restarts >= self.max_restarts:
                 raise FleetError(f"gave up after {self.result.restarts} worker restarts (last exit code {worker.returncode})")
             self.result.restarts += 1
