@@ -136,3 +136,14 @@ def test_a_mistyped_flag_or_variable_is_one_line_exit_2(argv, env, named):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("actex: error: ") and named in lines[0], result.stderr
+
+
+def test_help_text_is_wrapped_by_the_terminal_not_by_the_docstring():
+    from actex.cli import unwrap
+
+    assert unwrap("First line.\n\nA paragraph wrapped\nat 90 columns.\n- a list item\n- another\n\n    indented\n    example") == \
+        "First line.\n\nA paragraph wrapped at 90 columns.\n- a list item\n- another\n\n    indented\n    example"
+    from actex.cli import app
+
+    fleet = next(c for c in app.registered_commands if c.name == "fleet")  # its docstring breaks after "A"
+    assert "task retries). A `--claim` worker exits 0 on its own only once every chunk has its commit record" in fleet.help

@@ -1,5 +1,7 @@
 """The `actex` command. Each area registers its subcommands from its own module; no logic lives here."""
 
+import inspect
+
 import click
 import typer
 import typer.core
@@ -41,3 +43,31 @@ app = typer.Typer(
 
 for area in (extract, generate, data, reader, fleet, k8s, tpu):
     area.register(app)
+
+
+def unwrap(doc: str) -> str:
+    """A docstring as help text: the lines of each paragraph joined, so that the terminal,
+    not the source's 90-column wrapping, decides where lines break. Lines that start a
+    list item or are indented (examples, tables) keep their own line."""
+    paragraphs = []
+    for block in doc.split("\n\n"):
+        lines = block.splitlines()
+        out = lines[:1]
+        for line in lines[1:]:
+            if line.startswith((" ", "-", "*", "|")) or out[-1].startswith((" ", "|")):
+                out.append(line)
+            else:
+                out[-1] += " " + line.strip()
+        paragraphs.append("\n".join(out))
+    return "\n\n".join(paragraphs)
+
+
+def _unwrap_help(typer_app: typer.Typer) -> None:
+    for info in typer_app.registered_commands:
+        if info.help is None and info.callback is not None and info.callback.__doc__:
+            info.help = unwrap(inspect.getdoc(info.callback))
+    for group in typer_app.registered_groups:
+        _unwrap_help(group.typer_instance)
+
+
+_unwrap_help(app)

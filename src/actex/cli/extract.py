@@ -41,7 +41,8 @@ EXIT_SECOND_INTERRUPT = 130  # 128 + SIGINT
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 done; 2 bad input or config (nothing written); 1 infrastructure failure after "
-    "retries (restartable); 75 stopped by a signal or pre-emption before finishing; 130 second Ctrl-C."
+    "retries (restartable); 75 stopped by a signal or pre-emption before finishing; 130 second Ctrl-C; "
+    "134 a peer process of a pod slice was lost (restart the whole slice)."
 )
 
 
@@ -471,7 +472,7 @@ extract_command = with_extract_options(extract_body, options=EXTRACT_OPTIONS, do
     "Exit codes: 0 done (this worker's share committed); 2 bad input or config (nothing written); "
     "1 infrastructure failure after retries, or no progress for --stall-timeout (restartable); "
     "75 stopped by a signal or pre-emption before finishing (Ctrl-C included; rerun to resume); "
-    "130 second Ctrl-C."
+    "130 second Ctrl-C; 134 on a pod slice, a peer process was lost (restart the whole slice)."
 ))
 
 
