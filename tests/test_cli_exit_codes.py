@@ -66,18 +66,26 @@ def test_ctrl_c_mid_run_exits_75_and_the_rerun_completes_with_0(tiny_model_dir, 
     assert len(committed_chunks(open_store(tmp_path / "r"))) == len(ROWS)
 
 
-@pytest.mark.parametrize("case", ["empty dataset", "num-workers without index"])
+BAD_INPUTS = {  # case -> what the one line must say
+    "empty dataset": "no rows",
+    "num-workers without index": "--worker-index",
+    "missing dataset": "no-such.jsonl: no such file",
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_input_exits_2_in_one_line_before_anything_is_written(case, tiny_model_dir, tmp_path):  # noqa: F811
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     extra = ("--num-workers", "4") if case == "num-workers without index" else ()
     env = {name: "" for name in ("TPU_WORKER_ID", "CLOUD_TPU_TASK_ID", "JOB_COMPLETION_INDEX")}
-    rows = empty if case == "empty dataset" else write_jsonl(tmp_path / "rows.jsonl", ROWS[:4])
+    rows = {"empty dataset": empty, "missing dataset": tmp_path / "no-such.jsonl"}.get(case) \
+        or write_jsonl(tmp_path / "rows.jsonl", ROWS[:4])
     result = run(extract_args(str(tiny_model_dir), rows, tmp_path / "out", *extra), env)
     assert result.returncode == 2, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("actex: error: "), result.stderr
-    assert ("no rows" in lines[0]) if case == "empty dataset" else ("--worker-index" in lines[0])
+    assert BAD_INPUTS[case] in lines[0], lines[0]
     assert not (tmp_path / "out").exists()
 
 

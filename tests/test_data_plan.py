@@ -66,7 +66,7 @@ def test_bad_row_error_names_file_row_reason(tmp_path, tokenizer, bad, reason): 
     with pytest.raises(ValueError) as info:
         build_plan(DataConfig(dataset=str(path)), tokenizer, 8)
     message = str(info.value)
-    assert message.startswith(f"{path}:row 1: ") and reason in message and "\n" not in message
+    assert message.startswith(f"{path}:row 1 (line 2): ") and reason in message and "\n" not in message
 
 
 def test_bad_rows_skipped_are_recorded(tmp_path, tokenizer):  # noqa: F811

@@ -56,7 +56,7 @@ def test_streams_cli_text_and_errors(tmp_path):
     bad = runner.invoke(app, ["streams", str(source), str(tmp_path / "t"), "-n", "2", "--format", "text", "--text-column", "body"])
     # The same prefix and exit code as every other command's user errors.
     assert bad.exit_code == 2
-    assert bad.stderr == f"actex: error: {source}:row 2: column 'body' is int, not a string\n"
+    assert bad.stderr == f"actex: error: {source}:row 2 (line 3): column 'body' is int, not a string\n"
     wrong = runner.invoke(app, ["streams", str(source), str(tmp_path / "u"), "-n", "2", "--format", "csv"])
     assert wrong.exit_code == 2 and wrong.stderr.startswith("actex: error: --format:")
     assert len(wrong.stderr.splitlines()) == 1

@@ -21,6 +21,8 @@ def test_parse_hooks_orders_by_computation_and_dedups():
     [
         (["blocks.3.hook_foo"], "unknown hook 'blocks.3.hook_foo'; expected one of hook_embed"),
         (["resid_post"], "unknown hook 'resid_post'"),
+        (["blocks.3.hook_resid_pst"], r"unknown hook 'blocks.3.hook_resid_pst' \(did you mean 'blocks.3.hook_resid_post'\?\)"),
+        (["ln_final.hook_normalised"], r"\(did you mean 'ln_final.hook_normalized'\?\)"),
         (["blocks.30.hook_resid_post"], r"layer 30 out of range: model has 24 layers \(0-23\)"),
         ([], "no hooks given"),
     ],

