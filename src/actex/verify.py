@@ -162,8 +162,10 @@ def forward_windows(positions: np.ndarray) -> list[tuple[int, int]]:
 def load_reference(model: str, revision: str | None = None, device: str = "cpu"):
     """transformers' Qwen2 backbone (no LM head) in float32, from a local dir or the HF cache."""
     import torch
+    import transformers
     from transformers import AutoModel
 
+    transformers.logging.disable_progress_bar()  # verify prints its own lines; no weight-loading bar among them
     reference = AutoModel.from_pretrained(model, revision=revision, dtype=torch.float32)
     return reference.to(device).eval()
 

