@@ -3,7 +3,8 @@
 A worker actor SIGKILLed mid-run is restarted by Ray, a worker process stopped by SIGTERM
 has its task retried by Ray (both read from the fleet's log afterwards, so no poll can miss
 them), and the run completes, every chunk once, equal to one worker's output; a worker that
-exits 2 is not restarted and the fleet exits 2. The run has 48 one-sample chunks.
+exits 2 is not restarted and the fleet exits 2. The run has 400 one-sample chunks: enough
+that work is left when Ray retries, and that its log lines reach the driver, on an idle machine.
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ from fleet_fixtures import WORKER_ENV, check_run, fleet_case, write_config
 
 from actex.fleet.local import actex_command
 from actex.fleet.monitor import run_complete
-from actex.store.commits import read_heartbeats
+from actex.store.commits import read_commits
 from actex.store.folder import open_store
 
 ray = pytest.importorskip("ray")
 
-CHUNKS = 48
+CHUNKS = 400
 
 
 @pytest.fixture(scope="module")
@@ -100,15 +101,13 @@ def actors_with_a_worker(count: int) -> dict[int, psutil.Process] | None:
 
 
 def busy_workers(store) -> list[psutil.Process]:
-    """Live worker processes that committed a chunk (a heartbeat's name ends in its pid)."""
+    """Live worker processes that committed a chunk, from the commit records (a record's
+    worker is '<host>-<pid>'): at once, where a heartbeat may come 10 s later, when a fast
+    machine has finished the run."""
     if not store.exists("run.json"):
         return []
-    found = []
-    for name, beat in read_heartbeats(store).items():
-        pid = int(name.rsplit("-", 1)[1])
-        if beat.get("chunks_done", 0) >= 1 and psutil.pid_exists(pid):
-            found.append(psutil.Process(pid))
-    return found
+    pids = {int(record.worker.rsplit("-", 1)[1]) for record in read_commits(store).values()}
+    return [psutil.Process(pid) for pid in sorted(pids) if psutil.pid_exists(pid)]
 
 
 def wait_for(condition, process: subprocess.Popen, deadline: float):
