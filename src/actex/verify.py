@@ -127,6 +127,7 @@ def pick_samples(run: Run, n: int, seed: int) -> list[tuple[Part, int, int, int]
     """
     rng = np.random.default_rng(seed)
     order = [int(c) for c in rng.permutation(run.chunks)]
+    run.records(order[:n])  # the first round's commit records in one batched fetch, not one by one
     pools: dict[int, list[tuple[Part, int, int, int]]] = {}
     picked: list[tuple[Part, int, int, int]] = []
     while len(picked) < n:

@@ -1,4 +1,5 @@
-"""The `actex` command. Each area registers its subcommands from its own module; no logic lives here."""
+"""The `actex` command. Each area registers its subcommands from its own module; what lives
+here is only how the command presents itself: type labels, usage errors, help text."""
 
 import inspect
 

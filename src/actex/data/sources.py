@@ -65,8 +65,9 @@ def list_files(dataset: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
     def expand() -> list[str]:
         if len(paths) == 1 and fs.isdir(paths[0]):
             return [p for p in fs.find(paths[0]) if p.endswith(FILE_SUFFIXES)]
-        # A glob lists only what exists; a plain path is returned whether or not it does.
-        return [p for p in paths if len(paths) > 1 or fs.exists(p)]
+        if len(paths) == 1 and not fs.exists(paths[0]):
+            return []  # a plain path comes back whether or not it exists; a glob's matches do exist
+        return paths
 
     paths = READ_RETRY.call(expand, what=f"list {dataset}", already_retried=client_retries(fs))
     files = sorted(paths)
