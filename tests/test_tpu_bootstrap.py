@@ -9,11 +9,14 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
+import subprocess
 import sys
 import time
 
 import pytest
 import yaml
+from engine_fixtures import jax_cache, tiny_model_dir  # noqa: F401 (fixtures)
 from fake_tpu_server import FakeTpu
 
 from actex.fleet.bootstrap import Payload, startup_script
@@ -128,3 +131,54 @@ def test_fleet_file_errors_name_file_and_field(tmp_path, change, message):
     assert str(error.value).replace(str(tmp_path) + os.sep, "").startswith(message)
     result = CliRunner().invoke(app, ["deploy", str(path), "--api-endpoint", "http://127.0.0.1:9"])
     assert result.exit_code == 2 and result.stderr.count("\n") == 1 and result.stderr.startswith("actex: error: "), shlex.quote(result.stderr)
+
+
+# Names a shell would read as code (or that end a quoted string), and a line break.
+HOSTILE_RUN_NAMES = ["x$(touch pwned)", "x`touch pwned`", 'x"y', "x'y", "x\ny", "x;id", "-x"]
+
+
+@pytest.mark.parametrize("command", ["extract", "generate"])
+def test_run_names_a_shell_would_read_are_refused_by_extract_and_generate(command, tiny_model_dir, tmp_path):  # noqa: F811
+    from typer.testing import CliRunner
+
+    from actex.cli import app
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"text": "a b c"}\n')
+    for name in HOSTILE_RUN_NAMES:
+        result = CliRunner().invoke(app, [command, "--model", str(tiny_model_dir), "--dataset", str(data), "--format", "text",
+                                          "--output", str(tmp_path / "runs"), "--run-name", name, "--hooks", "blocks.0.hook_resid_post"])
+        assert result.exit_code == 2, (name, result.output)
+        assert result.stderr.count("\n") == 1 and "must be one directory name" in result.stderr, shlex.quote(result.stderr)
+    assert not (tmp_path / "runs").exists() and not list(tmp_path.glob("**/pwned"))
+
+
+def test_run_names_a_shell_would_read_are_refused_by_deploy_before_anything_is_written(tmp_path):
+    from typer.testing import CliRunner
+
+    from actex.cli import app
+
+    for name in HOSTILE_RUN_NAMES:
+        path = tmp_path / "fleet.yaml"
+        path.write_text(yaml.safe_dump({"project": "p", "zones": ["us-central1-a"], "accelerator_type": "v4-8", "runtime_version": "rt",
+                                        "extract": {"output": str(tmp_path / "runs"), "run_name": name}}))
+        result = CliRunner().invoke(app, ["deploy", str(path), "--create", "--api-endpoint", "http://127.0.0.1:9"])
+        assert result.exit_code == 2, (name, result.output)
+        assert result.stderr.count("\n") == 1 and "extract: run_name: " in result.stderr, shlex.quote(result.stderr)
+    assert not (tmp_path / "runs").exists() and not list(tmp_path.glob("**/pwned"))
+
+
+def test_a_url_that_a_shell_would_expand_is_only_ever_text_in_the_script(venv, tmp_path):
+    """The config fetch fails (no such file): the line saying so must not run the URL."""
+    url = f"{tmp_path}/x$(touch pwned)`touch pwned2`\"/run.yaml"
+    script = startup_script(url, Payload(image="example/actex:1"), restart_backoff_s=0.1)
+    home = tmp_path / "home"
+    env = {**os.environ, "ACTEX_VENV": str(venv), "ACTEX_HOME": str(home), "ACTEX_METADATA_URL": "http://127.0.0.1:9"}
+    process = subprocess.Popen(["bash", "-c", script], cwd=tmp_path, env=env, start_new_session=True)
+    try:
+        _wait(lambda: (home / "bootstrap.log").exists() and "cannot read" in (home / "bootstrap.log").read_text(), 20, "a failed fetch")
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert not list(tmp_path.glob("**/pwned*")), (home / "bootstrap.log").read_text()
+    assert f"cannot read {url}" in (home / "bootstrap.log").read_text()

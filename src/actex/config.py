@@ -39,6 +39,18 @@ ComputeDtype = Literal["bfloat16", "float32"]
 # there, or no --revision at all name the same run.
 NOT_HASHED = frozenset({"output", "run_name", "revision"})
 
+# A run name is joined to `output` and reaches shells (a fleet VM's startup script) and
+# terminals: one directory name of plain characters, nothing a shell or a path would read.
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_run_name(name: str) -> str:
+    """`name` if it is a safe run name, else ValueError saying the rule (its repr is one line)."""
+    if not _RUN_NAME.fullmatch(name):
+        raise ValueError(f"{name!r} must be one directory name under output: letters, digits, '.', '_' and '-', "
+                         "starting with a letter or digit, at most 128 characters")
+    return name
+
 
 class ConfigError(ValueError):
     """A user-facing configuration problem; its message is one line."""
@@ -101,10 +113,7 @@ class RunConfig(BaseModel):
     @field_validator("run_name")
     @classmethod
     def _one_path_segment(cls, name: str | None) -> str | None:
-        # The name is joined to `output`: a separator or `..` would write outside it.
-        if name is not None and (not name or "/" in name or "\\" in name or name in (".", "..")):
-            raise ValueError(f"{name!r} must be one directory name under output: no '/', '\\' or '..'")
-        return name
+        return None if name is None else check_run_name(name)
 
     # A flag of `actex generate` only (cli/generate.py), never of extract.
     generation: Annotated[GenerationConfig | None, Flag(skip=True)] = Field(

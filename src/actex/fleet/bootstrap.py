@@ -107,7 +107,7 @@ export ACTEX_WORKER_HOST="$(md {NODE_KEY} || hostname)"
 while :; do
   # Fetched at every (re)launch: a redeploy with a new config relaunches with it.
   "${{PY[@]}}" -c 'import sys, fsspec; open("run.yaml", "wb").write(fsspec.open(sys.argv[1], "rb").open().read())' {q(config_url)} \\
-    || {{ echo "cannot read {config_url}"; sleep {restart_backoff_s:g}; continue; }}
+    || {{ echo {q(f"cannot read {config_url}")}; sleep {restart_backoff_s:g}; continue; }}
   launch="$(md {LAUNCH_KEY} || echo 0)"
   "${{ACTEX[@]}}" extract --config run.yaml {args} >>"$ACTEX_HOME/worker.log" 2>&1 &
   pid=$!

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from actex.config import load_config_file
+from actex.config import check_run_name, load_config_file
 from actex.fleet.bootstrap import LAUNCH_KEY, SCRIPT_KEY, Payload, build_wheel, deploy_dir, startup_script, upload
 from actex.fleet.tpu import FleetLayout, NameBook, Placement, create_node, fleet_nodes, members, split_zone
 from actex.fleet.tpu_api import NodeSpec, TpuApi
@@ -103,6 +103,10 @@ def load_fleet(path: Path) -> Fleet:
     for key in ("output", "run_name"):
         if not fields.get(key):
             raise ValueError(f"{path}: extract: a fleet's run needs a fixed `{key}` (every VM must find the same run)")
+    try:
+        check_run_name(str(fields["run_name"]))
+    except ValueError as error:
+        raise ValueError(f"{path}: extract: run_name: {error}") from None
     if file.queued and file.capacity not in ("spot", "on-demand"):
         raise ValueError(f"{path}: queued: queued resources are spot or on-demand, not {file.capacity}")
     fleet = Fleet(Path(path), file, fields)
