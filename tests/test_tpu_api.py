@@ -148,3 +148,58 @@ def test_actex_tpu_commands_reach_the_endpoint_named_by_the_environment(fake_tpu
     assert sorted(json.loads(line)["event"] for line in deleted.stdout.splitlines()) == ["absent", "delete", "delete"]
     assert {json.loads(line)["event"] for line in again.stdout.splitlines()} == {"absent"}
     assert runner.invoke(app, ["tpu", "list", *fleet, "--spot", "--reserved"]).exit_code == 2
+
+
+def test_a_foreign_vm_under_a_planned_name_survives_create_recreate_and_delete(fake_tpu):
+    """Another team's unlabelled VM holds tpu-us-central1-a-0, and another fleet with the same
+    prefix shares the zone: each command leaves them alone and says so."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from actex.cli import app
+
+    api = _api(fake_tpu)
+    theirs = NodeSpec("v4-8", "rt", "spot", metadata={"startup-script": "their own"}, labels={"team": "other"})
+    api.create(A, "tpu-us-central1-a-0", theirs)
+    runner = CliRunner(env={"ACTEX_TPU_API_ENDPOINT": fake_tpu.endpoint})
+    ours = ["--project", "p", "--zones", A, "--workers-per-zone", "2", "--spot", "--name", "ours"]
+    other = [*ours[:-1], "other-fleet"]
+
+    def events(args):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        return [json.loads(line) for line in result.stdout.splitlines()]
+
+    created = events(["tpu", "create", *ours])
+    assert sorted((e["event"], e["node"]) for e in created) == [  # creates run in parallel
+        ("create", "tpu-us-central1-a-1"), ("create", "tpu-us-central1-a-2"), ("skipped", "tpu-us-central1-a-0")]
+    assert "not this fleet's VM" in next(e["reason"] for e in created if e["event"] == "skipped")
+    # A second fleet of the same prefix takes the names left free, and touches nothing of ours.
+    assert sorted(e["node"] for e in events(["tpu", "create", *other]) if e["event"] == "create") == [
+        "tpu-us-central1-a-3", "tpu-us-central1-a-4"]
+
+    fake_tpu.preempt(A, "tpu-us-central1-a-0")
+    fake_tpu.preempt(A, "tpu-us-central1-a-1")
+    recreated = [e for e in events(["tpu", "recreate", *ours]) if e["event"] == "recreate"]
+    assert [e["node"] for e in recreated] == ["tpu-us-central1-a-1"]
+    foreign = api.get(A, "tpu-us-central1-a-0")
+    assert (foreign.state, foreign.labels, foreign.metadata) == ("PREEMPTED", {"team": "other"}, {"startup-script": "their own"})
+
+    deleted = events(["tpu", "delete", *ours])
+    assert sorted((e["event"], e["node"]) for e in deleted) == [
+        ("delete", "tpu-us-central1-a-1"), ("delete", "tpu-us-central1-a-2"), ("skipped", "tpu-us-central1-a-0")]
+    assert sorted(n.name for n in api.list(A)) == [f"tpu-us-central1-a-{i}" for i in (0, 3, 4)]
+
+
+def test_creating_a_name_a_foreign_vm_took_meanwhile_takes_the_next_free_name(fake_tpu):
+    """A slot planned as a-0 (free when listed) was taken by someone else before the create."""
+    from actex.fleet.tpu import create_node
+
+    api, layout = _api(fake_tpu), _layout()
+    api.create(A, "tpu-us-central1-a-0", NodeSpec("v4-8", "rt"))
+    placement = create_node(api, layout, A, "tpu-us-central1-a-0")
+    assert (placement.zone, placement.name, placement.created) == (A, "tpu-us-central1-a-1", True)
+    assert api.get(A, "tpu-us-central1-a-0").labels == {}
+    with pytest.raises(ValueError, match="not a VM of fleet f"):
+        recreate_node(api, layout, A, "tpu-us-central1-a-0", api.get(A, "tpu-us-central1-a-0"))

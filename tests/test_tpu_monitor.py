@@ -54,7 +54,7 @@ def test_missing_and_stuck_creating_vms_are_recreated(fake_tpu, fleet):
     create_fleet(api, dataclasses.replace(layout, zones=(A,)))  # a-0 only: b-0 is NOT_FOUND
     fake_tpu.stick_creating(1)
     with pytest.raises(TpuApiError, match="not done"):
-        TpuApi("p", api_endpoint=fake_tpu.endpoint, op_timeout_s=0.3, poll_initial_s=0.05).create(B, B0, NodeSpec("v4-8", "rt"))
+        TpuApi("p", api_endpoint=fake_tpu.endpoint, op_timeout_s=0.3, poll_initial_s=0.05).create(B, B0, layout.node_spec())
     fake_tpu.node(B, B0).created_at -= 60  # stuck for a minute already
     api.delete(A, A0)
     monitor = _monitor(api, layout, store, creating_timeout_s=30)
@@ -164,11 +164,13 @@ def test_ctrl_c_stops_watching_and_leaves_the_fleet_running(fake_tpu, fleet, tmp
 
     from actex.fleet.local import actex_command
 
-    api, layout, _ = fleet
-    create_fleet(api, layout)
+    from actex.fleet.deploy import load_fleet
+
+    api, _, _ = fleet
     fleet_file = tmp_path / "fleet.yaml"
     fleet_file.write_text(yaml.safe_dump({"name": "f", "project": "p", "zones": [A, B], "accelerator_type": "v4-8", "runtime_version": "rt",
                                           "extract": {"output": str(tmp_path / "runs"), "run_name": "r"}}))
+    create_fleet(api, load_fleet(fleet_file).layout)
     before = len(fake_tpu.requests)
     monitor = subprocess.Popen([*actex_command(), "monitor", str(fleet_file), "--interval", "0.2", "--api-endpoint", fake_tpu.endpoint],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -125,13 +125,19 @@ def create_command(api=None, layout=None, fallback: bool = typer.Option(True, "-
 @tpu_app.command("delete")
 @_fleet_options
 def delete_command(api=None, layout=None) -> None:
-    """Delete every VM of the fleet (a missing one is a no-op that says so). Runs' data is untouched."""
-    from actex.fleet.tpu import fleet_nodes
+    """Delete every VM of the fleet, those carrying its id label (a missing one is a no-op that
+    says so; a VM of another owner under a planned name is left alone). Runs' data is untouched."""
+    from actex.fleet.tpu import foreign, skipped_event, zone_nodes
 
-    found = {(n.zone, n.name) for n in fleet_nodes(api, layout)}
-    for zone, name in sorted(found | set(layout.planned())):
+    nodes = zone_nodes(api, layout)
+    for node in foreign(layout, nodes):
+        _echo_event(skipped_event(layout, node))
+    held = {(n.zone, n.name) for n in nodes}
+    for zone, name in sorted({(n.zone, n.name) for n in nodes if layout.owns(n)}):
         deleted = api.delete(zone, name)
         _echo_event({"event": "delete" if deleted else "absent", "node": name, "zone": zone})
+    for zone, name in sorted(set(layout.planned()) - held):
+        _echo_event({"event": "absent", "node": name, "zone": zone})
 
 
 @tpu_app.command("list")
@@ -151,9 +157,9 @@ def list_command(api=None, layout=None, as_json: bool = typer.Option(False, "--j
 @_fleet_options
 def status_command(api=None, layout=None, as_json: bool = typer.Option(False, "--json", help="JSON lines.")) -> None:
     """The fleet's VMs, planned and placed elsewhere, with their state (NOT_FOUND included)."""
-    from actex.fleet.tpu import fleet_nodes, is_dead, members
+    from actex.fleet.tpu import is_dead, members, zone_nodes
 
-    slots = members(layout, fleet_nodes(api, layout))
+    slots = members(layout, zone_nodes(api, layout))
     for zone, name, node in slots:
         state = node.state if node else "NOT_FOUND"
         if as_json:
@@ -171,10 +177,13 @@ def status_command(api=None, layout=None, as_json: bool = typer.Option(False, "-
 def recreate_command(api=None, layout=None, fallback: bool = typer.Option(True, "--fallback/--no-fallback", help="Place a VM in another listed zone when its own is out of capacity.")) -> None:
     """Delete and recreate every PREEMPTED / TERMINATED / missing VM of the fleet (keeping its
     startup script); a dead spot VM cannot be restarted."""
-    from actex.fleet.tpu import NameBook, fleet_nodes, is_dead, members, recreate_node
+    from actex.fleet.tpu import NameBook, foreign, is_dead, members, recreate_node, skipped_event, zone_nodes
 
-    slots = members(layout, fleet_nodes(api, layout))
-    book = NameBook({(z, n) for z, n, _ in slots} | set(layout.planned()))
+    nodes = zone_nodes(api, layout)
+    for node in foreign(layout, nodes):
+        _echo_event(skipped_event(layout, node))
+    slots = members(layout, nodes)
+    book = NameBook({(n.zone, n.name) for n in nodes} | {(z, n) for z, n, _ in slots} | set(layout.planned()))
     for zone, name, node in slots:
         if not is_dead(node):
             continue
@@ -200,7 +209,7 @@ def deploy_command(
     """Upload the run's config and this actex (wheel or image) beside the run, create the VMs
     (--create), whose startup script starts the workers, and watch them (--monitor)."""
     from actex.fleet.deploy import create_fleet, fleet_metadata, load_fleet, prepare
-    from actex.fleet.tpu import fleet_nodes
+    from actex.fleet.tpu import members, zone_nodes
     from actex.fleet.tpu_api import CapacityError
 
     with user_errors():
@@ -217,8 +226,7 @@ def deploy_command(
                     raise
                 _action_logger(action_log)({"event": "create", "outcome": "failed", "error": str(error)})
         else:
-            found = {(n.zone, n.name) for n in fleet_nodes(api, fleet.layout)}
-            missing = [name for zone, name in fleet.layout.planned() if (zone, name) not in found]
+            missing = [name for _, name, node in members(fleet.layout, zone_nodes(api, fleet.layout)) if node is None]
             if missing and not monitor:
                 raise UserError(f"{fleet_file}: VM(s) {', '.join(missing)} do not exist: run with --create")
     if monitor:

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from actex.config import check_run_name, load_config_file
 from actex.fleet.bootstrap import LAUNCH_KEY, SCRIPT_KEY, Payload, build_wheel, deploy_dir, startup_script, upload
-from actex.fleet.tpu import FleetLayout, NameBook, Placement, create_node, fleet_nodes, members, split_zone
+from actex.fleet.tpu import FleetLayout, NameBook, Placement, create_node, fleet_id, foreign, members, skipped_event, split_zone, zone_nodes
 from actex.fleet.tpu_api import NodeSpec, TpuApi
 
 log = logging.getLogger("actex.deploy")
@@ -66,8 +66,10 @@ class Fleet:
         self.fields = fields
         self.run_url = f"{fields['output'].rstrip('/')}/{fields['run_name']}"
         self.deploy_url = deploy_dir(self.run_url)
+        name = file.name or fields["run_name"]
         self.layout = FleetLayout(
-            name=file.name or fields["run_name"],
+            name=name,
+            fleet_id=fleet_id(file.project, name, self.run_url),
             project=file.project,
             zones=tuple(file.zones),
             workers_per_zone=file.workers_per_zone,
@@ -154,15 +156,22 @@ def fleet_metadata(script: str) -> dict[str, str]:
 def create_fleet(api: TpuApi, layout: FleetLayout, metadata: dict[str, str] | None = None, *,
                  fallback: bool = True, on_event=None) -> list[Placement]:
     """Create every planned VM that does not exist yet, in parallel; a zone out of capacity
-    sends its VMs to the other zones (if `fallback`). Existing VMs are left as they are."""
+    sends its VMs to the other zones (if `fallback`). Existing VMs are left as they are; a
+    planned name held by a VM that is not the fleet's is skipped (event "skipped") and the
+    zone's next free name taken."""
     from dataclasses import replace
 
     spec = replace(layout.node_spec(), metadata={**layout.spec.metadata, **(metadata or {})})
-    nodes = fleet_nodes(api, layout)
-    existing = {(n.zone, n.name) for n in nodes}
+    nodes = zone_nodes(api, layout)
+    slots = members(layout, nodes)
+    for node in foreign(layout, nodes):
+        if on_event:
+            on_event(skipped_event(layout, node))
+    existing = {(n.zone, n.name) for n in nodes if layout.owns(n)}
     # Slots without a VM; a VM placed in another zone earlier fills the slot it replaced.
-    todo = [(z, n) for z, n, node in members(layout, nodes) if node is None]
-    book = NameBook(existing | set(layout.planned()))  # planned names stay reserved for their slots
+    todo = [(z, n) for z, n, node in slots if node is None]
+    # Names in use, and planned names, stay reserved for their slots.
+    book = NameBook({(n.zone, n.name) for n in nodes} | set(layout.planned()) | set(todo))
 
     def one(zone_name):
         zone, name = zone_name

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 
 from actex.fleet.bootstrap import LAUNCH_KEY
 from actex.fleet.monitor import read_progress
-from actex.fleet.tpu import FleetLayout, NameBook, fleet_nodes, is_dead, members, recreate_node
+from actex.fleet.tpu import FleetLayout, NameBook, foreign, is_dead, members, recreate_node, skipped_event, zone_nodes
 from actex.fleet.tpu_api import PENDING_STATES, NodeInfo, TpuApi, TpuApiError
 from actex.store.commits import read_heartbeats
 from actex.store.folder import Store
@@ -102,17 +102,23 @@ class FleetMonitor:
 
     # ------------------------------------------------------------------ one look
 
-    def observe(self) -> tuple[dict[tuple[str, str], NodeInfo], list[str]]:
+    def observe(self) -> tuple[list[NodeInfo], list[str]]:
+        """Every node in the fleet's zones (whoever made it), and the API's error if any."""
         try:
-            return {(n.zone, n.name): n for n in fleet_nodes(self.api, self.layout)}, []
+            return zone_nodes(self.api, self.layout), []
         except TpuApiError as error:
-            return {}, [str(error)]
+            return [], [str(error)]
 
     def tick(self, *, repair: bool = True) -> FleetSnapshot:
         now = self.clock()
-        nodes, errors = self.observe()
+        listed, errors = self.observe()
         if not self.slots and not errors:
-            self.slots = [Slot(zone, name) for zone, name, _ in members(self.layout, nodes.values())]
+            for node in foreign(self.layout, listed):
+                self.on_action({"time": round(now, 3), "fleet": self.layout.name, **skipped_event(self.layout, node), "outcome": "skipped"})
+            self.slots = [Slot(zone, name) for zone, name, _ in members(self.layout, listed)]
+        # Only the fleet's own VMs: a slot whose VM is gone reads NOT_FOUND even when a VM of
+        # another owner took its name since (recreating it then takes another name).
+        nodes = {(n.zone, n.name): n for n in listed if self.layout.owns(n)}
         try:
             progress = read_progress(self.store, now=now)
         except FileNotFoundError:
@@ -125,7 +131,7 @@ class FleetMonitor:
             reaped = self._reap(slot)
             if repair and not errors and not complete and not reaped:
                 latest = _latest_beat(beats, slot.name)
-                self._repair(slot, nodes.get((slot.zone, slot.name)), latest[1] if latest else None, now)
+                self._repair(slot, nodes.get((slot.zone, slot.name)), latest[1] if latest else None, now, listed)
         return self._snapshot(nodes, progress, beats, errors, now)
 
     def _reap(self, slot: Slot) -> bool:
@@ -150,7 +156,7 @@ class FleetMonitor:
         slot.ready_since = None
         return True
 
-    def _repair(self, slot: Slot, node: NodeInfo | None, beat: dict | None, now: float) -> None:
+    def _repair(self, slot: Slot, node: NodeInfo | None, beat: dict | None, now: float, listed: list[NodeInfo]) -> None:
         if slot.busy is not None or now < slot.not_before:
             return
         if node is not None and node.state == "READY":
@@ -176,7 +182,7 @@ class FleetMonitor:
         slot.action = action
         self._log(action, slot, reason=reason, outcome="started", repair=slot.repairs)
         if action == "recreate":
-            book = NameBook((s.zone, s.name) for s in self.slots)
+            book = NameBook([(s.zone, s.name) for s in self.slots] + [(n.zone, n.name) for n in listed])
             # A queue that waited too long in its zone is moved: its zone has no capacity.
             slot.busy = self._pool.submit(recreate_node, self.api, self.layout, slot.zone, slot.name, node,
                                           pick=lambda z: book.pick(self.layout, z), metadata=self.metadata,
