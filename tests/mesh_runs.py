@@ -112,6 +112,37 @@ def attention_runs(work: Path) -> dict:
         report[f"{backend}@{data}x{model}"] = {
             hook: float(np.abs(np.asarray(out[hook]) - np.asarray(ref[hook]))[real].max()) for hook in hooks
         }
+    report.update(windowed_softcapped_runs(segment_ids[:, :256]))
+    return report
+
+
+def windowed_softcapped_runs(segment_ids: np.ndarray) -> dict:
+    """The kernels alone on Gemma-2-like layers (custom scale, soft-capped logits, a sliding
+    window of 48 tokens or none, the window traced as in the layer scan) under meshes whose
+    model axis splits the 2 kv heads (2x2) or not (2x4), against the blockwise kernel."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from actex.model.attention import make_attention
+    from actex.model.mesh import make_mesh
+
+    rng = np.random.default_rng(1)
+    rows, seq = segment_ids.shape
+    q = (2 * rng.standard_normal((rows, seq, 8, 16))).astype(np.float32)
+    k = rng.standard_normal((rows, seq, 2, 16)).astype(np.float32)
+    v = (rng.standard_normal((rows, seq, 2, 16)) / 4).astype(np.float32)  # outputs well below 1
+    features = dict(scale=0.2, softcap=2.0, windows=(0, 48))
+    reference = jax.jit(lambda q, k, v, s, w: make_attention("blockwise", **features)(q, k, v, s, window=w))
+    report = {}
+    for backend, (data, model) in [("splash", (2, 2)), ("splash", (2, 4)), ("xla", (2, 2))]:
+        mesh = make_mesh(model, data=data)
+        attend = make_attention(backend, mesh, n_heads=8, n_kv_heads=2, **features)
+        run = jax.jit(lambda q, k, v, s, w: attend(q, k, v, s, window=w))
+        placed = [jax.device_put(x, NamedSharding(mesh, PartitionSpec("data"))) for x in (q, k, v, segment_ids)]
+        report[f"{backend}+window+softcap@{data}x{model}"] = {
+            f"window {w}": float(np.abs(np.asarray(run(*placed, np.int32(w)))
+                                        - np.asarray(reference(q, k, v, segment_ids, np.int32(w)))).max())
+            for w in features["windows"]
+        }
     return report
 
 
