@@ -19,7 +19,7 @@ import yaml
 from engine_fixtures import jax_cache, tiny_model_dir  # noqa: F401 (fixtures)
 from fake_tpu_server import FakeTpu
 
-from actex.fleet.bootstrap import Payload, startup_script
+from actex.fleet.bootstrap import Payload, startup_script, upload
 from actex.fleet.deploy import load_fleet
 from actex.fleet.tpu_api import NodeSpec, TpuApi
 from actex.store.folder import open_store
@@ -60,9 +60,8 @@ def _wait(predicate, timeout_s: float, what: str):
 def test_supervisor_restarts_relaunches_and_stops_when_done(venv, tmp_path):
     calls, codes = tmp_path / "calls.txt", tmp_path / "codes.txt"
     codes.write_text("1\nhang\n0\n")  # crash, then hang until relaunched, then finish
-    deploy = open_store(str(tmp_path / "runs" / "r-fleet"))
-    deploy.write_bytes("run.yaml", b"run_name: r\n")
-    script = startup_script(f"{deploy.url}/run.yaml", Payload(image="example/actex:1"), extract_args=("--lease-seconds", "9"),
+    config_url, config_sha, _, _ = upload(open_store(str(tmp_path / "runs" / "r-fleet")), {"run_name": "r"}, None)
+    script = startup_script(config_url, config_sha, Payload(image="example/actex:1"), extract_args=("--lease-seconds", "9"),
                             poll_s=1, restart_backoff_s=0.1)
     fake = FakeTpu(vm_env=lambda node: {"ACTEX_VENV": str(venv), "CALLS": str(calls), "CODES": str(codes)},
                    workdir=tmp_path / "vms", create_s=0.1)
@@ -80,16 +79,15 @@ def test_supervisor_restarts_relaunches_and_stops_when_done(venv, tmp_path):
     assert runs == [expected, expected, "stopped", expected]
     assert process.returncode == 0  # the worker said the run is complete: no restart
     home = tmp_path / "vms" / f"{ZONE}-{NODE}-1"
-    assert (home / "run.yaml").read_text() == "run_name: r\n"
+    assert (home / "work" / "run.yaml").read_text() == "run_name: r\n"
     assert "relaunch asked" in (home / "bootstrap.log").read_text()
 
 
 def test_bad_config_exit_is_not_restarted(venv, tmp_path):
     calls, codes = tmp_path / "calls.txt", tmp_path / "codes.txt"
     codes.write_text("2\n0\n")
-    deploy = open_store(str(tmp_path / "d"))
-    deploy.write_bytes("run.yaml", b"{}\n")
-    script = startup_script(f"{deploy.url}/run.yaml", Payload(wheel_url="gs://b/w/actex-0.1.0-py3-none-any.whl", wheel_sha256="0" * 64),
+    config_url, config_sha, _, _ = upload(open_store(str(tmp_path / "d")), {}, None)
+    script = startup_script(config_url, config_sha, Payload(wheel_url="gs://b/w/actex-0.1.0-py3-none-any.whl", wheel_sha256="0" * 64),
                             poll_s=1, restart_backoff_s=0.1)
     fake = FakeTpu(vm_env=lambda node: {"ACTEX_VENV": str(venv), "CALLS": str(calls), "CODES": str(codes)}, workdir=tmp_path / "vms", create_s=0.1)
     try:
@@ -102,7 +100,7 @@ def test_bad_config_exit_is_not_restarted(venv, tmp_path):
 
 
 def test_wheel_install_is_pinned_by_checksum_and_jax_version():
-    script = startup_script("gs://b/r-fleet/run.yaml", Payload(wheel_url="gs://b/r-fleet/wheels/actex-0.1.0-py3-none-any.whl",
+    script = startup_script("gs://b/r-fleet/configs/0/run.yaml", "0" * 64, Payload(wheel_url="gs://b/r-fleet/wheels/actex-0.1.0-py3-none-any.whl",
                                                              wheel_sha256="ab" * 32, jax_version="0.10.2"))
     assert "gcloud storage cp gs://b/r-fleet/wheels/actex-0.1.0-py3-none-any.whl actex-0.1.0-py3-none-any.whl" in script
     assert f"echo '{'ab' * 32}  actex-0.1.0-py3-none-any.whl' | sha256sum -c -" in script
@@ -171,7 +169,7 @@ def test_run_names_a_shell_would_read_are_refused_by_deploy_before_anything_is_w
 def test_a_url_that_a_shell_would_expand_is_only_ever_text_in_the_script(venv, tmp_path):
     """The config fetch fails (no such file): the line saying so must not run the URL."""
     url = f"{tmp_path}/x$(touch pwned)`touch pwned2`\"/run.yaml"
-    script = startup_script(url, Payload(image="example/actex:1"), restart_backoff_s=0.1)
+    script = startup_script(url, "0" * 64, Payload(image="example/actex:1"), restart_backoff_s=0.1)
     home = tmp_path / "home"
     env = {**os.environ, "ACTEX_VENV": str(venv), "ACTEX_HOME": str(home), "ACTEX_METADATA_URL": "http://127.0.0.1:9"}
     process = subprocess.Popen(["bash", "-c", script], cwd=tmp_path, env=env, start_new_session=True)
@@ -182,3 +180,52 @@ def test_a_url_that_a_shell_would_expand_is_only_ever_text_in_the_script(venv, t
         process.wait()
     assert not list(tmp_path.glob("**/pwned*")), (home / "bootstrap.log").read_text()
     assert f"cannot read {url}" in (home / "bootstrap.log").read_text()
+
+
+def test_a_tampered_bucket_reaches_neither_a_recreated_vm_nor_its_worker(venv, tmp_path, gcs_emulator):
+    """Anyone who can write the bucket rewrites every run.yaml and startup script in the
+    deploy dir; a VM then pre-empted is recreated by the monitor with the deployer's script,
+    and its worker is not started with the rewritten config."""
+    from typer.testing import CliRunner
+
+    from actex.cli import app
+    from actex.fleet.deploy import load_record
+    from actex.fleet.local import actex_command
+    from servers import create_gcs_bucket
+
+    calls, codes = tmp_path / "calls.txt", tmp_path / "codes.txt"
+    codes.write_text("hang\n" * 5)
+    bucket = create_gcs_bucket(gcs_emulator)
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text(yaml.safe_dump({
+        "project": "p", "zones": [ZONE], "accelerator_type": "v4-8", "runtime_version": "rt",
+        "image": "example/actex@sha256:" + "0" * 64, "extract": {"output": bucket, "run_name": "r", "model": "m"}}))
+    env = {**gcs_emulator.env, "ACTEX_VENV": str(venv), "CALLS": str(calls), "CODES": str(codes)}
+    fake = FakeTpu(vm_env=lambda node: env, workdir=tmp_path / "vms", create_s=0.1)
+    monitor = None
+    try:
+        deployed = CliRunner().invoke(app, ["deploy", str(fleet_file), "--create", "--api-endpoint", fake.endpoint])
+        assert deployed.exit_code == 0, deployed.output
+        _wait(lambda: calls.exists() and calls.read_text().count("\n") == 1, 20, "the deployed worker's start")
+        deploy_dir = open_store(f"{bucket}/r-fleet")
+        for rel in deploy_dir.list():
+            if rel.endswith("run.yaml"):
+                deploy_dir.write_bytes(rel, b"run_name: r\nmodel: /etc\n")
+        deploy_dir.write_bytes("startup-script.sh", b'#!/bin/bash\ntouch "$ACTEX_HOME/pwned"\n')
+        fake.preempt(ZONE, NODE)
+        monitor = subprocess.Popen([*actex_command(), "monitor", str(fleet_file), "--interval", "0.2", "--api-endpoint", fake.endpoint],
+                                   env={**os.environ, **gcs_emulator.env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        home = tmp_path / "vms" / f"{ZONE}-{NODE}-2"
+        log = home / "bootstrap.log"
+        _wait(lambda: (home / "pwned").exists() or (log.exists() and "not the deployed one" in log.read_text()), 60, "the recreated VM's boot")
+        monitor.send_signal(signal.SIGINT)
+        monitor.communicate(timeout=30)
+        script = fake.node(ZONE, NODE).body["metadata"]["startup-script"]
+    finally:
+        if monitor is not None and monitor.poll() is None:
+            monitor.kill()
+            monitor.wait()
+        fake.close()
+    assert not (home / "pwned").exists()
+    assert script == load_record(load_fleet(fleet_file)).script()
+    assert calls.read_text().count("\n") == 1 and not (home / "work" / "run.yaml").exists()  # the rewritten config never ran

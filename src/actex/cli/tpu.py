@@ -208,16 +208,17 @@ def deploy_command(
 ) -> None:
     """Upload the run's config and this actex (wheel or image) beside the run, create the VMs
     (--create), whose startup script starts the workers, and watch them (--monitor)."""
-    from actex.fleet.deploy import create_fleet, fleet_metadata, load_fleet, prepare
+    from actex.fleet.deploy import create_fleet, fleet_metadata, load_fleet, prepare, record_path, update_scripts
     from actex.fleet.tpu import members, zone_nodes
     from actex.fleet.tpu_api import CapacityError
 
     with user_errors():
         fleet = load_fleet(fleet_file)
         api = _api(fleet.layout.project, api_endpoint)
-        script = prepare(fleet)
-    typer.echo(f"actex deploy: {fleet.run_url}: config and startup script in {fleet.deploy_url}", err=True)
+        script = prepare(fleet).script()
+    typer.echo(f"actex deploy: {fleet.run_url}: config and wheel in {fleet.deploy_url}; pins kept in {record_path(fleet)}", err=True)
     with infra_errors():
+        update_scripts(api, fleet.layout, script, on_event=_action_logger(action_log))
         if create:
             try:
                 create_fleet(api, fleet.layout, fleet_metadata(script), on_event=_action_logger(action_log))
@@ -248,12 +249,16 @@ def monitor_command(
     """Live dashboard of a fleet and its run; recreates dead VMs and relaunches stale workers.
 
     Exits 0 when the run is complete; Ctrl-C leaves the fleet running (exit 75)."""
-    from actex.fleet.deploy import load_fleet, read_startup_script
+    from actex.fleet.deploy import load_fleet, load_record, record_path
 
     with user_errors():
         fleet = load_fleet(fleet_file)
         api = _api(fleet.layout.project, api_endpoint)
-        script = read_startup_script(fleet)
+        record = load_record(fleet)
+    if record is None and not once:
+        typer.echo(f"actex monitor: no deploy record {record_path(fleet)} (it is kept where `actex deploy` ran): "
+                   "a recreated VM gets the startup script the TPU API holds for the fleet's VMs", err=True)
+    script = record.script() if record else None
     _monitor(fleet, api, interval=interval, once=once, action_log=action_log, delete_when_done=delete_when_done,
              creating_timeout=creating_timeout, stale_after=stale_after, script=script, max_repairs=max_repairs)
 

@@ -1,18 +1,25 @@
 """Zero-setup, pinned worker bootstrap: the startup script a fleet VM runs at every boot.
 
-A deploy writes two things next to the run (never inside it):
+Trust: the deployer is trusted; workers, and anyone else who can write the bucket, are not.
+So nothing executable or configuring is read back from the bucket unchecked: a deploy writes
+content-addressed files next to the run (never inside it), under a prefix workers cannot
+write (docs/tpu-fleet.md, "Permissions"):
 
-    <output>/<run_name>-fleet/run.yaml                       the run's config, as the deployer resolved it
-    <output>/<run_name>-fleet/wheels/actex-<v>-py3-none-any.whl   the deployer's own actex (unless an image is used)
+    <output>/<run_name>-fleet/configs/<sha256>/run.yaml          the run's config, as the deployer resolved it
+    <output>/<run_name>-fleet/wheels/<sha256>/actex-<v>-....whl  the deployer's own actex (unless an image is used)
 
-and sets each VM's `startup-script` metadata to `startup_script(...)`. On boot the script
-installs exactly that wheel (its sha256 is in the script) plus `jax[tpu]` at the deployer's
-jax version into a venv, or runs a given container image instead, fetches run.yaml, and
-supervises `actex extract --claim` on the run: restarted after a crash (exit 1) or a
-pre-emption stop (75), stopped for good on exit 0 (the run is complete) or 2 (bad config),
-and restarted at once when the `actex-launch` metadata key changes (how the monitor
-relaunches a hung worker without ssh). Logs go to $ACTEX_HOME/worker.log; the heartbeat goes
-to the store, under the worker id `<node name>-<pid>` (ACTEX_WORKER_HOST).
+and the startup script, generated from the deployer's own `DeployRecord` (kept on the
+deployer's machine, never fetched from the bucket), carries both sha256s. At boot it installs
+exactly that wheel (checked) plus `jax[tpu]` at the deployer's jax version into a venv, marked
+installed only once the install succeeded (a half install is redone), retrying with backoff;
+or runs the given container image. At every (re)launch it fetches run.yaml and starts no worker
+unless its sha256 is the deployed one. It supervises `actex extract --claim` on the run:
+restarted after a crash (exit 1) or a pre-emption stop (75) after a pause that grows with each
+failure (with jitter), stopped for good on exit 0 (the run is complete) or 2 (bad config).
+When the `actex-launch` metadata key changes (how the monitor relaunches a hung worker, and a
+redeploy delivers new pins, without ssh) it stops the worker and runs the VM's current
+`startup-script` metadata again. Logs go to $ACTEX_HOME/worker.log; the heartbeat goes to the
+store, under the worker id `<node name>-<pid>` (ACTEX_WORKER_HOST).
 
 For tests (and VMs prepared by hand) `ACTEX_VENV=<venv holding actex>` skips the install.
 """
@@ -23,7 +30,7 @@ import hashlib
 import shlex
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -33,6 +40,7 @@ from actex.fleet.tpu import NODE_KEY
 
 LAUNCH_KEY = "actex-launch"  # bumping it relaunches the worker (see the supervisor loop)
 SCRIPT_KEY = "startup-script"  # GCE runs this metadata value at every boot
+CONFIG_FILE = "run.yaml"
 
 
 def deploy_dir(run_url: str) -> str:
@@ -76,20 +84,64 @@ def build_wheel(out_dir: Path) -> Path:
     return wheels[-1]
 
 
-def upload(store, config: dict, wheel: Path | None) -> tuple[str | None, str | None]:
-    """Write run.yaml (and the wheel) under the deploy dir `store`; (wheel url, sha256)."""
-    store.write_bytes("run.yaml", yaml.safe_dump(config, sort_keys=True).encode())
+def upload(store, config: dict, wheel: Path | None) -> tuple[str, str, str | None, str | None]:
+    """Write run.yaml (and the wheel) under the deploy dir `store`, each named by its sha256
+    (a redeploy never overwrites what running VMs are pinned to); returns
+    (config url, config sha256, wheel url, wheel sha256), the wheel's None without one."""
+    base = store.url.rstrip("/")
+    text = yaml.safe_dump(config, sort_keys=True).encode()
+    config_sha = hashlib.sha256(text).hexdigest()
+    store.write_bytes(f"configs/{config_sha}/{CONFIG_FILE}", text)
     if wheel is None:
-        return None, None
+        return f"{base}/configs/{config_sha}/{CONFIG_FILE}", config_sha, None, None
     data = wheel.read_bytes()
-    rel = f"wheels/{wheel.name}"
-    store.write_bytes(rel, data)
-    return f"{store.url.rstrip('/')}/{rel}", hashlib.sha256(data).hexdigest()
+    wheel_sha = hashlib.sha256(data).hexdigest()
+    store.write_bytes(f"wheels/{wheel_sha}/{wheel.name}", data)
+    return f"{base}/configs/{config_sha}/{CONFIG_FILE}", config_sha, f"{base}/wheels/{wheel_sha}/{wheel.name}", wheel_sha
 
 
-def startup_script(config_url: str, payload: Payload, *, extract_args: tuple[str, ...] = (), poll_s: float = 15.0,
-                   restart_backoff_s: float = 10.0) -> str:
-    """The bash startup script (a few KB; GCE metadata values may be 256 KB)."""
+@dataclass(frozen=True)
+class DeployRecord:
+    """What a deploy pinned: the deployer keeps it (a file beside the fleet file) and every
+    startup script, the monitor's included, is generated from it, never read from the bucket."""
+
+    config_url: str
+    config_sha256: str
+    payload: Payload
+    extract_args: tuple[str, ...] = ()
+
+    def script(self) -> str:
+        return startup_script(self.config_url, self.config_sha256, self.payload, extract_args=self.extract_args)
+
+    def to_json(self) -> dict:
+        return {"config_url": self.config_url, "config_sha256": self.config_sha256,
+                "payload": asdict(self.payload), "extract_args": list(self.extract_args)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> DeployRecord:
+        """ValueError (one line) when `data` is not a record this version wrote."""
+        try:
+            return cls(str(data["config_url"]), str(data["config_sha256"]), Payload(**data["payload"]),
+                       tuple(str(a) for a in data.get("extract_args", ())))
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"not an actex deploy record ({type(error).__name__}: {error})") from None
+
+
+# Fetches run.yaml and writes it only if its sha256 is the deployed one (argv: url, sha256).
+_FETCH_CONFIG = (
+    "import hashlib, sys, fsspec\n"
+    "with fsspec.open(sys.argv[1], \"rb\") as f:\n"
+    "    data = f.read()\n"
+    "if hashlib.sha256(data).hexdigest() != sys.argv[2]:\n"
+    "    sys.exit(sys.argv[1] + \": sha256 is not the deployed one: no worker starts with it\")\n"
+    f"open(\"{CONFIG_FILE}\", \"wb\").write(data)\n"
+)
+
+
+def startup_script(config_url: str, config_sha256: str, payload: Payload, *, extract_args: tuple[str, ...] = (),
+                   poll_s: float = 15.0, restart_backoff_s: float = 10.0, max_backoff_s: float = 600.0) -> str:
+    """The bash startup script (a few KB; GCE metadata values may be 256 KB). Every value
+    from outside this module reaches the shell through shlex.quote."""
     q = shlex.quote
     install = _install_image(payload) if payload.image else _install_wheel(payload)
     args = " ".join(q(a) for a in ("--claim", "--preempted-exit-code", "75", "--log-json", *extract_args))
@@ -98,18 +150,25 @@ def startup_script(config_url: str, payload: Payload, *, extract_args: tuple[str
 set -uo pipefail
 MD="${{ACTEX_METADATA_URL:-http://metadata.google.internal/computeMetadata/v1/instance/attributes}}"
 md() {{ curl -sf -H 'Metadata-Flavor: Google' "$MD/$1"; }}
+# The pause before retry $1: doubling from the base up to a cap, times a random 0.5-1.5, so
+# a fleet's VMs that failed together do not all retry together.
+pause() {{ sleep "$(awk -v n="$1" -v r="$RANDOM" 'BEGIN {{ d = {restart_backoff_s:g} * 2 ^ (n - 1); if (d > {max_backoff_s:g}) d = {max_backoff_s:g}; print d * (0.5 + r / 32768) }}')"; }}
 ACTEX_HOME="${{ACTEX_HOME:-/var/lib/actex}}"
-mkdir -p "$ACTEX_HOME" && cd "$ACTEX_HOME" || exit 1
+WORK="$ACTEX_HOME/work"
+mkdir -p "$WORK" && cd "$WORK" || exit 1
 exec >>"$ACTEX_HOME/bootstrap.log" 2>&1
 echo "$(date -u +%FT%TZ) boot"
 export ACTEX_WORKER_HOST="$(md {NODE_KEY} || hostname)"
 {install}
+fails=0
 while :; do
-  # Fetched at every (re)launch: a redeploy with a new config relaunches with it.
-  "${{PY[@]}}" -c 'import sys, fsspec; open("run.yaml", "wb").write(fsspec.open(sys.argv[1], "rb").open().read())' {q(config_url)} \\
-    || {{ echo {q(f"cannot read {config_url}")}; sleep {restart_backoff_s:g}; continue; }}
+  # Fetched and checked at every (re)launch: only the deployed config ever reaches a worker.
+  if ! "${{PY[@]}}" -c {q(_FETCH_CONFIG)} {q(config_url)} {q(config_sha256)}; then
+    echo {q(f"cannot read {config_url} (or not the deployed one)")}; fails=$((fails + 1)); pause "$fails"; continue
+  fi
   launch="$(md {LAUNCH_KEY} || echo 0)"
-  "${{ACTEX[@]}}" extract --config run.yaml {args} >>"$ACTEX_HOME/worker.log" 2>&1 &
+  started=$SECONDS
+  "${{ACTEX[@]}}" extract --config {CONFIG_FILE} {args} >>"$ACTEX_HOME/worker.log" 2>&1 &
   pid=$!
   relaunch=0
   waited=0
@@ -122,39 +181,64 @@ while :; do
   done
   wait "$pid"; rc=$?
   echo "$(date -u +%FT%TZ) worker $pid exited $rc"
-  [ "$relaunch" = 1 ] && continue
+  if [ "$relaunch" = 1 ]; then
+    # The VM's startup script as it is now (a redeploy may have pinned a new config or wheel).
+    md {SCRIPT_KEY} >"$ACTEX_HOME/startup-script.sh" && exec bash "$ACTEX_HOME/startup-script.sh"
+    continue
+  fi
   case "$rc" in
     0) echo "run complete"; exit 0 ;;
     2) echo "bad config: not restarting"; exit 2 ;;
   esac
-  sleep {restart_backoff_s:g}
+  # A worker that ran a while had a transient failure: start the backoff over.
+  [ $((SECONDS - started)) -ge 600 ] && fails=0
+  fails=$((fails + 1)); pause "$fails"
 done
 """
+
+
+INSTALLED_MARKER = ".actex-installed"  # in the venv: the wheel's sha256, written once the install succeeded
 
 
 def _install_wheel(payload: Payload) -> str:
     q = shlex.quote
     wheel = payload.wheel_url.rsplit("/", 1)[-1]
     jax = f"jax[tpu]=={payload.jax_version}" if payload.jax_version else "jax[tpu]"
-    return f"""if [ -z "${{ACTEX_VENV:-}}" ]; then
+    sha = q(payload.wheel_sha256)
+    return f"""install() {{
+  rm -rf "$ACTEX_VENV" {q(wheel)} &&
+    gcloud storage cp {q(payload.wheel_url)} {q(wheel)} &&
+    {{ echo {q(f"{payload.wheel_sha256}  {wheel}")} | sha256sum -c - || {{ echo "wheel checksum mismatch"; false; }}; }} &&
+    python3 -m venv "$ACTEX_VENV" &&
+    "$ACTEX_VENV/bin/pip" install -q {q(f"./{wheel}[gcs]")} {q(jax)} -f https://storage.googleapis.com/jax-releases/libtpu_releases.html &&
+    echo {sha} >"$ACTEX_VENV/{INSTALLED_MARKER}"
+}}
+if [ -z "${{ACTEX_VENV:-}}" ]; then
   ACTEX_VENV="$ACTEX_HOME/venv"
-  if [ ! -x "$ACTEX_VENV/bin/actex" ]; then
-    gcloud storage cp {q(payload.wheel_url)} {q(wheel)} || exit 1
-    echo {q(f"{payload.wheel_sha256}  {wheel}")} | sha256sum -c - || {{ echo "wheel checksum mismatch"; exit 1; }}
-    python3 -m venv "$ACTEX_VENV" && "$ACTEX_VENV/bin/pip" install -q {q(f"./{wheel}[gcs]")} {q(jax)} \\
-      -f https://storage.googleapis.com/jax-releases/libtpu_releases.html || exit 1
-  fi
+  tries=0
+  # Installed means the marker holds this wheel's sha256: a half install (pre-empted, pip
+  # failed) has none and is done again.
+  until [ "$(cat "$ACTEX_VENV/{INSTALLED_MARKER}" 2>/dev/null)" = {sha} ]; do
+    [ "$tries" -gt 0 ] && {{ echo "install failed (try $tries)"; pause "$tries"; }}
+    tries=$((tries + 1)); install
+  done
 fi
 ACTEX=("$ACTEX_VENV/bin/actex"); PY=("$ACTEX_VENV/bin/python")"""
 
 
 def _install_image(payload: Payload) -> str:
     image = shlex.quote(payload.image)
-    run = 'docker run --rm --net=host --privileged -v "$ACTEX_HOME:$ACTEX_HOME" -w "$ACTEX_HOME" -e ACTEX_WORKER_HOST'
     return f"""if [ -n "${{ACTEX_VENV:-}}" ]; then
   ACTEX=("$ACTEX_VENV/bin/actex"); PY=("$ACTEX_VENV/bin/python")
 else
-  docker pull {image} || exit 1
-  ACTEX=({run} {image}); PY=({run} --entrypoint python {image})
+  tries=0
+  until docker pull {image}; do tries=$((tries + 1)); echo "docker pull failed (try $tries)"; pause "$tries"; done
+  # The image's user (not root) writes run.yaml into the work dir.
+  chown "$(docker image inspect -f '{{{{.Config.User}}}}' {image})" "$WORK" 2>/dev/null || chmod 1777 "$WORK"
+  # The TPU chips, not --privileged: /dev/accel* (v4 and older) or /dev/vfio/* (v5e and newer).
+  DEVICES=()
+  for dev in /dev/accel* /dev/vfio/*; do [ -e "$dev" ] && DEVICES+=(--device "$dev:$dev"); done
+  # Host network: the metadata server and the bucket as the VM reaches them; nothing listens.
+  RUN=(docker run --rm --net=host "${{DEVICES[@]}}" -v "$WORK:$WORK" -w "$WORK" -e ACTEX_WORKER_HOST)
+  ACTEX=("${{RUN[@]}}" {image}); PY=("${{RUN[@]}}" --entrypoint python {image})
 fi"""
-

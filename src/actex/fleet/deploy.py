@@ -19,6 +19,7 @@ the same run).
 
 from __future__ import annotations
 
+import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,14 +29,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from actex.config import check_run_name, load_config_file
-from actex.fleet.bootstrap import LAUNCH_KEY, SCRIPT_KEY, Payload, build_wheel, deploy_dir, startup_script, upload
-from actex.fleet.tpu import FleetLayout, NameBook, Placement, create_node, fleet_id, foreign, members, skipped_event, split_zone, zone_nodes
+from actex.fleet.bootstrap import LAUNCH_KEY, SCRIPT_KEY, DeployRecord, Payload, build_wheel, deploy_dir, upload
+from actex.fleet.tpu import (FleetLayout, NameBook, Placement, create_node, fleet_id, fleet_nodes, foreign, is_dead, members,
+                             skipped_event, split_zone, zone_nodes)
 from actex.fleet.tpu_api import NodeSpec, TpuApi
 
 log = logging.getLogger("actex.deploy")
-
-SCRIPT_FILE = "startup-script.sh"  # in the deploy dir: what a recreated VM boots with
-
 
 class FleetFile(BaseModel):
     """A fleet file's fields (unknown fields are refused)."""
@@ -116,15 +115,18 @@ def load_fleet(path: Path) -> Fleet:
     return fleet
 
 
-def prepare(fleet: Fleet, *, storage_options: dict | None = None) -> str:
-    """Upload run.yaml (and the wheel) beside the run; write and return the startup script."""
+def prepare(fleet: Fleet, *, storage_options: dict | None = None) -> DeployRecord:
+    """Upload run.yaml (and the wheel), content-addressed, beside the run; keep what was pinned
+    in the deployer's record (`save_record`) and return it. Nothing is written for the VMs to
+    read back unchecked: the startup script is `record.script()`, put on the VMs through the
+    TPU API only."""
     from importlib import metadata
 
     from actex.store.folder import open_store
 
     store = open_store(fleet.deploy_url, **(storage_options or {}))
     if fleet.file.image:
-        upload(store, fleet.fields, None)
+        config_url, config_sha, _, _ = upload(store, fleet.fields, None)
         payload = Payload(image=fleet.file.image)
     else:
         wheel = fleet.file.wheel
@@ -134,19 +136,52 @@ def prepare(fleet: Fleet, *, storage_options: dict | None = None) -> str:
             wheel = build_wheel(Path(tempfile.mkdtemp(prefix="actex-wheel-")))
         elif not wheel.is_absolute():
             wheel = fleet.path.parent / wheel
-        url, sha = upload(store, fleet.fields, wheel)
+        config_url, config_sha, url, sha = upload(store, fleet.fields, wheel)
         payload = Payload(wheel_url=url, wheel_sha256=sha, jax_version=metadata.version("jax"))
-    script = startup_script(f"{store.url.rstrip('/')}/run.yaml", payload, extract_args=tuple(fleet.file.worker_args))
-    store.write_bytes(SCRIPT_FILE, script.encode())
-    return script
+    record = DeployRecord(config_url, config_sha, payload, tuple(fleet.file.worker_args))
+    save_record(fleet, record)
+    return record
 
 
-def read_startup_script(fleet: Fleet, *, storage_options: dict | None = None) -> str | None:
-    """The script `prepare` wrote for this fleet, or None before any deploy."""
-    from actex.store.folder import open_store
+def record_path(fleet: Fleet) -> Path:
+    """The deployer's record of a fleet's pins: beside its fleet file, on the deployer's disk."""
+    return fleet.path.with_name(fleet.path.name + ".deploy.json")
 
-    store = open_store(fleet.deploy_url, **(storage_options or {}))
-    return store.read_bytes(SCRIPT_FILE).decode() if store.exists(SCRIPT_FILE) else None
+
+def save_record(fleet: Fleet, record: DeployRecord) -> None:
+    path = record_path(fleet)
+    path.write_text(json.dumps(record.to_json(), indent=2) + "\n")
+
+
+def load_record(fleet: Fleet) -> DeployRecord | None:
+    """The record the last `actex deploy` of this fleet file kept, or None if there is none
+    here. ValueError (one line naming the file) when it is unreadable or another run's."""
+    path = record_path(fleet)
+    if not path.exists():
+        return None
+    try:
+        record = DeployRecord.from_json(json.loads(path.read_text()))
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+    if not record.config_url.startswith(fleet.deploy_url.rstrip("/") + "/"):
+        raise ValueError(f"{path}: a deploy of {record.config_url.split('/configs/')[0]}, not of {fleet.deploy_url}: run actex deploy again")
+    return record
+
+
+def update_scripts(api: TpuApi, layout: FleetLayout, script: str, on_event=None) -> list[str]:
+    """Put `script` on the fleet's running VMs whose startup script differs (a redeploy), and
+    bump their `actex-launch`: each supervisor then stops its worker and runs the new script.
+    Dead and still queued VMs are left to the monitor, which recreates them with it."""
+    updated = []
+    for node in fleet_nodes(api, layout):
+        if node.queued or is_dead(node) or node.metadata.get(SCRIPT_KEY) == script:
+            continue
+        launch = int(node.metadata.get(LAUNCH_KEY, "0") or 0) + 1
+        api.set_metadata(node.zone, node.name, {**node.metadata, SCRIPT_KEY: script, LAUNCH_KEY: str(launch)})
+        updated.append(node.name)
+        if on_event:
+            on_event({"event": "redeploy", "node": node.name, "zone": node.zone, "launch": launch})
+    return updated
 
 
 def fleet_metadata(script: str) -> dict[str, str]:

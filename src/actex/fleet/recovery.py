@@ -22,7 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
-from actex.fleet.bootstrap import LAUNCH_KEY
+from actex.fleet.bootstrap import LAUNCH_KEY, SCRIPT_KEY
 from actex.fleet.monitor import read_progress
 from actex.fleet.tpu import FleetLayout, NameBook, foreign, is_dead, members, recreate_node, skipped_event, zone_nodes
 from actex.fleet.tpu_api import PENDING_STATES, NodeInfo, TpuApi, TpuApiError
@@ -185,7 +185,7 @@ class FleetMonitor:
             book = NameBook([(s.zone, s.name) for s in self.slots] + [(n.zone, n.name) for n in listed])
             # A queue that waited too long in its zone is moved: its zone has no capacity.
             slot.busy = self._pool.submit(recreate_node, self.api, self.layout, slot.zone, slot.name, node,
-                                          pick=lambda z: book.pick(self.layout, z), metadata=self.metadata,
+                                          pick=lambda z: book.pick(self.layout, z), metadata=self._metadata(node, listed),
                                           other_zones_first=node is not None and node.queued)
         else:
             slot.launch = max(slot.launch, int(node.metadata.get(LAUNCH_KEY, "0") or 0)) + 1
@@ -193,6 +193,15 @@ class FleetMonitor:
             slot.busy = self._pool.submit(lambda: self.api.set_metadata(slot.zone, slot.name, metadata))
             slot.ready_since = None  # the relaunched worker gets a fresh grace period
         slot.started = now
+
+    def _metadata(self, node: NodeInfo | None, listed: list[NodeInfo]) -> dict[str, str] | None:
+        """What a recreated VM gets: the fleet's script from the deployer's record; without
+        one, the dead VM's own (None), or for a VM that vanished a sibling's, as the TPU API
+        holds it (set by the deployer; never the bucket's, which workers can write)."""
+        if self.metadata is not None or node is not None:
+            return self.metadata
+        return next(({SCRIPT_KEY: n.metadata[SCRIPT_KEY], LAUNCH_KEY: "0"} for n in listed
+                     if self.layout.owns(n) and SCRIPT_KEY in n.metadata), None)
 
     def _stale(self, slot: Slot, beat: dict | None, now: float) -> bool:
         if slot.ready_since is None or now - slot.ready_since < self.stale_after_s:
