@@ -3,6 +3,7 @@ and the progress a monitor reads back from commits, claims and heartbeats."""
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -11,10 +12,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from rich.console import Console
 
 from actex.fleet.monitor import read_progress, run_complete
 from actex.store import layout
 from actex.store.claims import ClaimedChunks, Lease, read_lease
+from actex.store.commits import MAX_CONTROL_BYTES
 from actex.store.folder import open_store
 from actex.store.manifest import PlanSummary, RunManifest
 
@@ -158,13 +161,62 @@ def test_a_chunk_given_up_here_is_not_taken_again_by_this_worker(tmp_path):
     assert _source(store, "other", clock).try_claim(0)  # free for another worker
 
 
-def test_claim_record_is_validated(tmp_path):
+def test_a_garbage_claim_reads_as_expired_and_is_taken_over(tmp_path, caplog):
+    """Not a claim, an oversized one, another chunk's: each is named in a warning and read as
+    a lease long expired, so a worker takes it over instead of crashing on it."""
     store = open_store(tmp_path / "run")
-    store.write_bytes(layout.claim_path(3), b'{"owner": "x"}')
-    with pytest.raises(ValueError, match="claims/000003.json: not a claim record"):
-        read_lease(store, 3)
+    store.write_bytes(layout.claim_path(0), b'{"owner": "x"}')
+    store.write_bytes(layout.claim_path(1), b" " * (MAX_CONTROL_BYTES + 1))
+    store.write_bytes(layout.claim_path(2), Lease(3, "x", 9e12, 1).to_json())
+    assert [read_lease(store, chunk).expiry for chunk in range(3)] == [0.0] * 3
+    for message in ("claims/000000.json: not a claim record", "claims/000001.json: 65,537 bytes", "claims/000002.json: says chunk 3"):
+        assert message in caplog.text
+    source = _source(store, "w", Clock(), num_chunks=3)
+    try:
+        assert [source.try_claim(chunk) for chunk in range(3)] == [True] * 3
+    finally:
+        source.close()
+    assert {read_lease(store, chunk).owner for chunk in range(3)} == {"w"}
     lease = Lease(3, "x", 5.0, 1)
     assert Lease.from_json(lease.to_json(), None, "here") == lease
+
+
+def test_garbage_heartbeats_are_skipped_by_status_and_monitor_and_none_is_printed_raw(tmp_path, caplog):
+    """A non-JSON heartbeat, an oversized one, one with a non-number counter, one under a name
+    no worker writes, and one whose state carries an OSC escape: status and the dashboard
+    go on, naming what they skipped, and print no control character."""
+    from typer.testing import CliRunner
+
+    from actex.cli import app
+    from actex.fleet.dashboard import render
+    from actex.fleet.recovery import FleetSnapshot, VmView
+    from actex.store.commits import Heartbeat, read_heartbeats
+
+    store = open_store(tmp_path / "run")
+    manifest = RunManifest({}, "hash", "model", "tokenizer", (), PlanSummary(4, 1, 4, "plan"))
+    store.create_exclusive(layout.MANIFEST, manifest.to_json())
+    Heartbeat(store, "good-1").beat(force=True)
+    osc = "\x1b]0;pwned\x07"
+    beat = json.loads(store.read_bytes("workers/good-1.json"))
+    store.write_bytes("workers/osc-2.json", json.dumps({**beat, "worker": "osc-2", "state": f"running{osc}"}).encode())
+    store.write_bytes("workers/bad-3.json", b"not json")
+    store.write_bytes("workers/big-4.json", b" " * (MAX_CONTROL_BYTES + 1))
+    store.write_bytes("workers/nan-5.json", json.dumps({**beat, "chunks_done": "many"}).encode())
+    store.write_bytes(f"workers/x{osc}.json", json.dumps(beat).encode())
+    assert sorted(read_heartbeats(store)) == ["good-1", "osc-2"]
+
+    result = CliRunner().invoke(app, ["status", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert "good-1" in result.stdout and "osc-2" in result.stdout and "running?]0;pwned?" in result.stdout
+    assert "\x1b" not in result.output and "\x07" not in result.output
+    for skipped in ("bad-3.json: not JSON", "big-4.json: 65,537 bytes", "nan-5.json: chunks_done not a number", "not a worker id"):
+        assert skipped in caplog.text
+    snapshot = FleetSnapshot("f", "r", 0.0, 4, 0, 0, 0, 0, 0.0, None, False,
+                             (VmView(f"vm{osc}", "z", f"READY{osc}", None, None, 0, 0, 0, 0.0, 0, ""),), (f"store: {osc}",))
+    console = Console(width=120, record=True, color_system=None, file=io.StringIO())
+    console.print(render(snapshot))
+    text = console.export_text()
+    assert "\x1b" not in text and "vm?]0;pwned?" in text and "store: ?]0;pwned?" in text
 
 
 def test_progress_reports_commits_live_leases_and_silent_workers(tmp_path):

@@ -132,7 +132,7 @@ def test_fleet_file_errors_name_file_and_field(tmp_path, change, message):
 
 
 # Names a shell would read as code (or that end a quoted string), and a line break.
-HOSTILE_RUN_NAMES = ["x$(touch pwned)", "x`touch pwned`", 'x"y', "x'y", "x\ny", "x;id", "-x"]
+HOSTILE_RUN_NAMES = ["x$(touch pwned)", "x`touch pwned`", 'x"y', "x'y", "x\ny", "x\n", "x;id", "-x"]
 
 
 @pytest.mark.parametrize("command", ["extract", "generate"])

@@ -115,7 +115,7 @@ SNAPSHOT = FleetSnapshot(
         VmView(B0, B, "READY", f"{B0}-77", 3.0, 62, 3_968, 35_712_000, 20_750.0, 0, ""),
         VmView("tpu-us-central1-b-1", B, "PREEMPTED", "tpu-us-central1-b-1-90", 95.0, 0, 0, 0, 0.0, 2, ""),
     ),
-    errors=("us-central1-b: TPU API still failing after retries: 503",),
+    errors=("TPU API: us-central1-b: TPU API still failing after retries: 503",),
 )
 
 DASHBOARD = """\
@@ -188,3 +188,16 @@ def test_ctrl_c_stops_watching_and_leaves_the_fleet_running(fake_tpu, fleet, tmp
     assert monitor.returncode == 75, err
     assert "the fleet is left running" in err
     assert fake_tpu.states() == {f"{A}/{A0}": "READY", f"{B}/{B0}": "READY"}
+
+
+def test_an_unreadable_run_and_garbage_heartbeats_leave_the_monitor_running(fake_tpu, fleet):
+    api, layout, store = fleet
+    store.write_bytes("run.json", b"\x00 not a manifest")
+    store.write_bytes("workers/tpu-us-central1-a-0-7.json", b"[garbage")
+    monitor = _monitor(api, layout, store)
+    try:
+        snapshot = monitor.tick()
+    finally:
+        monitor.close()
+    assert len(snapshot.errors) == 1 and snapshot.errors[0].startswith("store: ") and "run.json" in snapshot.errors[0]
+    assert monitor.actions == []  # no repair judged on what could not be read

@@ -26,7 +26,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from actex.data.config import DataConfig
 from actex.flag import Flag
-from actex.model.hooks import hooks_for_layers, parse_hooks
+from actex.model.hooks import ACTIVATIONS, BLOCK_HOOKS, hooks_for_layers, parse_hooks
+from actex.store.layout import SAFE_NAME
 
 StoredDtype = Literal["bfloat16", "float16", "float32"]
 # No float16 forward: the weight loader has none (and massive activations risk overflowing it).
@@ -39,14 +40,13 @@ ComputeDtype = Literal["bfloat16", "float32"]
 # there, or no --revision at all name the same run.
 NOT_HASHED = frozenset({"output", "run_name", "revision"})
 
-# A run name is joined to `output` and reaches shells (a fleet VM's startup script) and
-# terminals: one directory name of plain characters, nothing a shell or a path would read.
-_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-
 
 def check_run_name(name: str) -> str:
-    """`name` if it is a safe run name, else ValueError saying the rule (its repr is one line)."""
-    if not _RUN_NAME.fullmatch(name):
+    """`name` if it is a safe run name, else ValueError saying the rule (its repr is one line).
+
+    A run name is joined to `output` and reaches shells (a fleet VM's startup script) and
+    terminals: the store's rule for ids (layout.SAFE_NAME), one directory name of plain characters."""
+    if not SAFE_NAME.fullmatch(name):
         raise ValueError(f"{name!r} must be one directory name under output: letters, digits, '.', '_' and '-', "
                          "starting with a letter or digit, at most 128 characters")
     return name
@@ -201,8 +201,9 @@ class HookSelection(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     layers: Annotated[str | None, Flag(panel="Hooks")] = Field(None, description="Layers for --activation: 'all', '0-23', '0,4,8'.")
-    activation: Annotated[Literal["residual", "mlp", "attn"] | None, Flag(panel="Hooks")] = Field(
-        None, description="residual (hook_resid_post) | mlp (hook_mlp_out) | attn (hook_attn_out) (default: residual).")
+    activation: Annotated[Literal[(*ACTIVATIONS, *BLOCK_HOOKS)] | None, Flag(panel="Hooks", text=True)] = Field(
+        None, description="residual (hook_resid_post) | mlp (hook_mlp_out) | attn (hook_attn_out), or any block "
+        "hook kind: attn.hook_z, mlp.hook_in, ln1.hook_normalized, ... (docs/models.md; default: residual).")
 
 
 HOOK_SELECTORS = tuple(HookSelection.model_fields)

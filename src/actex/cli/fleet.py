@@ -19,7 +19,7 @@ def status_command(
     as_json: bool = typer.Option(False, "--json", help="Print the progress as JSON."),
 ) -> None:
     """Chunks committed, chunks leased and to whom, and each worker's last heartbeat."""
-    from actex.fleet.monitor import read_progress
+    from actex.fleet.monitor import printable, read_progress
     from actex.store.folder import open_store
 
     with user_errors():
@@ -38,7 +38,7 @@ def status_command(
     for worker in progress.workers:
         flag = "  DEAD (its process is gone)" if worker.gone else "  SILENT (likely dead)" if worker.silent else ""
         typer.echo(
-            f"  {worker.worker:<28} {worker.state:<9} {worker.chunks_done:>6} chunks "
+            f"  {printable(worker.worker):<28} {printable(worker.state):<9} {worker.chunks_done:>6} chunks "
             f"{worker.tokens_per_s:>10,.0f} tok/s  last beat {worker.age_s:,.0f} s ago{flag}"
         )
 

@@ -7,6 +7,7 @@ from rich.console import Group
 from rich.table import Column, Table
 from rich.text import Text
 
+from actex.fleet.monitor import printable
 from actex.fleet.recovery import FleetSnapshot
 
 _STATE_STYLE = {"READY": "green", "CREATING": "yellow", "PREEMPTED": "red", "TERMINATED": "red", "NOT_FOUND": "red", "DELETING": "magenta"}
@@ -25,7 +26,8 @@ def duration(seconds: float | None) -> str:
 
 
 def render(snapshot: FleetSnapshot) -> Group:
-    """Header (run progress, totals, ETA), one row per VM, then any API errors."""
+    """Header (run progress, totals, ETA), one row per VM, then any API or store errors.
+    Names and errors pass through `printable`: no escape sequence reaches the terminal."""
     s = snapshot
     share = f"{100 * s.chunks_committed / s.chunks_total:.1f}%" if s.chunks_total else "-"
     status = "complete" if s.complete else f"ETA {duration(s.eta_s)}"
@@ -38,10 +40,10 @@ def render(snapshot: FleetSnapshot) -> Group:
                   "action", box=None, pad_edge=False)
     for vm in s.vms:
         table.add_row(
-            vm.name, vm.zone, Text(vm.state, style=_STATE_STYLE.get(vm.state, "")),
+            printable(vm.name), printable(vm.zone), Text(printable(vm.state), style=_STATE_STYLE.get(vm.state, "")),
             "-" if vm.heartbeat_age_s is None else f"{duration(vm.heartbeat_age_s)} ago",
             str(vm.chunks), f"{vm.samples:,}", f"{vm.tokens:,}", f"{vm.tokens_per_s:,.0f}", str(vm.repairs), vm.action or "",
         )
     parts = [header, table]
-    parts += [Text(f"TPU API: {error}", style="red") for error in s.errors]
+    parts += [Text(printable(error), style="red") for error in s.errors]
     return Group(*parts)

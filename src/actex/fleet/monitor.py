@@ -10,6 +10,7 @@ A worker that ran on the machine reading the progress is also checked by its pid
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass
@@ -24,6 +25,16 @@ from actex.store.manifest import read_manifest
 # A worker whose last heartbeat is older than this is reported as silent (likely dead):
 # six missed beats, so a slow store write of the heartbeat itself is not enough.
 DEFAULT_SILENT_AFTER_S = 6 * HEARTBEAT_EVERY_S
+
+
+# C0 and C1 control characters (escape sequences start with one) and bidirectional overrides.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(value: object) -> str:
+    """`value` as text fit for a terminal: what workers write (heartbeat states, lease owners)
+    reaches `actex status` and the dashboard, and an escape sequence in it must not."""
+    return _UNPRINTABLE.sub("?", str(value))
 
 
 @dataclass(frozen=True)
@@ -68,11 +79,12 @@ def process_gone(beat: dict, host: str) -> bool:
 
 
 def read_progress(store: Store, *, silent_after_s: float = DEFAULT_SILENT_AFTER_S, now: float | None = None,
-                  host: str | None = None) -> Progress:
+                  host: str | None = None, beats: dict[str, dict] | None = None) -> Progress:
     """Progress of the run at `store`; FileNotFoundError if no worker created run.json yet.
 
     host: the machine this runs on (default socket.gethostname()): its workers' processes
-    are checked directly (WorkerView.gone)."""
+    are checked directly (WorkerView.gone). beats: the heartbeats, if the caller read them
+    already (else read here)."""
     now = time.time() if now is None else now
     host = socket.gethostname() if host is None else host
     total = read_manifest(store).plan.num_chunks
@@ -86,7 +98,7 @@ def read_progress(store: Store, *, silent_after_s: float = DEFAULT_SILENT_AFTER_
         if lease is not None and lease.expiry > now:
             leased[chunk] = lease.owner
     workers = []
-    for name, beat in sorted(read_heartbeats(store).items()):
+    for name, beat in sorted((read_heartbeats(store) if beats is None else beats).items()):
         age = now - float(beat.get("updated_at", 0.0))
         state = str(beat.get("state", "unknown"))
         workers.append(

@@ -107,7 +107,7 @@ class FleetMonitor:
         try:
             return zone_nodes(self.api, self.layout), []
         except TpuApiError as error:
-            return [], [str(error)]
+            return [], [f"TPU API: {error}"]
 
     def tick(self, *, repair: bool = True) -> FleetSnapshot:
         now = self.clock()
@@ -119,11 +119,16 @@ class FleetMonitor:
         # Only the fleet's own VMs: a slot whose VM is gone reads NOT_FOUND even when a VM of
         # another owner took its name since (recreating it then takes another name).
         nodes = {(n.zone, n.name): n for n in listed if self.layout.owns(n)}
+        progress, beats = None, {}
         try:
-            progress = read_progress(self.store, now=now)
+            beats = read_heartbeats(self.store)
+            progress = read_progress(self.store, now=now, beats=beats)
         except FileNotFoundError:
-            progress = None  # no worker created run.json yet
-        beats = read_heartbeats(self.store)
+            pass  # no worker created run.json yet
+        except (OSError, ValueError) as error:
+            # The store unreachable, or run.json unreadable: shown, and no repair is judged
+            # on heartbeats that could not be read (every worker would look silent).
+            errors.append(f"store: {error}")
         complete = progress is not None and progress.complete
         for slot in self.slots:
             # A repair that finished after the listing above is judged on the next tick's

@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from actex.store import layout
-from actex.store.commits import committed_chunks
+from actex.store.commits import MAX_CONTROL_BYTES, committed_chunks
 from actex.store.folder import Store
 
 log = logging.getLogger(__name__)
@@ -75,13 +75,26 @@ class Lease:
 
 
 def read_lease(store: Store, chunk: int) -> Lease | None:
-    """The current claim on `chunk`, or None when nobody has claimed it."""
+    """The current claim on `chunk`, or None when nobody has claimed it.
+
+    A claim that is not one (not a claim record, another chunk's, or over MAX_CONTROL_BYTES)
+    reads, with a warning naming it, as a lease long expired: the next claimer takes it over
+    (a conditional replace of what is there), so a corrupt claim never stops a worker."""
     path = layout.claim_path(chunk)
     try:
         data, version = store.read_versioned(path)
     except FileNotFoundError:
         return None
-    return Lease.from_json(data, version, path)
+    try:
+        if len(data) > MAX_CONTROL_BYTES:
+            raise ValueError(f"{store.url_of(path)}: {len(data):,} bytes, over the {MAX_CONTROL_BYTES:,} of a claim")
+        lease = Lease.from_json(data, version, store.url_of(path))
+        if lease.chunk != chunk:
+            raise ValueError(f"{store.url_of(path)}: says chunk {lease.chunk}")
+        return lease
+    except ValueError as error:
+        log.warning("%s: read as an expired lease", error)
+        return Lease(chunk, "(unreadable claim)", expiry=0.0, attempt=0, version=version)
 
 
 class ClaimedChunks:

@@ -22,6 +22,7 @@ no header fields; both versions are read.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import threading
@@ -32,6 +33,8 @@ from typing import Any
 
 from actex.store import layout
 from actex.store.folder import Store
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -241,10 +244,41 @@ class Heartbeat:
             return True
 
 
+# A heartbeat or claim is well under 1 KB: anything past this is not one (and is not parsed).
+MAX_CONTROL_BYTES = 64 * 1024
+_BEAT_NUMBERS = ("started_at", "updated_at", "tokens_per_s", *Heartbeat.COUNTERS)
+
+
+def parse_heartbeat(data: bytes, where: str) -> dict[str, Any]:
+    """A heartbeat's fields; ValueError naming `where` unless it is a JSON object of at most
+    MAX_CONTROL_BYTES whose times and counters are numbers (workers write these objects, and
+    a monitor reading them must not be stopped by a bad one)."""
+    if len(data) > MAX_CONTROL_BYTES:
+        raise ValueError(f"{where}: {len(data):,} bytes, over the {MAX_CONTROL_BYTES:,} of a heartbeat")
+    try:
+        beat = json.loads(data)
+    except ValueError as error:
+        raise ValueError(f"{where}: not JSON ({error})") from None
+    if not isinstance(beat, dict):
+        raise ValueError(f"{where}: not a JSON object")
+    bad = [key for key in _BEAT_NUMBERS if key in beat and (isinstance(beat[key], bool) or not isinstance(beat[key], (int, float)))]
+    if bad:
+        raise ValueError(f"{where}: {', '.join(bad)} not a number")
+    return beat
+
+
 def read_heartbeats(store: Store) -> dict[str, dict[str, Any]]:
-    """Every worker's last heartbeat, by worker id (for monitors and `actex inspect`)."""
+    """Every worker's last heartbeat, by worker id (for monitors and `actex inspect`), read in
+    one batched call. A heartbeat that is not one (see parse_heartbeat) is skipped with a
+    warning naming it."""
+    ids = {path: path[len(layout.WORKERS_DIR) + 1 : -len(".json")] for path in store.list(layout.WORKERS_DIR) if path.endswith(".json")}
+    # An id no worker could have written (check_name) may carry terminal escapes: named by repr.
+    for path in [p for p, worker in ids.items() if not layout.SAFE_NAME.fullmatch(worker)]:
+        log.warning("%r: not a worker id: skipped", ids.pop(path))
     out = {}
-    for path in store.list(layout.WORKERS_DIR):
-        if path.endswith(".json"):
-            out[path[len(layout.WORKERS_DIR) + 1 : -len(".json")]] = json.loads(store.read_bytes(path))
+    for path, data in sorted(store.read_many(list(ids)).items()):
+        try:
+            out[ids[path]] = parse_heartbeat(data, store.url_of(path))
+        except ValueError as error:
+            log.warning("%s: skipped", error)
     return out

@@ -35,13 +35,14 @@ WORKERS_DIR = "workers"
 PLAN_INDEX = "plan/index.npz"
 ATTEMPT_STAMP = "%Y%m%dT%H%M%SZ"  # UTC start time leading every attempt id
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# Worker, attempt and run ids: path segments that no shell or terminal reads as anything else.
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # whole names: fullmatch ($ would pass a final newline)
 _RECORD = re.compile(r"^(?:.*/)?(\d{%d,})\.json$" % CHUNK_DIGITS)
 
 
 def check_name(kind: str, name: str) -> str:
     """Worker and attempt ids become path segments: letters, digits, '.', '_', '-' only."""
-    if not _NAME.match(name):
+    if not SAFE_NAME.fullmatch(name):
         raise ValueError(f"bad {kind} id {name!r}: use 1-128 of [A-Za-z0-9._-], not starting with '.', '_' or '-'")
     return name
 
