@@ -203,3 +203,29 @@ def test_creating_a_name_a_foreign_vm_took_meanwhile_takes_the_next_free_name(fa
     assert api.get(A, "tpu-us-central1-a-0").labels == {}
     with pytest.raises(ValueError, match="not a VM of fleet f"):
         recreate_node(api, layout, A, "tpu-us-central1-a-0", api.get(A, "tpu-us-central1-a-0"))
+
+
+def test_vms_get_the_fleet_files_identity_and_network_and_deploy_warns_without_one(fake_tpu, tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from actex.cli import app
+
+    def deploy(run_name: str, **fields):
+        path = tmp_path / f"{run_name}.yaml"
+        path.write_text(yaml.safe_dump({"project": "p", "zones": [A], "accelerator_type": "v4-8", "runtime_version": "rt",
+                                        "image": "example/actex@sha256:" + "0" * 64, **fields,
+                                        "extract": {"output": str(tmp_path / "runs"), "run_name": run_name}}))
+        result = CliRunner().invoke(app, ["deploy", str(path), "--create", "--api-endpoint", fake_tpu.endpoint])
+        assert result.exit_code == 0, result.output
+        return result.stderr
+
+    warned = deploy("plain", prefix="plain")
+    assert "no service_account: the VMs run as the project's default compute account" in warned
+    assert not fake_tpu.node(A, "plain-us-central1-a-0").body.get("serviceAccount")
+    quiet = deploy("scoped", prefix="scoped", service_account="w@p.iam.gserviceaccount.com", scopes=["https://www.googleapis.com/auth/devstorage.read_write"],
+                   network="actex-net", subnetwork="actex-sub", internal_ips_only=True)
+    assert "warning" not in quiet
+    body = fake_tpu.node(A, "scoped-us-central1-a-0").body
+    assert body["serviceAccount"] == {"email": "w@p.iam.gserviceaccount.com", "scope": ["https://www.googleapis.com/auth/devstorage.read_write"]}
+    assert body["networkConfig"] == {"network": "actex-net", "subnetwork": "actex-sub"}  # enableExternalIps false: the JSON default, left out

@@ -216,6 +216,9 @@ def deploy_command(
         fleet = load_fleet(fleet_file)
         api = _api(fleet.layout.project, api_endpoint)
         script = prepare(fleet).script()
+    if not fleet.file.service_account:
+        typer.echo(f"actex deploy: warning: {fleet_file}: no service_account: the VMs run as the project's default compute "
+                   "account, often project Editor; give them one that may only use the bucket (docs/tpu-fleet.md, Permissions)", err=True)
     typer.echo(f"actex deploy: {fleet.run_url}: config and wheel in {fleet.deploy_url}; pins kept in {record_path(fleet)}", err=True)
     with infra_errors():
         update_scripts(api, fleet.layout, script, on_event=_action_logger(action_log))

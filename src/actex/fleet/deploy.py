@@ -12,6 +12,8 @@
     # image: ghcr.io/you/actex:0.1.0   run this image instead of installing the deployer's wheel
     # wheel: dist/actex-0.1.0-py3-none-any.whl   default: built from the deployer's source tree
     # worker_args: [--lease-seconds, '120']      extra `actex extract` flags
+    # service_account: actex-worker@my-project.iam.gserviceaccount.com   (default: the compute account)
+    # scopes, network, subnetwork, internal_ips_only: the VMs' OAuth scopes and network
 
 The run must have a fixed `output` and `run_name` (every VM and every recreated VM must find
 the same run).
@@ -54,6 +56,12 @@ class FleetFile(BaseModel):
     image: str | None = Field(None, description="Container image with actex to run instead of the deployer's wheel.")
     wheel: Path | None = Field(None, description="actex wheel to install (default: built from the deployer's source tree).")
     worker_args: list[str] = Field(default_factory=list, description="Extra `actex extract` flags for every worker, e.g. [--lease-seconds, '120'].")
+    service_account: str | None = Field(None, description="Email of the VMs' service account (default: the project's compute account, often Editor).")
+    scopes: list[str] = Field(["https://www.googleapis.com/auth/cloud-platform"], min_length=1,
+                              description="OAuth scopes of that account (IAM roles decide what it may do).")
+    network: str | None = Field(None, description="VPC network of the VMs (default: the project's default network).")
+    subnetwork: str | None = Field(None, description="Subnetwork of the VMs.")
+    internal_ips_only: bool = Field(False, description="No external IP (Google APIs through Private Google Access or Cloud NAT).")
 
 
 class Fleet:
@@ -72,7 +80,9 @@ class Fleet:
             project=file.project,
             zones=tuple(file.zones),
             workers_per_zone=file.workers_per_zone,
-            spec=NodeSpec(file.accelerator_type, file.runtime_version, file.capacity, queued=file.queued),
+            spec=NodeSpec(file.accelerator_type, file.runtime_version, file.capacity, queued=file.queued,
+                          service_account=file.service_account, scopes=tuple(file.scopes), network=file.network,
+                          subnetwork=file.subnetwork, internal_ips_only=file.internal_ips_only),
             prefix=file.prefix,
         )
 

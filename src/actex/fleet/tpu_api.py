@@ -63,6 +63,13 @@ class NodeSpec:
     # on-demand capacity of the newer TPU generations. It waits for capacity instead of
     # failing with RESOURCE_EXHAUSTED; the monitor moves one waiting too long to another zone.
     queued: bool = False
+    # The VM's identity: without a service account GCP uses the project's default compute
+    # account (often project Editor). Scopes only narrow what IAM grants that account.
+    service_account: str | None = None
+    scopes: tuple[str, ...] = ("https://www.googleapis.com/auth/cloud-platform",)
+    network: str | None = None  # e.g. "default", or projects/P/global/networks/N
+    subnetwork: str | None = None
+    internal_ips_only: bool = False  # no external IP (reach Google APIs via Private Google Access)
 
     def __post_init__(self) -> None:
         if self.queued and self.capacity not in ("spot", "on-demand"):
@@ -175,13 +182,7 @@ class TpuApi:
             "reserved": self._tpu.SchedulingConfig(reserved=True),
             "on-demand": None,
         }[spec.capacity]
-        node = self._tpu.Node(
-            accelerator_type=spec.accelerator_type,
-            runtime_version=spec.runtime_version,
-            scheduling_config=scheduling,
-            metadata=dict(spec.metadata),
-            labels=dict(spec.labels),
-        )
+        node = self._node(spec, scheduling_config=scheduling)
         try:
             operation = self._call(self._client.create_node, zone, parent=self._parent(zone), node_id=name, node=node)
             self._wait(operation, zone)
@@ -191,8 +192,7 @@ class TpuApi:
 
     def _create_queued(self, zone: str, name: str, spec: NodeSpec) -> bool:
         tpu = self._tpu
-        node = tpu.Node(accelerator_type=spec.accelerator_type, runtime_version=spec.runtime_version,
-                        metadata=dict(spec.metadata), labels=dict(spec.labels))
+        node = self._node(spec)
         request = tpu.QueuedResource(
             tpu=tpu.QueuedResource.Tpu(node_spec=[tpu.QueuedResource.Tpu.NodeSpec(parent=self._parent(zone), node_id=name, node=node)]),
             **({"spot": tpu.QueuedResource.Spot()} if spec.capacity == "spot" else {"guaranteed": tpu.QueuedResource.Guaranteed()}),
@@ -204,6 +204,18 @@ class TpuApi:
         except self._exc.Conflict:
             return False
         return True
+
+    def _node(self, spec: NodeSpec, **extra):
+        """The API's Node for `spec`: type, image, metadata, labels, identity and network."""
+        tpu = self._tpu
+        identity = {}
+        if spec.service_account:
+            identity["service_account"] = tpu.ServiceAccount(email=spec.service_account, scope=list(spec.scopes))
+        if spec.network or spec.subnetwork or spec.internal_ips_only:
+            identity["network_config"] = tpu.NetworkConfig(network=spec.network or "", subnetwork=spec.subnetwork or "",
+                                                           enable_external_ips=not spec.internal_ips_only)
+        return tpu.Node(accelerator_type=spec.accelerator_type, runtime_version=spec.runtime_version,
+                        metadata=dict(spec.metadata), labels=dict(spec.labels), **identity, **extra)
 
     def delete(self, zone: str, name: str) -> bool:
         """Delete the node, then its queued resource if it has one (this client version has no
