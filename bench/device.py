@@ -31,7 +31,8 @@ import numpy as np
 from actex.model import make_capture_fn
 from actex.model.attention import resolve_backend
 from actex.model.mesh import DATA, choose_mesh, describe, global_batch, param_shardings
-from actex.model.qwen2 import ModelConfig, global_param_axes, layer_param_axes
+from actex.model.config import ModelConfig
+from actex.model.params import global_param_axes, layer_param_axes
 from actex.model.random_checkpoint import tiny_hf_config
 from forward import flops_per_token, timed  # bench/forward.py: the same FLOP count and timer
 

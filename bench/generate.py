@@ -26,7 +26,8 @@ from forward import CHECKPOINT, QWEN25_05B, checkpoint, timed
 
 from actex.model import load_model
 from actex.model.generate import kv_cache_bytes, make_generate_fn
-from actex.model.qwen2 import ModelConfig, global_param_axes, layer_param_axes
+from actex.model.config import ModelConfig
+from actex.model.params import global_param_axes, layer_param_axes
 
 
 def prompts(rows: int, length: int) -> tuple[np.ndarray, np.ndarray]:

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/precision.py [--m 1024 --k 896 --n 4864 --reps 5]
 
-actex's forward uses "highest" for float32 parameters (actex.model.qwen2.matmul_precision).
+actex's forward uses "highest" for float32 parameters (actex.model.ops.matmul_precision).
 Prints GFLOP/s of a jitted float32 einsum at each precision and its relative error against
 a float64 numpy product: on CPU both are float32 math; on TPU/GPU the default is not.
 """

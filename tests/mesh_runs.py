@@ -163,7 +163,7 @@ def loading_runs(work: Path) -> dict:
     """
     from actex.model import load_model
     from actex.model.mesh import make_mesh, param_shardings
-    from actex.model.qwen2 import ModelConfig
+    from actex.model.config import ModelConfig
     from actex.model.weights import loading_peak_bytes
 
     path = work / "wide"
@@ -187,9 +187,55 @@ def loading_runs(work: Path) -> dict:
     return report
 
 
+FAMILY_MESHES = ((1, 1), (2, 2), (1, 4))
+
+
+def family_runs(work: Path) -> dict:
+    """Each family checkpoint under WORKDIR/families (written by the test with transformers)
+    on data=2,model=2 and data=1,model=4 against one device: {family: {mesh: worst relative
+    error}} over every layer's residual stream and the per-family hook kinds."""
+    from actex.model import load_model, make_capture_fn
+    from actex.model.hooks import hook_width
+    from actex.model.mesh import global_batch, make_mesh
+
+    rng = np.random.default_rng(0)
+    lengths = (40, 24)
+    segment_ids = np.stack([np.repeat([1, 2], lengths), np.ones(sum(lengths))]).astype(np.int32)
+    positions = np.stack([np.concatenate([np.arange(n) for n in lengths]), np.arange(sum(lengths))]).astype(np.int32)
+    report = {}
+    for path in sorted((work / "families").iterdir()):
+        outputs = {}
+        for data, model in FAMILY_MESHES:
+            mesh = make_mesh(model, data=data, devices=jax.devices()[: data * model])
+            loaded = load_model(path, dtype="float32", mesh=mesh)
+            config = loaded.config
+            token_ids = rng.integers(0, config.vocab_size, segment_ids.shape).astype(np.int32) if not outputs \
+                else outputs["inputs"]
+            kinds = ["hook_resid_post", "attn.hook_z", "mlp.hook_in", "ln1.hook_normalized", "attn.hook_rot_k",
+                     "mlp.hook_post", "mlp.hook_router_logits"]
+            hooks = []
+            for layer in range(config.n_layers):
+                for kind in kinds:
+                    try:
+                        hook_width(config, f"blocks.{layer}.{kind}")
+                        hooks.append(f"blocks.{layer}.{kind}")
+                    except ValueError:  # not this family's MLP kind
+                        pass
+            inputs = global_batch((token_ids, positions, segment_ids), mesh)
+            out = make_capture_fn(config, hooks, "float32", mesh=mesh)(loaded.params, *inputs)
+            outputs["inputs"] = token_ids
+            outputs[(data, model)] = {hook: np.asarray(value) for hook, value in out.items()}
+        one = outputs[(1, 1)]
+        report[path.name] = {
+            f"{data}x{model}": max(float(np.abs(outputs[(data, model)][h] - one[h]).max() / np.abs(one[h]).max())
+                                   for h in one)
+            for data, model in FAMILY_MESHES[1:]}
+    return report
+
+
 if __name__ == "__main__":
     work = Path(sys.argv[1])
     assert len(jax.devices()) == 8, jax.devices()
-    runs = {"loading": loading_runs, "extract": extract_runs, "attention": attention_runs}
+    runs = {"loading": loading_runs, "extract": extract_runs, "attention": attention_runs, "families": family_runs}
     # loading first: its peak-memory reading wants a process that has not run much yet.
     print(json.dumps({what: runs[what](work) for what in sys.argv[2:]}))

@@ -158,7 +158,7 @@ def test_attention_memory_grows_linearly_not_quadratically():
 def test_forward_takes_hooks_in_any_order(tiny):
     # resid_pre of block l is resid_post of block l - 1: both names must come back,
     # whichever is listed first, with the same values.
-    from actex.model.qwen2 import forward
+    from actex.model.capture import forward
 
     token_ids = np.arange(9, dtype=np.int32)[None]
     positions, segment_ids = token_ids.copy(), np.ones_like(token_ids)
@@ -187,7 +187,7 @@ def test_ln_final_hook_normalized_is_transformer_lens_pre_gain(tiny):
 def _dot_precisions(params, config, hooks):
     import jax.extend
 
-    from actex.model.qwen2 import forward
+    from actex.model.capture import forward
 
     ids = jnp.zeros((1, 8), jnp.int32)
     jaxpr = jax.make_jaxpr(lambda p: forward(p, config, ids, ids, ids + 1, hooks))(params)
@@ -206,7 +206,7 @@ def _dot_precisions(params, config, hooks):
 
 def test_float32_matmuls_ask_for_full_precision_and_cpu_results_are_unchanged(tiny, monkeypatch):
     # TPUs (one bf16 pass) and GPUs (TF32) would otherwise round float32 matmul inputs.
-    from actex.model import qwen2
+    from actex.model import capture
 
     hooks = ("blocks.2.hook_resid_post",)
     highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
@@ -218,7 +218,7 @@ def test_float32_matmuls_ask_for_full_precision_and_cpu_results_are_unchanged(ti
     inputs = (np.arange(24, dtype=np.int32).reshape(2, 12),
               np.tile(np.arange(12, dtype=np.int32), (2, 1)), np.ones((2, 12), np.int32))
     explicit = make_capture_fn(tiny.config, hooks, "float32")(tiny.params, *inputs)
-    monkeypatch.setattr(qwen2, "matmul_precision", lambda dtype: None)
+    monkeypatch.setattr(capture, "matmul_precision", lambda dtype: None)
     default = make_capture_fn(tiny.config, hooks, "float32")(tiny.params, *inputs)
     if jax.default_backend() == "cpu":
         np.testing.assert_array_equal(explicit[hooks[0]], default[hooks[0]])

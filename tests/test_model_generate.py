@@ -82,7 +82,7 @@ def test_batched_equals_one_at_a_time_and_transformers_gqa(tmp_path):
 
 
 def test_kv_cache_bytes_of_the_05b_shape():
-    from actex.model.qwen2 import ModelConfig
+    from actex.model.config import ModelConfig
 
     qwen05 = ModelConfig(vocab_size=151936, d_model=896, n_layers=24, n_heads=14, n_kv_heads=2, head_dim=64,
                          d_mlp=4864, rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=True)

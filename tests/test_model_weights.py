@@ -106,12 +106,15 @@ def test_config_forms_and_refusals():
     modern = ModelConfig.from_hf_config(
         base | {"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}})
     assert modern.rope_theta == 5e5 and modern.qkv_bias and modern.head_dim == 16
-    with pytest.raises(ValueError, match="rope_type 'yarn' not supported"):
-        ModelConfig.from_hf_config(base | {"rope_scaling": {"type": "yarn", "factor": 4.0}})
+    yarn = ModelConfig.from_hf_config(base | {"rope_scaling": {"type": "yarn", "factor": 4.0}})
+    assert yarn.rope_tables()[0].attention_scaling > 1.0  # YaRN's mscale, read from the legacy spelling
+    with pytest.raises(ValueError, match="longrope"):
+        ModelConfig.from_hf_config(base | {"rope_scaling": {"type": "longrope", "factor": 4.0}})
     with pytest.raises(ValueError, match="model_type 'gpt2' not supported"):
         ModelConfig.from_hf_config(base | {"model_type": "gpt2"})
-    with pytest.raises(ValueError, match="sliding-window"):
-        ModelConfig.from_hf_config(base | {"use_sliding_window": True})
+    windowed = ModelConfig.from_hf_config(base | {"use_sliding_window": True, "sliding_window": 64,
+                                                  "max_window_layers": 1})
+    assert windowed.layer_windows().tolist() == [0, 64]
 
 
 def test_tokenizer_loads_fast_from_model_dir(tmp_path):

@@ -209,7 +209,8 @@ def _outlier_run(root, *, leak: bool, monkeypatch) -> str:
     if leak:
         # The engine's CPU kernel is attention.attention (make_attention's "blockwise").
         honest = kernels.attention
-        monkeypatch.setattr(kernels, "attention", lambda q, k, v, seg: honest(q, k, v, (seg > 0).astype(seg.dtype)))
+        monkeypatch.setattr(kernels, "attention", lambda q, k, v, seg, **features: honest(
+            q, k, v, (seg > 0).astype(seg.dtype), **features))
     fields = {
         "model": str(model), "hooks": ["blocks.1.hook_resid_post"], "dtype": "float32", "chunk_size": 6,
         "output": str(root / "out"), "run_name": "leak" if leak else "clean",

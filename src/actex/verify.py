@@ -1,8 +1,9 @@
 """Check stored activations against the reference implementation (Hugging Face transformers).
 
 `actex verify URL --samples N` picks N random committed samples, feeds their stored token
-ids and positions to transformers' own Qwen2 (torch, float32, on CPU by default) with
-forward hooks at the TransformerLens points, and compares with what the store holds,
+ids and positions to transformers' own implementation of the model's family (torch,
+float32, eager attention, on CPU by default; actex/reference.py) with forward hooks at
+the TransformerLens points, and compares with what the store holds,
 token by token:
 
     error(hook)  = max over tokens t of ||stored_t - reference_t||_2 / ||reference_t||_2
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from actex.model.hooks import HOOK_EMBED, HOOK_LN_FINAL, HOOK_LN_FINAL_OUT, parse_hook
+from actex.reference import load_reference, reference_activations
 from actex.store.integrity import CorruptPartError
 from actex.store.reader import Block, Part, Run
 
@@ -158,74 +159,6 @@ def forward_windows(positions: np.ndarray) -> list[tuple[int, int]]:
     """Split a sample's tokens where positions restart: each piece was one forward window."""
     starts = [0] + [i for i in range(1, len(positions)) if positions[i] != positions[i - 1] + 1]
     return list(zip(starts, starts[1:] + [len(positions)]))
-
-
-def load_reference(model: str, revision: str | None = None, device: str = "cpu"):
-    """transformers' Qwen2 backbone (no LM head) in float32, from a local dir or the HF cache."""
-    import torch
-    import transformers
-    from transformers import AutoModel
-
-    transformers.logging.disable_progress_bar()  # verify prints its own lines; no weight-loading bar among them
-    reference = AutoModel.from_pretrained(model, revision=revision, dtype=torch.float32)
-    return reference.to(device).eval()
-
-
-def reference_activations(reference, hooks: list[str], token_ids: np.ndarray, positions: np.ndarray) -> dict[str, np.ndarray]:
-    """Run one forward window through `reference` and return {hook: [tokens, width]} float32."""
-    import torch
-
-    n_layers = len(reference.layers)
-    seen: dict[str, torch.Tensor] = {}
-
-    def keep(name):
-        def hook(module, args, kwargs, output):
-            seen[name] = output[0] if isinstance(output, tuple) else output
-
-        return hook
-
-    def keep_input(name):
-        def hook(module, args, kwargs):
-            seen[name] = args[0] if args else kwargs["hidden_states"]
-
-        return hook
-
-    handles = [
-        reference.embed_tokens.register_forward_hook(keep(HOOK_EMBED), with_kwargs=True),
-        reference.norm.register_forward_pre_hook(keep_input("ln_final.input"), with_kwargs=True),
-        reference.norm.register_forward_hook(keep(HOOK_LN_FINAL_OUT), with_kwargs=True),
-    ]
-    for layer, block in enumerate(reference.layers):
-        handles += [
-            block.register_forward_pre_hook(keep_input(f"blocks.{layer}.hook_resid_pre"), with_kwargs=True),
-            block.register_forward_hook(keep(f"blocks.{layer}.hook_resid_post"), with_kwargs=True),
-            block.self_attn.register_forward_hook(keep(f"blocks.{layer}.hook_attn_out"), with_kwargs=True),
-            block.mlp.register_forward_hook(keep(f"blocks.{layer}.hook_mlp_out"), with_kwargs=True),
-            block.mlp.down_proj.register_forward_pre_hook(keep_input(f"blocks.{layer}.mlp.hook_post"), with_kwargs=True),
-        ]
-    device = next(reference.parameters()).device
-    try:
-        with torch.no_grad():
-            reference(
-                input_ids=torch.tensor(np.asarray(token_ids, np.int64), device=device)[None],
-                position_ids=torch.tensor(np.asarray(positions, np.int64), device=device)[None],
-                use_cache=False,
-            )
-    finally:
-        for handle in handles:
-            handle.remove()
-    out = {}
-    for hook in hooks:
-        point = parse_hook(hook, n_layers)
-        if point.kind == "hook_resid_mid":
-            value = seen[f"blocks.{point.layer}.hook_resid_pre"] + seen[f"blocks.{point.layer}.hook_attn_out"]
-        elif point.kind == HOOK_LN_FINAL:  # TransformerLens's meaning: the norm before its gain
-            x = seen["ln_final.input"].float()
-            value = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + reference.norm.variance_epsilon)
-        else:
-            value = seen[hook]
-        out[hook] = value[0].float().cpu().numpy()  # [tokens, width]
-    return out
 
 
 def verify(run: Run, n_samples: int, *, seed: int = 0, tolerance: float | None = None,

@@ -81,6 +81,19 @@ class EmptyPlanError(ValueError):
     """The dataset yields no samples (no rows, or every row skipped): nothing to extract."""
 
 
+def check_model_serves(model: ModelConfig, config: RunConfig) -> None:
+    """Refuse, before anything is written, a hook this family does not compute and a length
+    past which its RoPE would no longer match transformers ('dynamic' scaling)."""
+    for hook in config.hooks:
+        hook_width(model, hook)
+    limit = model.max_exact_positions()
+    longest = config.data.max_seq_len
+    if limit is not None and longest > limit:
+        raise ValueError(
+            f"data.max_seq_len {longest}: the model's 'dynamic' RoPE changes past {limit} positions "
+            f"(transformers recomputes it per batch), so actex serves at most {limit}")
+
+
 def open_run(fields: dict, *, storage_options: dict | None = None,
              agree: Callable[[dict], None] | None = None) -> OpenRun:
     """Validate user fields against the checkpoint, plan the data and create or check run.json.
@@ -97,6 +110,7 @@ def open_run(fields: dict, *, storage_options: dict | None = None,
     device, fields = device_config(fields)
     ckpt = checkpoint_config(fields["model"], fields.get("revision"))
     config = resolve_config(fields, n_layers=ckpt.n_layers, checkpoint_dtype=param_dtype(ckpt, None))
+    check_model_serves(ckpt, config)
     store = open_store(config.run_url, **(storage_options or {}))
     stored = read_manifest(store) if store.exists(MANIFEST) else None
     revision = pinned_revision(config.model, config.revision, stored)
@@ -112,7 +126,8 @@ def open_run(fields: dict, *, storage_options: dict | None = None,
     # Decoding (a generation run) needs every block; capture alone stops at the deepest hook.
     n_layers = ckpt.n_layers if config.generation is not None else layers_needed(config.hooks, ckpt.n_layers)
     mesh = choose_mesh(device.mesh, ckpt, config.compute_dtype, n_layers)
-    attention = resolve_backend(device.attention, mesh.devices.flat[0].platform, config.compute_dtype)
+    attention = resolve_backend(device.attention, mesh.devices.flat[0].platform, config.compute_dtype,
+                                softcap=ckpt.attn_softcap, windowed=ckpt.sliding_window is not None)
     log.info("mesh %s over %s devices, attention %s", describe(mesh), mesh.devices.flat[0].platform, attention,
              extra={"data": {"event": "devices", "mesh": describe(mesh), "attention": attention}})
     tokenizer_dir, _ = resolve_model_dir(config.model, config.revision)

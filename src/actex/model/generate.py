@@ -23,10 +23,12 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from actex.model.attention import attention
-from actex.model.qwen2 import ModelConfig, Params, block, matmul_precision, rms_norm, rope_angles
-
-_NEG = -1e30  # finite "minus infinity", as in attention.py
+from actex.model.attention import decode_attention
+from actex.model.capture import attention_for
+from actex.model.config import ModelConfig
+from actex.model.decoder import embed, lm_logits, run_layers
+from actex.model.ops import matmul_precision
+from actex.model.params import Params
 
 
 def kv_cache_bytes(config: ModelConfig, rows: int, length: int, dtype="bfloat16") -> int:
@@ -34,29 +36,11 @@ def kv_cache_bytes(config: ModelConfig, rows: int, length: int, dtype="bfloat16"
     return 2 * config.n_layers * rows * length * config.n_kv_heads * config.head_dim * jnp.dtype(dtype).itemsize
 
 
-def lm_logits(params: Params, config: ModelConfig, x: jax.Array) -> jax.Array:
-    """Final norm + LM head of x [B, D] -> float32 logits [B, V] (tied head: the embedding)."""
-    h = rms_norm(x, params["final_norm"], config.rms_norm_eps)
-    if "lm_head" in params:
-        return jnp.einsum("bd,dv->bv", h, params["lm_head"], preferred_element_type=jnp.float32)
-    return jnp.einsum("bd,vd->bv", h, params["embed"], preferred_element_type=jnp.float32)
-
-
-def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array) -> jax.Array:
-    """q [B, T, H, hd] over cached keys/values [B, S, Hkv, hd] where key_valid [B, S] holds.
-
-    Causality is the caller's: the cache holds nothing later than the queries. Scores and
-    softmax in float32; the normalised probabilities meet v in v's dtype, as in
-    transformers' eager attention. Memory is O(S) per query, fine for decoding (T = 1).
-    """
-    batch, seq, n_heads, head_dim = q.shape
-    n_kv = k.shape[2]
-    qh = q.reshape(batch, seq, n_kv, n_heads // n_kv, head_dim)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qh, k, preferred_element_type=jnp.float32) * head_dim**-0.5
-    scores = jnp.where(key_valid[:, None, None, None, :], scores, _NEG)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
-    return out.reshape(batch, seq, n_heads, head_dim).astype(q.dtype)
+def _cache_rows(values, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """A block's rotated keys and values, [B, T, Hkv, hd] each: what the cache holds."""
+    def heads(flat):
+        return flat.reshape(*flat.shape[:2], config.n_kv_heads, config.head_dim)
+    return heads(values["attn.hook_rot_k"]), heads(values["attn.hook_v"])
 
 
 def prefill(params: Params, config: ModelConfig, token_ids: jax.Array, mask: jax.Array, cache_len: int):
@@ -69,53 +53,42 @@ def prefill(params: Params, config: ModelConfig, token_ids: jax.Array, mask: jax
     batch, prompt_len = token_ids.shape
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
     segment_ids = mask.astype(jnp.int32)  # padding (0) never meets real tokens (1)
-    rope = rope_angles(positions, config.head_dim, config.rope_theta)
-    x = params["embed"][token_ids]
+    x = embed(params, config, token_ids)
     shape = (config.n_layers, batch, cache_len, config.n_kv_heads, config.head_dim)
     cache = (jnp.zeros(shape, x.dtype), jnp.zeros(shape, x.dtype))
+    kernel = attention_for(config)
 
-    def body(carry, i):
-        x, (cache_k, cache_v) = carry
-        p = jax.tree.map(lambda w: w[i], params["layers"])
-        kept = {}
+    def attend(i, q, k, v, window, cache):
+        return kernel(q, k, v, segment_ids, window=window)
 
-        def attend(q, k, v):
-            kept["kv"] = (k, v)
-            return attention(q, k, v, segment_ids)
+    def write(i, values, cache):
+        k, v = _cache_rows(values, config)
+        return tuple(jax.lax.dynamic_update_slice(c, new[None], (i, 0, 0, 0, 0)) for c, new in zip(cache, (k, v)))
 
-        x = block(p, x, config, rope, segment_ids, attend)["hook_resid_post"]
-        k, v = kept["kv"]
-        cache_k = jax.lax.dynamic_update_slice(cache_k, k[None], (i, 0, 0, 0, 0))
-        cache_v = jax.lax.dynamic_update_slice(cache_v, v[None], (i, 0, 0, 0, 0))
-        return (x, (cache_k, cache_v)), None
-
-    (x, cache), _ = jax.lax.scan(body, (x, cache), jnp.arange(config.n_layers))
+    x, cache = run_layers(params["layers"], config, x, positions, config.n_layers, attend, write, cache)
     return lm_logits(params, config, x[:, -1]), cache
 
 
 def decode_step(params: Params, config: ModelConfig, cache, token: jax.Array, position: jax.Array,
-                index: jax.Array, key_valid: jax.Array):
+                index: jax.Array, key_valid: jax.Array, key_positions: jax.Array):
     """One token per row: token, position [B] int32, written at cache index `index` (a scalar,
-    the same for every row); key_valid [B, S] includes `index`. -> (logits [B, V], cache)."""
-    rope = rope_angles(position[:, None], config.head_dim, config.rope_theta)
-    x = params["embed"][token[:, None]]  # [B, 1, D]
+    the same for every row); key_valid [B, S] includes `index`; key_positions [B, S] int32
+    (for sliding windows). -> (logits [B, V], cache)."""
+    x = embed(params, config, token[:, None])  # [B, 1, D]
 
-    def body(carry, i):
-        x, (cache_k, cache_v) = carry
-        p = jax.tree.map(lambda w: w[i], params["layers"])
-        kept = {}
+    def attend(i, q, k, v, window, cache):
+        # This token's key/value joins the layer's cache, then attends over all of it.
+        ck = jax.lax.dynamic_update_slice(cache[0][i], k, (0, index, 0, 0))
+        cv = jax.lax.dynamic_update_slice(cache[1][i], v, (0, index, 0, 0))
+        in_window = (window == 0) | (position[:, None] - key_positions < window)
+        return decode_attention(q, ck, cv, key_valid & in_window, scale=config.attn_scale,
+                                softcap=config.attn_softcap)
 
-        def attend(q, k, v):
-            # Write this token's key/value, then attend over the layer's whole cache.
-            ck = jax.lax.dynamic_update_slice(cache_k, k[None], (i, 0, index, 0, 0))
-            cv = jax.lax.dynamic_update_slice(cache_v, v[None], (i, 0, index, 0, 0))
-            kept["cache"] = (ck, cv)
-            return cached_attention(q, ck[i], cv[i], key_valid)
+    def write(i, values, cache):
+        k, v = _cache_rows(values, config)
+        return tuple(jax.lax.dynamic_update_slice(c, new[None], (i, 0, index, 0, 0)) for c, new in zip(cache, (k, v)))
 
-        x = block(p, x, config, rope, None, attend)["hook_resid_post"]
-        return (x, kept["cache"]), None
-
-    (x, cache), _ = jax.lax.scan(body, (x, cache), jnp.arange(config.n_layers))
+    x, cache = run_layers(params["layers"], config, x, position[:, None], config.n_layers, attend, write, cache)
     return lm_logits(params, config, x[:, 0]), cache
 
 
@@ -140,6 +113,8 @@ def _greedy_generate(params: Params, token_ids, mask, stop_ids, config: ModelCon
     n_prompt = mask.sum(axis=1).astype(jnp.int32)
     prompt_valid = mask.astype(bool)
     steps = jnp.arange(max_new_tokens)
+    prompt_positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+    key_positions = jnp.concatenate([prompt_positions, n_prompt[:, None] + steps[None, :]], axis=1)  # [B, S]
 
     def cond(state):
         t, _, _, done, _, _ = state
@@ -154,7 +129,8 @@ def _greedy_generate(params: Params, token_ids, mask, stop_ids, config: ModelCon
         # Token t of every row sits at cache index P + t; finished rows keep computing
         # (fixed shapes), and their results are never read.
         key_valid = jnp.concatenate([prompt_valid, jnp.broadcast_to(steps <= t, (batch, max_new_tokens))], 1)
-        logits, cache = decode_step(params, config, cache, token, n_prompt + t, prompt_len + t, key_valid)
+        logits, cache = decode_step(params, config, cache, token, n_prompt + t, prompt_len + t, key_valid,
+                                    key_positions)
         return t + 1, logits, cache, done, tokens, n_generated
 
     state = (jnp.int32(0), logits, cache, jnp.zeros(batch, bool),

@@ -21,15 +21,46 @@ HOOK_LN_FINAL = "ln_final.hook_normalized"  # pre-gain, as in TransformerLens
 HOOK_LN_FINAL_OUT = "ln_final.hook_out"  # post-gain: HF's last_hidden_state
 GLOBAL_HOOKS = (HOOK_EMBED, HOOK_LN_FINAL, HOOK_LN_FINAL_OUT)
 
-# Per-block hook suffixes, in the order they are computed inside a block.
+# Per-block hook suffixes, in the order they are computed inside a block (meanings:
+# model/blocks.py's docstring).
 BLOCK_HOOKS = (
     "hook_resid_pre",
+    "ln1.hook_normalized",
+    "attn.hook_q",
+    "attn.hook_k",
+    "attn.hook_v",
+    "attn.hook_rot_q",
+    "attn.hook_rot_k",
+    "attn.hook_z",
     "hook_attn_out",
     "hook_resid_mid",
+    "ln2.hook_normalized",
+    "mlp.hook_in",
+    "mlp.hook_pre",
     "mlp.hook_post",
+    "mlp.hook_router_logits",
     "hook_mlp_out",
     "hook_resid_post",
 )
+DENSE_MLP_HOOKS = ("mlp.hook_pre", "mlp.hook_post")  # not on routed-expert (MoE) layers
+MOE_HOOKS = ("mlp.hook_router_logits",)  # only on MoE layers
+
+# TransformerLens 3's component names (TransformerBridge: `hook_in` / `hook_out` on each
+# component) for the same tensors, accepted as input and stored under the names above.
+ALIASES = {
+    "hook_in": "hook_resid_pre",
+    "hook_out": "hook_resid_post",
+    "ln2.hook_in": "hook_resid_mid",
+    "attn.hook_out": "hook_attn_out",
+    "mlp.hook_out": "hook_mlp_out",
+    "attn.q.hook_out": "attn.hook_q",
+    "attn.k.hook_out": "attn.hook_k",
+    "attn.v.hook_out": "attn.hook_v",
+    "attn.o.hook_in": "attn.hook_z",
+    "ln2.hook_out": "mlp.hook_in",
+    "mlp.out.hook_in": "mlp.hook_post",
+}
+GLOBAL_ALIASES = {"embed.hook_out": HOOK_EMBED}
 
 # The legacy system's activation types, and the `activation` argument of hooks_for_layers.
 ACTIVATIONS = {
@@ -73,15 +104,18 @@ def _check_layer(layer: int, n_layers: int) -> None:
 
 
 def parse_hook(name: str, n_layers: int) -> HookPoint:
-    """Validate one hook name against a model with `n_layers` blocks."""
+    """Validate one hook name against a model with `n_layers` blocks; a TransformerLens 3
+    alias comes back under its canonical name (`blocks.3.hook_out` -> `blocks.3.hook_resid_post`)."""
+    name = GLOBAL_ALIASES.get(name, name)
     if name in GLOBAL_HOOKS:
         return HookPoint(name, None, name)
     match = _BLOCK_RE.fullmatch(name)
-    if match is None or match.group(2) not in BLOCK_HOOKS:
+    kind = match and ALIASES.get(match.group(2), match.group(2))
+    if match is None or kind not in BLOCK_HOOKS:
         raise ValueError(f"unknown hook {name!r}{_did_you_mean(name, match)}; expected one of {_expected_names(n_layers)}")
     layer = int(match.group(1))
     _check_layer(layer, n_layers)
-    return HookPoint(name, layer, match.group(2))
+    return HookPoint(f"blocks.{layer}.{kind}", layer, kind)
 
 
 def _order_key(point: HookPoint, n_layers: int) -> tuple[int, int]:
@@ -100,7 +134,7 @@ def parse_hooks(names, n_layers: int) -> tuple[str, ...]:
     """
     if isinstance(names, str):
         names = [part.strip() for part in names.split(",") if part.strip()]
-    points = {name: parse_hook(name, n_layers) for name in names}
+    points = {point.name: point for point in (parse_hook(name, n_layers) for name in names)}
     if not points:
         raise ValueError("no hooks given: name at least one hook point")
     ordered = sorted(points.values(), key=lambda p: _order_key(p, n_layers))
@@ -139,6 +173,7 @@ def parse_layers(layers: str | int | list[int], n_layers: int) -> list[int]:
 def hooks_for_layers(layers: str | int | list[int], activation: str, n_layers: int) -> list[str]:
     """Hook names for an activation type (residual/mlp/attn or a block hook suffix) at layers."""
     kind = ACTIVATIONS.get(activation, activation)
+    kind = ALIASES.get(kind, kind)
     if kind not in BLOCK_HOOKS:
         raise ValueError(
             f"unknown activation {activation!r}; expected one of "
@@ -148,9 +183,25 @@ def hooks_for_layers(layers: str | int | list[int], activation: str, n_layers: i
 
 
 def hook_width(config, hook: str) -> int:
-    """Width of a hook's activation per token: d_mlp for mlp.hook_post, else d_model."""
+    """Width of a hook's activation per token (its stored [tokens, width] columns).
+
+    Raises a one-line ValueError for a hook this family does not compute (mlp.hook_post
+    of a routed-expert layer, router logits of a dense one).
+    """
     point = parse_hook(hook, config.n_layers)
-    return config.d_mlp if point.kind == "mlp.hook_post" else config.d_model
+    moe = getattr(config, "moe", None)
+    if moe is not None and point.kind in DENSE_MLP_HOOKS:
+        raise ValueError(f"hook {hook!r}: {config.model_type} layers route tokens to experts and have no "
+                         f"single MLP activation; they have mlp.hook_in, mlp.hook_router_logits and hook_mlp_out")
+    if moe is None and point.kind in MOE_HOOKS:
+        raise ValueError(f"hook {hook!r}: only mixture-of-experts models have router logits; "
+                         f"{config.model_type} has mlp.hook_pre and mlp.hook_post")
+    q_width, kv_width = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+    widths = {"attn.hook_q": q_width, "attn.hook_rot_q": q_width, "attn.hook_z": q_width,
+              "attn.hook_k": kv_width, "attn.hook_rot_k": kv_width, "attn.hook_v": kv_width,
+              "mlp.hook_pre": config.d_mlp, "mlp.hook_post": config.d_mlp,
+              "mlp.hook_router_logits": moe.n_experts if moe else 0}
+    return widths.get(point.kind, config.d_model)
 
 
 def layers_needed(hooks: tuple[str, ...], n_layers: int) -> int:

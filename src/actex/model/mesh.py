@@ -1,7 +1,7 @@
 """Device mesh (data, model) and the partition specs of parameters and batches.
 
-Parameters name their logical axes once (qwen2.layer_param_axes / global_param_axes);
-the table below maps those to mesh axes, Megatron style: attention heads, MLP width and
+Parameters name their logical axes once (params.layer_param_axes / global_param_axes);
+axes.AXIS_RULES maps those to mesh axes, Megatron style: attention heads, MLP width and
 vocabulary are split over "model", rows of a batch over "data". On one device the mesh
 is 1 x 1 and every spec is a no-op.
 
@@ -28,20 +28,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from actex.model.qwen2 import ModelConfig, Params, global_param_axes, layer_param_axes, stacked_layers
-
-DATA, MODEL = "data", "model"
-
-# logical axis -> mesh axis (None: replicated)
-AXIS_RULES: dict[str, str | None] = {
-    "layers": None,
-    "embed": None,
-    "vocab": MODEL,
-    "heads": MODEL,
-    "kv_heads": MODEL,
-    "mlp": MODEL,
-    "head_dim": None,
-}
+from actex.model.axes import AXIS_RULES, DATA, MODEL
+from actex.model.config import ModelConfig
+from actex.model.params import Params, global_param_axes, layer_param_axes, stacked_layers
 
 # Weights may take this share of one device's memory when the model axis is chosen
 # automatically; the rest holds activations (a [rows, seq, d_mlp] float32 intermediate

@@ -14,8 +14,9 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
-from actex.model.qwen2 import ModelConfig, global_param_axes, layer_param_axes
-from actex.model.weights import SINGLE_FILE, _GLOBAL_NAMES, _LAYER_NAMES
+from actex.model.config import ModelConfig
+from actex.model.params import global_param_axes, layer_param_axes
+from actex.model.weights import SINGLE_FILE, hf_tensor_names
 
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
@@ -64,17 +65,15 @@ def write_random_checkpoint(path, hf_config: dict | None = None, seed: int = 0) 
             values = 0.02 * rng.standard_normal(shape)
         return values.astype(np.float32).astype(dtype)
 
-    layer_shapes = layer_param_axes(config)
+    shapes = layer_param_axes(config) | global_param_axes(config)
     tensors = {}
-    for layer in range(config.n_layers):
-        for hf_suffix, (name, transposed) in _LAYER_NAMES.items():
-            if name in layer_shapes:
-                shape = layer_shapes[name][0]
-                tensors[f"model.layers.{layer}.{hf_suffix}"] = sample(
-                    name, shape[::-1] if transposed else shape)
+    # Layer by layer, then the globals: the order the random values are drawn in.
+    expected = hf_tensor_names(config, "model.")
+    for hf_name, (name, layer, expert, transposed) in sorted(
+            expected.items(), key=lambda item: (item[1][1] is None, item[1][1] or 0)):
+        shape = shapes[name][0][1:] if expert is not None else shapes[name][0]
+        tensors[hf_name] = sample(name, shape[::-1] if transposed else shape)
     global_shapes = global_param_axes(config)
-    for hf_suffix, name in _GLOBAL_NAMES.items():
-        tensors[f"model.{hf_suffix}"] = sample(name, global_shapes[name][0])
     if not config.tie_word_embeddings:
         tensors["lm_head.weight"] = sample("lm_head", global_shapes["embed"][0])
 

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from actex.model.qwen2 import ModelConfig, Params, global_param_axes, layer_param_axes
+from actex.model.config import ModelConfig
+from actex.model.params import Params, global_param_axes, layer_param_axes
 
 # Files a model needs: config, weights, tokenizer. Nothing else is downloaded.
 HUB_PATTERNS = [
@@ -42,7 +43,7 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
 # HF tensor name (after "model.layers.{i}.") -> (actex name, transposed to [in, out]).
-_LAYER_NAMES = {
+_ATTENTION_NAMES = {
     "input_layernorm.weight": ("attn_norm", False),
     "self_attn.q_proj.weight": ("wq", True),
     "self_attn.k_proj.weight": ("wk", True),
@@ -51,17 +52,51 @@ _LAYER_NAMES = {
     "self_attn.q_proj.bias": ("bq", False),
     "self_attn.k_proj.bias": ("bk", False),
     "self_attn.v_proj.bias": ("bv", False),
+    "self_attn.o_proj.bias": ("bo", False),
     "self_attn.q_norm.weight": ("q_norm", False),
     "self_attn.k_norm.weight": ("k_norm", False),
-    "post_attention_layernorm.weight": ("mlp_norm", False),
+}
+_LLAMA_NORMS = {"post_attention_layernorm.weight": ("mlp_norm", False)}
+_GEMMA_NORMS = {
+    "post_attention_layernorm.weight": ("post_attn_norm", False),
+    "pre_feedforward_layernorm.weight": ("mlp_norm", False),
+    "post_feedforward_layernorm.weight": ("post_mlp_norm", False),
+}
+_DENSE_MLP = {
     "mlp.gate_proj.weight": ("w_gate", True),
     "mlp.up_proj.weight": ("w_up", True),
     "mlp.down_proj.weight": ("w_down", True),
 }
+# Routed experts: the router, and each expert's tensors ("{e}" is the expert's index).
+_QWEN_MOE = {
+    "mlp.gate.weight": ("router", True),
+    "mlp.experts.{e}.gate_proj.weight": ("we_gate", True),
+    "mlp.experts.{e}.up_proj.weight": ("we_up", True),
+    "mlp.experts.{e}.down_proj.weight": ("we_down", True),
+}
+_MIXTRAL_MOE = {
+    "block_sparse_moe.gate.weight": ("router", True),
+    "block_sparse_moe.experts.{e}.w1.weight": ("we_gate", True),
+    "block_sparse_moe.experts.{e}.w3.weight": ("we_up", True),
+    "block_sparse_moe.experts.{e}.w2.weight": ("we_down", True),
+}
 _GLOBAL_NAMES = {"embed_tokens.weight": "embed", "norm.weight": "final_norm"}
-# Present in some checkpoints, never needed: the LM head and RoPE buffers.
+# Present in some checkpoints, never needed: the LM head, RoPE buffers, Gemma 3's vision tower.
 _IGNORED = {"lm_head.weight"}
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_IGNORED_PARTS = ("vision_tower.", "multi_modal_projector.")
+# Where the decoder's tensors live: causal LMs under "model.", Gemma 3's multimodal
+# checkpoints under their language model.
+_PREFIXES = ("model.", "", "model.language_model.", "language_model.model.")
+
+
+def layerhf_tensor_names(config: ModelConfig) -> dict[str, tuple[str, bool]]:
+    """HF tensor suffix within a layer -> (actex name, transposed), for `config`'s family."""
+    names = _ATTENTION_NAMES | (_GEMMA_NORMS if config.gemma else _LLAMA_NORMS)
+    if config.moe is None:
+        return names | _DENSE_MLP
+    return names | (_MIXTRAL_MOE if config.model_type == "mixtral" else _QWEN_MOE)
+
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -183,16 +218,23 @@ def fingerprint(model_dir: Path, files: set[Path], index_bytes: bytes, revision:
     return digest.hexdigest()
 
 
-def _hf_names(config: ModelConfig, prefix: str) -> dict[str, tuple[str, int | None, bool]]:
-    """Expected HF tensor name -> (actex name, layer or None, transposed)."""
+def hf_tensor_names(config: ModelConfig, prefix: str) -> dict[str, tuple[str, int | None, int | None, bool]]:
+    """Expected HF tensor name -> (actex name, layer or None, expert or None, transposed)."""
     wanted = {}
     layer_names = layer_param_axes(config)
-    for hf_suffix, (name, transposed) in _LAYER_NAMES.items():
-        if name in layer_names:
-            for layer in range(config.n_layers):
-                wanted[f"{prefix}layers.{layer}.{hf_suffix}"] = (name, layer, transposed)
+    n_experts = config.moe.n_experts if config.moe else 0
+    for hf_suffix, (name, transposed) in layerhf_tensor_names(config).items():
+        if name not in layer_names:
+            continue
+        for layer in range(config.n_layers):
+            at = f"{prefix}layers.{layer}.{hf_suffix}"
+            if "{e}" in hf_suffix:
+                for expert in range(n_experts):
+                    wanted[at.format(e=expert)] = (name, layer, expert, transposed)
+            else:
+                wanted[at] = (name, layer, None, transposed)
     for hf_suffix, name in _GLOBAL_NAMES.items():
-        wanted[prefix + hf_suffix] = (name, None, False)
+        wanted[prefix + hf_suffix] = (name, None, None, False)
     return wanted
 
 
@@ -204,7 +246,8 @@ def _check_names(found: dict[str, Path], wanted: dict, model_dir: Path, config: 
         if name not in found:
             raise ValueError(f"{model_dir}: missing tensor {name!r}")
     for name, path in found.items():
-        if name not in wanted and name not in _IGNORED and not name.endswith(_IGNORED_SUFFIXES):
+        ignored = name in _IGNORED or name.endswith(_IGNORED_SUFFIXES) or any(p in name for p in _IGNORED_PARTS)
+        if name not in wanted and not ignored:
             if name.endswith(_QKV_BIASES) and not config.qkv_bias:
                 # e.g. a Qwen2 checkpoint relabelled "llama": computing it without its
                 # biases would give wrong activations without any error.
@@ -223,11 +266,11 @@ def _open_all(files: set[Path]):
 def _check_checkpoint(model_dir: Path, config: ModelConfig, lm_head: bool = False):
     """Names and shapes of every tensor against the config (headers only, no data read).
 
-    Returns (HF name -> file, index bytes, expected HF name -> (actex name, layer, transposed)).
+    Returns (HF name -> file, index bytes, expected HF name -> (actex name, layer, expert, transposed)).
     """
     found, index_bytes = _tensor_files(model_dir)
-    prefix = "model." if any(n.startswith("model.") for n in found) else ""
-    wanted = _hf_names(config, prefix)
+    prefix = next((p for p in _PREFIXES if f"{p}embed_tokens.weight" in found), "model.")
+    wanted = hf_tensor_names(config, prefix)
     _check_names(found, wanted, model_dir, config)
     shapes = layer_param_axes(config) | global_param_axes(config)
     handles = _open_all(set(found.values()))
@@ -241,8 +284,8 @@ def _check_checkpoint(model_dir: Path, config: ModelConfig, lm_head: bool = Fals
             )
 
     # Check every shape, including layers not kept and an untied LM head, before loading.
-    for hf_name, (name, _, transposed) in wanted.items():
-        shape = shapes[name][0]
+    for hf_name, (name, _, expert, transposed) in wanted.items():
+        shape = shapes[name][0][1:] if expert is not None else shapes[name][0]  # one expert's
         check_shape(hf_name, shape[::-1] if transposed else shape)
     head = "lm_head.weight"
     if head in found:
@@ -312,25 +355,33 @@ def load_params(
     shapes = layer_param_axes(config) | global_param_axes(config)
     np_dtype = np.dtype(dtype)
 
-    by_name: dict[str, list] = {}
+    # actex name -> {(layer, expert or None): (HF name, transposed)} for the kept layers.
+    by_name: dict[str, dict] = {}
     params: Params = {"layers": {}}
-    for hf_name, (name, layer, transposed) in wanted.items():
+    for hf_name, (name, layer, expert, transposed) in wanted.items():
         if layer is None:
             params[name] = _place(
                 shapes[name][0], shardings[name],
                 lambda index, h=hf_name, t=transposed: _read_slice(found[h], h, index, t, np_dtype),
             )
         elif layer < n_keep:
-            by_name.setdefault(name, [None] * n_keep)[layer] = (hf_name, transposed)
+            by_name.setdefault(name, {})[layer, expert] = (hf_name, transposed)
 
     for name, entries in by_name.items():
-        # [L, ...]: one contiguous stack per weight kind, so the blocks can be scanned.
-        def read_stack(index, entries=entries):
-            layers = range(n_keep)[index[0]]
-            out = np.empty([len(layers)] + [len(range(n)[s]) for s, n in zip(index[1:], shapes[name][0])], np_dtype)
-            for i, layer in enumerate(layers):
-                hf_name, transposed = entries[layer]
-                out[i] = _read_slice(found[hf_name], hf_name, index[1:], transposed, np_dtype)
+        # [L, ...] (experts: [L, E, ...]): one contiguous stack per weight kind, so the
+        # blocks can be scanned.
+        def read_stack(index, name=name, entries=entries):
+            full = (n_keep, *shapes[name][0])
+            out = np.empty([len(range(n)[s]) for s, n in zip(index, full)], np_dtype)
+            per_expert = (0, None) not in entries
+            for i, layer in enumerate(range(n_keep)[index[0]]):
+                if not per_expert:
+                    hf_name, transposed = entries[layer, None]
+                    out[i] = _read_slice(found[hf_name], hf_name, index[1:], transposed, np_dtype)
+                    continue
+                for j, expert in enumerate(range(full[1])[index[1]]):
+                    hf_name, transposed = entries[layer, expert]
+                    out[i, j] = _read_slice(found[hf_name], hf_name, index[2:], transposed, np_dtype)
             return out
 
         params["layers"][name] = _place((n_keep, *shapes[name][0]), shardings["layers"][name], read_stack)
