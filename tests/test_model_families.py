@@ -180,3 +180,53 @@ def test_meshes_equal_one_device_for_every_new_block_kind(tmp_path):
     # Not bit-identical: a split model axis sums partial products over devices in another order.
     worst = {f"{name}@{mesh}": error for name, by_mesh in report.items() for mesh, error in by_mesh.items()}
     assert all(error <= 4e-6 for error in worst.values()), worst
+
+
+def test_a_40k_token_prompt_through_yarn_qwen2_matches_transformers(tmp_path):
+    """Past the original context (32 here) by 1,250x: YaRN's table and attention factor at
+    every position, the blockwise kernel over 80 key blocks. transformers runs sdpa here
+    (eager's [40k, 40k] scores would need 13 GB); it equals eager to float32 rounding."""
+    model = save_family(tmp_path, "qwen2_yarn", seed=3, num_hidden_layers=1, hidden_size=32,
+                        num_attention_heads=2, num_key_value_heads=1, intermediate_size=32)
+    model.set_attn_implementation("sdpa")
+    loaded = load_model(tmp_path, dtype="float32")
+    length, edge = 40_000, 512
+    token_ids = np.random.default_rng(3).integers(0, loaded.config.vocab_size, (1, length)).astype(np.int32)
+    positions = np.arange(length, dtype=np.int32)[None]
+    hooks = ["blocks.0.attn.hook_z", "blocks.0.hook_resid_post"]
+    ours = make_capture_fn(loaded.config, hooks, "float32")(loaded.params, token_ids, positions, np.ones_like(token_ids))
+    theirs = reference_activations(model.model, hooks, token_ids[0], positions[0])
+    for hook in hooks:
+        for span in (slice(0, edge), slice(length - edge, length)):
+            error = per_token_error(np.asarray(ours[hook][0, span]), theirs[hook][span])
+            assert error <= TOL, f"{hook} positions {span.start}-{span.stop}: {error:.2e}"
+
+
+@pytest.mark.parametrize("name", ["gemma2", "qwen3_moe"])
+def test_extract_then_verify_against_transformers(tmp_path, name):
+    """The whole path for a new family: config and weights through the engine into the
+    store, then `verify` recomputes stored samples with transformers' own model."""
+    from actex.data import build_tokenizer
+    from actex.engine.extract import extract
+    from actex.engine.extract import open_run as open_for_extraction
+    from actex.engine.work import StaticChunks
+    from actex.store.reader import open_run
+    from actex.verify import verify
+
+    model = tmp_path / "model"
+    tokenizer = build_tokenizer(model, vocab_size=300)
+    save_family(model, name, seed=4, vocab_size=len(tokenizer))
+    rows = [{"text": f"row {i} " + "the quick brown fox jumps over " * (i + 2)} for i in range(4)]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    mlp_kind = "mlp.hook_router_logits" if name == "qwen3_moe" else "mlp.hook_post"
+    hooks = ["blocks.0.attn.hook_z", "blocks.0.mlp.hook_in", f"blocks.1.{mlp_kind}", "blocks.1.hook_mlp_out",
+             "blocks.1.hook_out"]  # the last: TransformerLens 3's name of hook_resid_post
+    fields = {"model": str(model), "hooks": hooks, "dtype": "float32", "output": str(tmp_path / "out"),
+              "chunk_size": 2, "data": {"dataset": str(tmp_path / "data.jsonl"), "format": "text", "max_seq_len": 64}}
+    run = open_for_extraction(fields)
+    extract(run, StaticChunks(run.plan.num_chunks), worker="w0")
+    stored = open_run(run.config.run_url)
+    assert "blocks.1.hook_resid_post" in stored.hooks
+    report = verify(stored, 4)
+    assert report.ok and report.tokens > 0, report
+    assert {check.hook for check in report.checks} == set(stored.hooks)

@@ -62,6 +62,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
+from actex.model.axes import DATA, MODEL
+
 # Large enough that a q tile and its score tiles stay in a CPU core's L2/L3 while the
 # matmuls stay big enough to run near peak; measured in bench/forward.py.
 DEFAULT_BLOCK = 512
@@ -395,8 +397,6 @@ def _kv_heads_for_local_queries(k: jax.Array, group: int, n_local: int, axis: st
 
 def _under_mesh(kernel: Callable, mesh: Mesh, n_heads: int, n_kv: int) -> Callable:
     """Run a per-device kernel under shard_map: rows over data, heads over model if they split."""
-    from actex.model.mesh import DATA, MODEL
-
     m = mesh.shape[MODEL]
     q_split, kv_split = n_heads % m == 0, n_kv % m == 0
     heads = MODEL if q_split else None

@@ -230,7 +230,8 @@ def _rope_theta(hf: dict) -> float:
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     if isinstance(rope.get(FULL), dict):  # Gemma 3's per-layer-type form
         rope = rope[FULL]
-    return rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    default = 1e6 if hf.get("model_type") == "mixtral" else 10000.0  # the families' own defaults
+    return rope.get("rope_theta", hf.get("rope_theta", default))
 
 
 def _activation(hf: dict, gemma: bool) -> str:

@@ -23,6 +23,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from actex.model.config import ModelConfig
+from actex.model.mesh import make_mesh, param_shardings
 from actex.model.params import Params, global_param_axes, layer_param_axes
 
 # Files a model needs: config, weights, tokenizer. Nothing else is downloaded.
@@ -349,8 +350,6 @@ def load_params(
     found, index_bytes, wanted = _check_checkpoint(model_dir, config, lm_head)
     n_keep = config.n_layers if max_layers is None else min(max_layers, config.n_layers)
     if shardings is None:
-        from actex.model.mesh import make_mesh, param_shardings
-
         shardings = param_shardings(config, make_mesh(1, devices=jax.devices()[:1]), n_keep)
     shapes = layer_param_axes(config) | global_param_axes(config)
     np_dtype = np.dtype(dtype)
@@ -450,8 +449,6 @@ def load_model(
     chosen = param_dtype(config, dtype)
     shardings = None
     if mesh is not None:
-        from actex.model.mesh import param_shardings
-
         n_keep = config.n_layers if max_layers is None else min(max_layers, config.n_layers)
         shardings = param_shardings(config, mesh, n_keep)
     params, index_bytes, files = load_params(model_dir, config, _DTYPES[chosen], max_layers, shardings,
