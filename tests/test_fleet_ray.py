@@ -180,3 +180,13 @@ def test_worker_exiting_2_is_not_restarted_and_the_fleet_exits_2(ray_address, ca
     assert "exited with 2 (bad arguments or config); not restarting" in log
     assert not (tmp_path / "out").exists()
     assert time.monotonic() - started < 90
+
+
+def test_retries_pause_longer_each_time_with_jitter_up_to_a_cap():
+    from actex.fleet.ray_executor import retry_pause
+
+    assert retry_pause(0, 2.0, 120.0) == 0.0  # a first run starts at once
+    pauses = [[retry_pause(n, 2.0, 120.0) for _ in range(200)] for n in (1, 2, 3, 10)]
+    for n, got in zip((1, 2, 3), pauses):
+        assert 0.5 * 2.0 * 2 ** (n - 1) <= min(got) and max(got) <= 1.5 * 2.0 * 2 ** (n - 1)
+    assert max(pauses[3]) <= 1.5 * 120.0 and len(set(pauses[0])) > 100  # capped; jittered

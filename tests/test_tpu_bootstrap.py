@@ -229,3 +229,63 @@ def test_a_tampered_bucket_reaches_neither_a_recreated_vm_nor_its_worker(venv, t
     assert not (home / "pwned").exists()
     assert script == load_record(load_fleet(fleet_file)).script()
     assert calls.read_text().count("\n") == 1 and not (home / "work" / "run.yaml").exists()  # the rewritten config never ran
+
+
+# Stand-ins for a TPU VM's tools: `gcloud storage cp` copies a local file, `gcloud secrets`
+# prints a token; `python3 -m venv` makes a venv whose pip fails its first install ("$FAILS"
+# holds how many installs fail) and then puts a stand-in actex in place.
+STUB_GCLOUD = """#!/bin/bash
+case "$1" in
+  storage) cp "$3" "$4" ;;
+  secrets) echo "hf_from_secret_manager" ;;
+esac
+"""
+STUB_PYTHON3 = r"""#!/bin/bash
+[ "$1 $2" = "-m venv" ] || exit 9
+mkdir -p "$3/bin"
+cat > "$3/bin/pip" <<PIP
+#!/bin/bash
+echo "\$*" >> "$INSTALLS"
+fails=\$(cat "$FAILS"); [ "\$fails" -gt 0 ] && { echo \$((fails - 1)) > "$FAILS"; exit 1; }
+printf '#!/bin/bash\necho "token=\$HF_TOKEN \$*" >> "$CALLS"\n' > "$3/bin/actex"
+printf '#!/bin/sh\nexec "$REAL_PYTHON" "\$@"\n' > "$3/bin/python"
+chmod +x "$3/bin/actex" "$3/bin/python"
+PIP
+chmod +x "$3/bin/pip"
+"""
+
+
+def test_a_half_installed_venv_is_installed_again_retrying_a_failed_install(tmp_path):
+    """A pre-emption mid-install left a venv with bin/actex but no install marker: the boot
+    installs again (a pip failure is retried) and the worker gets its token from the secret."""
+    from actex.fleet.bootstrap import INSTALLED_MARKER
+
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()
+    for name, text in (("gcloud", STUB_GCLOUD), ("python3", STUB_PYTHON3)):
+        (stubs / name).write_text(text)
+        (stubs / name).chmod(0o755)
+    wheel = tmp_path / "actex-0.1.0-py3-none-any.whl"
+    wheel.write_bytes(b"a wheel")
+    config_url, config_sha, wheel_url, wheel_sha = upload(open_store(str(tmp_path / "deploy")), {"run_name": "r"}, wheel)
+    script = startup_script(config_url, config_sha, Payload(wheel_url=wheel_url, wheel_sha256=wheel_sha), restart_backoff_s=0.05,
+                            hf_token_secret="projects/p/secrets/hf/versions/latest")
+    home = tmp_path / "home"
+    (home / "venv" / "bin").mkdir(parents=True)
+    (home / "venv" / "bin" / "actex").write_text("#!/bin/bash\nexit 99\n")  # the half install
+    (home / "venv" / "bin" / "actex").chmod(0o755)
+    calls, installs, fails = tmp_path / "calls.txt", tmp_path / "installs.txt", tmp_path / "fails.txt"
+    fails.write_text("1\n")
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "ACTEX_HOME": str(home), "ACTEX_METADATA_URL": "http://127.0.0.1:9",
+           "CALLS": str(calls), "INSTALLS": str(installs), "FAILS": str(fails), "REAL_PYTHON": sys.executable}
+    env.pop("ACTEX_VENV", None)
+    try:
+        returncode = subprocess.run(["bash", "-c", script], env=env, timeout=30).returncode
+    except subprocess.TimeoutExpired:
+        returncode = None
+    log = (home / "bootstrap.log").read_text()
+    assert returncode == 0, log  # the stand-in worker exits 0: the run is complete
+    assert len(installs.read_text().splitlines()) == 2 and "install failed (try 1)" in log, log
+    assert (home / "venv" / INSTALLED_MARKER).read_text().strip() == wheel_sha
+    assert calls.read_text().startswith("token=hf_from_secret_manager extract --config run.yaml --claim")
+    assert "hf_from_secret_manager" not in script + log

@@ -201,3 +201,24 @@ def test_an_unreadable_run_and_garbage_heartbeats_leave_the_monitor_running(fake
         monitor.close()
     assert len(snapshot.errors) == 1 and snapshot.errors[0].startswith("store: ") and "run.json" in snapshot.errors[0]
     assert monitor.actions == []  # no repair judged on what could not be read
+
+
+def test_a_worker_that_never_beats_after_its_relaunch_gets_its_vm_recreated(fake_tpu, fleet):
+    api, layout, store = fleet
+    layout = dataclasses.replace(layout, zones=(A,))
+    create_fleet(api, layout, {"actex-launch": "0"})
+    first = fake_tpu.node(A, A0).created_at
+    now = [time.time()]
+    monitor = _monitor(api, layout, store, stale_after_s=60, clock=lambda: now[0])
+    try:
+        monitor.tick()  # READY: the boot grace period starts
+        now[0] += 70
+        _settle(monitor, lambda acts: any(a.get("outcome") == "done" for a in acts))  # relaunched
+        monitor.tick()  # the relaunched worker's grace period starts
+        now[0] += 70  # and ends with still no heartbeat
+        actions = _settle(monitor, lambda acts: sum(a.get("outcome") == "done" for a in acts) == 2)
+    finally:
+        monitor.close()
+    started = [(a["event"], a["reason"]) for a in actions if a["outcome"] == "started"]
+    assert started == [("relaunch", "no heartbeat"), ("recreate", "no heartbeat since its relaunch")]
+    assert fake_tpu.node(A, A0).created_at > first and fake_tpu.states() == {f"{A}/{A0}": "READY"}

@@ -109,20 +109,22 @@ class DeployRecord:
     config_sha256: str
     payload: Payload
     extract_args: tuple[str, ...] = ()
+    hf_token_secret: str | None = None
 
     def script(self) -> str:
-        return startup_script(self.config_url, self.config_sha256, self.payload, extract_args=self.extract_args)
+        return startup_script(self.config_url, self.config_sha256, self.payload, extract_args=self.extract_args,
+                              hf_token_secret=self.hf_token_secret)
 
     def to_json(self) -> dict:
-        return {"config_url": self.config_url, "config_sha256": self.config_sha256,
-                "payload": asdict(self.payload), "extract_args": list(self.extract_args)}
+        return {"config_url": self.config_url, "config_sha256": self.config_sha256, "payload": asdict(self.payload),
+                "extract_args": list(self.extract_args), "hf_token_secret": self.hf_token_secret}
 
     @classmethod
     def from_json(cls, data: dict) -> DeployRecord:
         """ValueError (one line) when `data` is not a record this version wrote."""
         try:
             return cls(str(data["config_url"]), str(data["config_sha256"]), Payload(**data["payload"]),
-                       tuple(str(a) for a in data.get("extract_args", ())))
+                       tuple(str(a) for a in data.get("extract_args", ())), data.get("hf_token_secret"))
         except (KeyError, TypeError) as error:
             raise ValueError(f"not an actex deploy record ({type(error).__name__}: {error})") from None
 
@@ -139,10 +141,19 @@ _FETCH_CONFIG = (
 
 
 def startup_script(config_url: str, config_sha256: str, payload: Payload, *, extract_args: tuple[str, ...] = (),
-                   poll_s: float = 15.0, restart_backoff_s: float = 10.0, max_backoff_s: float = 600.0) -> str:
+                   hf_token_secret: str | None = None, poll_s: float = 15.0, restart_backoff_s: float = 10.0,
+                   max_backoff_s: float = 600.0) -> str:
     """The bash startup script (a few KB; GCE metadata values may be 256 KB). Every value
-    from outside this module reaches the shell through shlex.quote."""
+    from outside this module reaches the shell through shlex.quote.
+
+    hf_token_secret: a Secret Manager secret version read (with the VM's service account)
+    into HF_TOKEN at every launch: a token never sits in metadata or run.yaml."""
     q = shlex.quote
+    token = "" if not hf_token_secret else f"""
+  if ! HF_TOKEN="$(gcloud secrets versions access {q(hf_token_secret)})"; then
+    echo {q(f"cannot read the secret {hf_token_secret}")}; fails=$((fails + 1)); pause "$fails"; continue
+  fi
+  export HF_TOKEN"""
     install = _install_image(payload) if payload.image else _install_wheel(payload)
     args = " ".join(q(a) for a in ("--claim", "--preempted-exit-code", "75", "--log-json", *extract_args))
     return f"""#!/bin/bash
@@ -165,7 +176,7 @@ while :; do
   # Fetched and checked at every (re)launch: only the deployed config ever reaches a worker.
   if ! "${{PY[@]}}" -c {q(_FETCH_CONFIG)} {q(config_url)} {q(config_sha256)}; then
     echo {q(f"cannot read {config_url} (or not the deployed one)")}; fails=$((fails + 1)); pause "$fails"; continue
-  fi
+  fi{token}
   launch="$(md {LAUNCH_KEY} || echo 0)"
   started=$SECONDS
   "${{ACTEX[@]}}" extract --config {CONFIG_FILE} {args} >>"$ACTEX_HOME/worker.log" 2>&1 &
@@ -239,6 +250,6 @@ else
   DEVICES=()
   for dev in /dev/accel* /dev/vfio/*; do [ -e "$dev" ] && DEVICES+=(--device "$dev:$dev"); done
   # Host network: the metadata server and the bucket as the VM reaches them; nothing listens.
-  RUN=(docker run --rm --net=host "${{DEVICES[@]}}" -v "$WORK:$WORK" -w "$WORK" -e ACTEX_WORKER_HOST)
+  RUN=(docker run --rm --net=host "${{DEVICES[@]}}" -v "$WORK:$WORK" -w "$WORK" -e ACTEX_WORKER_HOST -e HF_TOKEN)
   ACTEX=("${{RUN[@]}}" {image}); PY=("${{RUN[@]}}" --entrypoint python {image})
 fi"""

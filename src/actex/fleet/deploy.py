@@ -62,6 +62,8 @@ class FleetFile(BaseModel):
     network: str | None = Field(None, description="VPC network of the VMs (default: the project's default network).")
     subnetwork: str | None = Field(None, description="Subnetwork of the VMs.")
     internal_ips_only: bool = Field(False, description="No external IP (Google APIs through Private Google Access or Cloud NAT).")
+    hf_token_secret: str | None = Field(None, description="Secret Manager secret version (projects/P/secrets/S/versions/latest) "
+                                                          "read into the workers' HF_TOKEN with the VM's service account.")
 
 
 class Fleet:
@@ -148,7 +150,7 @@ def prepare(fleet: Fleet, *, storage_options: dict | None = None) -> DeployRecor
             wheel = fleet.path.parent / wheel
         config_url, config_sha, url, sha = upload(store, fleet.fields, wheel)
         payload = Payload(wheel_url=url, wheel_sha256=sha, jax_version=metadata.version("jax"))
-    record = DeployRecord(config_url, config_sha, payload, tuple(fleet.file.worker_args))
+    record = DeployRecord(config_url, config_sha, payload, tuple(fleet.file.worker_args), fleet.file.hf_token_secret)
     save_record(fleet, record)
     return record
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import random
 import signal
 import subprocess
 import time
@@ -76,17 +77,34 @@ def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-class ExtractWorker:
-    """One worker slot: runs `actex ARGS` to completion per `run` call. Two threads: `stop`
-    must get through while `run` waits for its process."""
+def retry_pause(failures: int, base_s: float, max_s: float) -> float:
+    """Seconds to wait before the run that follows `failures` failed runs in a row: doubling
+    from `base_s` up to `max_s`, times a random 0.5-1.5, so workers that failed together (a
+    store outage) neither burn their retries in seconds nor all come back at once."""
+    if failures <= 0:
+        return 0.0
+    return min(max_s, base_s * 2 ** (failures - 1)) * random.uniform(0.5, 1.5)
 
-    def __init__(self, args: Sequence[str]) -> None:
+
+# A run that lasted this long was working: its failure starts the backoff over.
+_HEALTHY_RUN_S = 600.0
+
+
+class ExtractWorker:
+    """One worker slot: runs `actex ARGS` to completion per `run` call (Ray retries a failed
+    call on the same actor, which pauses first: `retry_pause`). Two threads: `stop` must get
+    through while `run` waits for its process."""
+
+    def __init__(self, args: Sequence[str], backoff_s: float = 2.0, max_backoff_s: float = 120.0) -> None:
         self.args = list(args)
         self.process: subprocess.Popen | None = None
         self.stopping = False
+        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
+        self.failures = 0  # failed runs in a row on this actor
 
     def run(self) -> int:
         """0 once the run is complete; raises WorkerExited / BadConfigExit otherwise."""
+        time.sleep(retry_pause(self.failures, self.backoff_s, self.max_backoff_s))
         node = ray.util.get_node_ip_address()
         # `actex` as installed on this node, which need not be the driver's machine.
         argv = [*actex_command(), *self.args]
@@ -96,10 +114,12 @@ class ExtractWorker:
         # Ray prefixes an actor's output with "(ExtractWorker pid=<actor pid>)" in the driver's
         # log, so these two lines show each restart and retry there.
         print(f"actex fleet: worker process {self.process.pid} started on {node}", flush=True)
+        started = time.monotonic()
         code = self.process.wait()
         print(f"actex fleet: worker process {self.process.pid} exited with {code}", flush=True)
         if code == 0 or self.stopping:
             return code
+        self.failures = 1 if time.monotonic() - started > _HEALTHY_RUN_S else self.failures + 1
         if code == BAD_CONFIG_EXIT:
             raise BadConfigExit(f"worker on {node} exited with 2 (bad arguments or config)")
         raise WorkerExited(code, node)

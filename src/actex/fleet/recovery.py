@@ -9,6 +9,7 @@ Repairs, per VM slot (a slot is one of the fleet's `zones x workers_per_zone` pl
   delete and create again (a waiting queued resource: in another zone first).
 * READY but its worker's heartbeat is older than `stale_after_s` (or it never beat that long
   after boot): bump its `actex-launch` metadata; the VM's supervisor restarts the worker.
+  Still no heartbeat `stale_after_s` after that relaunch: delete and create the VM again.
 Each repair runs in a background thread (the dashboard keeps refreshing), is one JSON log
 line when it starts and when it ends, backs off exponentially per slot, and a slot stops
 being repaired after `max_repairs`. Nothing here deletes or rewrites a run's data: the store
@@ -78,6 +79,7 @@ class Slot:
     action: str = ""
     launch: int = 0  # last actex-launch value this monitor set
     ready_since: float | None = None  # first tick this monitor saw it READY
+    relaunched_at: float | None = None  # its last relaunch, until its worker beats again
 
 
 class FleetMonitor:
@@ -168,11 +170,17 @@ class FleetMonitor:
             slot.ready_since = slot.ready_since or now
         else:
             slot.ready_since = None
+        if slot.relaunched_at is not None and beat is not None and float(beat.get("updated_at", 0.0)) > slot.relaunched_at:
+            slot.relaunched_at = None  # the relaunch worked
         action = reason = None
         if is_dead(node):
             action, reason = "recreate", node.state if node else "NOT_FOUND"
         elif node.state in PENDING_STATES and node.create_time is not None and now - node.create_time > self.creating_timeout_s:
             action, reason = "recreate", f"{node.state} for {now - node.create_time:.0f} s"
+        elif node.state == "READY" and self._stale(slot, beat, now) and slot.relaunched_at is not None:
+            # A relaunch did not bring a worker back (a failed install, a dead supervisor,
+            # a broken VM): only a new VM will.
+            action, reason = "recreate", "no heartbeat since its relaunch"
         elif node.state == "READY" and self._stale(slot, beat, now):
             action, reason = "relaunch", "no heartbeat" if beat is None else f"heartbeat {now - float(beat.get('updated_at', 0)):.0f} s old"
         if action is None:
@@ -187,6 +195,7 @@ class FleetMonitor:
         slot.action = action
         self._log(action, slot, reason=reason, outcome="started", repair=slot.repairs)
         if action == "recreate":
+            slot.relaunched_at = None
             book = NameBook([(s.zone, s.name) for s in self.slots] + [(n.zone, n.name) for n in listed])
             # A queue that waited too long in its zone is moved: its zone has no capacity.
             slot.busy = self._pool.submit(recreate_node, self.api, self.layout, slot.zone, slot.name, node,
@@ -197,6 +206,7 @@ class FleetMonitor:
             metadata = {**node.metadata, LAUNCH_KEY: str(slot.launch)}
             slot.busy = self._pool.submit(lambda: self.api.set_metadata(slot.zone, slot.name, metadata))
             slot.ready_since = None  # the relaunched worker gets a fresh grace period
+            slot.relaunched_at = now
         slot.started = now
 
     def _metadata(self, node: NodeInfo | None, listed: list[NodeInfo]) -> dict[str, str] | None:
