@@ -44,12 +44,17 @@ def as_model(body: dict, kind: str):
     return model
 
 
-def render(tmp_path: Path, spec: dict) -> dict:
+def render_all(tmp_path: Path, spec: dict) -> list[dict]:
     path = tmp_path / "fleet.yaml"
     path.write_text(yaml.safe_dump(spec))
     result = runner.invoke(app, ["k8s", "render", str(path)])
     assert result.exit_code == 0, result.output
-    return yaml.safe_load(result.stdout)
+    return list(yaml.safe_load_all(result.stdout))
+
+
+def render(tmp_path: Path, spec: dict) -> dict:
+    """The Job or JobSet (the first manifest)."""
+    return render_all(tmp_path, spec)[0]
 
 
 def test_indexed_job_of_single_host_tpu_workers(tmp_path):
@@ -177,3 +182,37 @@ def test_bad_fleet_yaml_is_one_line_naming_the_field(tmp_path, change, expected)
     assert result.exit_code == 2
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith(f"actex: error: {path}: ") and expected in line, line
+
+
+def test_pods_are_locked_down_and_secrets_come_from_secret_refs(tmp_path):
+    spec = {**SINGLE_HOST, "secret_env": {"HF_TOKEN": {"secret": "hf", "key": "token"}}, "env": {"HF_HUB_OFFLINE": "0"}}
+    (manifest,) = render_all(tmp_path, spec)
+    job: V1Job = as_model(manifest, "V1Job")
+    pod = job.spec.template.spec
+    assert pod.automount_service_account_token is False
+    assert (pod.security_context.run_as_non_root, pod.security_context.run_as_user) == (True, 10001)
+    assert pod.security_context.seccomp_profile.type == "RuntimeDefault"
+    (container,) = pod.containers
+    context = container.security_context
+    assert (context.allow_privilege_escalation, context.privileged, context.capabilities.drop) == (False, False, ["ALL"])
+    token = next(e for e in container.env if e.name == "HF_TOKEN")
+    assert token.value is None and (token.value_from.secret_key_ref.name, token.value_from.secret_key_ref.key) == ("hf", "token")
+
+    path = tmp_path / "leaky.yaml"
+    path.write_text(yaml.safe_dump({**SINGLE_HOST, "env": {"HF_TOKEN": "hf_plaintext"}}))
+    result = runner.invoke(app, ["k8s", "render", str(path)])
+    assert result.exit_code == 2 and "HF_TOKEN looks like a secret" in result.stderr and "hf_plaintext" not in result.output
+
+
+def test_a_jobsets_coordinator_port_is_open_only_to_its_own_pods(tmp_path):
+    spec = {**SINGLE_HOST, "name": "v5e-64", "workers": 2, "tpu": {"accelerator": "tpu-v5-lite-podslice", "topology": "8x8"}}
+    jobset, policy = render_all(tmp_path, spec)
+    assert jobset["kind"] == "JobSet"
+    model = as_model(policy, "V1NetworkPolicy")
+    fleet = {"actex/fleet": "v5e-64"}
+    assert model.spec.pod_selector.match_labels == fleet and model.spec.policy_types == ["Ingress"]
+    (rule,) = model.spec.ingress
+    assert [peer.pod_selector.match_labels for peer in rule._from] == [fleet]
+    assert [(p.protocol, p.port) for p in rule.ports] == [("TCP", 8482)]
+    template = jobset["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]
+    assert template["metadata"]["labels"]["actex/fleet"] == "v5e-64"  # the pods the policy selects

@@ -18,7 +18,8 @@ def render_command(
     spec_path: Path = typer.Argument(..., metavar="FLEET_YAML", help="The fleet: name, image, workers, tpu, extract options (see docs/engines.md)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the manifest here instead of stdout."),
 ) -> None:
-    """An Indexed Job of single-host workers, or a JobSet when a TPU slice spans several hosts.
+    """An Indexed Job of single-host workers, or a JobSet (and a NetworkPolicy for its JAX
+    coordinator) when a TPU slice spans several hosts.
 
     Apply it with `kubectl apply -f`; watch the run with `actex status RUN_URL`.
     """
@@ -39,7 +40,7 @@ def render_command(
             manifest = render(spec, known)
         except ValueError as error:
             raise ConfigError(f"{spec_path}: {error}") from None
-    text = yaml.safe_dump(manifest, sort_keys=False)
+    text = yaml.safe_dump_all(manifest, sort_keys=False)
     if output is None:
         typer.echo(text, nl=False)
     else:

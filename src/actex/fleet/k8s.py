@@ -36,6 +36,19 @@ TPU_ACCELERATOR_LABEL = "cloud.google.com/gke-tpu-accelerator"
 TPU_TOPOLOGY_LABEL = "cloud.google.com/gke-tpu-topology"
 EXCLUSIVE_TOPOLOGY = "alpha.jobset.sigs.k8s.io/exclusive-topology"
 _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]{0,38}[a-z0-9])?$")
+# A plain `env` value lands in the manifest as text (kubectl get -o yaml, CI logs): names like
+# these belong in a Secret, referenced through `secret_env`.
+_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|API_KEY|ACCESS_KEY|PRIVATE_KEY", re.IGNORECASE)
+IMAGE_UID = 10001  # the image's user (Dockerfile: USER 10001:10001)
+
+
+class SecretKeyRef(BaseModel):
+    """A variable's value from a key of a Kubernetes Secret in the Job's namespace."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    secret: str = Field(description="the Secret's name")
+    key: str = Field(description="the key within it")
 
 
 class TpuSpec(BaseModel):
@@ -70,7 +83,9 @@ class FleetSpec(BaseModel):
     tpu: TpuSpec | None = None
     extract: dict[str, Any] = Field(default_factory=dict, description="extract options, e.g. {model: ..., output: gs://...}, set as ACTEX_* variables")
     args: list[str] = Field(default_factory=list, description="further `actex extract` arguments")
-    env: dict[str, str] = Field(default_factory=dict, description="further container variables")
+    env: dict[str, str] = Field(default_factory=dict, description="further container variables (no secrets: see secret_env)")
+    secret_env: dict[str, SecretKeyRef] = Field(default_factory=dict, description="variables from Secrets, e.g. {HF_TOKEN: {secret: hf, key: token}}")
+    mount_service_account_token: bool = Field(False, description="mount the Kubernetes API token (actex never calls the API; Workload Identity needs no token)")
     resources: dict[str, str] = Field(default_factory=dict, description="container requests and limits besides google.com/tpu, e.g. {cpu: '8', memory: 32Gi}")
     service_account: str | None = Field(None, description="Kubernetes service account (Workload Identity for the bucket)")
     backoff_limit_per_index: int = Field(6, ge=0, description="retries of one worker index (Indexed Job)")
@@ -84,6 +99,15 @@ class FleetSpec(BaseModel):
         if not _DNS_LABEL.match(name):
             raise ValueError("must be lower-case letters, digits and '-', start with a letter, at most 40 characters")
         return name
+
+    @field_validator("env")
+    @classmethod
+    def _no_secrets_in_plain_text(cls, env: dict[str, str]) -> dict[str, str]:
+        for name in env:
+            if _SECRET_NAME.search(name):
+                raise ValueError(f"{name} looks like a secret, which would be plain text in the manifest: "
+                                 f"put it in a Secret and name it under secret_env ({name}: {{secret: ..., key: ...}})")
+        return env
 
     @model_validator(mode="after")
     def _slices_claim(self) -> "FleetSpec":
@@ -124,7 +148,9 @@ def container(spec: FleetSpec, known_env: dict[str, str], *, extra_env: list[dic
     elif not spec.multi_host:
         # JOB_COMPLETION_INDEX is the worker index (actex reads it when --worker-index is not given).
         args += ["--num-workers", str(spec.workers)]
-    env = [*extract_env(spec.extract, known_env), *({"name": k, "value": v} for k, v in spec.env.items()), *extra_env]
+    env = [*extract_env(spec.extract, known_env), *({"name": k, "value": v} for k, v in spec.env.items()),
+           *({"name": k, "valueFrom": {"secretKeyRef": {"name": ref.secret, "key": ref.key}}} for k, ref in spec.secret_env.items()),
+           *extra_env]
     resources: dict[str, dict[str, str]] = {}
     if spec.resources:
         resources = {"requests": dict(spec.resources), "limits": dict(spec.resources)}
@@ -137,6 +163,7 @@ def container(spec: FleetSpec, known_env: dict[str, str], *, extra_env: list[dic
         "imagePullPolicy": spec.pull_policy,
         "args": [*args, *spec.args],
         "env": env,
+        "securityContext": {"allowPrivilegeEscalation": False, "privileged": False, "capabilities": {"drop": ["ALL"]}},
     }
     if resources:
         body["resources"] = resources
@@ -149,6 +176,9 @@ def pod_spec(spec: FleetSpec, known_env: dict[str, str]) -> dict:
     pod: dict[str, Any] = {
         "restartPolicy": "Never",  # the Job (or JobSet) replaces failed pods; required by podFailurePolicy
         "terminationGracePeriodSeconds": spec.termination_grace_seconds,
+        "automountServiceAccountToken": spec.mount_service_account_token,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": IMAGE_UID, "runAsGroup": IMAGE_UID,
+                            "seccompProfile": {"type": "RuntimeDefault"}},
         "containers": [container(spec, known_env)],
     }
     if spec.tpu is not None:
@@ -225,6 +255,25 @@ def jobset(spec: FleetSpec, known_env: dict[str, str]) -> dict:
     }
 
 
-def render(spec: FleetSpec, known_env: dict[str, str]) -> dict:
-    """The manifest for `spec`: an Indexed Job, or a JobSet when a worker spans several hosts."""
-    return jobset(spec, known_env) if spec.multi_host else indexed_job(spec, known_env)
+def coordinator_policy(spec: FleetSpec) -> dict:
+    """A networking.k8s.io/v1 NetworkPolicy: the fleet's pods accept connections only on the
+    JAX coordinator port, and only from the fleet's own pods (nothing else listens)."""
+    fleet = {"matchLabels": {"actex/fleet": spec.name}}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": metadata(spec, name=f"{spec.name}-coordinator"),
+        "spec": {
+            "podSelector": fleet,
+            "policyTypes": ["Ingress"],
+            "ingress": [{"from": [{"podSelector": fleet}], "ports": [{"protocol": "TCP", "port": JAX_COORDINATOR_PORT}]}],
+        },
+    }
+
+
+def render(spec: FleetSpec, known_env: dict[str, str]) -> list[dict]:
+    """The manifests for `spec`: an Indexed Job, or a JobSet and its coordinator's
+    NetworkPolicy when a worker spans several hosts."""
+    if spec.multi_host:
+        return [jobset(spec, known_env), coordinator_policy(spec)]
+    return [indexed_job(spec, known_env)]
