@@ -9,7 +9,7 @@
     capacity: spot                 # spot | preemptible | reserved | on-demand
     queued: false                  # true: through queued resources (spot / on-demand), which wait for capacity
     extract: run.yaml              # the `actex extract --config` file (relative to this file), or inline fields
-    # image: ghcr.io/you/actex:0.1.0   run this image instead of installing the deployer's wheel
+    # image: ghcr.io/you/actex@sha256:<64 hex>   run this image (pinned by digest) instead of the deployer's wheel
     # wheel: dist/actex-0.1.0-py3-none-any.whl   default: built from the deployer's source tree
     # worker_args: [--lease-seconds, '120']      extra `actex extract` flags
     # service_account: actex-worker@my-project.iam.gserviceaccount.com   (default: the compute account)
@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from actex.config import check_run_name, load_config_file
 from actex.fleet.bootstrap import LAUNCH_KEY, SCRIPT_KEY, DeployRecord, Payload, build_wheel, deploy_dir, upload
@@ -64,6 +65,16 @@ class FleetFile(BaseModel):
     internal_ips_only: bool = Field(False, description="No external IP (Google APIs through Private Google Access or Cloud NAT).")
     hf_token_secret: str | None = Field(None, description="Secret Manager secret version (projects/P/secrets/S/versions/latest) "
                                                           "read into the workers' HF_TOKEN with the VM's service account.")
+
+
+    @field_validator("image")
+    @classmethod
+    def _pinned_by_digest(cls, image: str | None) -> str | None:
+        # A tag can be moved to other code after the deploy; a digest names these bytes.
+        if image is not None and not re.search(r"@sha256:[0-9a-f]{64}$", image):
+            raise ValueError(f"{image!r} is not pinned by digest: give name@sha256:<64 hex> "
+                             "(`docker buildx imagetools inspect IMAGE` prints it)")
+        return image
 
 
 class Fleet:
