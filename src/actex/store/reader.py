@@ -109,6 +109,19 @@ def fetch_header(store: Store, part: Part) -> dict[str, TensorInfo]:
     return shards.read_header(raw, where, part.bytes).tensors
 
 
+def size_problem(data: bytes, size: int, where: str) -> str:
+    """Why a whole part of len(data) bytes is not the `size` bytes its commit record says,
+    naming the tensor rows a truncation cut off when the header survived it."""
+    said = f"{len(data)} bytes, the commit record says {size}"
+    if len(data) > size:
+        return f"longer than written: {said}"
+    try:
+        missing = shards.missing_rows(shards.read_header(data, where, size).tensors, len(data))
+    except CorruptPartError:  # the cut reached into the header
+        missing = None
+    return f"truncated: {said}" + (f"; {missing} missing" if missing else "")
+
+
 def checked_rows(info: TensorInfo, name: str, where: str, raw: bytes | memoryview,
                  got: tuple[int, int], want: tuple[int, int]) -> np.ndarray:
     """Rows `want` of a tensor from the bytes of rows `got` (covering them), checked first."""
@@ -620,12 +633,12 @@ class Run:
         the checksums can tell, the tensor (v1 parts have only the sha256)."""
         where = self.store.url_of(part.path)
         data = self.store.read_bytes(part.path)
-        if len(data) != part.bytes:
-            raise CorruptPartError(f"{where}: truncated: {len(data)} bytes, the commit record says {part.bytes}")
-        if part.header_bytes is not None:
+        if part.header_bytes is not None and len(data) >= part.header_bytes:
             actual = integrity.hex32(integrity.crc32c(memoryview(data)[: part.header_bytes]))
             if actual != part.header_crc32c:
                 raise CorruptPartError(f"{where}: header crc32c expected {part.header_crc32c}, actual {actual}")
+        if len(data) != part.bytes:
+            raise CorruptPartError(f"{where}: {size_problem(data, part.bytes, where)}")
         shards.decode_part(data, where)
         actual = hashlib.sha256(data).hexdigest()
         if part.sha256 is not None and actual != part.sha256:

@@ -281,6 +281,20 @@ def read_header(data: bytes, where: str = "part", size: int | None = None) -> Pa
     return PartHeader(tensors=tensors, metadata=metadata, data_start=start)
 
 
+def missing_rows(tensors: Mapping[str, TensorInfo], length: int) -> str | None:
+    """What a part cut short at `length` bytes lacks: "tensor X rows [r, n)" for the first
+    tensor (in file order) that ends past the cut, plus how many tensors after it are gone;
+    None when every tensor ends before `length`."""
+    cut = sorted((info.start, name) for name, info in tensors.items() if info.stop > length)
+    if not cut:
+        return None
+    name = cut[0][1]
+    info = tensors[name]
+    row = max(0, length - info.start) // max(info.row_bytes, 1)
+    after = f" and {len(cut) - 1} tensor(s) after it" if len(cut) > 1 else ""
+    return f"tensor {name} rows [{row}, {info.rows}){after}"
+
+
 # ----------------------------------------------------------------------------- splitting
 
 
