@@ -53,11 +53,17 @@ class ActivationDataset(IterableDataset):
         self.storage_options = storage_options or {}
         self.rank, self.world_size = rank, world_size
         self.iter_kwargs = iter_kwargs
-        self.epoch = 0
+        # In shared memory: persistent DataLoader workers keep the copy of this dataset they
+        # started with, and must still see the epoch the training loop sets afterwards.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
 
     def set_epoch(self, epoch: int) -> None:
-        """A new shuffle order per epoch (same for every rank and worker)."""
-        self.epoch = epoch
+        """A new shuffle order per epoch (same for every rank and worker, persistent ones too)."""
+        self._epoch.fill_(epoch)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         rank, world = _distributed()
