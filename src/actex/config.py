@@ -75,9 +75,15 @@ def parse_size(value: Any) -> Any:
     return int(float(match.group(1)) * scale)
 
 
+# GenerationConfig fields that came after the first generation runs, at their defaults
+# (greedy): left out of the canonical config so those runs keep their hash.
+SAMPLING_DEFAULTS = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 0}
+
+
 class GenerationConfig(BaseModel):
-    """`actex generate`: greedy decoding before capture. Its presence makes a run a
-    generation run (run.json `kind: generate`); its fields are part of the config hash."""
+    """`actex generate`: decoding (greedy, or sampled with temperature / top-k / top-p)
+    before capture. Its presence makes a run a generation run (run.json `kind: generate`);
+    its fields are part of the config hash."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -88,6 +94,15 @@ class GenerationConfig(BaseModel):
         default=("<|im_end|>", "<|endoftext|>"),
         description="Token strings that end a row besides the tokenizer's EOS (chat end-of-turn); "
                     "ones the tokenizer lacks are ignored.")
+    temperature: Annotated[float, Flag(panel="Generation")] = Field(
+        default=0.0, ge=0.0, description="0 decodes greedily; above 0, tokens are sampled from softmax(logits / T).")
+    top_k: Annotated[int, Flag(panel="Generation")] = Field(
+        default=0, ge=0, description="Sample only among the K most likely tokens (0: all).")
+    top_p: Annotated[float, Flag(panel="Generation")] = Field(
+        default=1.0, gt=0.0, le=1.0, description="Sample only among the most likely tokens whose mass reaches P (1: all).")
+    seed: Annotated[int, Flag(panel="Generation")] = Field(
+        default=0, ge=0, description="Sampling seed: a sample's tokens depend only on (seed, sample id), "
+                                     "so reruns, resumes and other meshes draw the same.")
 
 
 class RunConfig(BaseModel):
@@ -136,11 +151,16 @@ class RunConfig(BaseModel):
         """JSON-ready dict of every field (defaults included), stable across processes.
 
         An extraction run leaves out `generation` (None), so its hash is what it was
-        before generation existed and older runs still resume.
+        before generation existed and older runs still resume; likewise generation fields
+        added later (sampling) are left out at their defaults.
         """
         fields = self.model_dump(mode="json")
         if fields["generation"] is None:
             del fields["generation"]
+        else:
+            for name, default in SAMPLING_DEFAULTS.items():
+                if fields["generation"][name] == default:
+                    del fields["generation"][name]
         return json.loads(canonical_json(fields))
 
     @property
@@ -248,6 +268,9 @@ class WorkerOptions(BaseModel):
         "naming the processes that did not arrive.")
     log_json: Annotated[bool, Flag(panel="Output")] = Field(False, description="Structured JSON log lines on stderr instead of a progress bar.")
     progress: Annotated[bool | None, Flag(panel="Output")] = Field(None, description="Progress bar (default: when stderr is a TTY).")
+    progress_every: Annotated[float, Flag(panel="Output")] = Field(
+        30.0, ge=0.0, description="Without a progress bar (stderr not a TTY: nohup, sbatch, container logs): a plain "
+        "progress line on stderr every this many seconds; 0: none.")
 
 
 class DeviceConfig(BaseModel):
@@ -293,6 +316,23 @@ def check_field_names(fields: dict) -> None:
     data_unknown = sorted(set(fields.get("data") or {}) - set(DataConfig.model_fields))
     if data_unknown:
         raise ConfigError(f"unknown data field(s) {', '.join(data_unknown)}; see DataConfig in actex.data.config")
+
+
+def with_dataset_location(fields: dict) -> dict:
+    """`fields` with a local data.dataset at its canonical absolute location: the run's
+    identity (hash, name) then follows the file, not how its path was spelt or where the
+    command ran. The content is pinned separately, by the plan fingerprint in run.json."""
+    from actex.data.sources import canonical_location
+
+    data = fields.get("data")
+    if not isinstance(data, dict) or not isinstance(data.get("dataset"), str):
+        return fields  # resolve_config reports what is missing
+    return {**fields, "data": {**data, "dataset": canonical_location(data["dataset"])}}
+
+
+def respelt(config: RunConfig, dataset: str) -> RunConfig:
+    """The same config with data.dataset spelt `dataset` (another hash and run name)."""
+    return config.model_copy(update={"data": config.data.model_copy(update={"dataset": dataset})})
 
 
 def resolve_config(fields: dict, *, n_layers: int, checkpoint_dtype: str) -> RunConfig:

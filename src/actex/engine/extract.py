@@ -23,9 +23,11 @@ from typing import Any
 
 import jax
 
-from actex.config import ConfigError, RunConfig, check_field_names, device_config, resolve_config
+from actex.config import (ConfigError, RunConfig, check_field_names, device_config, resolve_config, respelt,
+                          with_dataset_location)
 from actex.data import ShapeBudget, build_plan, pack, tokenize_samples
 from actex.data.plan import Plan, plan_fingerprint, plan_from_index
+from actex.data.sources import check_source
 from actex.engine.liveness import HEARTBEAT_EVERY_S, Liveness
 from actex.engine.generate import ChunkGenerator
 from actex.engine.lockstep import lockstep_batches, split_shares
@@ -108,9 +110,15 @@ def open_run(fields: dict, *, storage_options: dict | None = None,
     """
     check_field_names(fields)
     device, fields = device_config(fields)
+    spelt = (fields.get("data") or {}).get("dataset")
+    if isinstance(spelt, str):
+        check_source(spelt)  # a missing file fails here, before the checkpoint is read
+    fields = with_dataset_location(fields)
     ckpt = checkpoint_config(fields["model"], fields.get("revision"))
     config = resolve_config(fields, n_layers=ckpt.n_layers, checkpoint_dtype=param_dtype(ckpt, None))
     check_model_serves(ckpt, config)
+    config = earlier_spelling(config, spelt, storage_options)
+    fields = {**fields, "data": {**fields["data"], "dataset": config.data.dataset}}
     store = open_store(config.run_url, **(storage_options or {}))
     stored = read_manifest(store) if store.exists(MANIFEST) else None
     revision = pinned_revision(config.model, config.revision, stored)
@@ -151,6 +159,35 @@ def open_run(fields: dict, *, storage_options: dict | None = None,
         # Losing this race to another worker is fine: both indexes describe one plan.
         store.create_exclusive(PLAN_INDEX, plan.index_bytes())
     return OpenRun(config, store, plan, model, tokenizer, widths, mesh, attention)
+
+
+def earlier_spelling(config: RunConfig, spelt: str | None, storage_options: dict | None) -> RunConfig:
+    """`config`, or the run an older actex created from the dataset path as typed.
+
+    Until local dataset paths were made canonical (issue 25), a run's hash (and so its
+    default name) came from the path as spelt, and run.json recorded that spelling.
+    Rerunning the same command, from the same directory, still resumes such a run: when no
+    run of the canonical config exists yet but a run.json with the typed spelling does
+    (under the old hash's name, or under --run-name), that run is continued as it was
+    created. A new run always records the canonical location."""
+    if spelt is None or spelt == config.data.dataset:
+        return config
+    options = storage_options or {}
+    if _stored_dataset(open_store(config.run_url, **options)) == config.data.dataset:
+        return config
+    older = respelt(config, spelt)
+    if _stored_dataset(open_store(older.run_url, **options)) != spelt:
+        return config
+    log.warning("%s: resuming a run created with --dataset %s as typed (actex now records %s)",
+                older.run_url, spelt, config.data.dataset)
+    return older
+
+
+def _stored_dataset(store: Store) -> str | None:
+    """data.dataset as the run.json in `store` records it; None without one."""
+    if not store.exists(MANIFEST):
+        return None
+    return read_manifest(store).config.get("data", {}).get("dataset")
 
 
 def pinned_revision(model: str, requested: str | None, stored: RunManifest | None) -> str | None:
@@ -259,8 +296,8 @@ def extract(
     # One per share, kept alike by every process; caps the programs compiled for partial batches.
     budgets = [ShapeBudget() for _ in range(rows.count)]
     # A generation run decodes each chunk's prompts first (engine/generate.py).
-    tokens_of = (lambda chunk: chunk_tokens(run, chunk)) if config.generation is None else \
-        ChunkGenerator(run).chunk_tokens
+    generator = ChunkGenerator(run) if config.generation is not None else None
+    tokens_of = generator.chunk_tokens if generator is not None else (lambda chunk: chunk_tokens(run, chunk))
     # Process 0 reads the committed set; in a slice every process must skip the same chunks.
     done = set(role.share("committed", lambda: sorted(committed_chunks(run.store))))
     heartbeat = heartbeat or worker_heartbeat(run, worker)
@@ -312,6 +349,8 @@ def extract(
                 continue
             liveness.took(chunk)
             tokenized = tokens_of(chunk)
+            if generator is not None:
+                log_decoding(chunk, generator.figures, tokenized)
             liveness.progressed()
             if role.count == 1:
                 batches = pack(tokenized, config.batch_tokens, config.data.max_seq_len,
@@ -343,6 +382,20 @@ def extract(
             liveness.close()
             _beat(heartbeat, state=state, force=True)
     return Summary(counts["committed"], counts["skipped"], counts["lost"], heartbeat.snapshot(), counts["failed"])
+
+
+def log_decoding(chunk: int, figures, tokenized: list) -> None:
+    """One line per generated chunk: decode tokens/s, slot occupancy, ARC answers parsed."""
+    answers = [t.meta["answer"] for t in tokenized if t.meta.get("answer") is not None]
+    parsed = sum(answer["grid"] is not None for answer in answers)
+    rate = figures.tokens / figures.seconds if figures.seconds else 0.0
+    log.info("chunk %d: decoded %d tokens in %.1f s (%.0f tokens/s), slot occupancy %.0f%%%s", chunk,
+             figures.tokens, figures.seconds, rate, 100 * figures.occupancy,
+             f", {parsed}/{len(answers)} answers parsed" if answers else "",
+             extra={"data": {"event": "decoded", "chunk": chunk, "tokens": figures.tokens,
+                             "seconds": round(figures.seconds, 3), "tokens_per_s": round(rate, 1),
+                             "occupancy": round(figures.occupancy, 4), "answers": len(answers),
+                             "parsed": parsed}})
 
 
 def _slice_chunk(run: OpenRun, pipe: Pipeline, rows: RowShare, chunk: int, tokenized: list,

@@ -1,5 +1,12 @@
-"""`actex generate`'s part of the loop: a chunk's prompts are decoded greedily, then the
-chunk goes through the extraction pipeline as prompt + generation.
+"""`actex generate`'s part of the loop: a chunk's prompts are decoded (greedy, or sampled
+from a PRNG keyed by (seed, sample id)), then the chunk goes through the extraction
+pipeline as prompt + generation.
+
+Decoding is continuous batching (model/generate.py `continuous_generate`): per prompt
+length bucket, a queue of the chunk's prompts runs through a fixed number of decode slots,
+a slot taking the next prompt as soon as its row stops, so slots stay busy until the
+queue runs out. `ChunkGenerator.figures` holds the last chunk's decode tokens, seconds
+and slot occupancy (logged per chunk).
 
     generator = ChunkGenerator(run)          # run.config.generation is set
     tokenized = generator.chunk_tokens(k)    # what extract's chunk_tokens gives, plus answers
@@ -25,7 +32,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
@@ -34,7 +42,7 @@ from actex.data import arc
 from actex.data.arc_answers import accuracy, answer_record, submission, vote
 from actex.data.packing import seq_buckets
 from actex.data.tokenize import TokenizedSample, tokenize_samples
-from actex.model.generate import make_generate_fn
+from actex.model.generate import Sampling, make_continuous_fn, sample_keys
 from actex.store.folder import Store
 
 log = logging.getLogger(__name__)
@@ -59,37 +67,51 @@ def stop_token_ids(tokenizer, stop_tokens: Sequence[str]) -> dict[int, str]:
 
 
 @dataclasses.dataclass(frozen=True)
-class DecodeBatch:
-    """Left-padded prompts: token_ids, mask [rows, prompt_len] int32; `samples` fill the first rows."""
+class DecodeQueue:
+    """One length bucket's prompts, left-padded: token_ids, mask [Q, P] int32. `samples`
+    fill the first rows; the rest pad Q to a power of two (one compile per shape) and hold
+    one real token each. `slots` rows decode at once."""
 
     samples: tuple[TokenizedSample, ...]
     token_ids: np.ndarray
     mask: np.ndarray
+    slots: int
 
 
-def decode_batches(prompts: Sequence[TokenizedSample], max_new_tokens: int, batch_tokens: int,
-                   max_seq_len: int) -> list[DecodeBatch]:
-    """Prompts grouped by length bucket (longest first), `batch_tokens // (bucket + N)` rows
-    per batch, row counts rounded up to powers of two, so few (rows, prompt_len) programs
-    compile. Spare rows hold one real token and are ignored."""
+def decode_queues(prompts: Sequence[TokenizedSample], max_new_tokens: int, batch_tokens: int,
+                  max_seq_len: int) -> list[DecodeQueue]:
+    """Prompts grouped by length bucket (longest first), one queue per bucket, decoded
+    through `batch_tokens // (bucket + N)` slots (a power of two, at most the queue)."""
     buckets = seq_buckets(max_seq_len)
     by_bucket: dict[int, list[TokenizedSample]] = {}
     for t in sorted(prompts, key=lambda t: (-len(t.token_ids), t.sample_id)):
         by_bucket.setdefault(next(b for b in buckets if b >= len(t.token_ids)), []).append(t)
-    batches = []
+    queues = []
     for length, group in sorted(by_bucket.items(), reverse=True):
-        max_rows = max(1, batch_tokens // (length + max_new_tokens))
-        for begin in range(0, len(group), max_rows):
-            members = group[begin: begin + max_rows]
-            rows = min(max_rows, 1 << (len(members) - 1).bit_length())
-            token_ids = np.zeros((rows, length), np.int32)
-            mask = np.zeros((rows, length), np.int32)
-            mask[:, -1] = 1  # spare rows: one real token, so no row is all padding
-            for r, t in enumerate(members):
-                token_ids[r, length - len(t.token_ids):] = t.token_ids
-                mask[r, length - len(t.token_ids):] = 1
-            batches.append(DecodeBatch(tuple(members), token_ids, mask))
-    return batches
+        rows = 1 << (len(group) - 1).bit_length()
+        slots = min(rows, 1 << (max(1, batch_tokens // (length + max_new_tokens)).bit_length() - 1))
+        token_ids = np.zeros((rows, length), np.int32)
+        mask = np.zeros((rows, length), np.int32)
+        mask[:, -1] = 1  # padding rows: one real token, so no row is all padding
+        for r, t in enumerate(group):
+            token_ids[r, length - len(t.token_ids):] = t.token_ids
+            mask[r, length - len(t.token_ids):] = 1
+        queues.append(DecodeQueue(tuple(group), token_ids, mask, slots))
+    return queues
+
+
+@dataclasses.dataclass
+class DecodeFigures:
+    """A chunk's decoding: tokens generated, decode steps x slots, busy slot-steps, seconds."""
+
+    tokens: int = 0
+    slot_steps: int = 0
+    busy: int = 0
+    seconds: float = 0.0
+
+    @property
+    def occupancy(self) -> float:
+        return self.busy / self.slot_steps if self.slot_steps else 0.0
 
 
 class ChunkGenerator:
@@ -101,8 +123,17 @@ class ChunkGenerator:
         self.data = run.config.data
         self.stop = stop_token_ids(run.tokenizer, self.settings.stop_tokens)
         self.stop_array = np.array(sorted(self.stop), np.int32)
-        self.generate = make_generate_fn(run.model.config, self.settings.max_new_tokens)
+        sampling = Sampling(self.settings.temperature, self.settings.top_k, self.settings.top_p)
+        self.sampling = sampling
+        self.generators: dict[int, Callable] = {}  # slots -> jitted continuous decoder
         self.encoder = arc.get_encoder(self.data.encoder) if self.data.format == "arc" else None
+        self.figures = DecodeFigures()  # of the last chunk
+
+    def _decoder(self, slots: int) -> Callable:
+        if slots not in self.generators:
+            self.generators[slots] = make_continuous_fn(self.run.model.config, slots, self.settings.max_new_tokens,
+                                                        self.sampling)
+        return self.generators[slots]
 
     def chunk_tokens(self, chunk: int) -> list[TokenizedSample]:
         samples = self.run.plan.samples(chunk)
@@ -111,15 +142,27 @@ class ChunkGenerator:
         prompts = tokenize_samples(samples, self.run.tokenizer, whole)
         room = self.data.max_seq_len - self.settings.max_new_tokens
         fits = [t for t in prompts if 0 < len(t.token_ids) <= room]
-        batches = decode_batches(fits, self.settings.max_new_tokens, self.run.config.batch_tokens,
-                                 self.data.max_seq_len)
-        # Dispatch every batch before fetching any: the device runs while the host waits.
-        pending = [self.generate(self.run.model.params, b.token_ids, b.mask, self.stop_array) for b in batches]
+        queues = decode_queues(fits, self.settings.max_new_tokens, self.run.config.batch_tokens,
+                               self.data.max_seq_len)
+        start = time.perf_counter()
+        # Dispatch every queue before fetching any: the device runs while the host waits.
+        pending = []
+        for queue in queues:
+            keys = np.zeros((len(queue.token_ids), 2), np.uint32)
+            keys[: len(queue.samples)] = sample_keys(self.settings.seed, [t.sample_id for t in queue.samples])
+            pending.append(self._decoder(queue.slots)(self.run.model.params, queue.token_ids, queue.mask,
+                                                      self.stop_array, keys, np.int32(len(queue.samples))))
         generated: dict[int, tuple[np.ndarray, bool]] = {}
-        for batch, result in zip(batches, pending):
-            tokens, n_generated, stopped = jax.device_get(result)
-            for r, t in enumerate(batch.samples):
+        figures = DecodeFigures()
+        for queue, result in zip(queues, pending):
+            tokens, n_generated, stopped, stats = jax.device_get(result)
+            for r, t in enumerate(queue.samples):
                 generated[t.sample_id] = (tokens[r, : n_generated[r]].astype(np.int32), bool(stopped[r]))
+            figures.tokens += int(n_generated[: len(queue.samples)].sum())
+            figures.slot_steps += int(stats.steps) * queue.slots
+            figures.busy += int(stats.busy)
+        figures.seconds = time.perf_counter() - start
+        self.figures = figures
         return [self._sample(s, t, generated.get(t.sample_id), room) for s, t in zip(samples, prompts)]
 
     def _sample(self, sample, prompt: TokenizedSample, generation, room: int) -> TokenizedSample:

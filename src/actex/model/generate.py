@@ -17,11 +17,13 @@ with one teacher-forced forward over prompt + generation (see engine/generate.py
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from actex.model.attention import decode_attention
 from actex.model.capture import attention_for
@@ -71,50 +73,103 @@ def prefill(params: Params, config: ModelConfig, token_ids: jax.Array, mask: jax
 
 def decode_step(params: Params, config: ModelConfig, cache, token: jax.Array, position: jax.Array,
                 index: jax.Array, key_valid: jax.Array, key_positions: jax.Array):
-    """One token per row: token, position [B] int32, written at cache index `index` (a scalar,
-    the same for every row); key_valid [B, S] includes `index`; key_positions [B, S] int32
-    (for sliding windows). -> (logits [B, V], cache)."""
+    """One token per row: token, position [B] int32, written at cache index `index` [B]
+    int32 (rows may differ: continuous batching); key_valid [B, S] includes `index`;
+    key_positions [B, S] int32 (for sliding windows). -> (logits [B, V], cache)."""
     x = embed(params, config, token[:, None])  # [B, 1, D]
+    rows = jnp.arange(token.shape[0])
 
     def attend(i, q, k, v, window, cache):
         # This token's key/value joins the layer's cache, then attends over all of it.
-        ck = jax.lax.dynamic_update_slice(cache[0][i], k, (0, index, 0, 0))
-        cv = jax.lax.dynamic_update_slice(cache[1][i], v, (0, index, 0, 0))
+        ck = cache[0][i].at[rows, index].set(k[:, 0])  # [B, S, Hkv, hd]
+        cv = cache[1][i].at[rows, index].set(v[:, 0])
         in_window = (window == 0) | (position[:, None] - key_positions < window)
         return decode_attention(q, ck, cv, key_valid & in_window, scale=config.attn_scale,
                                 softcap=config.attn_softcap)
 
     def write(i, values, cache):
         k, v = _cache_rows(values, config)
-        return tuple(jax.lax.dynamic_update_slice(c, new[None], (i, 0, index, 0, 0)) for c, new in zip(cache, (k, v)))
+        return tuple(c.at[i, rows, index].set(new[:, 0]) for c, new in zip(cache, (k, v)))
 
     x, cache = run_layers(params["layers"], config, x, position[:, None], config.n_layers, attend, write, cache)
     return lm_logits(params, config, x[:, 0]), cache
 
 
-def greedy_generate(params: Params, token_ids: jax.Array, mask: jax.Array, stop_ids: jax.Array, *,
-                    config: ModelConfig, max_new_tokens: int):
-    """Greedy continuation of left-padded prompts.
+# ------------------------------------------------------------------------ choosing tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen: temperature 0 is greedy (argmax). Otherwise the
+    logits are divided by the temperature, cut to the `top_k` largest (0: all) and then to
+    the smallest set whose probability reaches `top_p` (1.0: all), in transformers' order
+    (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper), and one token is drawn."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+def sample_keys(seed: int, sample_ids, sample_index: int = 0) -> np.ndarray:
+    """uint32 [n, 2] PRNG keys, one per sample, from (seed, sample id, sample index) alone:
+    a rerun, a resumed chunk, another batch or mesh draws the same tokens for a sample."""
+    base = jax.random.fold_in(jax.random.PRNGKey(seed), sample_index)
+    ids = jnp.asarray(np.asarray(sample_ids, np.uint32))
+    return np.asarray(jax.vmap(lambda i: jax.random.fold_in(base, i))(ids))
+
+
+def choose_tokens(logits: jax.Array, keys: jax.Array, step: jax.Array, sampling: Sampling) -> jax.Array:
+    """The next token of each row: logits float32 [B, V], keys uint32 [B, 2], step [B] (the
+    token's index in its row's generation, so each draw has its own stream) -> int32 [B]."""
+    if sampling.temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    scaled = logits / sampling.temperature
+    if sampling.top_k:
+        kth = jax.lax.top_k(scaled, sampling.top_k)[0][:, -1:]  # [B, 1]
+        scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
+    if sampling.top_p < 1.0:
+        order = jnp.argsort(-scaled, axis=-1)
+        probs = jax.nn.softmax(jnp.take_along_axis(scaled, order, axis=-1), axis=-1)
+        # Keep a token while the mass before it is below top_p: the first always stays.
+        keep_sorted = jnp.cumsum(probs, axis=-1) - probs < sampling.top_p
+        keep = jnp.zeros_like(keep_sorted).at[jnp.arange(order.shape[0])[:, None], order].set(keep_sorted)
+        scaled = jnp.where(keep, scaled, -jnp.inf)
+    draw = jax.vmap(lambda key, t, row: jax.random.categorical(jax.random.fold_in(key, t), row))
+    return draw(keys, step, scaled).astype(jnp.int32)
+
+
+# --------------------------------------------------------------------- the static batch
+
+
+def generate(params: Params, token_ids: jax.Array, mask: jax.Array, stop_ids: jax.Array, keys: jax.Array, *,
+             config: ModelConfig, max_new_tokens: int, sampling: Sampling = Sampling()):
+    """Continuation of one static batch of left-padded prompts, every row until the last stops.
 
     token_ids, mask: [B, P] int32 (mask 1 = real token; every row's last column is real).
     stop_ids: [K] int32, the tokens that end a row (EOS, the chat end-of-turn token).
+    keys: uint32 [B, 2] (sample_keys; unused when greedy).
     Returns tokens [B, N] int32 (N = max_new_tokens; a row's stop token is included and
     followed by zeros), n_generated [B] int32 and stopped [B] bool (ended by a stop token).
     """
     # The same matmul precision as the capture forward: float32 decoding means float32 on
     # TPU/GPU too, so the tokens chosen match the recomputed activations' forward.
     with jax.default_matmul_precision(matmul_precision(params["embed"].dtype)):
-        return _greedy_generate(params, token_ids, mask, stop_ids, config, max_new_tokens)
+        return _static(params, token_ids, mask, stop_ids, keys, config, max_new_tokens, sampling)
 
 
-def _greedy_generate(params: Params, token_ids, mask, stop_ids, config: ModelConfig, max_new_tokens: int):
+def _prompt_positions(mask: jax.Array) -> jax.Array:
+    """Positions of left-padded prompts [B, P]: the first real token is 0."""
+    return jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+
+
+def _static(params: Params, token_ids, mask, stop_ids, keys, config: ModelConfig, max_new_tokens: int,
+            sampling: Sampling):
     batch, prompt_len = token_ids.shape
     logits, cache = prefill(params, config, token_ids, mask, prompt_len + max_new_tokens)
     n_prompt = mask.sum(axis=1).astype(jnp.int32)
     prompt_valid = mask.astype(bool)
     steps = jnp.arange(max_new_tokens)
-    prompt_positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
-    key_positions = jnp.concatenate([prompt_positions, n_prompt[:, None] + steps[None, :]], axis=1)  # [B, S]
+    key_positions = jnp.concatenate([_prompt_positions(mask), n_prompt[:, None] + steps[None, :]], axis=1)  # [B, S]
 
     def cond(state):
         t, _, _, done, _, _ = state
@@ -122,15 +177,15 @@ def _greedy_generate(params: Params, token_ids, mask, stop_ids, config: ModelCon
 
     def body(state):
         t, logits, cache, done, tokens, n_generated = state
-        token = jnp.where(done, 0, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+        token = jnp.where(done, 0, choose_tokens(logits, keys, jnp.full(batch, t), sampling))
         tokens = tokens.at[:, t].set(token)
         n_generated = jnp.where(done, n_generated, t + 1)
         done = done | jnp.any(token[:, None] == stop_ids[None, :], axis=1)
         # Token t of every row sits at cache index P + t; finished rows keep computing
         # (fixed shapes), and their results are never read.
         key_valid = jnp.concatenate([prompt_valid, jnp.broadcast_to(steps <= t, (batch, max_new_tokens))], 1)
-        logits, cache = decode_step(params, config, cache, token, n_prompt + t, prompt_len + t, key_valid,
-                                    key_positions)
+        logits, cache = decode_step(params, config, cache, token, n_prompt + t, jnp.full(batch, prompt_len + t),
+                                    key_valid, key_positions)
         return t + 1, logits, cache, done, tokens, n_generated
 
     state = (jnp.int32(0), logits, cache, jnp.zeros(batch, bool),
@@ -139,9 +194,134 @@ def _greedy_generate(params: Params, token_ids, mask, stop_ids, config: ModelCon
     return tokens, n_generated, done
 
 
-def make_generate_fn(config: ModelConfig, max_new_tokens: int) -> Callable:
-    """Jitted fn(params, token_ids [B, P], mask [B, P], stop_ids [K]) ->
+def make_generate_fn(config: ModelConfig, max_new_tokens: int, sampling: Sampling = Sampling()) -> Callable:
+    """Jitted fn(params, token_ids [B, P], mask [B, P], stop_ids [K], keys [B, 2] = None) ->
     (tokens [B, N], n_generated [B], stopped [B]); compiles once per (B, P, K)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    return jax.jit(functools.partial(greedy_generate, config=config, max_new_tokens=max_new_tokens))
+    jitted = jax.jit(functools.partial(generate, config=config, max_new_tokens=max_new_tokens, sampling=sampling))
+
+    def run(params, token_ids, mask, stop_ids, keys=None):
+        if keys is None:
+            keys = np.zeros((np.shape(token_ids)[0], 2), np.uint32)
+        return jitted(params, token_ids, mask, stop_ids, keys)
+
+    return run
+
+
+# ------------------------------------------------------------------ continuous batching
+
+
+class SlotStats(NamedTuple):
+    """What a continuous run did: decode steps, slot-steps that produced a wanted token
+    (occupancy = busy / (steps * slots)) and prompts prefilled."""
+
+    steps: jax.Array
+    busy: jax.Array
+    prefills: jax.Array
+
+
+def continuous_generate(params: Params, token_ids: jax.Array, mask: jax.Array, stop_ids: jax.Array,
+                        keys: jax.Array, n_real: jax.Array, *, config: ModelConfig, slots: int,
+                        max_new_tokens: int, sampling: Sampling = Sampling()):
+    """Decode a queue of left-padded prompts [Q, P] through `slots` decode slots.
+
+    The first `n_real` (int32 scalar) rows are the prompts; the rest pad the queue to a
+    length that compiles once (each needs one real token in its last column) and are
+    never decoded.
+
+    Each loop step first refills one free slot (a slot whose row stopped, or never held
+    one) with the queue's next prompt: that prompt alone is prefilled (the work a prompt
+    needs, no padding rows) into the slot's region of the KV cache; then every slot
+    decodes one token. So slots stay busy until the queue runs out, instead of a static
+    batch decoding until its longest answer ends. Shapes never change: one compile per
+    (Q, P, slots).
+
+    KV cache: one region per slot, [L, slots, P + N, Hkv, hd] for keys and values (see
+    kv_cache_bytes(config, slots, P + N)): a slot's region is reused whole by its next
+    prompt, so no paging is needed when every prompt of a queue shares its bucket length P.
+
+    Returns (tokens [Q, N], n_generated [Q], stopped [Q], SlotStats): the same tokens, per
+    prompt, as `generate` gives (greedy; sampled with the same keys).
+    """
+    with jax.default_matmul_precision(matmul_precision(params["embed"].dtype)):
+        return _continuous(params, token_ids, mask, stop_ids, keys, n_real, config, slots, max_new_tokens,
+                           sampling)
+
+
+def _continuous(params, queue_ids, queue_mask, stop_ids, keys, n_real, config: ModelConfig, slots: int,
+                max_new_tokens: int, sampling: Sampling):
+    n_queue, prompt_len = queue_ids.shape
+    length = prompt_len + max_new_tokens
+    steps = jnp.arange(max_new_tokens)
+    queue_positions = _prompt_positions(queue_mask)
+    n_prompt_of = queue_mask.sum(axis=1).astype(jnp.int32)
+
+    def refill(state):
+        """The queue's next prompt into the first free slot: prefill it alone."""
+        slot = jnp.argmax(state["free"])
+        q = state["head"]
+        ids = jax.lax.dynamic_index_in_dim(queue_ids, q, keepdims=True)  # [1, P]
+        m = jax.lax.dynamic_index_in_dim(queue_mask, q, keepdims=True)
+        logits, small = prefill(params, config, ids, m, length)  # cache [L, 1, P + N, ...]
+        cache = tuple(c.at[:, slot].set(new[:, 0]) for c, new in zip(state["cache"], small))
+        return state | {
+            "cache": cache, "logits": state["logits"].at[slot].set(logits[0]),
+            "owner": state["owner"].at[slot].set(q), "t": state["t"].at[slot].set(0),
+            "free": state["free"].at[slot].set(False), "head": q + 1, "prefills": state["prefills"] + 1,
+        }
+
+    def cond(state):
+        return (state["head"] < n_real) | ~jnp.all(state["free"])
+
+    def body(state):
+        state = jax.lax.cond(jnp.any(state["free"]) & (state["head"] < n_real), refill, lambda s: s, state)
+        owner, t, active = state["owner"], state["t"], ~state["free"]
+        row = jnp.maximum(owner, 0)
+        token = jnp.where(active, choose_tokens(state["logits"], keys[row], t, sampling), 0)
+        stops = jnp.any(token[:, None] == stop_ids[None, :], axis=1)
+        last = active & (stops | (t + 1 >= max_new_tokens))
+        # Results land in the queue's rows; rows of free slots write to a scratch row Q.
+        out_row = jnp.where(active, owner, n_queue)
+        tokens = state["tokens"].at[out_row, jnp.minimum(t, max_new_tokens - 1)].set(token)
+        n_generated = state["n_generated"].at[out_row].set(t + 1)
+        stopped = state["stopped"].at[out_row].set(stops)
+        prompt_valid = queue_mask[row].astype(bool)  # [slots, P]
+        key_valid = jnp.concatenate([prompt_valid, steps[None, :] <= t[:, None]], axis=1)
+        n_prompt = n_prompt_of[row]
+        key_positions = jnp.concatenate([queue_positions[row], n_prompt[:, None] + steps[None, :]], axis=1)
+        logits, cache = decode_step(params, config, state["cache"], token, n_prompt + t,
+                                    prompt_len + jnp.minimum(t, max_new_tokens - 1), key_valid, key_positions)
+        return state | {
+            "cache": cache, "logits": logits, "t": t + 1, "free": state["free"] | last,
+            "owner": jnp.where(last, -1, owner), "tokens": tokens, "n_generated": n_generated,
+            "stopped": stopped, "steps": state["steps"] + 1, "busy": state["busy"] + jnp.sum(active),
+        }
+
+    # The first prompts fill every slot in one batched prefill (slots past the queue's
+    # prompts prefill a padding row and stay free).
+    take = np.minimum(np.arange(slots), n_queue - 1)
+    logits, cache = prefill(params, config, queue_ids[take], queue_mask[take], length)
+    first = jnp.minimum(slots, n_real).astype(jnp.int32)
+    filled = jnp.arange(slots) < first
+    state = {
+        "cache": cache, "logits": logits,
+        "owner": jnp.where(filled, jnp.arange(slots), -1).astype(jnp.int32), "t": jnp.zeros(slots, jnp.int32),
+        "free": ~filled, "head": first,
+        "tokens": jnp.zeros((n_queue + 1, max_new_tokens), jnp.int32),
+        "n_generated": jnp.zeros(n_queue + 1, jnp.int32), "stopped": jnp.zeros(n_queue + 1, bool),
+        "steps": jnp.int32(0), "busy": jnp.int32(0), "prefills": first,
+    }
+    state = jax.lax.while_loop(cond, body, state)
+    stats = SlotStats(state["steps"], state["busy"], state["prefills"])
+    return state["tokens"][:n_queue], state["n_generated"][:n_queue], state["stopped"][:n_queue], stats
+
+
+def make_continuous_fn(config: ModelConfig, slots: int, max_new_tokens: int,
+                       sampling: Sampling = Sampling()) -> Callable:
+    """Jitted fn(params, token_ids [Q, P], mask [Q, P], stop_ids [K], keys [Q, 2], n_real) ->
+    (tokens [Q, N], n_generated [Q], stopped [Q], SlotStats); one compile per (Q, P, K)."""
+    if max_new_tokens < 1 or slots < 1:
+        raise ValueError(f"max_new_tokens and slots must be >= 1, got {max_new_tokens}, {slots}")
+    return jax.jit(functools.partial(continuous_generate, config=config, slots=slots,
+                                     max_new_tokens=max_new_tokens, sampling=sampling))
