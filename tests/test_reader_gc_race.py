@@ -9,45 +9,20 @@ back whole, while a real orphan of the same age is still deleted and an undated 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import pytest
+from race_fixtures import After
 from reader_fixtures import write_run
 
 from actex import open_run
 from actex.store import layout
-from actex.store.folder import Store, open_store
+from actex.store.folder import open_store
 from actex.store.gc import collect_garbage, list_attempts
 
 HOOK = "blocks.0.hook_resid_post"
 SLOW = 1  # the chunk whose (old) attempt is committed while gc runs
 LOSER = "20250102T000000Z-w9-deadbeef"  # an old attempt of chunk 0 that lost its commit race
 UNDATED = "handmade"  # no start stamp: never deleted
-
-
-class After(Store):
-    """A store that runs `then()` once, right after the first `op` request whose path starts with `prefix`."""
-
-    def __init__(self, inner: Store, op: str, prefix: str, then: Callable[[], None]):
-        super().__init__(inner.fs, inner.root, inner.url, inner.retry)
-        self.op, self.prefix, self.then = op, prefix, then
-        self.fired = False
-
-    def _after(self, op: str, path: str) -> None:
-        if not self.fired and op == self.op and path.startswith(self.prefix):
-            self.fired = True
-            self.then()
-
-    def list(self, prefix: str = "") -> list[str]:
-        found = super().list(prefix)
-        self._after("list", prefix)
-        return found
-
-    def read_many(self, rels):
-        got = super().read_many(rels)
-        self._after("read_many", rels[0] if rels else "")
-        return got
 
 
 # gc lists chunks/ (the attempts), then reads every commit record; the slow commit lands after either.

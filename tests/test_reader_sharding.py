@@ -3,7 +3,8 @@
 For every world size and worker count, persistent workers or not, over several epochs:
 the union of (sample id, position) over all ranks and workers is every stored token, each
 once per epoch, with its stored values; each epoch has its own order, and persistent
-workers yield exactly what fresh ones do (they must see `set_epoch`).
+workers yield exactly what fresh ones do (they must see `set_epoch`). And a commit record
+filed under another chunk's name is refused rather than read twice.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ import pytest
 import torch
 from reader_fixtures import write_run
 
+from actex import open_run
+from actex.store import layout
+from actex.store.folder import open_store
 from actex.torch_data import ActivationDataset
 
 HOOK = "blocks.0.hook_resid_post"
@@ -71,3 +75,13 @@ def test_every_token_once_per_epoch_across_ranks_and_workers(stored, world, work
         persistent = epochs_read(stored, world, workers, persistent=True)
         for epoch, batches in enumerate(persistent):
             np.testing.assert_array_equal(keys_of(batches), orders[epoch], err_msg=f"persistent workers, epoch {epoch}")
+
+
+def test_a_record_filed_under_another_chunk_is_refused_not_read_twice(tmp_path):
+    """A commit record copied under another chunk's name (a bad sync, a hand edit) would hand
+    its parts out twice; the reader refuses it, naming the record."""
+    expected = write_run(str(tmp_path / "run"), lengths=LENGTHS[:3], uncommitted=(2,))
+    store = open_store(expected.url)
+    store.write_bytes(layout.commit_path(2), store.read_bytes(layout.commit_path(1)))
+    with pytest.raises(ValueError, match=r"commits/000002\.json: record says chunk 1"):
+        list(open_run(expected.url).iter_batches(HOOK, 5, shuffle=False))
