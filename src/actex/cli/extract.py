@@ -386,9 +386,6 @@ def _open_run(open_run, fields: dict, storage_options: dict | None, slice_, work
         nonlocal agreed
         agreed = True
         distributed.agree(slice_, {**resolved, "workers": workers})
-        if resolved.get("generation") is not None:  # the same on every process, so all exit 2
-            raise UserError("generation runs do not run on a multi-host slice yet (decoding is per process); "
-                            "run `actex generate` as independent workers (--claim) instead")
 
     try:
         return open_run(fields, storage_options=storage_options, agree=agree)

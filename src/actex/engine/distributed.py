@@ -121,6 +121,7 @@ class Slice:
     barrier_timeout_s: float
     hosts: list[str] = field(default_factory=list)
     coordinator: str | None = None
+    published: list[str] = field(default_factory=list, repr=False)  # own allgather keys, oldest first
 
     @property
     def primary(self) -> bool:
@@ -196,6 +197,20 @@ class Slice:
             raise BarrierTimeout(self.missing_message(f"broadcast {name}", [0], timeout_s))
         return json.loads(data)
 
+    def allgather(self, name: str, value: str, timeout_s: float | None = None) -> list[str]:
+        """Every process's `value` (by index) on every process.
+
+        Called in the same order on every process (once per chunk, say). Each process
+        deletes its own key of two calls back: it has read every value of the last call, so
+        every process had published the last call's, so every process had finished reading
+        the call before that one.
+        """
+        values = self.exchange(f"ag/{name}", value, timeout_s=timeout_s)
+        self.published.append(f"{_PREFIX}/x/ag/{name}/{self.index}")
+        if len(self.published) > 2:
+            self.client.key_value_delete(self.published.pop(0))
+        return values  # type: ignore[return-value]
+
     def request_stop(self, reason: str) -> None:
         """Ask the whole slice to stop after the step in flight (safe from a signal handler's
         thread; the first request wins, later ones are dropped)."""
@@ -214,7 +229,7 @@ class Slice:
         from actex.engine.work import ProcessRole
 
         return ProcessRole(index=self.index, count=self.count, barrier=self.barrier,
-                           gather=self._gather_to_primary, share=self.broadcast)
+                           gather=self._gather_to_primary, share=self.broadcast, allgather=self.allgather)
 
     def _gather_to_primary(self, name: str, value: str) -> list[str] | None:
         return self.exchange(name, value, to=0)

@@ -35,7 +35,7 @@ from actex.engine.pipeline import ChunkAssembler, ChunkJob, Pipeline, PipelineCo
 from actex.engine.work import SINGLE_PROCESS, ChunkSource, ProcessRole
 from actex.model import LoadedModel, ModelConfig, hook_width, layers_needed, load_model, load_tokenizer, make_capture_fn
 from actex.model.attention import resolve_backend
-from actex.model.mesh import DATA, RowShare, choose_mesh, describe, global_batch, process_rows
+from actex.model.mesh import DATA, RowShare, choose_mesh, describe, global_batch, model_within_process, process_rows
 from actex.model.weights import param_dtype, read_model_config, resolve_model_dir
 from actex.store.commits import CommitRecord, Heartbeat, committed_chunks
 from actex.store.folder import Store, open_store
@@ -134,6 +134,9 @@ def open_run(fields: dict, *, storage_options: dict | None = None,
     # Decoding (a generation run) needs every block; capture alone stops at the deepest hook.
     n_layers = ckpt.n_layers if config.generation is not None else layers_needed(config.hooks, ckpt.n_layers)
     mesh = choose_mesh(device.mesh, ckpt, config.compute_dtype, n_layers)
+    if config.generation is not None and not model_within_process(mesh):
+        raise ValueError(f"--mesh {device.mesh}: generation decodes each process's prompts on its own devices, "
+                         "so the model axis must stay within one process")
     attention = resolve_backend(device.attention, mesh.devices.flat[0].platform, config.compute_dtype,
                                 softcap=ckpt.attn_softcap, windowed=ckpt.sliding_window is not None)
     log.info("mesh %s over %s devices, attention %s", describe(mesh), mesh.devices.flat[0].platform, attention,
@@ -296,7 +299,7 @@ def extract(
     # One per share, kept alike by every process; caps the programs compiled for partial batches.
     budgets = [ShapeBudget() for _ in range(rows.count)]
     # A generation run decodes each chunk's prompts first (engine/generate.py).
-    generator = ChunkGenerator(run) if config.generation is not None else None
+    generator = ChunkGenerator(run, role) if config.generation is not None else None
     tokens_of = generator.chunk_tokens if generator is not None else (lambda chunk: chunk_tokens(run, chunk))
     # Process 0 reads the committed set; in a slice every process must skip the same chunks.
     done = set(role.share("committed", lambda: sorted(committed_chunks(run.store))))

@@ -42,7 +42,10 @@ from actex.data import arc
 from actex.data.arc_answers import accuracy, answer_record, submission, vote
 from actex.data.packing import seq_buckets
 from actex.data.tokenize import TokenizedSample, tokenize_samples
+from actex.engine.lockstep import split_shares
+from actex.engine.work import SINGLE_PROCESS, ProcessRole
 from actex.model.generate import Sampling, make_continuous_fn, sample_keys
+from actex.model.mesh import process_local
 from actex.store.folder import Store
 
 log = logging.getLogger(__name__)
@@ -115,10 +118,21 @@ class DecodeFigures:
 
 
 class ChunkGenerator:
-    """Decodes a chunk's prompts and returns them as prompt + generation samples."""
+    """Decodes a chunk's prompts and returns them as prompt + generation samples.
 
-    def __init__(self, run):
+    On a pod slice (`role.count` > 1) each process decodes its own share of the chunk's
+    prompts on its own devices (decoding needs no other process: each holds whole
+    weights when the model axis stays within it), then every process receives every
+    share's tokens (role.allgather), so each holds the whole chunk's prompt + generation
+    samples exactly as one process would, and the capture runs in lockstep as for extract.
+    Sampled tokens depend on (seed, sample id) alone, so the split changes nothing.
+    """
+
+    def __init__(self, run, role: ProcessRole = SINGLE_PROCESS):
         self.run = run
+        self.role = role
+        # The parameters on this process's devices: decoding is this process's own work.
+        self.params = run.model.params if role.count == 1 else process_local(run.model.params, run.mesh)
         self.settings = run.config.generation
         self.data = run.config.data
         self.stop = stop_token_ids(run.tokenizer, self.settings.stop_tokens)
@@ -142,7 +156,23 @@ class ChunkGenerator:
         prompts = tokenize_samples(samples, self.run.tokenizer, whole)
         room = self.data.max_seq_len - self.settings.max_new_tokens
         fits = [t for t in prompts if 0 < len(t.token_ids) <= room]
-        queues = decode_queues(fits, self.settings.max_new_tokens, self.run.config.batch_tokens,
+        mine = split_shares(fits, self.role.count)[self.role.index] if self.role.count > 1 else fits
+        generated = self._decode(mine)
+        if self.role.count > 1:
+            generated = self._everyones(chunk, generated)
+        return [self._sample(s, t, generated.get(t.sample_id), room) for s, t in zip(samples, prompts)]
+
+    def _everyones(self, chunk: int, mine: dict[int, tuple[np.ndarray, bool]]) -> dict[int, tuple[np.ndarray, bool]]:
+        """Every process's decoded tokens of `chunk`, from this process's own."""
+        payload = json.dumps({str(sid): [ids.tolist(), stopped] for sid, (ids, stopped) in mine.items()})
+        merged: dict[int, tuple[np.ndarray, bool]] = {}
+        for value in self.role.allgather(f"decode/{chunk}", payload):
+            merged |= {int(sid): (np.asarray(ids, np.int32), bool(stopped)) for sid, (ids, stopped) in json.loads(value).items()}
+        return merged
+
+    def _decode(self, prompts: list[TokenizedSample]) -> dict[int, tuple[np.ndarray, bool]]:
+        """{sample id: (generated ids, ended by a stop token)} of `prompts`; sets self.figures."""
+        queues = decode_queues(prompts, self.settings.max_new_tokens, self.run.config.batch_tokens,
                                self.data.max_seq_len)
         start = time.perf_counter()
         # Dispatch every queue before fetching any: the device runs while the host waits.
@@ -150,7 +180,7 @@ class ChunkGenerator:
         for queue in queues:
             keys = np.zeros((len(queue.token_ids), 2), np.uint32)
             keys[: len(queue.samples)] = sample_keys(self.settings.seed, [t.sample_id for t in queue.samples])
-            pending.append(self._decoder(queue.slots)(self.run.model.params, queue.token_ids, queue.mask,
+            pending.append(self._decoder(queue.slots)(self.params, queue.token_ids, queue.mask,
                                                       self.stop_array, keys, np.int32(len(queue.samples))))
         generated: dict[int, tuple[np.ndarray, bool]] = {}
         figures = DecodeFigures()
@@ -163,7 +193,7 @@ class ChunkGenerator:
             figures.busy += int(stats.busy)
         figures.seconds = time.perf_counter() - start
         self.figures = figures
-        return [self._sample(s, t, generated.get(t.sample_id), room) for s, t in zip(samples, prompts)]
+        return generated
 
     def _sample(self, sample, prompt: TokenizedSample, generation, room: int) -> TokenizedSample:
         meta = {**prompt.meta, "source_row": sample.source_row, "n_prompt_tokens": len(prompt.token_ids)}

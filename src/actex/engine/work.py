@@ -104,7 +104,8 @@ class ProcessRole:
     (engine/distributed.py) fills them from the coordination service:
     `barrier(name)` returns once every process reached it; `gather(name, value)` gives
     process 0 every process's value (by index; None elsewhere) once all arrived;
-    `share(name, make)` runs make() on process 0 and hands its JSON result to everyone.
+    `share(name, make)` runs make() on process 0 and hands its JSON result to everyone;
+    `allgather(name, value)` hands every process every process's value (by index).
     Each process writes the rows of the global batch it holds (of a model group spanning
     processes, only the group's first: mesh.RowShare); process 0 commits.
     """
@@ -114,6 +115,7 @@ class ProcessRole:
     barrier: Callable[[str], None] = field(default=_no_barrier, compare=False)
     gather: Callable[[str, str], list[str] | None] = field(default=_only_value, compare=False)
     share: Callable[[str, Callable[[], Any]], Any] = field(default=_own_value, compare=False)
+    allgather: Callable[[str, str], list[str]] = field(default=_only_value, compare=False)
 
     @property
     def commits(self) -> bool:

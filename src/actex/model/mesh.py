@@ -306,3 +306,37 @@ def local_rows(array) -> np.ndarray:
     for shard in sorted(array.addressable_shards, key=lambda s: s.replica_id):
         copies.setdefault(shard.index[0].start or 0, shard)
     return np.concatenate([np.asarray(copies[start].data) for start in sorted(copies)], axis=0)
+
+
+def model_within_process(mesh: Mesh) -> bool:
+    """Whether every model group (a row of the mesh) lies on one process."""
+    return all(len({d.process_index for d in row}) == 1 for row in mesh.devices)
+
+
+def process_local(tree, mesh: Mesh):
+    """The same arrays on this process's devices only: a mesh of its rows of `mesh`.
+
+    For work one process does alone on a slice (decoding its share of prompts): arrays
+    that are not split over "data" (parameters never are) hold whole copies on every
+    process, so this process's shards already make the whole array. Raises ValueError
+    when a model group spans processes (the process holds only part of each weight).
+    Returns the tree of process-local arrays (the tree itself on one process).
+    """
+    if not model_within_process(mesh):
+        raise ValueError("a model axis across processes holds part of each weight on each process; "
+                         "this needs the model axis within one process")
+    me = jax.process_index()
+    rows = [r for r in range(mesh.devices.shape[0]) if mesh.devices[r][0].process_index == me]
+    if len(rows) == mesh.devices.shape[0]:
+        return tree
+    local = Mesh(mesh.devices[rows], mesh.axis_names)
+
+    def move(array: jax.Array) -> jax.Array:
+        spec = array.sharding.spec
+        if DATA in jax.tree.leaves(tuple(spec)):
+            raise ValueError(f"an array split over {DATA!r} is not whole on one process")
+        return jax.make_array_from_single_device_arrays(
+            array.shape, NamedSharding(local, spec), [shard.data for shard in array.addressable_shards])
+
+    return jax.tree.map(move, tree)
+
