@@ -30,11 +30,13 @@ Needs the optional torch extra for the recomputation: `pip install 'actex[torch]
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
 from actex.reference import load_reference, reference_activations
+from actex.store import layout
 from actex.store.integrity import CorruptPartError
 from actex.store.reader import Block, Part, Run
 
@@ -110,6 +112,29 @@ def check_integrity(run: Run, parts: list[Part]) -> dict[str, str]:
         except CorruptPartError as error:
             problems[part.path] = str(error)
     return problems
+
+
+# Where `set_aside` moves the commit records of corrupt chunks (outside commits/, so they
+# no longer count as committed; kept, not deleted, to show what was repaired and when).
+SET_ASIDE_DIR = "repaired"
+
+
+def set_aside(run: Run, chunks: Iterable[int]) -> dict[int, str]:
+    """Uncommit `chunks` by moving each commit record to repaired/<chunk>-<attempt>.json.
+
+    A chunk exists only through its commit record, so the next `actex extract` of the run
+    recomputes exactly these chunks (the plan and the computation are deterministic: the
+    same bytes as before the damage) and `actex gc` later deletes their old attempts.
+    Copy first, then delete: an interruption leaves the chunk committed, never lost.
+    Returns {chunk: the record's new path}."""
+    moved = {}
+    for chunk in sorted(set(chunks)):
+        record_path = layout.commit_path(chunk)
+        aside = f"{SET_ASIDE_DIR}/{layout.chunk_name(chunk)}-{run.record(chunk).attempt}.json"
+        run.store.create_exclusive(aside, run.store.read_bytes(record_path))  # False: set aside before
+        run.store.delete(record_path)
+        moved[chunk] = aside
+    return moved
 
 
 def default_tolerance(run: Run) -> float:

@@ -30,6 +30,8 @@ import typer
 
 from actex.cli.options import collect, extract_options, unknown_variables, with_defaults, with_extract_options
 from actex.config import ConfigError, WorkerOptions, check_field_names, load_config_file, merge_fields
+from actex.data.sources import check_source
+from actex.data.tokenize import long_samples
 
 log = logging.getLogger("actex")
 
@@ -184,12 +186,53 @@ def setup_logging(log_json: bool, verbose: bool = False) -> None:
 # ----------------------------------------------------------------------------- progress
 
 
-class ProgressView:
-    """A rich progress bar on a TTY; a log line per commit otherwise (JSON with --log-json)."""
+class ProgressLines:
+    """Plain progress lines on stderr every `every_s` seconds, for logs a progress bar
+    never reaches (nohup, sbatch, a container's log): chunks, samples, tokens, rates,
+    elapsed time and ETA, from the latest commit's counters. A daemon thread, so a line
+    also comes while a long chunk (or the first compile) is under way."""
 
-    def __init__(self, total: int, *, show_bar: bool):
+    def __init__(self, total: int, every_s: float):
+        self.total = total
+        self.every_s = every_s
+        self.started = time.monotonic()
+        self.snap: dict = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="actex-progress", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            typer.echo(self.line(), err=True)
+
+    def line(self) -> str:
+        done, snap = self.snap.get("chunks_done", 0), self.snap
+        elapsed = time.monotonic() - self.started
+        eta = _clock(elapsed / done * (self.total - done)) if done else "-"
+        return (f"actex: progress {done}/{self.total} chunks, {snap.get('samples', 0):,} samples, "
+                f"{snap.get('tokens', 0):,} tokens, {snap.get('tokens_per_s', 0):,.0f} tokens/s, "
+                f"{snap.get('bytes_per_s', 0) / 1e6:,.1f} MB/s, elapsed {_clock(elapsed)}, ETA {eta}")
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+
+
+class ProgressView:
+    """A rich progress bar on a TTY; otherwise plain progress lines every `every_s` seconds
+    (ProgressLines) and a log record per commit (shown with --log-json, as JSON)."""
+
+    def __init__(self, total: int, *, show_bar: bool, every_s: float = 0.0):
         self.total = total
         self._bar = None
+        self._lines = ProgressLines(total, every_s) if every_s > 0 and not show_bar else None
         if show_bar:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -211,15 +254,21 @@ class ProgressView:
     def __enter__(self) -> "ProgressView":
         if self._bar is not None:
             self._bar.start()
+        if self._lines is not None:
+            self._lines.start()
         return self
 
     def __exit__(self, *exc) -> None:
         if self._bar is not None:
             self._bar.stop()
+        if self._lines is not None:
+            self._lines.stop()
 
     def committed(self, record, snap: dict) -> None:
         """Called on the commit lane after each chunk this worker committed."""
         with self._lock:
+            if self._lines is not None:
+                self._lines.snap = snap
             if self._bar is not None:
                 self._bar.update(
                     self._task,
@@ -249,7 +298,7 @@ def run_extract(fields: dict, options: WorkerOptions, *, storage_options: dict |
     """
     from actex.engine import distributed
     from actex.engine.extract import enable_compilation_cache, extract, open_run, worker_heartbeat
-    from actex.engine.liveness import Liveness
+    from actex.engine.liveness import Liveness, live_twin
     from actex.engine.preemption import PreemptionGuard, watch_gce_preemption
     from actex.engine.work import SINGLE_PROCESS, StaticChunks, worker_index_from_env
     from actex.store.claims import ClaimedChunks
@@ -288,6 +337,9 @@ def run_extract(fields: dict, options: WorkerOptions, *, storage_options: dict |
             worker = slice_.broadcast("worker", lambda: worker)
         done = committed_chunks(run.store)
         heartbeat = worker_heartbeat(run, worker if role.index == 0 else f"{worker}.p{role.index}")
+        twin = live_twin(heartbeat)
+        if twin is not None:
+            log.warning(twin)
         liveness = Liveness(heartbeat, stall_timeout_s=options.stall_timeout)
         primary = slice_ is None or slice_.primary
         static = StaticChunks(run.plan.num_chunks, worker_index, num_workers)
@@ -325,7 +377,7 @@ def run_extract(fields: dict, options: WorkerOptions, *, storage_options: dict |
     on_request = None if slice_ is None else slice_.request_stop
     with PreemptionGuard(stop, deadline_s=options.preempt_deadline, on_abandon=abandon, exit_code=preempted_exit_code,
                          on_request=on_request) as guard, \
-            ProgressView(todo, show_bar=show_bar) as view:
+            ProgressView(todo, show_bar=show_bar, every_s=0 if log_json else options.progress_every) as view:
         guard_holder.append(guard)
         watch_gce_preemption(guard)
         try:
@@ -443,6 +495,8 @@ def extract_body(values: dict, options: list | None = None, generating: bool = F
         check_required(fields)
         if fields.get("layers") is not None and fields.get("hooks"):
             raise UserError("give either --hooks or --layers/--activation, not both")
+        # A missing local dataset is reported now, in a second, not after devices and model.
+        check_source(fields["data"]["dataset"])
     run_extract(fields, worker)
 
 
@@ -527,7 +581,10 @@ def inspect_command(
         # Real tokens / computed slots over the committed chunks: what packing wasted.
         summary["useful_token_fraction"] = useful_token_fraction(run.commits.values())
         summary["answers"] = answers_summary(run)
-        summary["skipped_rows"] = read_manifest(run.store).skipped_rows
+        manifest = read_manifest(run.store)
+        summary["skipped_rows"] = manifest.skipped_rows
+        summary["skipped_row_list"] = list(manifest.skipped_row_list)
+        summary["long_samples"] = long_samples(committed_sample_metas(run))
     if as_json:
         typer.echo(json.dumps(summary, indent=2, default=str))
         return
@@ -542,9 +599,7 @@ def inspect_command(
     )
     if summary["useful_token_fraction"] is not None:
         console.print(f"useful tokens {summary['useful_token_fraction']:.1%} of the slots computed (the rest: padding)")
-    if summary["skipped_rows"]:
-        reasons = ", ".join(f"{count} x {reason}" for reason, count in summary["skipped_rows"].items())
-        console.print(f"skipped rows (--on-bad-row skip): {sum(summary['skipped_rows'].values()):,}: {reasons}", markup=False)
+    _print_skipped(console, summary)
     if summary["stats_chunks"] < summary["chunks_committed"]:
         console.print(f"statistics below: over {summary['stats_chunks']} of the {summary['chunks_committed']} committed chunks, "
                       "spread evenly (--stats-chunks 0 for all)")
@@ -557,6 +612,30 @@ def inspect_command(
     if summary.get("answers"):
         _print_answers(console, summary["answers"])
     console.print_json(json.dumps(summary["config"]))
+
+
+def committed_sample_metas(run) -> list[dict]:
+    """Every committed sample's samples.jsonl record, the chunks' files fetched together."""
+    from actex.store.shards import decode_samples_jsonl
+
+    paths = [record.samples_path for record in run.records().values()]
+    return [meta for path, data in run.store.read_many(paths).items()
+            for meta in decode_samples_jsonl(data, run.store.url_of(path))]
+
+
+def _print_skipped(console, summary: dict, shown: int = 10) -> None:
+    """Rows skipped as bad, and samples cut or dropped for length: counts, then where."""
+    if summary["skipped_rows"]:
+        reasons = ", ".join(f"{count} x {reason}" for reason, count in summary["skipped_rows"].items())
+        console.print(f"skipped rows (--on-bad-row skip): {sum(summary['skipped_rows'].values()):,}: {reasons}", markup=False)
+        for row in summary["skipped_row_list"][:shown]:
+            console.print(f"  {row['source']}:row {row['row']}: {row['reason']}", markup=False)
+    for kind, entry in summary["long_samples"].items():
+        what = "truncated to --max-seq-len" if kind == "truncated" else "skipped for length (no tokens stored)"
+        console.print(f"samples {what}: {entry['count']:,} of the committed ones", markup=False)
+        for meta in entry["samples"][:shown]:
+            console.print(f"  sample {meta['sample_id']} ({meta['source']}:row {meta['row']}): "
+                          f"{meta['n_source_tokens']:,} tokens, {meta['n_tokens']:,} stored", markup=False)
 
 
 def _print_answers(console, answers: dict) -> None:

@@ -81,25 +81,22 @@ def verify(
     device: str = typer.Option("cpu", "--device", help="torch device of the reference model."),
     integrity_only: bool = typer.Option(False, "--integrity-only", help="Only check every committed part's "
                                         "bytes against the checksums recorded at write time (no model, no torch)."),
+    repair: bool = typer.Option(False, "--repair", help="Check every committed part as --integrity-only does, "
+                                "and uncommit each chunk with a corrupt part (its commit record is moved to "
+                                "repaired/), so that rerunning `actex extract` recomputes exactly those chunks."),
 ) -> None:
     """Check the parts it reads against their checksums, then recompute random stored samples with
-    Hugging Face transformers and compare (needs the torch extra)."""
+    Hugging Face transformers and compare (needs the torch extra). A corrupt chunk is repaired by
+    --repair, then rerunning the run's `actex extract` command."""
     from actex.store.integrity import CorruptPartError
     from actex.store.reader import Run
-    from actex.verify import check_integrity
     from actex.verify import verify as run_verify
 
     with user_errors():
         run = Run(run_store(url))
         try:
-            if integrity_only:
-                parts = run.parts()
-                corrupt = check_integrity(run, parts)
-                for line in corrupt.values():
-                    typer.echo(f"  FAIL  {line}")
-                typer.echo(f"actex: checked {len(parts)} part(s) of {run.url}: {len(corrupt)} corrupt")
-                if corrupt:
-                    raise typer.Exit(EXIT_VERIFY_FAILED)
+            if integrity_only or repair:
+                _check_every_part(run, repair)
                 return
             report = run_verify(run, samples, seed=seed, tolerance=tolerance, model=model, device=device)
         except CorruptPartError as error:  # a part's index, read while choosing samples
@@ -115,6 +112,28 @@ def verify(
                    f"token {check.worst_index} position {check.worst_position})")
     if not report.ok:
         raise typer.Exit(EXIT_VERIFY_FAILED)
+
+
+def _check_every_part(run, repair: bool) -> None:
+    """--integrity-only / --repair: every committed part against its checksums; exit 1 if any
+    is corrupt, unless --repair set their chunks aside (then exit 0: rerun extract)."""
+    from actex.verify import check_integrity, set_aside
+
+    parts = run.parts()
+    corrupt = check_integrity(run, parts)
+    for line in corrupt.values():
+        typer.echo(f"  FAIL  {line}")
+    typer.echo(f"actex: checked {len(parts)} part(s) of {run.url}: {len(corrupt)} corrupt")
+    if not corrupt:
+        return
+    if not repair:
+        typer.echo("actex: `actex verify --repair` uncommits their chunks; rerunning `actex extract` then recomputes them")
+        raise typer.Exit(EXIT_VERIFY_FAILED)
+    chunks = {part.chunk for part in parts if part.path in corrupt}
+    for chunk, aside in set_aside(run, chunks).items():
+        typer.echo(f"actex: chunk {chunk} uncommitted: its commit record moved to {run.store.url_of(aside)}")
+    typer.echo(f"actex: rerun the run's `actex extract` command to recompute the {len(chunks)} chunk(s); "
+               "nothing else is recomputed")
 
 
 def gc(

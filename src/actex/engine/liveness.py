@@ -20,12 +20,15 @@ safe to abandon because it exists only once its commit record does.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable
 
+from actex.store import layout
 from actex.store.commits import Heartbeat
 
 log = logging.getLogger(__name__)
@@ -33,6 +36,37 @@ log = logging.getLogger(__name__)
 HEARTBEAT_EVERY_S = 10.0
 DEFAULT_STALL_TIMEOUT_S = 1200.0  # first compiles of a big model take minutes; a stuck upload forever
 EXIT_STALLED = 1
+
+
+def live_twin(heartbeat: Heartbeat, *, beat_every_s: float = HEARTBEAT_EVERY_S) -> str | None:
+    """A warning when another process is running as this worker: its heartbeat (the same
+    workers/<id>.json) was written by another host or pid, says "running" and is younger
+    than three beats. Two static workers with one --worker-index compute every chunk twice
+    (each chunk is committed once, the other attempt thrown away); nothing stops them, so
+    say what to do instead. None when there is no such heartbeat (or it cannot be read)."""
+    try:
+        other = json.loads(heartbeat.store.read_bytes(layout.worker_path(heartbeat.worker)))
+        who, age = (other["host"], other["pid"]), time.time() - float(other["updated_at"])
+        running = other["state"] == "running"
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # no heartbeat yet, or one a monitor would skip too
+    if who == (socket.gethostname(), os.getpid()) or not running or age > 3 * beat_every_s:
+        return None
+    if who[0] == socket.gethostname() and not _alive(who[1]):
+        return None  # a worker of this machine that died (and was restarted as this one)
+    return (f"another process runs as worker {heartbeat.worker} (host {who[0]!r}, pid {who[1]!r}, heartbeat "
+            f"{max(age, 0):.0f} s ago): two workers with one index compute every chunk twice. Give each worker its "
+            "own --worker-index with --num-workers N, or start them all with --claim to share the chunks")
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, TypeError, OverflowError):
+        return True  # someone else's process, or a pid we cannot judge: assume it lives
+    return True
 
 
 class Liveness:
@@ -119,8 +153,15 @@ class Liveness:
                 thread.join(timeout=self.beat_every_s)
 
     def _beat_loop(self) -> None:
+        warned = False
         while not self._closed.wait(self.beat_every_s):
             try:
+                # Another process wrote our heartbeat since our last beat: a twin started
+                # with the same worker id (possibly at the same moment as this one).
+                twin = None if warned else live_twin(self.heartbeat, beat_every_s=self.beat_every_s)
+                if twin is not None:
+                    log.warning(twin)
+                    warned = True
                 self.heartbeat.beat(force=True)
             except OSError as error:  # monitoring only: a run never fails over its heartbeat
                 log.warning("heartbeat %s not written: %s", self.heartbeat.worker, error)

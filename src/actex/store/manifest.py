@@ -24,6 +24,9 @@ from actex.store.folder import Store
 # imports). `--output gs://b/runs/` and `gs://b/runs`, or no --run-name and the name it
 # derives, reach the same run.
 LOCATION_FIELDS = frozenset({"output", "run_name"})
+# What run.json lists of the skipped rows: enough to find them, small enough for every worker to read.
+SKIPPED_ROWS_LISTED = 1000
+PROVENANCE = ("created_at", "actex_version", "skipped_rows", "skipped_row_list")
 
 
 class ManifestMismatchError(ValueError):
@@ -59,12 +62,15 @@ class RunManifest:
     created_at: float = field(default_factory=time.time)
     actex_version: str = __version__
     skipped_rows: dict[str, int] = field(default_factory=dict)  # rows skipped by --on-bad-row skip, by reason
+    # ... and the first SKIPPED_ROWS_LISTED of them, each {source, row, index, reason}, so a
+    # user can find them again (the counts above blank the numbers to group alike reasons).
+    skipped_row_list: tuple[dict[str, Any], ...] = ()
 
     def identity(self) -> dict[str, Any]:
         """Everything that must agree between workers of one run."""
         full = self.to_dict()
         full["config"] = {k: v for k, v in self.config.items() if k not in LOCATION_FIELDS}
-        return {k: v for k, v in full.items() if k not in ("created_at", "actex_version", "skipped_rows")}
+        return {k: v for k, v in full.items() if k not in PROVENANCE}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -84,6 +90,7 @@ class RunManifest:
             "created_at": self.created_at,
             "actex_version": self.actex_version,
             "skipped_rows": self.skipped_rows,
+            "skipped_row_list": list(self.skipped_row_list),
         }
 
     def to_json(self) -> bytes:
@@ -108,6 +115,7 @@ class RunManifest:
                 created_at=float(d.get("created_at", 0.0)),
                 actex_version=str(d.get("actex_version", "")),
                 skipped_rows={str(k): int(v) for k, v in d.get("skipped_rows", {}).items()},
+                skipped_row_list=tuple(dict(row) for row in d.get("skipped_row_list", ())),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{where}: not a run manifest ({type(exc).__name__}: {exc})") from None

