@@ -36,8 +36,9 @@ def stored(tmp_path_factory):
 def epochs_read(stored, world: int, workers: int, persistent: bool) -> list[list[dict]]:
     """Per epoch, every batch every rank's DataLoader yielded (ranks in turn, like separate hosts)."""
     datasets = [ActivationDataset(stored.url, HOOK, 5, rank=r, world_size=world, seed=7, **SMALL) for r in range(world)]
-    loaders = [torch.utils.data.DataLoader(d, batch_size=None, num_workers=workers, persistent_workers=persistent)
-               for d in datasets]
+    # A worker that hangs (forked from a process with JAX's threads, say) fails the test in a minute.
+    loaders = [torch.utils.data.DataLoader(d, batch_size=None, num_workers=workers, persistent_workers=persistent,
+                                           timeout=60 if workers else 0) for d in datasets]
     out = []
     for epoch in range(EPOCHS):
         for dataset in datasets:
