@@ -13,14 +13,14 @@ from reader_fixtures import write_run
 
 from actex import open_run
 from actex.exports.legacy import export_legacy, layer_keys
-from actex.exports.saelens import export_saelens, infer_context_size, window_starts
+from actex.exports.saelens import context_starts, export_saelens, infer_context_size
 
 HOOK = "blocks.0.hook_resid_post"
 
 
 def test_saelens_fixed_context_holds_every_token(tmp_path):
     expected = write_run(str(tmp_path / "run"), lengths=[[[8, 8], [8]], [[8, 8]], [[8]]], uncommitted=(2,))
-    result = export_saelens(open_run(expected.url), tmp_path / "sae", HOOK)
+    result = export_saelens(open_run(expected.url), tmp_path / "sae", HOOK, dtype="float32", seed=None)
     assert (result.context_size, result.rows, result.tokens_dropped) == (8, 5, 0)
     ds = load_from_disk(str(tmp_path / "sae"))
     assert ds.features[HOOK] == Array2D(shape=(8, 16), dtype="float32")
@@ -33,11 +33,11 @@ def test_saelens_fixed_context_holds_every_token(tmp_path):
 def test_saelens_cuts_windows_and_drops_tails(tmp_path):
     # Samples of 10 and 7 tokens extracted in windows of 4 (positions 0-3, 0-3, 0-1 / 0-3, 0-2).
     expected = write_run(str(tmp_path / "run"), lengths=[[[10, 7]]], window=4)
-    result = export_saelens(open_run(expected.url), tmp_path / "sae", HOOK, context_size=4)
+    result = export_saelens(open_run(expected.url), tmp_path / "sae", HOOK, context_size=4, seed=None)
     assert (result.rows, result.tokens_dropped) == (3, 5)
     ds = load_from_disk(str(tmp_path / "sae")).with_format("numpy")
     rows = [0, 1, 2, 3, 4, 5, 6, 7, 10, 11, 12, 13]
-    np.testing.assert_array_equal(ds[:][HOOK].reshape(-1, 16), expected.hooks[HOOK][rows].astype(np.float32))
+    np.testing.assert_array_equal(ds[:][HOOK].reshape(-1, 16), expected.hooks[HOOK][rows].astype(np.float16))
     # Samples of different lengths (ARC prompts, say) need no --context-size: the default is
     # the largest power of two that fits the shortest window (min(7, window 4) -> 4).
     default = export_saelens(open_run(expected.url), tmp_path / "other", HOOK)
@@ -52,10 +52,14 @@ def test_saelens_default_context_size_for_varying_lengths(tmp_path):
     assert infer_context_size(open_run(windowed.url)) == 8  # no window is longer than 12
 
 
-def test_window_starts_never_cross_a_restart():
+def test_context_starts_never_cross_a_restart():
     positions = np.array([0, 1, 2, 0, 1, 2, 3, 4, 5, 6])
-    assert window_starts(positions, np.zeros(10), 3).tolist() == [0, 3, 6]
-    assert window_starts(positions, np.array([0] * 5 + [1] * 5), 3).tolist() == [0, 6]
+    assert context_starts(positions, np.zeros(10), 3).tolist() == [0, 3, 6]
+    assert context_starts(positions, np.array([0] * 5 + [1] * 5), 3).tolist() == [0, 6]
+    # From each window's end: [0, 3) is the whole 3-token window, then [4, 7) and [7, 10).
+    assert context_starts(positions, np.zeros(10), 3, align="end").tolist() == [0, 4, 7]
+    # Only each window's first context, the whole contexts.
+    assert context_starts(positions, np.zeros(10), 3, first_only=True).tolist() == [0, 3]
 
 
 def test_legacy_pickles_round_trip(tmp_path):

@@ -121,14 +121,15 @@ def test_cli_export_and_gc(engine_run, tmp_path):
     result = runner.invoke(app, ["export", engine_run, str(tmp_path / "sae"), "--to", "saelens",
                                  "--hook", "hook_embed", "--context-size", "16"])
     assert result.exit_code == 0, result.output
-    # The export holds exactly the stored 16-token contexts of hook_embed, values and ids.
+    # The export holds exactly the stored 16-token contexts of hook_embed, values and ids,
+    # under the name SAELens hooks it by in the transformers model (the embedding module).
     ds = load_from_disk(str(tmp_path / "sae"))
     width = open_run(engine_run).hooks["hook_embed"]
-    assert ds.features["hook_embed"] == Array2D(shape=(16, width), dtype="float32")
+    assert ds.features["model.embed_tokens"] == Array2D(shape=(16, width), dtype="float32")
     ds.set_format("numpy")
     exported = sorted(
         (ids.astype(np.int32).tobytes(), acts.astype(np.float32).tobytes())
-        for ids, acts in zip(ds[:]["token_ids"], ds[:]["hook_embed"], strict=True)
+        for ids, acts in zip(ds[:]["token_ids"], ds[:]["model.embed_tokens"], strict=True)
     )
     expected = expected_contexts(stored_samples(engine_run, "hook_embed"), 16)
     assert len(expected) >= 5 and exported == expected

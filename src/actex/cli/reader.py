@@ -31,7 +31,21 @@ def export(
                                              "legacy-pickle: repeat it, default all hooks)."),
     context_size: Optional[int] = typer.Option(None, "--context-size", min=1, help="saelens: tokens per row "
                                                "(default: the common sample length; other windows are cut to it)."),
-    dtype: str = typer.Option("float32", "--dtype", help="Activation dtype in the export: float32 or float16."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Activation dtype in the export: float32 or float16 "
+                                        "(saelens default: float16 for a 16-bit run, exact for its bfloat16 values; "
+                                        "legacy-pickle default: float32)."),
+    contexts: str = typer.Option("all", "--contexts", help="saelens: all = every C-token slice of every forward "
+                                 "window (column position > 0 marks a slice that saw earlier tokens); first = only "
+                                 "each window's first context, whole contexts SAELens's evals recompute exactly."),
+    align: str = typer.Option("start", "--align", help="saelens: cut each window from its start (its shorter tail "
+                              "is dropped) or from its end (its head is dropped: a prompt's end is always kept)."),
+    shuffle: bool = typer.Option(True, "--shuffle/--no-shuffle", help="saelens: shuffle rows globally (seeded)."),
+    seed: int = typer.Option(0, "--seed", help="saelens: seed of the row shuffle."),
+    model: Optional[str] = typer.Option(None, "--model", help="saelens: local copy of the checkpoint for SAELens to "
+                                        "load (default: run.json's model)."),
+    model_class: str = typer.Option("AutoModelForCausalLM", "--model-class", help="saelens: how SAELens loads the "
+                                    "model: AutoModelForCausalLM (any transformers checkpoint; the column takes the "
+                                    "module's name) or HookedTransformer (TransformerLens's official models)."),
     samples_per_shard: int = typer.Option(64, "--samples-per-shard", min=1, help="legacy-pickle: samples per shard."),
 ) -> None:
     """Export a run for other tools: SAELens cached activations or the legacy pickle layout."""
@@ -44,16 +58,42 @@ def export(
 
             if not hook or len(hook) != 1:
                 raise UserError(f"--to saelens needs exactly one --hook; stored hooks: {', '.join(run.hooks)}")
-            result = export_saelens(run, out, hook[0], context_size=context_size, dtype=dtype)
-            typer.echo(f"actex: wrote {result.rows:,} rows of {result.context_size} tokens of {result.hook} to "
-                       f"{result.path} ({result.tokens_dropped:,} tail tokens dropped)")
+            result = _export_saelens(run, out, hook[0], context_size=context_size, dtype=dtype, contexts=contexts,
+                                     align=align, seed=seed if shuffle else None, model=model, model_class=model_class)
+            _report_saelens(result)
         else:
             from actex.exports.legacy import export_legacy
 
             result = export_legacy(run, out, hooks=hook or None, samples_per_shard=samples_per_shard,
-                                   dtype=dtype, decode=_preview_decoder(run))
+                                   dtype=dtype or "float32", decode=_preview_decoder(run))
             typer.echo(f"actex: wrote {result.samples:,} samples in {result.shards} legacy shard(s) to {result.path} "
                        "(pickle: trusted use only)")
+
+
+def _export_saelens(run, out: str, hook: str, *, model: Optional[str], model_class: str, **options):
+    """Options checked, then the model SAELens will load found, before anything is written."""
+    import datasets
+
+    from actex.exports.saelens import check_options, export_saelens
+    from actex.exports.saelens_target import saelens_target
+
+    datasets.disable_progress_bars()  # the command prints its own summary line
+    check_options(run, hook, context_size=options["context_size"], dtype=options["dtype"],
+                  contexts=options["contexts"], align=options["align"])
+    target = saelens_target(run.config, hook, model=model, model_class_name=model_class)
+    return export_saelens(run, out, hook, target=target, **options)
+
+
+def _report_saelens(result) -> None:
+    where = "heads" if result.align == "end" else "tails"
+    dropped = "tokens outside each window's first context" if result.contexts == "first" else f"window {where}"
+    typer.echo(f"actex: wrote {result.rows:,} rows of {result.context_size} tokens of {result.hook} (SAELens hook "
+               f"{result.column}, {result.dtype}) to {result.path}; {result.tokens_dropped:,} tokens dropped "
+               f"({dropped}); rows {'in store order' if result.seed is None else f'shuffled, seed {result.seed}'}; "
+               f"SAELens config fields in {result.path}/saelens.json")
+    if result.retokenized_differently:
+        typer.echo(f"actex: warning: {result.retokenized_differently:,} row(s) re-tokenize from their text to other "
+                   "ids: SAELens's evals will see those ids (training uses the stored activations)", err=True)
 
 
 def _preview_decoder(run):
