@@ -396,11 +396,14 @@ def prefetched(items: Iterable, fetch: Callable, threads: int, depth: int) -> It
         while inflight:
             yield inflight.popleft().result()
     finally:
-        # The caller may stop early (break, exception): drop the queued reads and wait for
-        # the few running ones, so nothing reads on behind a closed iterator.
+        # The caller may stop early (break, exception): drop the queued reads; the few
+        # running ones end on their own and their results are dropped. Never wait for them
+        # here: an abandoned iterator is closed by the garbage collector on whatever thread
+        # runs it, one of these very threads included (which cannot join itself) or one that
+        # holds a lock a running read needs (a hang).
         for fut in inflight:
             fut.cancel()
-        pool.shutdown(wait=True, cancel_futures=True)
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 # ---------------------------------------------------------------------------------------
