@@ -1,14 +1,20 @@
-"""Greedy decoding with a KV cache in fixed-shape buffers, for `actex generate`.
+"""Decoding with a KV cache in fixed-shape buffers, for `actex generate`.
 
-    generate = make_generate_fn(config, max_new_tokens=64)
+    generate = make_generate_fn(config, max_new_tokens=64)                # one static batch
     tokens, n_generated, stopped = generate(params, token_ids, mask, stop_ids)
+    decode = make_continuous_fn(config, slots=8, max_new_tokens=64)        # decode slots
+    tokens, n_generated, stopped, stats = decode(params, token_ids, mask, stop_ids, keys, n_real)
 
 Prompts are left-padded into one [B, P] array; `mask` marks real tokens. Each row's
 positions come from its mask (the first real token is position 0), so a padded row
-computes exactly what it would alone. The cache [L, B, P + N, Hkv, hd] is allocated once
-at its final size: prefill writes the prompt's keys and values into [:, :, :P], step t
-writes index P + t, and a `lax.while_loop` runs until every row has produced a stop token
-or N tokens. Shapes never change inside the loop, so one (B, P, N) compiles once.
+computes exactly what it would alone. Caches are allocated once at their final size
+(prompt region [:P], generation at P + t) and loops are `lax.while_loop`s over fixed
+shapes, so each shape compiles once. Both paths run the model through decoder.run_layers,
+the same layer scan as the capture forward.
+
+Tokens are chosen greedily or sampled (`Sampling`: temperature, top-k, top-p) from a PRNG
+key per sample (`sample_keys`: from the seed and the sample id alone), folded with the
+token's index, so a sample draws the same tokens in any batch, slot, resume or mesh.
 
 Only the last prompt position's logits and one token per step are computed: the LM head
 never runs over the prompt. Activations are not captured here: the engine recomputes them
@@ -118,11 +124,14 @@ def sample_keys(seed: int, sample_ids, sample_index: int = 0) -> np.ndarray:
     return np.asarray(jax.vmap(lambda i: jax.random.fold_in(base, i))(ids))
 
 
-def choose_tokens(logits: jax.Array, keys: jax.Array, step: jax.Array, sampling: Sampling) -> jax.Array:
+def choose_tokens(logits: jax.Array, keys: jax.Array | None, step: jax.Array, sampling: Sampling) -> jax.Array:
     """The next token of each row: logits float32 [B, V], keys uint32 [B, 2], step [B] (the
-    token's index in its row's generation, so each draw has its own stream) -> int32 [B]."""
+    token's index in its row's generation, so each draw has its own stream) -> int32 [B].
+    Raises ValueError when sampling without keys."""
     if sampling.temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if keys is None:
+        raise ValueError("sampling (temperature > 0) needs one PRNG key per row (sample_keys)")
     scaled = logits / sampling.temperature
     if sampling.top_k:
         kth = jax.lax.top_k(scaled, sampling.top_k)[0][:, -1:]  # [B, 1]
@@ -141,13 +150,14 @@ def choose_tokens(logits: jax.Array, keys: jax.Array, step: jax.Array, sampling:
 # --------------------------------------------------------------------- the static batch
 
 
-def generate(params: Params, token_ids: jax.Array, mask: jax.Array, stop_ids: jax.Array, keys: jax.Array, *,
-             config: ModelConfig, max_new_tokens: int, sampling: Sampling = Sampling()):
+def generate(params: Params, token_ids: jax.Array, mask: jax.Array, stop_ids: jax.Array,
+             keys: jax.Array | None = None, *, config: ModelConfig, max_new_tokens: int,
+             sampling: Sampling = Sampling()):
     """Continuation of one static batch of left-padded prompts, every row until the last stops.
 
     token_ids, mask: [B, P] int32 (mask 1 = real token; every row's last column is real).
     stop_ids: [K] int32, the tokens that end a row (EOS, the chat end-of-turn token).
-    keys: uint32 [B, 2] (sample_keys; unused when greedy).
+    keys: uint32 [B, 2] (sample_keys); may be None when greedy.
     Returns tokens [B, N] int32 (N = max_new_tokens; a row's stop token is included and
     followed by zeros), n_generated [B] int32 and stopped [B] bool (ended by a stop token).
     """
@@ -195,18 +205,11 @@ def _static(params: Params, token_ids, mask, stop_ids, keys, config: ModelConfig
 
 
 def make_generate_fn(config: ModelConfig, max_new_tokens: int, sampling: Sampling = Sampling()) -> Callable:
-    """Jitted fn(params, token_ids [B, P], mask [B, P], stop_ids [K], keys [B, 2] = None) ->
+    """Jitted fn(params, token_ids [B, P], mask [B, P], stop_ids [K], keys [B, 2] (None: greedy)) ->
     (tokens [B, N], n_generated [B], stopped [B]); compiles once per (B, P, K)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    jitted = jax.jit(functools.partial(generate, config=config, max_new_tokens=max_new_tokens, sampling=sampling))
-
-    def run(params, token_ids, mask, stop_ids, keys=None):
-        if keys is None:
-            keys = np.zeros((np.shape(token_ids)[0], 2), np.uint32)
-        return jitted(params, token_ids, mask, stop_ids, keys)
-
-    return run
+    return jax.jit(functools.partial(generate, config=config, max_new_tokens=max_new_tokens, sampling=sampling))
 
 
 # ------------------------------------------------------------------ continuous batching
