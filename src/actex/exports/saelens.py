@@ -5,7 +5,8 @@
         <hook column>         Array2D (C, d_in), float16 or float32 (Arrow has no bfloat16)
         token_ids             Sequence(int32, C)
         sample_id             int64: the sample the context comes from
-        position              int32: its first token's position in its forward window
+        offset                int64: its first token's index in the sample (0 = the sample's first)
+        position              int32: its first token's position in its forward window (0 = the window's first)
     <out>/text/train.parquet  a `text` column, each row's tokens decoded: SAELens's
                               `dataset_path` (it loads one even when training from a cache)
     <out>/saelens.json        the SAELens config fields the export fixes, and provenance
@@ -69,6 +70,7 @@ class Contexts:
     activations: np.ndarray  # [rows, C, width]
     token_ids: np.ndarray  # [rows, C]
     sample_ids: np.ndarray  # [rows]
+    offsets: np.ndarray  # [rows]: index of each row's first token in its sample
     positions: np.ndarray  # [rows]: position of each row's first token in its window
 
 
@@ -103,7 +105,15 @@ def context_rows(part: Batch, context_size: int, *, align: str = "start", first_
     starts = context_starts(part.positions, part.sample_ids, context_size, align=align, first_only=first_only)
     index = starts[:, None] + np.arange(context_size)  # [rows, C]
     return Contexts(part.activations[index], part.token_ids[index], part.sample_ids[starts],
-                    part.positions[starts])
+                    token_offsets(part.sample_ids)[starts], part.positions[starts])
+
+
+def token_offsets(sample_ids: np.ndarray) -> np.ndarray:
+    """Each token's index in its sample (a part holds each sample's tokens contiguously)."""
+    n = len(sample_ids)
+    first = np.ones(n, dtype=bool)
+    first[1:] = sample_ids[1:] != sample_ids[:-1]
+    return np.arange(n) - np.maximum.accumulate(np.where(first, np.arange(n), 0))
 
 
 def infer_context_size(run: Run) -> int:
@@ -190,6 +200,7 @@ def _write_contexts(run: Run, hook: str, column: str, path: Path, context_size: 
         column: Array2D(shape=(context_size, run.hooks[hook]), dtype=dtype),
         "token_ids": Sequence(Value("int32"), length=context_size),
         "sample_id": Value("int64"),
+        "offset": Value("int64"),
         "position": Value("int32"),
     })
     rows = dropped = 0
@@ -203,6 +214,7 @@ def _write_contexts(run: Run, hook: str, column: str, path: Path, context_size: 
                     column: _converted(found.activations, dtype, hook),
                     "token_ids": found.token_ids.astype(np.int32),
                     "sample_id": found.sample_ids.astype(np.int64),
+                    "offset": found.offsets.astype(np.int64),
                     "position": found.positions.astype(np.int32),
                 })
         writer.finalize()
