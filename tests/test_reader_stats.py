@@ -76,3 +76,24 @@ def test_summary_reads_the_stats_of_a_spread_of_chunks_not_of_every_chunk(tmp_pa
     np.testing.assert_allclose(sampled.variance, var, rtol=1e-6)
     assert run.summary(stats_chunks=None)["hooks"][hook]["stats"]["count"] == 83
     assert spread([3, 5, 8, 13, 21], 3) == [3, 8, 21] and spread([1, 2], 5) == [1, 2] and spread([1, 2], 0) == []
+
+
+def test_device_moments_of_a_large_offset_feature_match_numpy_float64():
+    """A feature at 3e4 + N(0, 0.01), float32 as stored: the engine's per-batch moments
+    (reduced on the device in float32) merged across batches give numpy's float64 variance
+    to 1e-3 (a plain float32 mean before squaring was 42% off)."""
+    from actex.engine.pipeline import batch_moments, to_stats
+
+    rng = np.random.default_rng(0)
+    batches = []
+    for _ in range(3):
+        x = np.stack([3e4 + rng.normal(0, 0.01, (4, 256)), rng.normal(0, 1, (4, 256))], -1).astype(np.float32)
+        segments = np.ones((4, 256), np.int32)
+        segments[3, 200:] = 0  # padding: not a token
+        batches.append((x, segments))
+    merged = HookStats.merge_all(to_stats(batch_moments({"h": x}, seg))["h"] for x, seg in batches)
+    real = np.concatenate([x[seg > 0] for x, seg in batches]).astype(np.float64)
+    assert merged.count == len(real)
+    np.testing.assert_allclose(merged.variance, real.var(0), rtol=1e-3)
+    np.testing.assert_allclose(merged.mean, real.mean(0), rtol=1e-9, atol=1e-6)
+    assert merged.mean_l2_norm == pytest.approx(np.linalg.norm(real, axis=1).mean(), rel=1e-6)
