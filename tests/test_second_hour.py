@@ -235,3 +235,50 @@ def test_a_second_live_worker_on_one_index_is_warned_with_the_claim_hint(tiny_mo
     warning = " ".join(second.stderr.split())
     assert "another process runs as worker w0 (host 'another-machine', pid 4242" in warning
     assert "--worker-index" in warning and "--claim" in warning
+
+
+# ----------------------------------------------------------------------------- items 7 and 8: refusals a user can act on
+
+
+def test_add_bos_without_a_bos_token_exits_2_before_anything_is_written(tiny_model_dir, text_run, tmp_path):  # noqa: F811
+    cwd, _, _ = text_run
+    result = extract(tiny_model_dir, "text.jsonl", tmp_path / "out", *TEXT_ARGS, "--add-bos", cwd=cwd)
+    assert result.returncode == 2
+    assert "--add-bos: tokenizer" in error_line(result) and "has no BOS token" in error_line(result)
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_unknown_config_field_is_named_at_once_with_a_suggestion(tiny_model_dir, tmp_path):  # noqa: F811
+    config = tmp_path / "run.yaml"
+    config.write_text("batch_token: 1\nmax_seq_len: 64\ndata: {dataset: x.jsonl, datset: y, formt: text}\n")
+    result = actex("extract", "--config", str(config), "--model", str(tiny_model_dir), "--output", str(tmp_path),
+                   "--hooks", HOOK)
+    assert result.returncode == 2
+    line = error_line(result)
+    for name, meant in [("batch_token", "batch_tokens"), ("max_seq_len", "data.max_seq_len"),
+                        ("data.datset", "data.dataset"), ("data.formt", "data.format")]:
+        assert f"{name} (did you mean {meant}?)" in line
+    assert "actex.data.config" not in line  # no pointer into the source code
+
+
+def test_inspect_on_an_output_folder_names_the_runs_inside(text_run):
+    cwd, run, _ = text_run
+    result = actex("inspect", str(cwd / "out"))
+    assert result.returncode == 2
+    assert error_line(result).endswith(f"not an actex run); the runs in it: {run}")
+
+
+def test_help_at_80_columns_keeps_every_flag_and_variable_whole():
+    from typer.testing import CliRunner
+
+    from actex.cli import app
+
+    for command in ("extract", "generate", "verify", "inspect"):
+        shown = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "80"}).stdout
+        assert "…" not in shown, command
+        unfolded = "".join(line.strip("│ ") for line in shown.splitlines())
+        for flag in ("--predictions-per-task", "--parse-special-tokens", "--no-parse-special-tokens", "--repair"):
+            if f"{flag} " in CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "400"}).stdout:
+                assert f"{flag} " in shown, (command, flag)
+        if command == "extract":
+            assert "ACTEX_PREDICTIONS_PER_TASK]" in unfolded and "ACTEX_MAX_SEQ_LEN]" in unfolded

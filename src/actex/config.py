@@ -15,6 +15,7 @@ checkpoint's own dtype.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import re
@@ -308,14 +309,32 @@ def device_config(fields: dict) -> tuple[DeviceConfig, dict]:
 
 
 def check_field_names(fields: dict) -> None:
-    """Refuse unknown field names before anything slow (a model download) happens."""
-    known = set(RunConfig.model_fields) | set(HOOK_SELECTORS) | set(DEVICE_FIELDS)
-    unknown = sorted(set(fields) - known)
+    """Refuse unknown field names before anything slow (a model download) happens: every
+    one at once, at every level, each with the nearest known name (a field one level off,
+    such as a top-level max_seq_len, is suggested where it belongs)."""
+    known = {*RunConfig.model_fields, *HOOK_SELECTORS, *DEVICE_FIELDS}
+    sections = {"data": DataConfig, "generation": GenerationConfig}
+    every = known | {f"{name}.{field}" for name, model in sections.items() for field in model.model_fields}
+    unknown = [name for name in fields if name not in known]
+    for section in sections:
+        given = fields.get(section)
+        if isinstance(given, dict):
+            unknown += [f"{section}.{name}" for name in given if f"{section}.{name}" not in every]
     if unknown:
-        raise ConfigError(f"unknown config field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    data_unknown = sorted(set(fields.get("data") or {}) - set(DataConfig.model_fields))
-    if data_unknown:
-        raise ConfigError(f"unknown data field(s) {', '.join(data_unknown)}; see DataConfig in actex.data.config")
+        listed = ", ".join(_with_suggestion(name, every) for name in unknown)
+        raise ConfigError(f"unknown config field(s) {listed}; every field is listed in docs/config.md and "
+                          "`actex extract --help`")
+
+
+def _with_suggestion(name: str, known: set[str]) -> str:
+    """'name (did you mean x?)' with the closest known dotted name, matched on the whole name,
+    else on its last part (so a field given at the wrong level finds its place)."""
+    by_leaf = {k.rpartition(".")[2]: k for k in known}
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+    if not close:
+        leaf = difflib.get_close_matches(name.rpartition(".")[2], by_leaf, n=1, cutoff=0.75)
+        close = [by_leaf[leaf[0]]] if leaf else []
+    return f"{name} (did you mean {close[0]}?)" if close else name
 
 
 def with_dataset_location(fields: dict) -> dict:

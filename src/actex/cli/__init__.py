@@ -4,6 +4,8 @@ here is only how the command presents itself: type labels, usage errors, help te
 import inspect
 
 import click
+import rich.table
+import rich.text
 import typer
 import typer.core
 import typer.rich_utils
@@ -32,6 +34,34 @@ def _usage_error_line(error: click.ClickException) -> None:
 
 
 typer.rich_utils.rich_format_error = _usage_error_line
+
+
+class _WholeNamesTable(rich.table.Table):
+    """Typer's help tables, whose columns rich squeezes at 80 columns into cut names
+    (`--predictions-per-t…`, `ACTEX_MAX_SEQ_LE…`). A flag's negative form goes on the line
+    under it (typer gives it a column of its own: two flag columns left no room for help),
+    flag columns keep their whole width, and the type and help columns wrap at spaces,
+    folding only a word longer than the column."""
+
+    # typer's option row ends with: long flags, short flags, negative long, negative short, type, help.
+    LONG, NEGATIVE = -6, -4
+
+    def add_row(self, *renderables, **kwargs) -> None:
+        cells = list(renderables)
+        if len(cells) >= -self.LONG and all(isinstance(cells[i], rich.text.Text) for i in (self.LONG, self.NEGATIVE)):
+            if cells[self.NEGATIVE].plain:
+                cells[self.LONG] = rich.text.Text.assemble(cells[self.LONG], "\n", cells[self.NEGATIVE])
+                cells[self.NEGATIVE] = rich.text.Text("")
+        super().add_row(*cells, **kwargs)
+        *names, _types, _help = self.columns
+        for column in names:
+            column.no_wrap = True
+        for text in getattr(cells[-1], "renderables", [cells[-1]]):  # typer's help: Columns of Text
+            if isinstance(text, rich.text.Text):
+                text.overflow = "fold"
+
+
+typer.rich_utils.Table = _WholeNamesTable
 
 app = typer.Typer(
     name="actex",

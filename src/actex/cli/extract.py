@@ -30,7 +30,6 @@ import typer
 
 from actex.cli.options import collect, extract_options, unknown_variables, with_defaults, with_extract_options
 from actex.config import ConfigError, WorkerOptions, check_field_names, load_config_file, merge_fields
-from actex.data.sources import check_source
 from actex.data.tokenize import long_samples
 
 log = logging.getLogger("actex")
@@ -146,8 +145,20 @@ def run_store(url: str):
 
     store = open_store(url)
     if not store.exists("run.json"):
-        raise UserError(f"{store.url}: no run.json here (not an actex run)")
+        runs = _runs_inside(store)
+        inside = f"; the runs in it: {', '.join(runs)}" if runs else ""
+        raise UserError(f"{store.url}: no run.json here (not an actex run){inside}")
     return store
+
+
+def _runs_inside(store, most: int = 5) -> list[str]:
+    """URLs of the run folders right under `store` (an --output folder holds its runs): one
+    listing of its children, not of everything below them."""
+    try:
+        children = sorted(child.rstrip("/").rpartition("/")[2] for child in store.fs.ls(store.path(""), detail=False))
+    except OSError:
+        return []
+    return [store.url_of(name) for name in children if store.exists(f"{name}/run.json")][:most]
 
 
 # ----------------------------------------------------------------------------- logging
@@ -488,15 +499,13 @@ def extract_body(values: dict, options: list | None = None, generating: bool = F
             fields["generation"] = fields.get("generation") or {}
         elif fields.get("generation") is not None:
             raise UserError("the config has generation fields: run it with `actex generate`")
+        check_field_names(fields)  # every misspelt field at once, before anything else is judged
         if inputs.show_config:
-            check_field_names(fields)  # what it shows must be what a run would accept
             typer.echo(json.dumps({"config": with_defaults(fields, options), "worker": worker.model_dump()}, indent=2))
             return
         check_required(fields)
         if fields.get("layers") is not None and fields.get("hooks"):
             raise UserError("give either --hooks or --layers/--activation, not both")
-        # A missing local dataset is reported now, in a second, not after devices and model.
-        check_source(fields["data"]["dataset"])
     run_extract(fields, worker)
 
 

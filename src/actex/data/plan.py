@@ -254,6 +254,10 @@ def build_plan(cfg: DataConfig, tokenizer, chunk_size: int, *, fingerprint: str 
     if cfg.format == "arc":
         arc.get_encoder(cfg.encoder), arc.get_template(cfg.template)  # fail on a bad name first
         arc.render_chat(tokenizer, arc.get_template(cfg.template), "")
+    elif cfg.add_bos:
+        from actex.data.tokenize import bos_id  # tokenize imports this module
+
+        bos_id(tokenizer)  # a tokenizer without BOS is refused now, not in the first chunk
     fingerprint = fingerprint or plan_fingerprint(cfg, tokenizer, chunk_size)
     columns: dict[str, list[int]] = {name: [] for name in _INDEX_ARRAYS}
     skipped: list[dict] = []

@@ -51,7 +51,7 @@ def apply_long_policy(ids: np.ndarray, cfg: DataConfig) -> tuple[np.ndarray, tup
 
 def tokenize_samples(samples: Sequence[Sample], tokenizer, cfg: DataConfig) -> list[TokenizedSample]:
     """Encode in batches with the fast tokenizer, then apply the long-sample policy."""
-    bos = _bos_id(tokenizer) if cfg.add_bos and cfg.format == "text" else None
+    bos = bos_id(tokenizer) if cfg.add_bos and cfg.format == "text" else None
     out: list[TokenizedSample] = []
     for begin in range(0, len(samples), ENCODE_BATCH):
         batch = samples[begin : begin + ENCODE_BATCH]
@@ -103,8 +103,10 @@ def _splits_special_tokens(cfg: DataConfig) -> bool:
     return cfg.format == "text" and not cfg.parse_special_tokens
 
 
-def _bos_id(tokenizer) -> int:
+def bos_id(tokenizer) -> int:
+    """The tokenizer's BOS id for --add-bos; a one-line ValueError when it has none."""
     bos = tokenizer.bos_token_id
     if bos is None:
-        raise ValueError(f"add_bos is set but tokenizer {tokenizer.name_or_path!r} has no BOS token")
+        raise ValueError(f"--add-bos: tokenizer {tokenizer.name_or_path!r} has no BOS token "
+                         "(Qwen's, for one); run without --add-bos")
     return bos

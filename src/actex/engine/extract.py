@@ -112,12 +112,11 @@ def open_run(fields: dict, *, storage_options: dict | None = None,
     check_field_names(fields)
     device, fields = device_config(fields)
     spelt = (fields.get("data") or {}).get("dataset")
-    if isinstance(spelt, str):
-        check_source(spelt)  # a missing file fails here, before the checkpoint is read
     fields = with_dataset_location(fields)
     ckpt = checkpoint_config(fields["model"], fields.get("revision"))
     config = resolve_config(fields, n_layers=ckpt.n_layers, checkpoint_dtype=param_dtype(ckpt, None))
     check_model_serves(ckpt, config)
+    check_source(spelt)  # a missing local dataset fails now, named as typed, before devices and model
     config = earlier_spelling(config, spelt, storage_options)
     fields = {**fields, "data": {**fields["data"], "dataset": config.data.dataset}}
     store = open_store(config.run_url, **(storage_options or {}))

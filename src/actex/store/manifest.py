@@ -137,9 +137,19 @@ def diff_fields(ours: Any, stored: Any, prefix: str = "") -> list[tuple[str, Any
 
 
 def mismatch_message(url: str, diffs: list[tuple[str, Any, Any]], limit: int = 6) -> str:
-    shown = "; ".join(f"{path}: ours {a!r} vs stored {b!r}" for path, a, b in diffs[:limit])
+    """One line a person can read: the config fields that differ first (the hashes and
+    fingerprints after them follow from those), long hex digests cut to 12 characters."""
+    diffs = sorted(diffs, key=lambda diff: not diff[0].startswith("config."))
+    shown = "; ".join(f"{path}: ours {_short(a)!r} vs stored {_short(b)!r}" for path, a, b in diffs[:limit])
     more = f"; and {len(diffs) - limit} more" if len(diffs) > limit else ""
     return f"{url} holds a different run: {shown}{more}. Use another --output or --run-name, or the stored config."
+
+
+def _short(value: Any) -> Any:
+    """A sha256 hex digest as its first 12 characters (enough to tell two apart)."""
+    if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+        return value[:12] + "..."
+    return value
 
 
 def read_manifest(store: Store) -> RunManifest:
