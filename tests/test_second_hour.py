@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -222,6 +223,10 @@ def test_repair_recomputes_exactly_the_corrupt_chunk_bit_identical(tiny_model_di
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "committed 1 chunk(s)" in rerun.stdout and "2 already committed" in rerun.stdout
     assert committed_tensors(str(copy)) == before
+    # The rerun's heartbeat counts 1 chunk; status counts w0's commit records (item 7): 3.
+    assert json.loads((copy / "workers" / "w0.json").read_text())["chunks_done"] == 1
+    status = actex("status", str(copy))
+    assert status.returncode == 0 and re.search(r"w0 +finished +3 chunks", status.stdout), status.stdout
 
 
 def test_a_second_live_worker_on_one_index_is_warned_with_the_claim_hint(tiny_model_dir, text_run, tmp_path):  # noqa: F811

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
@@ -18,8 +19,12 @@ def status_command(
     silent_after: float = typer.Option(60.0, "--silent-after", help="Seconds without a heartbeat after which a running worker is reported silent."),
     as_json: bool = typer.Option(False, "--json", help="Print the progress as JSON."),
 ) -> None:
-    """Chunks committed, chunks leased and to whom, and each worker's last heartbeat."""
+    """Chunks committed, chunks leased and to whom, and each worker's last heartbeat. A
+    worker's chunk count comes from the commit records it wrote (every process that ran
+    under its id, a resumed one included), not from its heartbeat, which lags by up to a
+    beat and restarts at 0 with each process."""
     from actex.fleet.monitor import printable, read_progress
+    from actex.store.commits import read_commits
     from actex.store.folder import open_store
 
     with user_errors():
@@ -28,8 +33,10 @@ def status_command(
             progress = read_progress(store, silent_after_s=silent_after)
         except FileNotFoundError:
             raise FileNotFoundError(f"{store.url}: no run.json here (not an actex run, or no worker started yet)") from None
+        committed_by = Counter(record.worker for record in read_commits(store).values())
     if as_json:
-        typer.echo(json.dumps({**asdict(progress), "complete": progress.complete}, indent=2))
+        typer.echo(json.dumps({**asdict(progress), "complete": progress.complete,
+                               "committed_by_worker": dict(committed_by)}, indent=2))
         return
     typer.echo(
         f"{store.url}: {progress.committed}/{progress.total} chunks committed"
@@ -38,9 +45,11 @@ def status_command(
     for worker in progress.workers:
         flag = "  DEAD (its process is gone)" if worker.gone else "  SILENT (likely dead)" if worker.silent else ""
         typer.echo(
-            f"  {printable(worker.worker):<28} {printable(worker.state):<9} {worker.chunks_done:>6} chunks "
+            f"  {printable(worker.worker):<28} {printable(worker.state):<9} {committed_by.pop(worker.worker, 0):>6} chunks "
             f"{worker.tokens_per_s:>10,.0f} tok/s  last beat {worker.age_s:,.0f} s ago{flag}"
         )
+    for name, chunks in sorted(committed_by.items()):  # committers whose heartbeat is gone
+        typer.echo(f"  {printable(name):<28} {'-':<9} {chunks:>6} chunks  (no heartbeat)")
 
 
 PREEMPTED_EXIT = EXIT_STOPPED  # stopped before the run was complete; start another
