@@ -287,3 +287,16 @@ def test_help_at_80_columns_keeps_every_flag_and_variable_whole():
                 assert f"{flag} " in shown, (command, flag)
         if command == "extract":
             assert "ACTEX_PREDICTIONS_PER_TASK]" in unfolded and "ACTEX_MAX_SEQ_LEN]" in unfolded
+
+
+def test_globs_skip_hidden_files_unless_they_name_them(tmp_path, monkeypatch):
+    from actex.data.sources import list_files
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "__MACOSX").mkdir(parents=True)
+    for name in ("a.json", "._a.json", "__MACOSX/a.json"):
+        (tmp_path / "data" / name).write_text("{}")
+    names = lambda pattern: [Path(p).relative_to(tmp_path / "data").as_posix() for p in list_files(pattern)[1]]  # noqa: E731
+    assert names("data/*.json") == names("data/**/*.json") == names("data") == ["a.json"]
+    assert names("data/._*.json") == ["._a.json"]
+    assert names("data/__MACOSX/*.json") == ["__MACOSX/a.json"]
