@@ -230,3 +230,34 @@ def test_extract_then_verify_against_transformers(tmp_path, name):
     report = verify(stored, 4)
     assert report.ok and report.tokens > 0, report
     assert {check.hook for check in report.checks} == set(stored.hooks)
+
+
+def test_gemma3_multimodal_checkpoints_run_their_language_model(tmp_path):
+    """Gemma 3 4B-27B ship as Gemma3ForConditionalGeneration (model_type gemma3, the text
+    model's config under text_config, its tensors under language_model.): actex runs the
+    language model and ignores the vision tower; verify's reference finds the same model."""
+    import transformers
+
+    from actex.reference import load_reference
+    from family_fixtures import family_config
+
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=28, patch_size=14)
+    config = transformers.Gemma3Config(text_config=family_config("gemma3").to_dict(), vision_config=vision.to_dict(),
+                                       mm_tokens_per_image=4)
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:  # Gemma's (1 + w) gains, away from the identity
+                param.copy_(0.2 * torch.randn_like(param))
+    model.save_pretrained(tmp_path)
+    loaded = load_model(tmp_path, dtype="float32")
+    assert loaded.config.model_type == "gemma3_text" and loaded.config.windows() == (0, WINDOW)
+    hooks = ["blocks.0.attn.hook_z", "blocks.1.hook_resid_post", "ln_final.hook_out"]
+    ids = np.arange(3, 43, dtype=np.int32)[None]
+    positions = np.arange(40, dtype=np.int32)[None]
+    ours = make_capture_fn(loaded.config, hooks, "float32")(loaded.params, ids, positions, np.ones_like(ids))
+    theirs = reference_activations(load_reference(str(tmp_path)), hooks, ids[0], positions[0])
+    for hook in hooks:
+        assert per_token_error(np.asarray(ours[hook][0]), theirs[hook]) <= TOL, hook
