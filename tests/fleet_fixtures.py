@@ -96,17 +96,25 @@ class Chaos:
     seed: int = 0
     sent: list[tuple[int, int]] = field(default_factory=list)  # (slot, pid)
 
-    def drive(self, fleet: LocalFleet, timeout_s: float) -> None:
+    def drive(self, fleet: LocalFleet, idle_timeout_s: float) -> None:
+        """Run the fleet to completion, signalling as above. It fails once `idle_timeout_s`
+        passed without a new commit (start-up included), not after a fixed time: the limit
+        follows progress, so a loaded machine where each worker takes 25 s to start passes
+        while a stuck fleet fails as fast as on a quiet one."""
         rng = random.Random(self.seed)
         due = [(k + 1) * self.chunks // (self.times + 1) for k in range(self.times)]
         fleet.start()
-        started = time.monotonic()
+        progressed, seen = time.monotonic(), 0
         try:
             while not fleet.poll():
-                if time.monotonic() - started > timeout_s:
-                    raise TimeoutError(f"run not complete after {timeout_s:.0f} s; sent {len(self.sent)} signals")
+                commits = _fleet_commits(fleet)
+                if commits > seen:
+                    progressed, seen = time.monotonic(), commits
+                if time.monotonic() - progressed > idle_timeout_s:
+                    raise TimeoutError(f"no commit for {idle_timeout_s:.0f} s ({seen} so far); "
+                                       f"sent {len(self.sent)} signals")
                 busy = [slot for slot, w in fleet.live.items() if commits_logged(w.log_path)]
-                if len(self.sent) < self.times and busy and _fleet_commits(fleet) >= due[len(self.sent)]:
+                if len(self.sent) < self.times and busy and commits >= due[len(self.sent)]:
                     slot = rng.choice(busy)
                     self.sent.append((slot, fleet.live[slot].process.pid))
                     fleet.signal(slot, self.signum)

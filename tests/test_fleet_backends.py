@@ -60,7 +60,7 @@ def test_claim_fleet_with_a_killed_worker(backend, case, tmp_path, request):
     )
     chaos = Chaos(signal.SIGKILL, times=1, chunks=CHUNKS, seed=1)
     try:
-        chaos.drive(fleet, timeout_s=80)
+        chaos.drive(fleet, idle_timeout_s=60)
     finally:
         print(timeline(fleet))
     assert len(chaos.sent) == 1

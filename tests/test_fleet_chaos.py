@@ -64,7 +64,7 @@ def test_fleet_completes_exactly_once_under_chaos(signame, case, gcs_emulator, g
     signum = getattr(signal, signame)
     chaos = Chaos(signum, times=6, chunks=CHUNKS, seed=3)
     try:
-        chaos.drive(fleet, timeout_s=85)
+        chaos.drive(fleet, idle_timeout_s=60)
     finally:
         print(timeline(fleet))
 
