@@ -89,8 +89,15 @@ def test_predictions_accuracy_and_inspect(reference):
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
     assert summary["kind"] == "generate" and summary["answers"] == accuracy
+    run = Run(open_store(str(reference)))
+    records = [s for c in range(run.num_chunks) for s in run.samples(c)]
+    generated = sum(s["n_tokens"] - s["n_prompt_tokens"] for s in records)
+    totals = summary["generation"]
+    assert totals["samples"] == 6 and totals["generated_tokens"] == generated > 0
+    assert totals["stop_token"] + totals["max_new_tokens"] == 6 and totals["skipped"] == 0
     shown = runner.invoke(app, ["inspect", str(reference)]).output
     assert "answers: 0/6 parsed" in shown and "pass@2 0/3" in shown
+    assert f"generated {generated:,} tokens over 6 samples" in shown
 
 
 def test_claim_and_static_workers_give_every_chunk_once_equal_to_one_worker(reference, tiny_model_dir, arc_dataset,

@@ -580,7 +580,7 @@ def inspect_command(
 ) -> None:
     """Hooks, widths, dtype, chunks committed/total, samples, tokens, bytes and config of a run."""
     from actex.store.commits import useful_token_fraction
-    from actex.engine.generate import answers_summary
+    from actex.engine.generate import answers_summary, generation_totals
     from actex.store.manifest import read_manifest
     from actex.store.reader import Run
 
@@ -593,7 +593,9 @@ def inspect_command(
         manifest = read_manifest(run.store)
         summary["skipped_rows"] = manifest.skipped_rows
         summary["skipped_row_list"] = list(manifest.skipped_row_list)
-        summary["long_samples"] = long_samples(committed_sample_metas(run))
+        metas = committed_sample_metas(run)
+        summary["long_samples"] = long_samples(metas)
+        summary["generation"] = generation_totals(metas) if run.manifest.kind == "generate" else None
     if as_json:
         typer.echo(json.dumps(summary, indent=2, default=str))
         return
@@ -618,6 +620,11 @@ def inspect_command(
         cells = [f"{stats[k]:.4g}" for k in ("mean_abs_mean", "mean_variance", "mean_l2_norm")] if stats else ["-"] * 3
         table.add_row(hook, str(entry["width"]), *cells)
     console.print(table)
+    if summary.get("generation"):
+        totals = summary["generation"]
+        console.print(f"generated {totals['generated_tokens']:,} tokens over {totals['samples']:,} samples "
+                      f"(mean {totals['mean_tokens']:.1f}); stopped by a stop token {totals['stop_token']:,}, "
+                      f"at --max-new-tokens {totals['max_new_tokens']:,}; skipped {totals['skipped']:,}")
     if summary.get("answers"):
         _print_answers(console, summary["answers"])
     console.print_json(json.dumps(summary["config"]))

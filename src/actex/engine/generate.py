@@ -224,6 +224,21 @@ def run_samples(run) -> list[dict]:
     return [record for chunk in sorted(run.commits) for record in run.samples(chunk)]
 
 
+def generation_totals(samples: list[dict]) -> dict:
+    """A generation run's totals from its samples.jsonl records: samples decoded, tokens
+    generated, how the answers ended, prompts skipped for room."""
+    decoded = [s for s in samples if s.get("stop_reason") is not None]
+    generated = sum(s["n_tokens"] - s["n_prompt_tokens"] for s in decoded)
+    return {
+        "samples": len(decoded),
+        "generated_tokens": generated,
+        "mean_tokens": generated / len(decoded) if decoded else 0.0,
+        "stop_token": sum(s["stop_reason"] == "stop_token" for s in decoded),
+        "max_new_tokens": sum(s["stop_reason"] == "max_new_tokens" for s in decoded),
+        "skipped": len(samples) - len(decoded),
+    }
+
+
 def arc_generation(run) -> bool:
     """Whether a reader Run holds generated ARC answers."""
     return run.manifest.kind == "generate" and run.config["data"]["format"] == "arc"
