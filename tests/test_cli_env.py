@@ -76,7 +76,7 @@ def test_bad_values_are_one_line_errors_naming_the_flag_or_variable():
     result = runner.invoke(app, ["extract", "--show-config"], env={"ACTEX_LEASE_SECONDS": "0.5"})
     assert result.exit_code == 2
     assert result.stderr.strip() == "actex: error: --lease-seconds (or ACTEX_LEASE_SECONDS): Input should be greater than or equal to 1"
-    result = runner.invoke(app, ["extract", "--show-config"], env={"ACTEX_DTYPE": "int8"})
+    result = runner.invoke(app, ["extract", "--show-config"], env={"ACTEX_DTYPE": "int4"})
     assert result.exit_code == 2 and "ACTEX_DTYPE" in result.output  # click names the variable
     result = runner.invoke(app, ["extract", "--output", "o"], env={"ACTEX_DATASET": "d.jsonl"})
     assert result.exit_code == 2

@@ -30,7 +30,8 @@ from actex.flag import Flag
 from actex.model.hooks import ACTIVATIONS, BLOCK_HOOKS, hooks_for_layers, parse_hooks
 from actex.store.layout import SAFE_NAME
 
-StoredDtype = Literal["bfloat16", "float16", "float32"]
+# int8: codes with a step per token and per block of 8 channels (docs/store.md, "int8 parts").
+StoredDtype = Literal["bfloat16", "float16", "float32", "int8"]
 # No float16 forward: the weight loader has none (and massive activations risk overflowing it).
 # Refused here, by config validation, before the slow plan rather than after it.
 ComputeDtype = Literal["bfloat16", "float32"]
@@ -116,7 +117,7 @@ class RunConfig(BaseModel):
     data: DataConfig
     hooks: Annotated[tuple[str, ...], Flag(panel="Hooks")] = Field(
         min_length=1, description="Comma-separated hook names, e.g. blocks.12.hook_resid_post,blocks.12.mlp.hook_post.")
-    dtype: Annotated[StoredDtype, Flag(panel="Hooks")] = Field("bfloat16", description="Stored activation dtype.")
+    dtype: Annotated[StoredDtype, Flag(panel="Hooks")] = Field("bfloat16", description="Stored activation dtype (int8: 8-bit codes with per-token, per-8-channel scales).")
     compute_dtype: Annotated[ComputeDtype, Flag(panel="Hooks")] = Field(description="Forward dtype (default: the checkpoint's).")
     batch_tokens: Annotated[int, Flag(panel="Performance")] = Field(16384, ge=16, description="Tokens per packed batch.")
     chunk_size: Annotated[int, Flag(panel="Performance")] = Field(64, ge=1, description="Samples per chunk, the unit of commit and of resume.")

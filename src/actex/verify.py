@@ -19,6 +19,12 @@ positions at 0); each window is recomputed on its own, exactly as it was extract
 Tolerances depend on the stored dtype (its rounding alone is ~2^-9 relative for bfloat16)
 and on the compute dtype the run used; `--tolerance` overrides them.
 
+int8 runs are compared after dequantization, like any reader sees them; each hook's line
+also gives the quantization error the run's stats recorded for the chunks read (the
+stored values against the float32 the model computed), so what int8 costs is told apart
+from what the model computation differs by. A value that is not finite as stored (an
+overflow of float16, say) anywhere in the run fails verify, named by hook and chunks.
+
 Integrity comes first: every part whose samples are recomputed is read whole and checked
 against the checksums recorded at write time (size and sha256 from the commit record,
 CRC-32C of the header and of every tensor); each corrupt part is one line of the report
@@ -42,7 +48,8 @@ from actex.store.reader import Block, Part, Run
 
 # Per-token relative L2 error allowed per dtype (stored or compute, whichever is looser).
 # bfloat16 rounding alone is ~2^-9 relative per value, ~1e-3 over a token's vector.
-TOLERANCE = {"float32": 1e-3, "float16": 5e-3, "bfloat16": 2e-2}
+# int8: its own error is at most ~1% per token (store/quantize.py), the rest is compute's.
+TOLERANCE = {"float32": 1e-3, "float16": 5e-3, "bfloat16": 2e-2, "int8": 2e-2}
 
 
 @dataclass(frozen=True)
@@ -83,6 +90,7 @@ class HookCheck:
     worst_sample: int = -1  # sample id of the worst token
     worst_index: int = -1  # its token index within the sample
     worst_position: int = -1  # its position in its forward window
+    quant_error: float | None = None  # int8: worst stored-vs-float32 error the run's stats recorded
 
     @property
     def ok(self) -> bool:
@@ -96,10 +104,11 @@ class VerifyReport:
     tokens: int
     checks: tuple[HookCheck, ...]
     corrupt: tuple[str, ...] = ()  # one line per part that failed its checksums
+    overflow: tuple[str, ...] = ()  # one line per hook with values not finite as stored
 
     @property
     def ok(self) -> bool:
-        return all(c.ok for c in self.checks) and not self.corrupt
+        return all(c.ok for c in self.checks) and not self.corrupt and not self.overflow
 
 
 def check_integrity(run: Run, parts: list[Part]) -> dict[str, str]:
@@ -207,7 +216,26 @@ def verify(run: Run, n_samples: int, *, seed: int = 0, tolerance: float | None =
             for hook in hooks:
                 window = token_errors(stored[hook].activations[a:b], ref[hook], sid, first.positions[a:b], a)
                 worst[hook] = worst[hook].merge(window)
+    quant = quantization_errors(run, sorted({part.chunk for part, _, _, _ in chosen}))
     checks = tuple(
-        HookCheck(h, w.error, tol, w.cosine, w.sample_id, w.index, w.position) for h, w in worst.items()
+        HookCheck(h, w.error, tol, w.cosine, w.sample_id, w.index, w.position, quant.get(h)) for h, w in worst.items()
     )
-    return VerifyReport(run.url, tuple(sid for _, sid, _, _ in chosen), tokens, checks, tuple(corrupt.values()))
+    return VerifyReport(run.url, tuple(sid for _, sid, _, _ in chosen), tokens, checks, tuple(corrupt.values()),
+                        overflow_lines(run))
+
+
+def quantization_errors(run: Run, chunks: list[int]) -> dict[str, float]:
+    """{hook: worst per-token int8 error recorded in the stats of `chunks`} (empty unless int8)."""
+    if not run.quantized or not chunks:
+        return {}
+    return {hook: run.stats(hook, chunks).quant_error_max for hook in run.hooks}
+
+
+def overflow_lines(run: Run) -> tuple[str, ...]:
+    """One line per hook whose stored values are not all finite, from the commit records."""
+    chunks: dict[str, list[int]] = {}
+    for chunk, record in sorted(run.commits.items()):
+        for hook in record.overflow:
+            chunks.setdefault(hook, []).append(chunk)
+    return tuple(f"{hook}: {count} value(s) not finite as stored {run.dtype} in {len(chunks[hook])} chunk(s), "
+                 f"first chunk {chunks[hook][0]}" for hook, count in run.overflow().items())

@@ -614,10 +614,17 @@ def inspect_command(
     if summary["stats_chunks"] < summary["chunks_committed"]:
         console.print(f"statistics below: over {summary['stats_chunks']} of the {summary['chunks_committed']} committed chunks, "
                       "spread evenly (--stats-chunks 0 for all)")
-    table = Table("hook", "width", "mean |mean|", "mean var", "mean L2 norm")
+    for hook, count in summary["overflow"].items():
+        console.print(f"overflow: {hook}: {count:,} value(s) not finite as stored {summary['dtype']} "
+                      "(`actex verify` fails; store float32 or int8)", markup=False)
+    # int8 runs: the stats' worst and mean per-token error of the stored values vs float32.
+    fields = ("mean_abs_mean", "mean_variance", "mean_l2_norm") + (
+        ("quant_error_max", "quant_error_mean") if summary["dtype"] == "int8" else ())
+    table = Table("hook", "width", "mean |mean|", "mean var", "mean L2 norm", *(
+        ("int8 error max", "int8 error mean") if summary["dtype"] == "int8" else ()))
     for hook, entry in summary["hooks"].items():
         stats = entry.get("stats")
-        cells = [f"{stats[k]:.4g}" for k in ("mean_abs_mean", "mean_variance", "mean_l2_norm")] if stats else ["-"] * 3
+        cells = [f"{stats[k]:.4g}" for k in fields] if stats else ["-"] * len(fields)
         table.add_row(hook, str(entry["width"]), *cells)
     console.print(table)
     if summary.get("generation"):

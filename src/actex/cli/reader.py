@@ -115,7 +115,7 @@ def verify(
     seed: int = typer.Option(0, "--seed", help="Seed of the sample choice."),
     tolerance: Optional[float] = typer.Option(None, "--tolerance", help="Max per-token relative L2 error "
                                               "||stored - reference|| / ||reference|| (default by dtype: f32 1e-3, "
-                                              "f16 5e-3, bf16 2e-2)."),
+                                              "f16 5e-3, bf16 and int8 2e-2)."),
     model: Optional[str] = typer.Option(None, "--model", help="Checkpoint to use instead of run.json's "
                                         "(e.g. a local copy of it)."),
     device: str = typer.Option("cpu", "--device", help="torch device of the reference model."),
@@ -143,11 +143,13 @@ def verify(
             typer.echo(f"  FAIL  {error}")
             raise typer.Exit(EXIT_VERIFY_FAILED) from None
     typer.echo(f"actex: verified {len(report.sample_ids)} sample(s), {report.tokens:,} tokens of {report.url}")
-    for line in report.corrupt:
+    for line in report.corrupt + report.overflow:
         typer.echo(f"  FAIL  {line}")
     for check in report.checks:
         verdict = "ok" if check.ok else "FAIL"
-        typer.echo(f"  {verdict:4}  {check.hook:32}  error {check.error:.3e}  cosine {check.cosine:.6f}  "
+        # int8: how much of the error the quantization alone accounts for (the run's stats).
+        quant = "" if check.quant_error is None else f"  of which int8 {check.quant_error:.3e}"
+        typer.echo(f"  {verdict:4}  {check.hook:32}  error {check.error:.3e}{quant}  cosine {check.cosine:.6f}  "
                    f"(tolerance {check.tolerance:.0e}; worst token: sample {check.worst_sample} "
                    f"token {check.worst_index} position {check.worst_position})")
     if not report.ok:

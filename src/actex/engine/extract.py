@@ -292,7 +292,9 @@ def extract(
         raise ValueError(f"--on-write-failure must be exit or continue, got {on_write_failure!r}")
     stop = stop or threading.Event()
     config = run.config
-    capture = make_capture_fn(run.model.config, config.hooks, config.dtype, mesh=run.mesh, attention=run.attention)
+    # int8 is coded from float32 on the device, after the capture (pipeline.quantize_batch).
+    captured = "float32" if config.dtype == "int8" else config.dtype
+    capture = make_capture_fn(run.model.config, config.hooks, captured, mesh=run.mesh, attention=run.attention)
     data_shards = run.mesh.shape[DATA] if run.mesh is not None else 1
     # The rows this process holds: a share per process, or per model group when the model
     # axis spans processes (its processes hold the same rows; the first writes them).

@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +40,9 @@ from actex.model.mesh import RowShare, local_rows
 from actex.store import layout
 from actex.store.commits import CommitRecord, PartRecord, commit
 from actex.store.folder import Store, StoreError
-from actex.store.shards import EncodedPart, activation_dtype, encode_part, encode_samples_jsonl, split_samples, token_bytes
+from actex.engine.quantize import quantize
+from actex.store import quantize as q8
+from actex.store.shards import EncodedPart, encode_part, encode_samples_jsonl, split_samples, token_bytes
 from actex.store.integrity import crc32c, hex32
 from actex.store.stats import HookStats, encode_stats
 
@@ -111,8 +113,7 @@ class ChunkAssembler:
 
     def __init__(self, tokenized: Sequence, widths: dict[str, int], dtype: str, shard_size: int,
                  batches: Sequence | None = None, *, part_base: int = 0):
-        self.widths = widths
-        self.dtype = activation_dtype(dtype)
+        self.tensors = part_tensors(widths, dtype)
         arrival = fill_order(tokenized, batches)
         arrival_stored = [stored_tokens(t) for t in arrival]
         spans = split_samples([len(ids) for ids, _ in arrival_stored], token_bytes(list(widths.values()), dtype), shard_size)
@@ -139,11 +140,12 @@ class ChunkAssembler:
 
     def add(self, placements, token_positions: np.ndarray, host: dict[str, np.ndarray]) -> None:
         """Scatter one batch's rows into their parts. host: {hook: [rows, seq, width]}, the
-        rows this process packed (in a slice: its share of the global batch)."""
+        rows this process packed (in a slice: its share of the global batch); an int8 hook
+        comes as its codes and their scale and exponent tensors (part_tensors)."""
         for sample_id, start, row, col, length in placements:
             part, window_rows = self.rows[sample_id]
             if not part.acts:
-                part.acts = {h: np.empty((part.num_tokens, w), self.dtype) for h, w in self.widths.items()}
+                part.acts = empty_tensors(self.tensors, part.num_tokens)
             at = window_rows[start]
             for hook, values in host.items():
                 part.acts[hook][at : at + length] = values[row, col : col + length]
@@ -174,9 +176,19 @@ def chunk_records(tokenized: Sequence) -> list[dict]:
     return sample_records(ordered, [len(stored_tokens(t)[0]) for t in ordered])
 
 
-def encode(part: PartBuffer, widths: dict[str, int], dtype: np.dtype, *, chunk: int, attempt: str) -> EncodedPart:
+def part_tensors(widths: dict[str, int], dtype: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """{tensor: (shape after the token axis, dtype)} of a part: one per hook, three per int8 hook."""
+    return {name: spec for hook, width in widths.items() for name, spec in q8.stored_tensors(hook, width, dtype).items()}
+
+
+def empty_tensors(tensors: dict[str, tuple[tuple[int, ...], np.dtype]], tokens: int) -> dict[str, np.ndarray]:
+    return {name: np.empty((tokens, *shape), dtype) for name, (shape, dtype) in tensors.items()}
+
+
+def encode(part: PartBuffer, tensors: dict[str, tuple[tuple[int, ...], np.dtype]], *, chunk: int,
+           attempt: str) -> EncodedPart:
     """A part as safetensors bytes (a part of empty samples has empty activations)."""
-    acts = part.acts or {hook: np.zeros((0, width), dtype) for hook, width in widths.items()}
+    acts = part.acts or empty_tensors(tensors, 0)
     return encode_part(
         acts,
         token_ids=part.token_ids,
@@ -189,47 +201,80 @@ def encode(part: PartBuffer, widths: dict[str, int], dtype: np.dtype, *, chunk: 
     )
 
 
+def hook_moments(x: jax.Array, real: jax.Array, first: jax.Array) -> dict:
+    """Moments of x [rows, seq, width] (float32) over the real tokens: count, shift, sum of
+    x - shift, sum of (x - shift)^2, sum of L2 norms, and how many values are not finite.
+
+    The sums are of deviations from a shift, the batch's first real token: a feature at 3e4
+    with a spread of 0.01 has deviations of ~0.01, which float32 sums as precisely as any
+    other (x - shift is even exact for values within a factor 2 of the shift). Summing x
+    itself, its float32 mean was off by more than the spread and the variance by 42%.
+    """
+    mask = real[..., None]  # [rows, seq, 1]
+    shift = x.reshape(-1, x.shape[-1])[first]
+    deviation = jnp.where(mask, x - shift, 0.0)
+    return {
+        "count": real.sum(), "shift": shift, "s1": deviation.sum((0, 1)), "s2": (deviation * deviation).sum((0, 1)),
+        "norm_sum": jnp.sqrt(jnp.where(mask, x * x, 0.0).sum(-1)).sum(),
+        "nonfinite": (mask & ~jnp.isfinite(x)).sum(),
+    }
+
+
 @jax.jit
 def batch_moments(outputs: dict, segment_ids: jax.Array) -> dict:
-    """Per hook, over the real tokens of a packed batch: (count, shift, sum of x - shift,
-    sum of (x - shift)^2, sum of L2 norms); `to_stats` turns them into HookStats.
+    """Per hook, over the real tokens of a packed batch, `hook_moments` of the stored values;
+    `to_stats` turns them into HookStats.
 
     Reduced on the device, in float32 from the stored-dtype values: only a few vectors per
     hook cross to the host, instead of a float64 pass over every activation there (which
-    cost more host CPU than encoding, hashing and writing the parts together). The sums
-    are of deviations from a shift, the batch's first real token: a feature at 3e4 with a
-    spread of 0.01 has deviations of ~0.01, which float32 sums as precisely as any other
-    (x - shift is even exact for values within a factor 2 of the shift). Summing x itself,
-    its float32 mean was off by more than the spread and the variance by 42%.
+    cost more host CPU than encoding, hashing and writing the parts together). A value the
+    cast to the stored dtype made infinite (float16 holds at most 65504) is counted.
     """
     real = segment_ids > 0
-    mask = real[..., None]  # [rows, seq, 1]
     first = jnp.argmax(real.reshape(-1))  # any index when the batch has no token: count 0
-    moments = {}
+    return {hook: hook_moments(x.astype(jnp.float32), real, first) for hook, x in outputs.items()}
+
+
+@jax.jit
+def quantize_batch(outputs: dict, segment_ids: jax.Array) -> tuple[dict, dict]:
+    """int8 storage: ({tensor: array} to store, moments) for float32 outputs.
+
+    Moments are of the dequantized values (what readers get), plus the quantization error:
+    the largest and the summed per-token relative L2 error against the float32 values. A
+    value that is not finite cannot be coded: it is counted (as `nonfinite`) and stored as 0.
+    """
+    real = segment_ids > 0
+    first = jnp.argmax(real.reshape(-1))
+    stored, moments = {}, {}
     for hook, x in outputs.items():
-        x = x.astype(jnp.float32)  # [rows, seq, width]
-        shift = x.reshape(-1, x.shape[-1])[first]
-        deviation = jnp.where(mask, x - shift, 0.0)
-        moments[hook] = (
-            real.sum(), shift, deviation.sum((0, 1)), (deviation * deviation).sum((0, 1)),
-            jnp.sqrt(jnp.where(mask, x * x, 0.0).sum(-1)).sum(),
-        )
-    return moments
+        x = x.astype(jnp.float32)
+        finite = jnp.isfinite(x)
+        x = jnp.where(finite, x, 0.0)
+        codes, scale, packed, values = quantize(x)
+        stored |= {hook: codes, q8.companion(hook, q8.SCALE): scale, q8.companion(hook, q8.BLOCK_EXP): packed}
+        norm = jnp.sqrt((x * x).sum(-1))
+        error = jnp.where(real, jnp.sqrt(((values - x) ** 2).sum(-1)) / jnp.where(norm > 0, norm, 1.0), 0.0)
+        moments[hook] = hook_moments(values, real, first) | {
+            "nonfinite": (real[..., None] & ~finite).sum(), "qerr_max": error.max(), "qerr_sum": error.sum(),
+        }
+    return stored, moments
 
 
 def to_stats(moments: dict) -> dict[str, HookStats]:
-    """Host copies of batch_moments' output as HookStats (float64, mergeable): the shifted
-    sums give mean = shift + S1/n and M2 = S2 - S1^2/n, with no cancellation at any offset."""
+    """Host copies of batch_moments' (or quantize_batch's) moments as HookStats (float64,
+    mergeable): the shifted sums give mean = shift + S1/n and M2 = S2 - S1^2/n, with no
+    cancellation at any offset."""
     stats = {}
-    for hook, (count, shift, s1, s2, norm_sum) in moments.items():
-        n = int(count)
+    for hook, m in moments.items():
+        n = int(m["count"])
+        quant = {"quant_error_max": float(m["qerr_max"]), "quant_error_sum": float(m["qerr_sum"])} if "qerr_max" in m else {}
         if n == 0:
-            stats[hook] = HookStats.empty(int(np.shape(shift)[0]))
+            stats[hook] = replace(HookStats.empty(int(np.shape(m["shift"])[0])), **quant)
             continue
-        s1 = np.asarray(s1, np.float64)
-        mean = np.asarray(shift, np.float64) + s1 / n
-        m2 = np.maximum(np.asarray(s2, np.float64) - s1 * s1 / n, 0.0)
-        stats[hook] = HookStats(n, mean, m2, float(norm_sum))
+        s1 = np.asarray(m["s1"], np.float64)
+        mean = np.asarray(m["shift"], np.float64) + s1 / n
+        m2 = np.maximum(np.asarray(m["s2"], np.float64) - s1 * s1 / n, 0.0)
+        stats[hook] = HookStats(n, mean, m2, float(m["norm_sum"]), nonfinite=int(m["nonfinite"]), **quant)
     return stats
 
 
@@ -324,8 +369,10 @@ class Pipeline:
     ):
         self.store = store
         self.widths = widths
-        self.dtype = activation_dtype(dtype)
+        self.tensors = part_tensors(widths, dtype)
         self.dtype_name = dtype
+        # int8 is coded on the device from the float32 the forward captured (capture_dtype).
+        self.quantized = dtype == q8.INT8
         self.shard_size = shard_size
         self.worker = worker
         self.on_commit = on_commit
@@ -369,7 +416,10 @@ class Pipeline:
         segment_ids = batch.segment_ids if segment_ids is None else segment_ids
         # Async, like the capture itself; every process dispatches it, writer or not: a step
         # over global arrays is a collective.
-        moments = batch_moments(outputs, segment_ids)
+        if self.quantized:
+            outputs, moments = quantize_batch(outputs, segment_ids)
+        else:
+            moments = batch_moments(outputs, segment_ids)
         # Every share packs the same shape each step, so the global slots are count x ours.
         job.token_slots += batch.token_ids.size * self.rows.count
         self._host.submit(lambda: self._to_host(job, batch, outputs, moments))
@@ -423,7 +473,7 @@ class Pipeline:
     # -- writers
 
     def _write_part(self, job: ChunkJob, part: PartBuffer) -> tuple[PartRecord, int]:
-        encoded = encode(part, self.widths, self.dtype, chunk=job.chunk, attempt=job.attempt)
+        encoded = encode(part, self.tensors, chunk=job.chunk, attempt=job.attempt)
         # The chunk's job keeps its parts until it commits; only the bytes are needed now,
         # so drop the arrays, or a slow store would hold whole chunks, not `parts_in_flight`.
         part.acts = {}
@@ -459,7 +509,13 @@ class Pipeline:
         self.store.write_bytes(layout.samples_path(job.chunk, job.attempt), encode_samples_jsonl(samples))
         tokens = sum(n for _, n in written)
         # Statistics get their own object, so the commit record stays small (format v2).
-        stats = encode_stats({hook: job.stats.get(hook, HookStats.empty(width)) for hook, width in self.widths.items()})
+        merged = {hook: job.stats.get(hook, HookStats.empty(width)) for hook, width in self.widths.items()}
+        stats = encode_stats(merged)
+        overflow = {hook: s.nonfinite for hook, s in merged.items() if s.nonfinite}
+        for hook, count in overflow.items():
+            # Never silent: the stats, the commit record, `inspect` and `verify` all say so too.
+            log.warning("overflow: hook %s: %d value(s) not finite as stored %s in chunk %d",
+                        hook, count, self.dtype_name, job.chunk)
         stats_path = layout.stats_path(job.chunk, job.attempt)
         self.store.write_bytes(stats_path, stats)
         record = CommitRecord(
@@ -473,6 +529,7 @@ class Pipeline:
             stats_crc32c=hex32(crc32c(stats)),
             timings={"chunk_s": time.time() - job.started},
             token_slots=job.token_slots,
+            overflow=overflow,
         )
         # The commit record is written LAST: its existence is what makes the parts exist.
         committed = commit(self.store, record)

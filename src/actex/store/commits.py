@@ -73,6 +73,9 @@ class CommitRecord:
     committed_at: float = field(default_factory=time.time)
     format_version: int = layout.FORMAT_VERSION
     token_slots: int = 0  # packed-batch slots computed for the chunk, padding included (0: not recorded)
+    # {hook: values not finite as stored}, only hooks that had any (absent: none), so that
+    # `inspect` and `verify` see an overflow anywhere in the run from the records alone.
+    overflow: dict[str, int] = field(default_factory=dict)
 
     @property
     def useful_fraction(self) -> float | None:
@@ -105,6 +108,8 @@ class CommitRecord:
             d |= {"stats_path": self.stats_path, "stats_crc32c": self.stats_crc32c}
         if self.stats:
             d["stats"] = self.stats
+        if self.overflow:
+            d["overflow"] = self.overflow
         return d
 
     def to_json(self) -> bytes:
@@ -128,6 +133,7 @@ class CommitRecord:
                 committed_at=float(d.get("committed_at", 0.0)),
                 format_version=int(d.get("format_version", 1)),
                 token_slots=int(d.get("token_slots", 0)),
+                overflow={str(k): int(v) for k, v in d.get("overflow", {}).items()},
             )
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{where}: not a commit record ({type(exc).__name__}: {exc})") from None

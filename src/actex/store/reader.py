@@ -2,7 +2,7 @@
 
     run = actex.open_run("gs://bucket/runs/qwen-arc")
     for batch in run.iter_batches("blocks.12.hook_resid_post", batch_size=4096, seed=0):
-        batch.activations  # [4096, 896] in the stored dtype
+        batch.activations  # [4096, 896] in the stored dtype (int8 runs: dequantized, float32)
 
 How bytes move (docs/store.md; parts are safetensors files):
   1. Only committed chunks are visible: one listing of commits/ says which. Their
@@ -38,7 +38,7 @@ from functools import cached_property
 
 import numpy as np
 
-from actex.store import integrity, shards
+from actex.store import integrity, quantize, shards
 from actex.store.commits import CommitRecord, committed_chunks, read_commits
 from actex.store.folder import Store, open_store
 from actex.store.integrity import CorruptPartError
@@ -217,7 +217,7 @@ class Block:
 class Batch:
     """Aligned rows of one hook: row i of every field describes the same stored token."""
 
-    activations: np.ndarray  # [batch, width], the stored dtype unless converted
+    activations: np.ndarray  # [batch, width], the stored dtype unless converted (int8: dequantized)
     token_ids: np.ndarray  # [batch] int32
     positions: np.ndarray  # [batch] int32, position inside the sample's forward window
     sample_ids: np.ndarray  # [batch] int64
@@ -452,6 +452,17 @@ class Run:
         return self.manifest.hooks[0].dtype
 
     @property
+    def quantized(self) -> bool:
+        """True for int8 runs: the reader returns values dequantized from codes and scales."""
+        return self.dtype == quantize.INT8
+
+    def value_dtype(self, dtype: np.dtype | str | None = None) -> np.dtype:
+        """The dtype batches come in: `dtype` if given, else the stored one (float32 for int8)."""
+        if dtype is not None:
+            return np.dtype(dtype)
+        return np.dtype(np.float32) if self.quantized else shards.activation_dtype(self.dtype)
+
+    @property
     def num_chunks(self) -> int:
         """Chunks in the plan, committed or not."""
         return self.manifest.plan.num_chunks
@@ -544,6 +555,15 @@ class Run:
             raise CorruptPartError(f"{where}: crc32c expected {record.stats_crc32c}, actual {actual}")
         return decode_stats(data, where)
 
+    def overflow(self) -> dict[str, int]:
+        """{hook: values not finite as stored}, over every committed chunk, from the commit
+        records (hooks without any are left out)."""
+        total: dict[str, int] = {}
+        for record in self.commits.values():
+            for hook, count in record.overflow.items():
+                total[hook] = total.get(hook, 0) + count
+        return total
+
     def samples(self, chunk: int) -> list[dict]:
         """Per-sample metadata of a committed chunk (samples.jsonl of its committed attempt)."""
         path = self.record(chunk).samples_path
@@ -572,6 +592,7 @@ class Run:
             "samples": self.num_samples,
             "tokens": self.num_tokens,
             "bytes": self.num_bytes,
+            "overflow": self.overflow(),
             "stats_chunks": len(picked),
             "config": self.config,
         }
@@ -595,10 +616,13 @@ class Run:
     def num_part_tokens(self, part: Part) -> int:
         return self.header(part)[TOKEN_IDS].shape[0]
 
-    def read_block(self, block: Block, hook: str, spec: dict[str, TensorInfo] | None = None) -> Batch:
+    def read_block(self, block: Block, hook: str, spec: dict[str, TensorInfo] | None = None,
+                   dtype: np.dtype | str | None = None) -> Batch:
         """The hook's rows of one block with their index rows, every byte checked: two ranged
         reads when the index tensors sit together (the store format's layout), more only if
-        a hook lies between. Ranges widen to whole checksum blocks (v2)."""
+        a hook lies between (an int8 hook: two more, its scales and exponents). Ranges widen
+        to whole checksum blocks (v2). int8 codes come back dequantized, as `dtype` (default
+        float32); other stored dtypes come back as stored (the caller converts)."""
         spec = spec or self.header(block.part)
         where = self.store.url_of(block.part.path)
         lo, hi = block.lo, block.hi
@@ -612,16 +636,28 @@ class Run:
             checked_rows(spec[n], n, where, raw, r, full) for n, raw, r, full in
             zip(names, raws, rows, [(lo, hi), (lo, hi), rows[2], rows[3]])
         )
-        hook_rows = spec[hook].covering(lo, hi)
-        acts = self.store.read_range(block.part.path, *row_range(spec[hook], *hook_rows))
         # Token t belongs to sample s where offsets[s] <= t < offsets[s+1].
         owner = np.searchsorted(offsets, np.arange(lo, hi), side="right") - 1
         return Batch(
-            activations=checked_rows(spec[hook], hook, where, acts, hook_rows, (lo, hi)),
+            activations=self._values(block, hook, spec, dtype),
             token_ids=tokens,
             positions=positions,
             sample_ids=ids[owner],
         )
+
+    def _rows(self, block: Block, name: str, spec: dict[str, TensorInfo]) -> np.ndarray:
+        """Rows [lo, hi) of one tensor of the block's part: one ranged read, checked."""
+        info, rows = spec[name], spec[name].covering(block.lo, block.hi)
+        raw = self.store.read_range(block.part.path, *row_range(info, *rows))
+        return checked_rows(info, name, self.store.url_of(block.part.path), raw, rows, (block.lo, block.hi))
+
+    def _values(self, block: Block, hook: str, spec: dict[str, TensorInfo], dtype) -> np.ndarray:
+        """The hook's rows; int8 codes dequantized straight into a `dtype` (default float32) array."""
+        codes = self._rows(block, hook, spec)
+        if spec[hook].dtype != "I8":
+            return codes
+        scale, exps = (self._rows(block, quantize.companion(hook, what), spec) for what in (quantize.SCALE, quantize.BLOCK_EXP))
+        return quantize.dequantize(codes, scale, exps, self.value_dtype(dtype))
 
     def read_index(self, part: Part) -> tuple[np.ndarray, np.ndarray]:
         """The part's sample_ids [samples] and sample_offsets [samples+1] (token offsets), checked."""
@@ -647,8 +683,8 @@ class Run:
         if part.sha256 is not None and actual != part.sha256:
             raise CorruptPartError(f"{where}: sha256 expected {part.sha256}, actual {actual}")
 
-    def read_part(self, part: Part, hook: str) -> Batch:
-        return self.read_block(Block(part, 0, self.num_part_tokens(part)), hook)
+    def read_part(self, part: Part, hook: str, dtype: np.dtype | str | None = None) -> Batch:
+        return self.read_block(Block(part, 0, self.num_part_tokens(part)), hook, dtype=dtype)
 
     def iter_batches(
         self,
@@ -680,6 +716,8 @@ class Run:
         prefetch: blocks (about `block_bytes` of activations each, a whole number of
           checksum blocks) fetched ahead on `threads`.
         dtype: convert activations per batch (e.g. np.float32); default the stored dtype.
+          int8 runs are dequantized as they are read (on the reader threads), straight into
+          `dtype` (default float32): batches never hold codes.
         """
         self.check_hook(hook)
         if batch_size < 1:
@@ -688,21 +726,21 @@ class Run:
         unknown = set(chosen) - self._committed
         if unknown:
             raise KeyError(f"{self.url}: chunk {min(unknown)} is not committed")
-        row_bytes = self.hooks[hook] * shards.activation_dtype(self.dtype).itemsize
+        row_bytes = self.hooks[hook] * self.value_dtype(dtype).itemsize
         rng = np.random.default_rng([seed, epoch]) if shuffle else None
         mine = deal_chunks(chosen, rank, world_size, None if rng is None else seed)
         if rng is not None:
             mine = [mine[i] for i in rng.permutation(len(mine))]
         threads, depth = max(1, threads), max(1, prefetch)
         blocks = self._blocks(mine, hook, max(1, block_bytes // row_bytes), rng, threads, depth)
-        fetched = prefetched(blocks, lambda b: self.read_block(b[0], hook, b[1]), threads, depth)
+        fetched = prefetched(blocks, lambda b: self.read_block(b[0], hook, b[1], dtype), threads, depth)
         if rng is not None:
             buffer_tokens = max(batch_size, shuffle_bytes // row_bytes)
             batches = mix(fetched, batch_size, buffer_tokens, rng)
         else:
             batches = rebatch(fetched, batch_size)
         for batch in batches:
-            if dtype is not None:
+            if dtype is not None and not self.quantized:
                 batch = batch.with_activations(batch.activations.astype(dtype))
             yield batch
 

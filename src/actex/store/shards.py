@@ -3,6 +3,7 @@
 One part holds whole samples, concatenated along the token axis:
 
     <hook name>      [tokens, width]   bfloat16 | float16 | float32   one tensor per hook
+                                       | int8, with <hook>/scale and <hook>/block_exp (store/quantize.py)
     token_ids        [tokens]          int32
     positions        [tokens]          int32    position of each token within its sample
     sample_offsets   [samples + 1]     int64    sample i is rows offsets[i]:offsets[i+1]
@@ -30,7 +31,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from actex.store import integrity
+from actex.store import integrity, quantize
 from actex.store.integrity import CorruptPartError
 from actex.store.layout import FORMAT_VERSION
 
@@ -46,6 +47,8 @@ _FROM_SAFETENSORS: dict[str, np.dtype] = {
     "F32": np.dtype(np.float32),
     "I32": np.dtype(np.int32),
     "I64": np.dtype(np.int64),
+    "I8": np.dtype(np.int8),  # int8 codes
+    "U8": np.dtype(np.uint8),  # their packed block exponents
 }
 INDEX_TENSORS = ("token_ids", "positions", "sample_offsets", "sample_ids")
 
@@ -127,10 +130,7 @@ def encode_part(
     for name, array in hooks.items():
         if name in INDEX_TENSORS:
             raise ValueError(f"hook name {name!r} collides with an index tensor")
-        if array.ndim != 2 or array.shape[0] != tokens:
-            raise ValueError(f"chunk {chunk} part {part}: hook {name} shape {array.shape}, expected ({tokens}, width)")
-        if array.dtype not in ACTIVATION_DTYPES.values():
-            raise ValueError(f"hook {name}: dtype {array.dtype} is not one of {sorted(ACTIVATION_DTYPES)}")
+        _check_hook_tensor(name, array, tokens, hooks, f"chunk {chunk} part {part}")
         tensors[name] = np.ascontiguousarray(array)
     tensors["token_ids"] = np.ascontiguousarray(token_ids, dtype=np.int32)
     tensors["positions"] = np.ascontiguousarray(positions, dtype=np.int32)
@@ -146,6 +146,24 @@ def encode_part(
         data=data, sha256=hashlib.sha256(data).hexdigest(), tokens=tokens, samples=samples,
         header_bytes=header, header_crc32c=integrity.hex32(integrity.crc32c(memoryview(data)[:header])),
     )
+
+
+def _check_hook_tensor(name: str, array: np.ndarray, tokens: int, hooks: Mapping[str, np.ndarray], where: str) -> None:
+    """A hook's [tokens, width] values, or an int8 hook's codes with both companions, or a companion."""
+    if quantize.is_companion(name):
+        if array.shape[:1] != (tokens,) or name.rsplit("/", 1)[0] not in hooks:
+            raise ValueError(f"{where}: {name} shape {array.shape} without its hook, expected ({tokens}, ...)")
+        return
+    if array.ndim != 2 or array.shape[0] != tokens:
+        raise ValueError(f"{where}: hook {name} shape {array.shape}, expected ({tokens}, width)")
+    if array.dtype == np.int8:
+        expected = quantize.stored_tensors(name, array.shape[1], quantize.INT8)
+        for other, (shape, dtype) in expected.items():
+            got = hooks.get(other)
+            if got is None or got.shape != (tokens, *shape) or got.dtype != dtype:
+                raise ValueError(f"{where}: int8 hook {name} needs {other} {(tokens, *shape)} {dtype}")
+    elif array.dtype not in ACTIVATION_DTYPES.values():
+        raise ValueError(f"hook {name}: dtype {array.dtype} is not one of {sorted([*ACTIVATION_DTYPES, quantize.INT8])}")
 
 
 def _to_numpy(dtype: str, shape: Sequence[int], raw) -> np.ndarray:
@@ -304,7 +322,10 @@ def part_bytes(sample_tokens: Sequence[int], token_bytes: int) -> int:
 
 
 def token_bytes(hook_widths: Sequence[int], dtype: str) -> int:
-    """Stored bytes per token: every hook's row plus token_ids and positions (int32 each)."""
+    """Stored bytes per token: every hook's row (int8: with its scale and exponents) plus
+    token_ids and positions (int32 each)."""
+    if dtype == quantize.INT8:
+        return sum(quantize.token_bytes(w) for w in hook_widths) + 8
     return sum(hook_widths) * activation_dtype(dtype).itemsize + 8
 
 

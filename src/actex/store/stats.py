@@ -8,13 +8,17 @@ inline under "stats"; both are read. Readers merge the committed chunks' statist
 `HookStats.merge` (Chan et al.'s parallel update of the Welford sums), so the statistics
 of a run never need a second pass over its data.
 
-Everything is accumulated in float64 from the stored values, whatever their dtype.
+Everything is accumulated in float64 from the stored values, whatever their dtype. Two
+counts ride along (absent from older stats objects, read as none): values that are not
+finite as stored (`nonfinite`: a float16 overflow, say) and, for int8 runs, the per-token
+relative L2 error of the stored values against the float32 the model computed
+(`quant_error_max`, and `quant_error_sum` for its mean).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import safetensors.numpy
@@ -37,6 +41,9 @@ class HookStats:
     mean: np.ndarray  # [width] float64
     m2: np.ndarray  # [width] float64: sum over rows of (x - mean)^2
     norm_sum: float  # sum over rows of ||x||_2
+    nonfinite: int = 0  # values that are inf or NaN as stored (overflow of the stored dtype)
+    quant_error_max: float | None = None  # int8: worst per-token ||stored - x|| / ||x||
+    quant_error_sum: float | None = None  # int8: that error summed over rows (mean: / count)
 
     @property
     def width(self) -> int:
@@ -50,6 +57,10 @@ class HookStats:
     @property
     def std(self) -> np.ndarray:
         return np.sqrt(self.variance)
+
+    @property
+    def quant_error_mean(self) -> float | None:
+        return None if self.quant_error_sum is None else self.quant_error_sum / max(self.count, 1)
 
     @property
     def mean_l2_norm(self) -> float:
@@ -72,15 +83,16 @@ class HookStats:
         """Statistics of the union of both sets of rows (Chan et al. pairwise update)."""
         if self.width != other.width:
             raise ValueError(f"cannot merge stats of width {self.width} with width {other.width}")
-        if other.count == 0:
-            return self
-        if self.count == 0:
-            return other
+        counts = {"nonfinite": self.nonfinite + other.nonfinite,
+                  "quant_error_max": _combine(max, self.quant_error_max, other.quant_error_max),
+                  "quant_error_sum": _combine(sum, self.quant_error_sum, other.quant_error_sum)}
+        if other.count == 0 or self.count == 0:
+            return replace(self if other.count == 0 else other, **counts)
         n = self.count + other.count
         delta = other.mean - self.mean
         mean = self.mean + delta * (other.count / n)
         m2 = self.m2 + other.m2 + delta**2 * (self.count * other.count / n)
-        return HookStats(n, mean, m2, self.norm_sum + other.norm_sum)
+        return HookStats(n, mean, m2, self.norm_sum + other.norm_sum, **counts)
 
     @staticmethod
     def merge_all(parts: Iterable[HookStats]) -> HookStats:
@@ -113,18 +125,29 @@ class HookStats:
 
     def summary(self) -> dict:
         """Scalars for `actex inspect` and logs."""
-        return {
+        summary = {
             "count": self.count,
             "mean_abs_mean": float(np.abs(self.mean).mean()) if self.width else 0.0,
             "mean_variance": float(self.variance.mean()) if self.width else 0.0,
             "mean_l2_norm": self.mean_l2_norm,
+            "nonfinite": self.nonfinite,
         }
+        if self.quant_error_max is not None:
+            summary |= {"quant_error_max": self.quant_error_max, "quant_error_mean": self.quant_error_mean}
+        return summary
+
+
+def _combine(how, a: float | None, b: float | None) -> float | None:
+    """max / sum of two optional figures (None: not recorded on that side)."""
+    present = [v for v in (a, b) if v is not None]
+    return how(present) if present else None
 
 
 # Tensors per hook in a stats object: "<hook>/count" [1] int64, "<hook>/mean" and
-# "<hook>/m2" [width] float64, "<hook>/norm_sum" [1] float64. Binary float64: exact, and
-# ~8 bytes per value instead of ~17 of decimal JSON.
-_FIELDS = ("count", "mean", "m2", "norm_sum")
+# "<hook>/m2" [width] float64, "<hook>/norm_sum" [1] float64; "<hook>/nonfinite" [1] int64
+# and, int8 runs only, "<hook>/quant_error_max" and "<hook>/quant_error_sum" [1] float64.
+# Binary float64: exact, and ~8 bytes per value instead of ~17 of decimal JSON.
+_FIELDS = ("count", "mean", "m2", "norm_sum", "nonfinite", "quant_error_max", "quant_error_sum")
 
 
 def encode_stats(stats: Mapping[str, HookStats]) -> bytes:
@@ -135,6 +158,10 @@ def encode_stats(stats: Mapping[str, HookStats]) -> bytes:
         tensors[f"{hook}/mean"] = np.ascontiguousarray(s.mean, np.float64)
         tensors[f"{hook}/m2"] = np.ascontiguousarray(s.m2, np.float64)
         tensors[f"{hook}/norm_sum"] = np.array([s.norm_sum], np.float64)
+        tensors[f"{hook}/nonfinite"] = np.array([s.nonfinite], np.int64)
+        if s.quant_error_max is not None:
+            tensors[f"{hook}/quant_error_max"] = np.array([s.quant_error_max], np.float64)
+            tensors[f"{hook}/quant_error_sum"] = np.array([s.quant_error_sum], np.float64)
     return safetensors.numpy.save(tensors)
 
 
@@ -143,13 +170,18 @@ def decode_stats(data: bytes, where: str = "stats.safetensors") -> dict[str, Hoo
     try:
         tensors = safetensors.numpy.load(data)
         hooks = {name.rsplit("/", 1)[0] for name in tensors}
-        return {
-            hook: HookStats(int(tensors[f"{hook}/count"][0]), tensors[f"{hook}/mean"], tensors[f"{hook}/m2"],
-                            float(tensors[f"{hook}/norm_sum"][0]))
-            for hook in sorted(hooks)
-        }
+        return {hook: _decode_hook(tensors, hook) for hook in sorted(hooks)}
     except (safetensors.SafetensorError, KeyError, IndexError, ValueError) as err:
         raise CorruptPartError(f"{where}: not a stats object ({type(err).__name__}: {err})") from None
+
+
+def _decode_hook(tensors: dict[str, np.ndarray], hook: str) -> HookStats:
+    def scalar(field: str, kind=float):  # optional fields: None where an older writer left them out
+        return kind(tensors[f"{hook}/{field}"][0]) if f"{hook}/{field}" in tensors else None
+
+    return HookStats(int(tensors[f"{hook}/count"][0]), tensors[f"{hook}/mean"], tensors[f"{hook}/m2"],
+                     scalar("norm_sum"), nonfinite=scalar("nonfinite", int) or 0,
+                     quant_error_max=scalar("quant_error_max"), quant_error_sum=scalar("quant_error_sum"))
 
 
 def _block_stats(x: np.ndarray) -> HookStats:
