@@ -235,7 +235,7 @@ def generate_args(model_dir: Path, dataset: Path, output: Path, *extra: str) -> 
         "generate", "--model", str(model_dir), "--dataset", str(dataset), "--format", "text",
         "--output", str(output), "--run-name", "g", "--layers", "0-1", "--max-seq-len", "96",
         "--max-new-tokens", "12", "--batch-tokens", "256", "--chunk-size", "4", "--dtype", "float32",
-        "--temperature", "1.0", "--top-k", "40", "--generation-seed", "3", *extra,
+        "--temperature", "1.0", "--top-k", "40", "--sampling-seed", "3", *extra,
     ]
 
 

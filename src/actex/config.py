@@ -79,7 +79,7 @@ def parse_size(value: Any) -> Any:
 
 # GenerationConfig fields that came after the first generation runs, at their defaults
 # (greedy): left out of the canonical config so those runs keep their hash.
-SAMPLING_DEFAULTS = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 0}
+SAMPLING_DEFAULTS = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "sampling_seed": 0}
 
 
 class GenerationConfig(BaseModel):
@@ -102,7 +102,7 @@ class GenerationConfig(BaseModel):
         default=0, ge=0, description="Sample only among the K most likely tokens (0: all).")
     top_p: Annotated[float, Flag(panel="Generation")] = Field(
         default=1.0, gt=0.0, le=1.0, description="Sample only among the most likely tokens whose mass reaches P (1: all).")
-    seed: Annotated[int, Flag(panel="Generation")] = Field(
+    sampling_seed: Annotated[int, Flag(panel="Generation")] = Field(
         default=0, ge=0, description="Sampling seed: a sample's tokens depend only on (seed, sample id), "
                                      "so reruns, resumes and other meshes draw the same.")
 

@@ -179,7 +179,7 @@ class ChunkGenerator:
         pending = []
         for queue in queues:
             keys = np.zeros((len(queue.token_ids), 2), np.uint32)
-            keys[: len(queue.samples)] = sample_keys(self.settings.seed, [t.sample_id for t in queue.samples])
+            keys[: len(queue.samples)] = sample_keys(self.settings.sampling_seed, [t.sample_id for t in queue.samples])
             pending.append(self._decoder(queue.slots)(self.params, queue.token_ids, queue.mask,
                                                       self.stop_array, keys, np.int32(len(queue.samples))))
         generated: dict[int, tuple[np.ndarray, bool]] = {}
