@@ -427,6 +427,7 @@ class Run:
         self.chunks: list[int] = sorted(committed_chunks(store))
         self._committed = frozenset(self.chunks)
         self._records: dict[int, CommitRecord] = {}
+        self._fetching: dict[int, threading.Event] = {}  # chunk -> set once its record is cached
         self._headers: OrderedDict[str, dict[str, TensorInfo]] = OrderedDict()
         self._stats: tuple[tuple[int, ...], dict[str, HookStats]] | None = None
         self._lock = threading.Lock()
@@ -480,12 +481,29 @@ class Run:
         unknown = [c for c in wanted if c not in self._committed]
         if unknown:
             raise KeyError(f"{self.url}: chunk {unknown[0]} is not committed")
+        # Records another thread is fetching are waited for, not fetched again (a prefetch
+        # thread and the caller often want the same first chunks).
         with self._lock:
-            missing = [c for c in wanted if c not in self._records]
-        for at in range(0, len(missing), RECORD_BATCH):
-            got = read_commits(self.store, missing[at : at + RECORD_BATCH])
+            missing = [c for c in wanted if c not in self._records and c not in self._fetching]
+            others = {self._fetching[c] for c in wanted if c in self._fetching}
+            done = threading.Event()
+            self._fetching.update(dict.fromkeys(missing, done))
+        try:
+            for at in range(0, len(missing), RECORD_BATCH):
+                got = read_commits(self.store, missing[at : at + RECORD_BATCH])
+                with self._lock:
+                    self._records.update(got)
+        finally:
             with self._lock:
-                self._records.update(got)
+                for chunk in missing:
+                    self._fetching.pop(chunk, None)
+            done.set()
+        for fetched in others:
+            fetched.wait()
+        with self._lock:
+            absent = [c for c in wanted if c not in self._records]
+        if absent:  # another thread's fetch failed: fetch them here (its error was its own)
+            return self.records(wanted)
         with self._lock:
             return {c: self._records[c] for c in wanted}
 
