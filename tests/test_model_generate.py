@@ -124,15 +124,16 @@ def test_continuous_batching_gives_the_static_tokens_with_busy_slots(varied):
     lengths = [len(t) for t in expected]
     assert min(lengths) <= 4 and max(lengths) == n, lengths  # the rig gives short and long answers
     keys = np.zeros((rows, 2), np.uint32)
-    for slots in (1, 3, 4, 16):
-        result = make_continuous_fn(loaded.config, slots, n)(loaded.params, ids, mask, stops, keys, np.int32(rows))
-        assert continuations(result, rows) == expected, f"{slots} slots"
-        steps, busy, prefills = (int(v) for v in result[3])
+    results = {}
+    for slots in (1, 3, 16):  # one at a time, a few, more slots than prompts
+        results[slots] = make_continuous_fn(loaded.config, slots, n)(loaded.params, ids, mask, stops, keys,
+                                                                     np.int32(rows))
+        assert continuations(results[slots], rows) == expected, f"{slots} slots"
+        steps, busy, prefills = (int(v) for v in results[slots][3])
         assert busy == sum(lengths) and prefills == rows  # every wanted token, each prompt once
     # 3 slots: the static path (3 rows at a time) would run each trio to its longest answer.
     static_steps = sum(max(lengths[i:i + 3]) for i in range(0, rows, 3))
-    result = make_continuous_fn(loaded.config, 3, n)(loaded.params, ids, mask, stops, keys, np.int32(rows))
-    occupancy = int(result[3].busy) / (3 * int(result[3].steps))
+    occupancy = int(results[3][3].busy) / (3 * int(results[3][3].steps))
     # (The last long answer runs alone at the end: a queue of 9 cannot be fully busy.)
     assert occupancy > sum(lengths) / (3 * static_steps) + 0.1 and occupancy >= 0.8, occupancy
 
@@ -160,7 +161,7 @@ def test_sampled_tokens_depend_only_on_seed_and_sample_id(varied):
     assert cold == greedy and static != greedy
 
 
-@pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, 0, 1.0), (1.3, 5, 1.0), (1.0, 0, 0.8)])
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, 0, 1.0), (1.3, 5, 0.8)])
 def test_first_sampled_token_follows_the_warped_softmax(tmp_path, temperature, top_k, top_p):
     """4,000 draws of the first token of one prompt (a vocabulary of 12) against
     softmax(logits / T) cut to top-k / top-p: a chi-square test, and the same test rejects
