@@ -246,17 +246,35 @@ def generated_texts(run: Path) -> dict[int, str]:
     return {s["sample_id"]: s["generated_text"] for c in range(stored.num_chunks) for s in stored.samples(c)}
 
 
-def test_generate_on_two_processes_stores_what_one_process_does(tiny_model_dir, dataset, tmp_path):
+def test_generate_on_two_processes_survives_a_peer_kill_and_stores_what_one_process_does(
+        tiny_model_dir, dataset, tmp_path):
     """Each process decodes its share of every chunk on its own devices, then all exchange
-    the tokens and capture in lockstep: the same samples, generated tokens and (within
-    REL_BOUND) activations as one process with the same 4 devices."""
-    one = subprocess.run([ACTEX, *generate_args(tiny_model_dir, dataset, tmp_path / "one")], env=device_env(4),
-                         capture_output=True, text=True, timeout=240)
+    the tokens and capture in lockstep. A SIGKILL of one process mid-run (it may be decoding
+    or waiting for the other's tokens) ends the other in bounded time; the rerun finishes
+    and the run holds the same samples, generated tokens and (within REL_BOUND)
+    activations as one process with the same 4 devices."""
+    args = lambda output: generate_args(tiny_model_dir, dataset, output, "--chunk-size", "1")  # noqa: E731
+    one = subprocess.run([ACTEX, *args(tmp_path / "one")], env=device_env(4), capture_output=True, text=True,
+                         timeout=300)
     assert one.returncode == 0, one.stdout + one.stderr
-    procs = launch_slice(2, generate_args(tiny_model_dir, dataset, tmp_path / "slice"), devices=2)
-    codes, logs = wait_slice(procs, timeout_s=240)
+    run = tmp_path / "slice" / "g"
+    procs = launch_slice(2, args(tmp_path / "slice"), devices=2, heartbeat_s=HEARTBEAT_S)
+    try:
+        wait_for(lambda: commits(run) >= 1, 180, "a first commit")
+    except AssertionError:
+        wait_slice(procs, 1)
+        raise
+    os.killpg(procs[1].pid, signal.SIGKILL)
+    killed = time.monotonic()
+    codes, logs = wait_slice(procs, timeout_s=HEARTBEAT_S + 60)
+    assert codes[0] not in (0, None), logs[0]
+    assert time.monotonic() - killed < HEARTBEAT_S + 60
+    before = commits(run)
+    assert 1 <= before < len(ROWS)
+    codes, logs = wait_slice(launch_slice(2, args(tmp_path / "slice"), devices=2), timeout_s=240)
     assert codes == [0, 0], logs
-    texts = generated_texts(tmp_path / "slice" / "g")
+    assert f"{before} already committed" in logs[0]
+    texts = generated_texts(run)
     assert texts == generated_texts(tmp_path / "one" / "g") and len(texts) == len(ROWS)
     assert len(set(texts.values())) > len(ROWS) // 2  # sampled: the continuations differ
-    assert_same_as_reference(tmp_path / "slice" / "g", committed_tensors(str(tmp_path / "one" / "g")))
+    assert_same_as_reference(run, committed_tensors(str(tmp_path / "one" / "g")))
