@@ -25,7 +25,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from actex.data.config import DataConfig
+from actex.data.config import DataConfig, without_later_defaults
 from actex.flag import Flag
 from actex.model.hooks import ACTIVATIONS, BLOCK_HOOKS, hooks_for_layers, parse_hooks
 from actex.store.layout import SAFE_NAME
@@ -137,6 +137,13 @@ class RunConfig(BaseModel):
         default=None, description="Greedy generation settings (actex generate); absent for extraction.")
 
     @model_validator(mode="after")
+    def _samples_generated(self) -> RunConfig:
+        if self.generation is None and self.data.samples_per_prompt > 1:
+            raise ValueError(f"data.samples_per_prompt {self.data.samples_per_prompt}: samples of one prompt differ "
+                             "only when generated; use actex generate (extraction would store the same values again)")
+        return self
+
+    @model_validator(mode="after")
     def _prompt_room(self) -> RunConfig:
         if self.generation is not None and self.generation.max_new_tokens >= self.data.max_seq_len:
             raise ValueError(
@@ -157,6 +164,7 @@ class RunConfig(BaseModel):
         added later (sampling) are left out at their defaults.
         """
         fields = self.model_dump(mode="json")
+        fields["data"] = without_later_defaults(fields["data"])
         if fields["generation"] is None:
             del fields["generation"]
         else:

@@ -47,6 +47,9 @@ class DataConfig(BaseModel):
     template: Annotated[str, Flag(panel="ARC prompts")] = Field("output-from-examples-v1", description="ARC prompt template.")
     predictions_per_task: Annotated[int, Flag(panel="ARC prompts")] = Field(8, ge=1, description="Augmented prompts per ARC test input.")
     seed: Annotated[int, Flag(panel="ARC prompts")] = Field(0, ge=0, description="Augmentation seed.")
+    samples_per_prompt: Annotated[int, Flag(panel="Generation")] = Field(
+        1, ge=1, description="Samples of every prompt (actex generate: each draws its own tokens from its own "
+        "sample id; ARC votes count them all).")
     dihedral: Annotated[bool, Flag(panel="ARC prompts")] = Field(True, description="Random rotations/flips.")
     colour: Annotated[bool, Flag(panel="ARC prompts")] = Field(True, description="Random colour permutations.")
     colour_all_prob: Annotated[float, Flag(panel="ARC prompts")] = Field(0.05, ge=0.0, le=1.0, description="Probability of permuting black too.")
@@ -71,5 +74,16 @@ class DataConfig(BaseModel):
         return canonical_encoder_name(name)
 
     def canonical(self) -> dict:
-        """JSON-ready dict with every field (defaults included), stable across processes."""
-        return json.loads(json.dumps(self.model_dump(mode="json"), sort_keys=True))
+        """JSON-ready dict with every field (defaults included), stable across processes;
+        fields added later are left out at their defaults, so older runs keep their hash."""
+        return json.loads(json.dumps(without_later_defaults(self.model_dump(mode="json")), sort_keys=True))
+
+
+# DataConfig fields that came after runs existed, at their defaults: left out of canonical
+# dicts (and so of hashes and plan fingerprints) while at them.
+LATER_DEFAULTS = {"samples_per_prompt": 1}
+
+
+def without_later_defaults(fields: dict) -> dict:
+    """A DataConfig's dumped fields without the LATER_DEFAULTS that are at their default."""
+    return {k: v for k, v in fields.items() if not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}

@@ -1,7 +1,8 @@
 """The plan: a deterministic enumeration of samples, cut into chunks of fixed id ranges.
 
 Building it takes one pass over the rows (parse + validate + count, no rendering or
-tokenizing): an ARC row yields n_test x predictions_per_task samples, a text row one.
+tokenizing): an ARC row yields n_test x predictions_per_task samples, a text row one (each
+times samples_per_prompt).
 Sample ids are positions in that enumeration, so any worker computing the plan alone gets
 the same chunk k.
 
@@ -84,26 +85,38 @@ def _row_text(row: Row, cfg: DataConfig) -> str:
 
 
 def row_samples(row: Row, cfg: DataConfig, tokenizer, first_id: int, wanted: range) -> Iterator[Sample]:
-    """The row's samples whose ids lie in `wanted`; only those are rendered."""
+    """The row's samples whose ids lie in `wanted`; only those are rendered.
+
+    With samples_per_prompt N > 1 every prompt gives N consecutive samples, told apart by
+    their `draw` (0..N-1): the same text, each generated from its own sample id's key.
+    """
     origin = {"source": row.source, "row": row.row}
+    draws = cfg.samples_per_prompt
     if cfg.format == "text":
-        if first_id in wanted:
-            yield Sample(first_id, row.index, _row_text(row, cfg), origin)
+        for draw in range(draws):
+            if first_id + draw in wanted:
+                yield Sample(first_id + draw, row.index, _row_text(row, cfg), origin | _draw(draw, draws))
         return
     task = arc.task_from_row(row.data, row.index, cfg.examples_column)
     template = arc.get_template(cfg.template)
-    for local in range(arc.samples_per_task(task, cfg)):
+    for local in range(arc.samples_per_task(task, cfg) * draws):
         if first_id + local not in wanted:
             continue
-        prompt = arc.task_prompt(task, row.index, cfg, local)
+        prompt = arc.task_prompt(task, row.index, cfg, local // draws)
         meta = {
             **origin,
             "task_id": task.task_id,
             "test_index": prompt.test_index,
             "prediction": prompt.prediction,
             "augmentation": prompt.augmentation.to_meta(),
+            **_draw(local % draws, draws),
         }
         yield Sample(first_id + local, row.index, arc.render_chat(tokenizer, template, prompt.user), meta, task)
+
+
+def _draw(draw: int, draws: int) -> dict:
+    """The `draw` meta field, present only when prompts have several samples."""
+    return {"draw": draw} if draws > 1 else {}
 
 
 def reason_kind(reason: str) -> str:
@@ -268,7 +281,7 @@ def build_plan(cfg: DataConfig, tokenizer, chunk_size: int, *, fingerprint: str 
         file_no, a, b = row.locator
         for name, value in zip(_INDEX_ARRAYS, (row.index, num_samples, file_no, a, b)):
             columns[name].append(value)
-        num_samples += arc.samples_per_task(parsed, cfg) if cfg.format == "arc" else 1
+        num_samples += (arc.samples_per_task(parsed, cfg) if cfg.format == "arc" else 1) * cfg.samples_per_prompt
     if copy is not None:
         copy.close()
     return Plan(
