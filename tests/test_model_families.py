@@ -227,6 +227,10 @@ def test_extract_then_verify_against_transformers(tmp_path, name):
     extract(run, StaticChunks(run.plan.num_chunks), worker="w0")
     stored = open_run(run.config.run_url)
     assert "blocks.1.hook_resid_post" in stored.hooks
+    # Read back by the name it was asked for, too.
+    alias, canonical = (next(stored.iter_batches(name, 16, shuffle=False)).activations
+                        for name in ("blocks.1.hook_out", "blocks.1.hook_resid_post"))
+    np.testing.assert_array_equal(alias, canonical)
     report = verify(stored, 4)
     assert report.ok and report.tokens > 0, report
     assert {check.hook for check in report.checks} == set(stored.hooks)

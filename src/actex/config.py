@@ -18,6 +18,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -105,6 +106,12 @@ class GenerationConfig(BaseModel):
     sampling_seed: Annotated[int, Flag(panel="Generation")] = Field(
         default=0, ge=0, description="Sampling seed: a sample's tokens depend only on (seed, sample id), "
                                      "so reruns, resumes and other meshes draw the same.")
+
+    @model_validator(mode="after")
+    def _sampling_needs_temperature(self) -> GenerationConfig:
+        if self.temperature == 0 and (self.top_k or self.top_p < 1.0):
+            raise ValueError("top_k / top_p only act when sampling: set temperature above 0 (0 decodes greedily)")
+        return self
 
 
 class RunConfig(BaseModel):
@@ -358,9 +365,22 @@ def with_dataset_location(fields: dict) -> dict:
     return {**fields, "data": {**data, "dataset": canonical_location(data["dataset"])}}
 
 
-def respelt(config: RunConfig, dataset: str) -> RunConfig:
-    """The same config with data.dataset spelt `dataset` (another hash and run name)."""
-    return config.model_copy(update={"data": config.data.model_copy(update={"dataset": dataset})})
+def with_model_location(fields: dict) -> dict:
+    """`fields` with a local model directory at its absolute location (symlinks resolved):
+    run.json then names the checkpoint from any directory (verify, resume, other workers),
+    and every spelling of it is one run. Hub ids and bucket URLs are kept as given."""
+    model = fields.get("model")
+    if not isinstance(model, str) or "://" in model or not os.path.isdir(os.path.expanduser(model)):
+        return fields
+    return {**fields, "model": os.path.realpath(os.path.expanduser(model))}
+
+
+def respelt(config: RunConfig, dataset: str, model: str | None = None) -> RunConfig:
+    """The same config with data.dataset (and model) spelt as given (another hash and run name)."""
+    update = {"data": config.data.model_copy(update={"dataset": dataset})}
+    if model is not None:
+        update["model"] = model
+    return config.model_copy(update=update)
 
 
 def resolve_config(fields: dict, *, n_layers: int, checkpoint_dtype: str) -> RunConfig:

@@ -32,8 +32,16 @@ def load_reference(model: str, revision: str | None = None, device: str = "cpu")
     import transformers
     from transformers import AutoModel
 
-    transformers.logging.disable_progress_bar()  # verify prints its own lines; no weight-loading bar among them
-    reference = AutoModel.from_pretrained(model, revision=revision, dtype=torch.float32, attn_implementation="eager")
+    # verify prints its own lines: no weight-loading bar, and no load report (an untied
+    # checkpoint's lm_head is "UNEXPECTED" for the backbone, which reads as a failure).
+    transformers.logging.disable_progress_bar()
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        reference = AutoModel.from_pretrained(model, revision=revision, dtype=torch.float32,
+                                              attn_implementation="eager")
+    finally:
+        transformers.logging.set_verbosity(verbosity)
     return decoder_of(reference).to(device).eval()
 
 

@@ -630,8 +630,9 @@ def inspect_command(
     if summary.get("generation"):
         totals = summary["generation"]
         console.print(f"generated {totals['generated_tokens']:,} tokens over {totals['samples']:,} samples "
-                      f"(mean {totals['mean_tokens']:.1f}); stopped by a stop token {totals['stop_token']:,}, "
-                      f"at --max-new-tokens {totals['max_new_tokens']:,}; skipped {totals['skipped']:,}")
+                      f"(mean {totals['mean_tokens']:.1f}); answers ended by a stop token: {totals['stop_token']:,}, "
+                      f"by the --max-new-tokens budget: {totals['max_new_tokens']:,}; prompts skipped for room: "
+                      f"{totals['skipped']:,}")
     if summary.get("answers"):
         _print_answers(console, summary["answers"])
     console.print_json(json.dumps(summary["config"]))

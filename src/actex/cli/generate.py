@@ -22,7 +22,7 @@ GENERATE_OPTIONS = EXTRACT_OPTIONS + model_options(
 
 generate_command = with_extract_options(
     functools.partial(extract_body, options=GENERATE_OPTIONS, generating=True), options=GENERATE_OPTIONS, doc=(
-        "Generate greedy answers of MODEL to DATASET's prompts and extract the activations of "
+        "Generate answers of MODEL to DATASET's prompts (greedy, or sampled with --temperature) and extract the activations of "
         "prompt + answer into OUTPUT/RUN, exactly once; ARC answers are parsed, voted and scored "
         "(predictions.json, accuracy.json; `actex inspect` shows the accuracy).\n\n"
         "Every option can also come from its ACTEX_* environment variable or the --config file "

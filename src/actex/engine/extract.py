@@ -24,7 +24,7 @@ from typing import Any
 import jax
 
 from actex.config import (ConfigError, RunConfig, check_field_names, device_config, resolve_config, respelt,
-                          with_dataset_location)
+                          with_dataset_location, with_model_location)
 from actex.data import ShapeBudget, build_plan, pack, tokenize_samples
 from actex.data.plan import Plan, plan_fingerprint, plan_from_index
 from actex.data.sources import check_source
@@ -112,13 +112,14 @@ def open_run(fields: dict, *, storage_options: dict | None = None,
     check_field_names(fields)
     device, fields = device_config(fields)
     spelt = (fields.get("data") or {}).get("dataset")
-    fields = with_dataset_location(fields)
+    typed_model = fields.get("model")
+    fields = with_model_location(with_dataset_location(fields))
     ckpt = checkpoint_config(fields["model"], fields.get("revision"))
     config = resolve_config(fields, n_layers=ckpt.n_layers, checkpoint_dtype=param_dtype(ckpt, None))
     check_model_serves(ckpt, config)
     check_source(spelt)  # a missing local dataset fails now, named as typed, before devices and model
-    config = earlier_spelling(config, spelt, storage_options)
-    fields = {**fields, "data": {**fields["data"], "dataset": config.data.dataset}}
+    config = earlier_spelling(config, spelt, typed_model, storage_options)
+    fields = {**fields, "model": config.model, "data": {**fields["data"], "dataset": config.data.dataset}}
     store = open_store(config.run_url, **(storage_options or {}))
     stored = read_manifest(store) if store.exists(MANIFEST) else None
     revision = pinned_revision(config.model, config.revision, stored)
@@ -164,33 +165,37 @@ def open_run(fields: dict, *, storage_options: dict | None = None,
     return OpenRun(config, store, plan, model, tokenizer, widths, mesh, attention)
 
 
-def earlier_spelling(config: RunConfig, spelt: str | None, storage_options: dict | None) -> RunConfig:
-    """`config`, or the run an older actex created from the dataset path as typed.
+def earlier_spelling(config: RunConfig, spelt: str | None, typed_model: str | None,
+                     storage_options: dict | None) -> RunConfig:
+    """`config`, or the run an older actex created from the local paths as typed.
 
-    Until local dataset paths were made canonical (issue 25), a run's hash (and so its
-    default name) came from the path as spelt, and run.json recorded that spelling.
-    Rerunning the same command, from the same directory, still resumes such a run: when no
-    run of the canonical config exists yet but a run.json with the typed spelling does
-    (under the old hash's name, or under --run-name), that run is continued as it was
-    created. A new run always records the canonical location."""
-    if spelt is None or spelt == config.data.dataset:
+    Until local dataset and model paths were made canonical (issue 25), a run's hash (and
+    so its default name) came from the paths as spelt, and run.json recorded those
+    spellings. Rerunning the same command, from the same directory, still resumes such a
+    run: when no run of the canonical config exists yet but a run.json with the typed
+    spellings does (under the old hash's name, or under --run-name), that run is continued
+    as it was created. A new run always records the canonical locations."""
+    spelt = config.data.dataset if spelt is None else spelt
+    typed_model = config.model if typed_model is None else typed_model
+    if (spelt, typed_model) == (config.data.dataset, config.model):
         return config
     options = storage_options or {}
-    if _stored_dataset(open_store(config.run_url, **options)) == config.data.dataset:
+    if _stored_locations(open_store(config.run_url, **options)) == (config.data.dataset, config.model):
         return config
-    older = respelt(config, spelt)
-    if _stored_dataset(open_store(older.run_url, **options)) != spelt:
+    older = respelt(config, spelt, typed_model)
+    if _stored_locations(open_store(older.run_url, **options)) != (spelt, typed_model):
         return config
-    log.warning("%s: resuming a run created with --dataset %s as typed (actex now records %s)",
-                older.run_url, spelt, config.data.dataset)
+    log.warning("%s: resuming a run created with --dataset %s --model %s as typed (actex now records %s, %s)",
+                older.run_url, spelt, typed_model, config.data.dataset, config.model)
     return older
 
 
-def _stored_dataset(store: Store) -> str | None:
-    """data.dataset as the run.json in `store` records it; None without one."""
+def _stored_locations(store: Store) -> tuple[str | None, str | None] | None:
+    """(data.dataset, model) as the run.json in `store` records them; None without one."""
     if not store.exists(MANIFEST):
         return None
-    return read_manifest(store).config.get("data", {}).get("dataset")
+    stored = read_manifest(store).config
+    return stored.get("data", {}).get("dataset"), stored.get("model")
 
 
 def pinned_revision(model: str, requested: str | None, stored: RunManifest | None) -> str | None:

@@ -103,14 +103,24 @@ def _check_layer(layer: int, n_layers: int) -> None:
         )
 
 
+def canonical_name(name: str) -> str:
+    """actex's name of a TransformerLens 3 alias (`blocks.3.hook_out` ->
+    `blocks.3.hook_resid_post`); any other name unchanged. No validation."""
+    name = GLOBAL_ALIASES.get(name, name)
+    match = _BLOCK_RE.fullmatch(name)
+    if match is not None and match.group(2) in ALIASES:
+        return f"blocks.{match.group(1)}.{ALIASES[match.group(2)]}"
+    return name
+
+
 def parse_hook(name: str, n_layers: int) -> HookPoint:
     """Validate one hook name against a model with `n_layers` blocks; a TransformerLens 3
     alias comes back under its canonical name (`blocks.3.hook_out` -> `blocks.3.hook_resid_post`)."""
-    name = GLOBAL_ALIASES.get(name, name)
+    name = canonical_name(name)
     if name in GLOBAL_HOOKS:
         return HookPoint(name, None, name)
     match = _BLOCK_RE.fullmatch(name)
-    kind = match and ALIASES.get(match.group(2), match.group(2))
+    kind = match and match.group(2)
     if match is None or kind not in BLOCK_HOOKS:
         raise ValueError(f"unknown hook {name!r}{_did_you_mean(name, match)}; expected one of {_expected_names(n_layers)}")
     layer = int(match.group(1))

@@ -38,6 +38,7 @@ from functools import cached_property
 
 import numpy as np
 
+from actex.model.hooks import canonical_name
 from actex.store import integrity, quantize, shards
 from actex.store.commits import CommitRecord, committed_chunks, read_commits
 from actex.store.folder import Store, open_store
@@ -537,7 +538,7 @@ class Run:
         e.g. `run.stats(hook, spread(run.chunks, 64))`. Raises ValueError for an unknown
         hook or when some of the chunks carry no stats for it; CorruptPartError when a stats
         object fails its CRC-32C."""
-        self.check_hook(hook)
+        hook = self.hook_name(hook)
         merged = self._merged_stats(self.chunks if chunks is None else sorted(chunks))
         if hook not in merged:
             raise ValueError(f"{self.url}: some committed chunks carry no stats for {hook}")
@@ -737,7 +738,7 @@ class Run:
           int8 runs are dequantized as they are read (on the reader threads), straight into
           `dtype` (default float32): batches never hold codes.
         """
-        self.check_hook(hook)
+        hook = self.hook_name(hook)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         chosen = self.chunks if chunks is None else sorted(chunks)
@@ -784,6 +785,14 @@ class Run:
     def check_hook(self, hook: str) -> None:
         if hook not in self.hooks:
             raise ValueError(f"{self.url}: no hook {hook!r}; stored hooks: {', '.join(self.hooks)}")
+
+    def hook_name(self, hook: str) -> str:
+        """The stored name of `hook`: itself, or actex's name of a TransformerLens 3 alias
+        (`blocks.3.hook_out` reads `blocks.3.hook_resid_post`). ValueError if not stored."""
+        if hook not in self.hooks:
+            hook = canonical_name(hook)
+        self.check_hook(hook)
+        return hook
 
 
 def open_run(url: str, **storage_options) -> Run:

@@ -1,5 +1,6 @@
-"""--samples-per-prompt N: every prompt becomes N consecutive samples (its `draw`s), each
-generating from its own sample id's PRNG stream; at 1 nothing about a run changes."""
+"""Generation options: --samples-per-prompt N (every prompt becomes N consecutive samples,
+its `draw`s, each generating from its own sample id's PRNG stream; at 1 nothing about a
+run changes), and sampling options that only act together."""
 
 import json
 
@@ -70,3 +71,12 @@ def test_generated_draws_of_one_prompt_differ(tmp_path, tiny_model_dir):  # noqa
         draws = records[3 * row: 3 * row + 3]
         assert len({s["n_prompt_tokens"] for s in draws}) == 1  # one prompt
         assert len({json.dumps(s["generated_text"]) for s in draws}) == 3  # three answers
+
+
+@pytest.mark.parametrize("fields", [{"top_k": 20}, {"top_p": 0.9}])
+def test_top_k_and_top_p_without_temperature_are_refused(fields):
+    from actex.config import GenerationConfig
+
+    with pytest.raises(ValueError, match="only act when sampling: set temperature above 0"):
+        GenerationConfig.model_validate(fields)
+    assert GenerationConfig.model_validate({**fields, "temperature": 0.7})
