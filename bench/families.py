@@ -170,13 +170,7 @@ def checkpoint(name: str, dry_run: bool) -> Path:
 # ---------------------------------------------------------------- timing
 
 
-def timed(fn, reps: int) -> float:
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+from forward import timed  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 
 def matmul(n: int = 1024, k: int = 2048, m: int = 8192):

@@ -170,23 +170,29 @@ def test_a_barrier_process_1_never_reaches_names_process_1_and_its_host(tmp_path
             "did not arrive") in logs[0], logs[0]
 
 
-def test_sigkill_of_one_process_stops_the_others_and_the_rerun_completes_identical(
-        reference, tiny_model_dir, dataset, tmp_path):
-    # One sample per chunk: 16 steps, so the kill lands mid-run even on a fast machine.
-    args = extract_args(tiny_model_dir, dataset, tmp_path, "--chunk-size", "1")
-    procs = launch_slice(2, args, devices=2, heartbeat_s=HEARTBEAT_S)
+def kill_process_1_after_a_commit(procs: list, run: Path, *, first_commit_s: float, bound_s: float) -> int:
+    """SIGKILL process 1 once `run` holds a commit; process 0 must then end, not with 0,
+    within `bound_s` (aborted by the coordination service: SIGABRT, 134 from a shell).
+    Returns the commits the run holds afterwards."""
     try:
-        wait_for(lambda: commits(tmp_path / "r") >= 1, 120, "a first commit")
+        wait_for(lambda: commits(run) >= 1, first_commit_s, "a first commit")
     except AssertionError:
         wait_slice(procs, 1)
         raise
     os.killpg(procs[1].pid, signal.SIGKILL)
     killed = time.monotonic()
-    codes, logs = wait_slice(procs, timeout_s=HEARTBEAT_S + 40)
-    # The survivor is aborted by the coordination service (SIGABRT: 134 from a shell).
+    codes, logs = wait_slice(procs, timeout_s=bound_s)
     assert codes[0] not in (0, None), logs[0]
-    assert time.monotonic() - killed < HEARTBEAT_S + 40
-    before = commits(tmp_path / "r")
+    assert time.monotonic() - killed < bound_s
+    return commits(run)
+
+
+def test_sigkill_of_one_process_stops_the_others_and_the_rerun_completes_identical(
+        reference, tiny_model_dir, dataset, tmp_path):
+    # One sample per chunk: 16 steps, so the kill lands mid-run even on a fast machine.
+    args = extract_args(tiny_model_dir, dataset, tmp_path, "--chunk-size", "1")
+    before = kill_process_1_after_a_commit(launch_slice(2, args, devices=2, heartbeat_s=HEARTBEAT_S),
+                                           tmp_path / "r", first_commit_s=120, bound_s=HEARTBEAT_S + 40)
     assert 1 <= before < 16
     codes, logs = wait_slice(launch_slice(2, args, devices=2), timeout_s=180)
     assert codes == [0, 0], logs
@@ -258,18 +264,8 @@ def test_generate_on_two_processes_survives_a_peer_kill_and_stores_what_one_proc
                          timeout=300)
     assert one.returncode == 0, one.stdout + one.stderr
     run = tmp_path / "slice" / "g"
-    procs = launch_slice(2, args(tmp_path / "slice"), devices=2, heartbeat_s=HEARTBEAT_S)
-    try:
-        wait_for(lambda: commits(run) >= 1, 180, "a first commit")
-    except AssertionError:
-        wait_slice(procs, 1)
-        raise
-    os.killpg(procs[1].pid, signal.SIGKILL)
-    killed = time.monotonic()
-    codes, logs = wait_slice(procs, timeout_s=HEARTBEAT_S + 60)
-    assert codes[0] not in (0, None), logs[0]
-    assert time.monotonic() - killed < HEARTBEAT_S + 60
-    before = commits(run)
+    before = kill_process_1_after_a_commit(launch_slice(2, args(tmp_path / "slice"), devices=2, heartbeat_s=HEARTBEAT_S),
+                                           run, first_commit_s=180, bound_s=HEARTBEAT_S + 60)
     assert 1 <= before < len(ROWS)
     codes, logs = wait_slice(launch_slice(2, args(tmp_path / "slice"), devices=2), timeout_s=240)
     assert codes == [0, 0], logs
