@@ -137,8 +137,7 @@ class ChunkGenerator:
         self.data = run.config.data
         self.stop = stop_token_ids(run.tokenizer, self.settings.stop_tokens)
         self.stop_array = np.array(sorted(self.stop), np.int32)
-        sampling = Sampling(self.settings.temperature, self.settings.top_k, self.settings.top_p)
-        self.sampling = sampling
+        self.sampling = Sampling(self.settings.temperature, self.settings.top_k, self.settings.top_p)
         self.generators: dict[int, Callable] = {}  # slots -> jitted continuous decoder
         self.encoder = arc.get_encoder(self.data.encoder) if self.data.format == "arc" else None
         self.figures = DecodeFigures()  # of the last chunk
