@@ -34,7 +34,7 @@ import psutil
 from actex.data import build_tokenizer, pack
 from actex.engine.demo import demo_dataset
 from actex.engine.extract import chunk_tokens, extract, open_run
-from actex.engine.pipeline import PartBuffer, encode
+from actex.engine.assembly import PartBuffer, encode
 from actex.engine.work import StaticChunks
 from actex.model import make_capture_fn
 from actex.model.random_checkpoint import tiny_hf_config, write_random_checkpoint

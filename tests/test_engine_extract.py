@@ -11,7 +11,7 @@ from engine_fixtures import TINY_HOOKS, arc_dataset, jax_cache, committed_tensor
 
 from actex.data import TokenizedSample, tokenize_samples
 from actex.engine.extract import extract, open_run
-from actex.engine.pipeline import ChunkAssembler
+from actex.engine.assembly import ChunkAssembler
 from actex.engine.work import StaticChunks
 from actex.model import make_capture_fn
 from actex.store.commits import read_commits

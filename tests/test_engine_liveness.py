@@ -15,7 +15,7 @@ from actex.data import pack
 from actex.data.tokenize import TokenizedSample
 from actex.engine.extract import extract, open_run, worker_heartbeat
 from actex.engine.liveness import Liveness
-from actex.engine.pipeline import ChunkAssembler
+from actex.engine.assembly import ChunkAssembler
 from actex.store import layout
 from actex.store.claims import ClaimedChunks
 from actex.store.commits import read_commits, read_heartbeats

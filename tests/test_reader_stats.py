@@ -82,7 +82,7 @@ def test_device_moments_of_a_large_offset_feature_match_numpy_float64():
     """A feature at 3e4 + N(0, 0.01), float32 as stored: the engine's per-batch moments
     (reduced on the device in float32) merged across batches give numpy's float64 variance
     to 1e-3 (a plain float32 mean before squaring was 42% off)."""
-    from actex.engine.pipeline import batch_moments, to_stats
+    from actex.engine.moments import batch_moments, to_stats
 
     rng = np.random.default_rng(0)
     batches = []

@@ -31,7 +31,8 @@ from actex.data.sources import check_source
 from actex.engine.liveness import HEARTBEAT_EVERY_S, Liveness
 from actex.engine.generate import ChunkGenerator
 from actex.engine.lockstep import lockstep_batches, split_shares
-from actex.engine.pipeline import ChunkAssembler, ChunkJob, Pipeline, PipelineConfig, chunk_records
+from actex.engine.assembly import ChunkAssembler, chunk_records
+from actex.engine.pipeline import ChunkJob, Pipeline, PipelineConfig
 from actex.engine.work import SINGLE_PROCESS, ChunkSource, ProcessRole, StaticChunks
 from actex.model import LoadedModel, ModelConfig, hook_width, layers_needed, load_model, load_tokenizer, make_capture_fn
 from actex.model.attention import resolve_backend
@@ -297,7 +298,7 @@ def extract(
         raise ValueError(f"--on-write-failure must be exit or continue, got {on_write_failure!r}")
     stop = stop or threading.Event()
     config = run.config
-    # int8 is coded from float32 on the device, after the capture (pipeline.quantize_batch).
+    # int8 is coded from float32 on the device, after the capture (moments.quantize_batch).
     captured = "float32" if config.dtype == "int8" else config.dtype
     capture = make_capture_fn(run.model.config, config.hooks, captured, mesh=run.mesh, attention=run.attention)
     data_shards = run.mesh.shape[DATA] if run.mesh is not None else 1
