@@ -19,12 +19,13 @@ import difflib
 import hashlib
 import json
 import os
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel, BeforeValidator, ByteSize, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator,
+)
 
 from actex.data.config import DataConfig, without_later_defaults
 from actex.flag import Flag
@@ -59,23 +60,20 @@ class ConfigError(ValueError):
     """A user-facing configuration problem; its message is one line."""
 
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+_BYTE_SIZE = TypeAdapter(ByteSize)
 
 
 def parse_size(value: Any) -> Any:
     """'1GB', '512MB', '1.5g', '4096' -> bytes (decimal units; KiB/MiB/GiB binary); ints pass.
 
-    ValueError (one line) for text that is not a size.
+    pydantic's ByteSize reads the text; ValueError (one line) for text that is not a size.
     """
     if not isinstance(value, str):
         return value
-    match = _SIZE.match(value)
-    if not match:
-        raise ValueError(f"{value!r} is not a size (e.g. 1GB, 512MB, 4096)")
-    unit = (match.group(2) or "").lower()
-    scale = _UNITS[unit[:1]] if "i" not in unit else 1024 ** " kmgt".index(unit[0])
-    return int(float(match.group(1)) * scale)
+    try:
+        return int(_BYTE_SIZE.validate_python(value))
+    except ValidationError:
+        raise ValueError(f"{value!r} is not a size (e.g. 1GB, 512MB, 4096)") from None
 
 
 # GenerationConfig fields that came after the first generation runs, at their defaults
