@@ -77,12 +77,6 @@ def param_shardings(config: ModelConfig, mesh: Mesh, n_layers: int | None = None
                         is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
-def heads_split(config: ModelConfig, mesh: Mesh) -> tuple[bool, bool]:
-    """(q heads split over "model", kv heads split over "model"), as param_specs decides."""
-    m = mesh.shape[MODEL]
-    return config.n_heads % m == 0, config.n_kv_heads % m == 0
-
-
 def batch_spec() -> PartitionSpec:
     """token_ids / positions / segment_ids [rows, seq] and hook outputs [rows, seq, width]:
     rows over "data", everything else whole (so a stored hook always has its full width)."""

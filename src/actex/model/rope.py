@@ -111,27 +111,9 @@ def rope_from_hf(
             needed.
         field: the config.json path of `params`, for error messages.
 
-    The fields each type reads, with transformers' defaults:
-        linear: factor (inv_freq / factor).
-        dynamic: factor. NTK scaling grows theta with the sequence length past
-            max_position_embeddings; below it the table is default RoPE (transformers'
-            init-time table, theta * 1.0 ** (d / (d - 2))), so `max_exact_positions` is
-            max_position_embeddings.
-        yarn: factor (required: transformers derives a null one from
-            max_position_embeddings / original_max_position_embeddings, refused here),
-            original_max_position_embeddings (from the dict,
-            else max_position_embeddings; `hf_ropes` applies a top-level config.json
-            value, which transformers 5 prefers), beta_fast (a falsy value means 32),
-            beta_slow (falsy means 1), attention_factor (None: 0.1 * ln(factor) + 1 for
-            factor > 1, else 1; or, if mscale and mscale_all_dim are both truthy,
-            (0.1 * mscale * ln(factor) + 1) / (0.1 * mscale_all_dim * ln(factor) + 1)),
-            truncate (default True: floor/ceil the correction range; a falsy value, None
-            included, does not truncate). transformers 5 reads
-            original_max_position_embeddings only through that dict: it does not scale
-            max_position_embeddings by the factor, and max_position_embeddings itself is
-            used only as that fallback.
-        llama3: factor, low_freq_factor, high_freq_factor, original_max_position_embeddings
-            (from the dict, else max_position_embeddings).
+    The fields each type reads, with transformers' defaults: linear reads `factor`
+    (inv_freq / factor); dynamic, yarn and llama3 are described on `_dynamic`, `_yarn` and
+    `_llama3`.
 
     Returns: the Rope; `attention_scaling` is 1.0 except for yarn, `max_exact_positions`
     None except for dynamic.
@@ -151,19 +133,7 @@ def rope_from_hf(
         raise ValueError(f"field {field}: expected an object, got {params!r}")
     fields = _Fields(params, field)
 
-    type_key = "rope_type" if "rope_type" in params else "type"
-    rope_type = params.get(type_key, "default")
-    if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(
-            f"field {field}.{type_key}: {rope_type!r} not supported "
-            f"(expected one of {', '.join(SUPPORTED_ROPE_TYPES)})"
-        )
-    partial = fields.number("partial_rotary_factor", required=False)
-    if partial is not None and partial != 1:
-        raise ValueError(
-            f"field {field}.partial_rotary_factor: {partial!r} not supported "
-            "(only 1.0: RoPE over the whole head)"
-        )
+    rope_type = _rope_type(params, fields, field)
     if "rope_theta" in params:
         theta = fields.number("rope_theta", positive=True)
     elif not _is_number(theta) or theta <= 0:
@@ -307,8 +277,33 @@ def _pow_f32(base: float, exponents: np.ndarray) -> np.ndarray:
     return (np.float64(np.float32(base)) ** exponents.astype(np.float64)).astype(np.float32)
 
 
+def _rope_type(params: dict, fields: "_Fields", field: str) -> str:
+    """The dict's rope type (`rope_type`, else the legacy `type`), refused in one line when
+    actex does not compute it or when only part of each head is rotated."""
+    type_key = "rope_type" if "rope_type" in params else "type"
+    rope_type = params.get(type_key, "default")
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(
+            f"field {field}.{type_key}: {rope_type!r} not supported "
+            f"(expected one of {', '.join(SUPPORTED_ROPE_TYPES)})"
+        )
+    partial = fields.number("partial_rotary_factor", required=False)
+    if partial is not None and partial != 1:
+        raise ValueError(
+            f"field {field}.partial_rotary_factor: {partial!r} not supported "
+            "(only 1.0: RoPE over the whole head)"
+        )
+    return rope_type
+
+
 def _dynamic(fields: _Fields, theta: float, head_dim: int, max_positions: int | None) -> Rope:
-    """transformers' `_compute_dynamic_ntk_parameters` at init (seq_len = max positions)."""
+    """transformers' `_compute_dynamic_ntk_parameters` at init (seq_len = max positions).
+
+    Reads `factor`. NTK scaling grows theta with the sequence length past
+    max_position_embeddings; below it the table is default RoPE (transformers' init-time
+    table, theta * 1.0 ** (d / (d - 2))), so `max_exact_positions` is
+    max_position_embeddings.
+    """
     factor = fields.number("factor", positive=True)
     if max_positions is None:
         raise ValueError("field max_position_embeddings: missing (rope_type 'dynamic' needs it)")
@@ -329,7 +324,20 @@ def _yarn_mscale(scale: float, mscale: float = 1) -> float:
 
 
 def _yarn(fields: _Fields, theta: float, head_dim: int, original: float) -> Rope:
-    """transformers' `_compute_yarn_parameters`, operation for operation."""
+    """transformers' `_compute_yarn_parameters`, operation for operation.
+
+    Reads `factor` (required: transformers derives a null one from
+    max_position_embeddings / original_max_position_embeddings, refused here),
+    `original` (the dict's original_max_position_embeddings, else max_position_embeddings;
+    `hf_ropes` applies a top-level config.json value, which transformers 5 prefers),
+    beta_fast (a falsy value means 32), beta_slow (falsy means 1), attention_factor (None:
+    0.1 * ln(factor) + 1 for factor > 1, else 1; or, if mscale and mscale_all_dim are both
+    truthy, (0.1 * mscale * ln(factor) + 1) / (0.1 * mscale_all_dim * ln(factor) + 1)),
+    truncate (default True: floor/ceil the correction range; a falsy value, None included,
+    does not truncate). transformers 5 reads original_max_position_embeddings only through
+    that dict: it does not scale max_position_embeddings by the factor, and
+    max_position_embeddings itself is used only as that fallback.
+    """
     factor = fields.number("factor", positive=True)
     attention_factor = fields.number("attention_factor", required=False)
     mscale = fields.number("mscale", required=False)
@@ -374,7 +382,11 @@ def _yarn(fields: _Fields, theta: float, head_dim: int, original: float) -> Rope
 
 
 def _llama3(fields: _Fields, theta: float, head_dim: int, original: float) -> Rope:
-    """transformers' `_compute_llama3_parameters`, operation for operation."""
+    """transformers' `_compute_llama3_parameters`, operation for operation.
+
+    Reads factor, low_freq_factor, high_freq_factor; `original` is the dict's
+    original_max_position_embeddings, else max_position_embeddings.
+    """
     factor = fields.number("factor", positive=True)
     low_freq_factor = fields.number("low_freq_factor", positive=True)
     high_freq_factor = fields.number("high_freq_factor", positive=True)

@@ -25,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from actex.model.config import ModelConfig
 from actex.model.mesh import make_mesh, param_shardings
 from actex.model.params import Params, global_param_axes, layer_param_axes
+from actex.model.remote import fetch_checkpoint, is_remote
 
 # Files a model needs: config, weights, tokenizer. Nothing else is downloaded.
 HUB_PATTERNS = [
@@ -126,8 +127,6 @@ def resolve_model_dir(model: str, revision: str | None = None) -> tuple[Path, st
     """
     if Path(model).is_dir():
         return Path(model), revision or "local"
-    from actex.model.remote import fetch_checkpoint, is_remote
-
     if is_remote(model):
         # A verified local copy, loaded as a local directory: same fingerprint as on disk.
         return fetch_checkpoint(model, HUB_PATTERNS), revision or "local"
