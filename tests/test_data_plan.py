@@ -15,6 +15,7 @@ from data_fixtures import HAND_TASK, tokenizer, tokenizer_dir, write_jsonl  # no
 
 from actex.data import DataConfig, build_plan, tokenize_samples
 from actex.data.plan import plan_from_index
+from actex.engine.work import StaticChunks
 
 TWO_TESTS = {
     "task_id": "two",
@@ -33,7 +34,8 @@ def test_plan_enumerates_and_chunks(tmp_path, tokenizer):  # noqa: F811
     plan = build_plan(cfg, tokenizer, chunk_size=4)
     assert plan.num_samples == 3 + 6 + 3 and plan.num_chunks == 3
     assert [plan.chunk_range(k) for k in range(3)] == [(0, 4), (4, 8), (8, 12)]
-    assert plan.chunks_for_worker(1, 2) == [1] and plan.chunks_for_worker(0, 2) == [0, 2]
+    # Static assignment is the engine's (engine/work.py StaticChunks), over the plan's chunks.
+    assert list(StaticChunks(plan.num_chunks, 1, 2).assigned()) == [1] and list(StaticChunks(plan.num_chunks, 0, 2).assigned()) == [0, 2]
     samples = _all_samples(plan)
     assert [s.sample_id for s in samples] == list(range(12))
     assert [s.source_row for s in samples] == [0] * 3 + [1] * 6 + [2] * 3

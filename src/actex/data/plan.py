@@ -34,21 +34,14 @@ import numpy as np
 
 from actex.data import arc
 from actex.data.config import DataConfig
+from actex.data.sample import Sample
 from actex.data.sources import Row, can_seek, dataset_identity, iter_rows, read_rows
+from actex.data.tokenize import bos_id
 
 log = logging.getLogger(__name__)
 
 INDEX_VERSION = 1
 _INDEX_ARRAYS = ("row_indices", "row_first_ids", "file_nos", "locator_a", "locator_b")
-
-
-@dataclass(frozen=True)
-class Sample:
-    sample_id: int
-    source_row: int  # global row index in the source
-    text: str
-    meta: dict[str, Any]  # JSON-ready: source, row, task_id, test_index, augmentation ...
-    task: arc.ArcTask | None = field(default=None, repr=False, compare=False)  # ARC rows: to score answers
 
 
 def parse_row(row: Row, cfg: DataConfig) -> arc.ArcTask | str:
@@ -159,12 +152,6 @@ class Plan:
         start = k * self.chunk_size
         return start, min(start + self.chunk_size, self.num_samples)
 
-    def chunks_for_worker(self, worker: int, num_workers: int) -> list[int]:
-        """Static assignment: chunk k belongs to worker k mod N."""
-        if not 0 <= worker < num_workers:
-            raise ValueError(f"worker index {worker} not in [0, {num_workers})")
-        return list(range(worker, self.num_chunks, num_workers))
-
     def samples(self, k: int) -> list[Sample]:
         """Chunk k's samples, reading and rendering only the rows it touches (by locator)."""
         start, stop = self.chunk_range(k)
@@ -268,8 +255,6 @@ def build_plan(cfg: DataConfig, tokenizer, chunk_size: int, *, fingerprint: str 
         arc.get_encoder(cfg.encoder), arc.get_template(cfg.template)  # fail on a bad name first
         arc.render_chat(tokenizer, arc.get_template(cfg.template), "")
     elif cfg.add_bos:
-        from actex.data.tokenize import bos_id  # tokenize imports this module
-
         bos_id(tokenizer)  # a tokenizer without BOS is refused now, not in the first chunk
     fingerprint = fingerprint or plan_fingerprint(cfg, tokenizer, chunk_size)
     columns: dict[str, list[int]] = {name: [] for name in _INDEX_ARRAYS}

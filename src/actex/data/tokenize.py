@@ -18,7 +18,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from actex.data.config import DataConfig
-from actex.data.plan import Sample
+from actex.data.sample import Sample
 
 log = logging.getLogger(__name__)
 
