@@ -151,12 +151,22 @@ def extract_options() -> list[ConfigOption]:
     ]
 
 
-def typer_parameter(option: ConfigOption) -> inspect.Parameter:
-    """The command-function parameter typer turns into the click option."""
+# Longer value lists do not fit the type column at 80 columns (rich folds them mid-word):
+# they show as <choice> and are listed in the help text, which wraps between words.
+CHOICES_SHOWN_AS_TYPE = 16
+
+
+def typer_parameter(option: ConfigOption, hidden: bool = False) -> inspect.Parameter:
+    """The command-function parameter typer turns into the click option (`hidden`: accepted,
+    not shown by --help)."""
     declaration = f"{option.flag}/--no-{option.flag[2:]}" if option.kind is bool else option.flag
+    help_text, metavar = option.help, None
+    if option.choices and len("|".join(option.choices)) > CHOICES_SHOWN_AS_TYPE:
+        listed = f"{option.description} One of: {', '.join(option.choices)}."
+        help_text, metavar = help_text.replace(option.description, listed, 1), "<choice>"
     default = typer.Option(
-        None, declaration, help=option.help, envvar=option.envvar, show_envvar=True,
-        rich_help_panel=option.panel, show_default=False,
+        None, declaration, help=help_text, envvar=option.envvar, show_envvar=True, metavar=metavar,
+        rich_help_panel=option.panel, show_default=False, hidden=hidden,
     )
     # typer checks choices given as an Enum (collect() takes the member's value back out).
     kind = enum.Enum(option.name, {c: c for c in option.choices}, type=str) if option.choices else option.kind
@@ -190,7 +200,10 @@ def with_extract_options(body: Callable[[dict], None], *, doc: str,
             False, "--show-config", rich_help_panel="Run",
             help="Print the fields and worker options this command resolved (flags > ACTEX_* > --config > defaults) as JSON, and exit.")),
     ]
-    params = meta + [typer_parameter(o) for o in options]
+    # Generation-only flags (--samples-per-prompt) are DataConfig fields, so extract takes
+    # them too (and refuses them with a reason); only a generating command shows them.
+    generating = any(o.path[0] == "generation" for o in options)
+    params = meta + [typer_parameter(o, hidden=o.panel == "Generation" and not generating) for o in options]
 
     def command(**values: Any) -> None:
         body(values)
