@@ -161,7 +161,6 @@ def snapshot(run: Path) -> dict[str, tuple[bytes, int]]:
 @pytest.mark.parametrize(
     "change, expected",
     [
-        (["--dtype", "float32"], "holds a different run: config.dtype: ours 'float32' vs stored 'bfloat16'"),
         (["--hooks", "blocks.0.hook_nope", "--layers", None], "unknown hook 'blocks.0.hook_nope'"),
         (["--layers", "0-5"], "layer 2 out of range: model has 2 layers (0-1)"),
         (["--dataset", "MISSING"], "MISSING"),
@@ -172,7 +171,7 @@ def snapshot(run: Path) -> dict[str, tuple[bytes, int]]:
         (["--run-name", "../../escaped"], "run_name: Value error, '../../escaped' must be one directory name"),
         (["--run-name", "a/b"], "'a/b' must be one directory name under output"),
     ],
-    ids=["config-mismatch", "unknown-hook", "layer-out-of-range", "missing-dataset", "unwritable-output",
+    ids=["unknown-hook", "layer-out-of-range", "missing-dataset", "unwritable-output",
          "mesh-too-large", "mesh-spelling", "attention-platform", "run-name-dotdot", "run-name-separator"],
 )
 def test_user_errors_are_one_line_and_touch_nothing(reference, tiny_model_dir, dataset, tmp_path, change, expected):

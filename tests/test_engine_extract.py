@@ -107,7 +107,7 @@ def test_different_config_refuses_before_touching_the_run(tmp_path, tiny_model_d
     fields = run_fields(tiny_model_dir, text_dataset, str(tmp_path))
     run, _ = extract_all(fields)
     before = store_snapshot(run.store)
-    with pytest.raises(ManifestMismatchError, match=r"config\.dtype.*config\.chunk_size|config\.chunk_size.*config\.dtype"):
+    with pytest.raises(ManifestMismatchError, match=r"(?s)config\.dtype.*config\.chunk_size|config\.chunk_size.*config\.dtype"):
         open_run({**fields, "dtype": "bfloat16", "chunk_size": 2})
     assert store_snapshot(run.store) == before
 

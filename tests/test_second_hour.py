@@ -300,3 +300,19 @@ def test_globs_skip_hidden_files_unless_they_name_them(tmp_path, monkeypatch):
     assert names("data/*.json") == names("data/**/*.json") == names("data") == ["a.json"]
     assert names("data/._*.json") == ["._a.json"]
     assert names("data/__MACOSX/*.json") == ["__MACOSX/a.json"]
+
+
+# ----------------------------------------------------------------------------- item 7
+
+
+def test_a_run_with_another_config_is_refused_with_one_line_per_field(tiny_model_dir, text_run):  # noqa: F811
+    cwd, run, _ = text_run
+    before = (run / "run.json").read_bytes()
+    result = extract(tiny_model_dir, "text.jsonl", cwd / "out", *TEXT_ARGS, "--run-name", run.name,
+                     "--dtype", "bfloat16", "--chunk-size", "2", cwd=cwd)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith("actex: error: ") and lines[0].endswith("field(s) differ, stored -> given):")
+    assert lines[1:3] == ["  config.chunk_size: 1 -> 2", "  config.dtype: 'float32' -> 'bfloat16'"]
+    assert all(len(line) < 80 for line in lines[1:-1]), lines  # digests cut to 12 characters
+    assert "Traceback" not in result.stderr and (run / "run.json").read_bytes() == before

@@ -146,11 +146,10 @@ def test_manifest_mismatch_lists_the_differing_fields(tmp_path):
     before = store.read_bytes("run.json")
     with pytest.raises(ManifestMismatchError) as err:
         open_or_create_manifest(store, other)
-    message = str(err.value)
-    assert "\n" not in message
-    assert "config.data.seed: ours 1 vs stored 0" in message
-    assert "config_hash: ours 'def' vs stored 'abc'" in message
-    assert "model_fingerprint: ours 'm2' vs stored 'm1'" in message
+    # One field per line (issue 25 item 7), stored -> given, the config's fields first.
+    lines = str(err.value).splitlines()
+    assert lines[0].endswith("holds a different run (3 field(s) differ, stored -> given):")
+    assert lines[1:4] == ["  config.data.seed: 0 -> 1", "  config_hash: 'abc' -> 'def'", "  model_fingerprint: 'm1' -> 'm2'"]
     assert store.read_bytes("run.json") == before  # nothing touched
 
 

@@ -31,6 +31,7 @@ import typer
 from actex.cli.options import collect, extract_options, unknown_variables, with_defaults, with_extract_options
 from actex.config import ConfigError, WorkerOptions, check_field_names, load_config_file, merge_fields
 from actex.data.tokenize import long_samples
+from actex.store.manifest import ManifestMismatchError
 
 log = logging.getLogger("actex")
 
@@ -106,7 +107,8 @@ def user_errors(log_json: bool = False) -> Iterator[None]:
         error_line(_first_line(error), code, log_json)
         raise typer.Exit(code) from None
     except _USER_ERRORS as error:
-        message = _first_line(error)
+        # A run mismatch lists each differing field on its own line (issue 25 item 7).
+        message = str(error).strip() if isinstance(error, ManifestMismatchError) else _first_line(error)
         if isinstance(error, PermissionError) and error.filename:
             message = f"{error.filename}: permission denied (is the output writable?)"
         error_line(message, EXIT_USER_ERROR, log_json)

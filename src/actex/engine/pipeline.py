@@ -21,7 +21,6 @@ record (the chunk is redone under a new attempt; the old one is garbage) or a co
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import queue
@@ -268,7 +267,7 @@ class Pipeline:
         written = [future.result() for future in job.parts]  # re-raises a writer's error
         # Every process's parts are durable before the one committer may commit: each
         # process hands process 0 its part records, process 0 waits for all of them.
-        ours = json.dumps([[dataclasses.asdict(part), n] for part, n in written])
+        ours = json.dumps([[part.to_dict(), n] for part, n in written])
         gathered = self.role.gather(f"commit/{job.chunk}/{job.attempt}", ours)
         if not self.role.commits:
             return

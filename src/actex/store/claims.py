@@ -28,17 +28,19 @@ exactly-once. GCE/TPU VMs keep clocks within milliseconds, so the default 5 s is
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import Field
 
 from actex.store import layout
-from actex.store.commits import MAX_CONTROL_BYTES, committed_chunks
+from actex.store.commits import committed_chunks, is_committed
 from actex.store.folder import Store
+from actex.store.records import MAX_CONTROL_BYTES, Record, parse_record, record_bytes
 
 log = logging.getLogger(__name__)
 
@@ -46,29 +48,25 @@ DEFAULT_LEASE_S = 60.0
 DEFAULT_SKEW_S = 5.0
 
 
-@dataclass(frozen=True)
-class Lease:
-    """One claim record as stored, plus the store version it was read at."""
+class Lease(Record):
+    """One claim record as stored, plus the store version it was read at (never stored)."""
 
     chunk: int
     owner: str
     expiry: float
     attempt: int
-    version: object = field(default=None, compare=False)
+    version: Any = Field(default=None, exclude=True)
 
     def to_json(self) -> bytes:
-        return json.dumps(
-            {"chunk": self.chunk, "owner": self.owner, "expiry": self.expiry, "attempt": self.attempt},
-            sort_keys=True,
-        ).encode()
+        return record_bytes(self.model_dump())
 
     @classmethod
-    def from_json(cls, data: bytes, version: object, where: str) -> "Lease":
-        try:
-            fields = json.loads(data)
-            return cls(int(fields["chunk"]), str(fields["owner"]), float(fields["expiry"]), int(fields["attempt"]), version)
-        except (ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"{where}: not a claim record ({err})") from None
+    def from_json(cls, data: bytes, version: object, where: str) -> Lease:
+        """A stored claim read at `version`; ValueError naming `where` if over
+        MAX_CONTROL_BYTES or not a claim record."""
+        lease = parse_record(cls, data, where, "claim record", MAX_CONTROL_BYTES)
+        # The version comes from the store's metadata, never from the bytes a worker wrote.
+        return lease.model_copy(update={"version": version})
 
     def expired(self, now: float, skew_s: float) -> bool:
         return now > self.expiry + skew_s
@@ -86,8 +84,6 @@ def read_lease(store: Store, chunk: int) -> Lease | None:
     except FileNotFoundError:
         return None
     try:
-        if len(data) > MAX_CONTROL_BYTES:
-            raise ValueError(f"{store.url_of(path)}: {len(data):,} bytes, over the {MAX_CONTROL_BYTES:,} of a claim")
         lease = Lease.from_json(data, version, store.url_of(path))
         if lease.chunk != chunk:
             raise ValueError(f"{store.url_of(path)}: says chunk {lease.chunk}")
@@ -208,7 +204,7 @@ class ClaimedChunks:
                 return None
             if self.try_claim(chunk):
                 # The chunk may have been committed (and released) after we listed commits.
-                if self.store.exists(layout.commit_path(chunk)):
+                if is_committed(self.store, chunk):
                     self._release(chunk)
                     continue
                 return chunk

@@ -21,24 +21,26 @@ no header fields; both versions are read.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
+
+from pydantic import ConfigDict, Field, model_validator
 
 from actex.store import layout
 from actex.store.folder import Store
+from actex.store.integrity import CorruptPartError, crc32c, hex32
+from actex.store.records import (MAX_COMMIT_BYTES, MAX_CONTROL_BYTES, Record, parse_record,  # noqa: F401 (MAX_CONTROL_BYTES: claims and tests read it here)
+                                 record_bytes)
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class PartRecord:
+class PartRecord(Record):
     path: str       # relative to the run root
     bytes: int
     sha256: str     # of the whole file: a contract with other tools
@@ -46,36 +48,29 @@ class PartRecord:
     header_crc32c: str | None = None   # v2: CRC-32C of those bytes, 8 hex digits
 
     def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"path": self.path, "bytes": self.bytes, "sha256": self.sha256}
-        if self.header_bytes is not None:
-            d |= {"header_bytes": self.header_bytes, "header_crc32c": self.header_crc32c}
-        return d
-
-    @classmethod
-    def from_dict(cls, p: Mapping[str, Any]) -> PartRecord:
-        header = p.get("header_bytes")
-        return cls(str(p["path"]), int(p["bytes"]), str(p["sha256"]),
-                   None if header is None else int(header), None if header is None else str(p["header_crc32c"]))
+        return self.model_dump(exclude=set() if self.header_bytes is not None else {"header_bytes", "header_crc32c"})
 
 
-@dataclass(frozen=True)
-class CommitRecord:
+class CommitRecord(Record):
     chunk: int
     attempt: str
     parts: tuple[PartRecord, ...]
     samples: int
     tokens: int
-    worker: str
-    timings: dict[str, float] = field(default_factory=dict)   # seconds per phase, engine's names
+    worker: str = ""
+    timings: dict[str, float] = {}     # seconds per phase, engine's names
     stats_path: str | None = None      # v2: the chunk's stats object (stats.encode_stats)
     stats_crc32c: str | None = None    # v2: its CRC-32C, 8 hex digits
-    stats: dict[str, Any] = field(default_factory=dict)       # v1 only: {hook: HookStats.to_json()}
-    committed_at: float = field(default_factory=time.time)
+    stats: dict[str, Any] = {}         # v1 only: {hook: HookStats.to_json()}
+    committed_at: float = Field(default_factory=time.time)
     format_version: int = layout.FORMAT_VERSION
     token_slots: int = 0  # packed-batch slots computed for the chunk, padding included (0: not recorded)
     # {hook: values not finite as stored}, only hooks that had any (absent: none), so that
     # `inspect` and `verify` see an overflow anywhere in the run from the records alone.
-    overflow: dict[str, int] = field(default_factory=dict)
+    overflow: dict[str, int] = {}
+    # CRC-32C of samples.jsonl, 8 hex digits (absent in records written before it was kept:
+    # their samples.jsonl is read unchecked, as it was). See check_samples.
+    samples_crc32c: str | None = None
 
     @property
     def useful_fraction(self) -> float | None:
@@ -91,52 +86,39 @@ class CommitRecord:
         return sum(p.bytes for p in self.parts)
 
     def to_dict(self) -> dict[str, Any]:
-        d = {
-            "chunk": self.chunk,
-            "attempt": self.attempt,
-            "parts": [p.to_dict() for p in self.parts],
-            "samples_path": self.samples_path,
-            "samples": self.samples,
-            "tokens": self.tokens,
-            "worker": self.worker,
-            "timings": self.timings,
-            "committed_at": self.committed_at,
-            "format_version": self.format_version,
-            "token_slots": self.token_slots,
-        }
-        if self.stats_path is not None:
-            d |= {"stats_path": self.stats_path, "stats_crc32c": self.stats_crc32c}
-        if self.stats:
-            d["stats"] = self.stats
-        if self.overflow:
-            d["overflow"] = self.overflow
-        return d
+        """The JSON object stored: optional fields only when set (the bytes of older actex)."""
+        d = self.model_dump(exclude={"parts"}) | {"parts": [p.to_dict() for p in self.parts], "samples_path": self.samples_path}
+        absent = [key for key in ("stats", "overflow") if not d[key]]
+        absent += ["stats_path", "stats_crc32c"] if self.stats_path is None else []
+        absent += ["samples_crc32c"] if self.samples_crc32c is None else []
+        return {k: v for k, v in d.items() if k not in absent}
 
     def to_json(self) -> bytes:
-        return (json.dumps(self.to_dict(), sort_keys=True) + "\n").encode()
+        return record_bytes(self.to_dict()) + b"\n"
 
     @classmethod
     def from_json(cls, data: bytes, where: str) -> CommitRecord:
-        try:
-            d = json.loads(data)
-            return cls(
-                chunk=int(d["chunk"]),
-                attempt=str(d["attempt"]),
-                parts=tuple(PartRecord.from_dict(p) for p in d["parts"]),
-                samples=int(d["samples"]),
-                tokens=int(d["tokens"]),
-                worker=str(d.get("worker", "")),
-                timings=dict(d.get("timings", {})),
-                stats_path=None if d.get("stats_path") is None else str(d["stats_path"]),
-                stats_crc32c=None if d.get("stats_crc32c") is None else str(d["stats_crc32c"]),
-                stats=dict(d.get("stats", {})),
-                committed_at=float(d.get("committed_at", 0.0)),
-                format_version=int(d.get("format_version", 1)),
-                token_slots=int(d.get("token_slots", 0)),
-                overflow={str(k): int(v) for k, v in d.get("overflow", {}).items()},
-            )
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"{where}: not a commit record ({type(exc).__name__}: {exc})") from None
+        """A stored record; ValueError naming `where` if over MAX_COMMIT_BYTES or not one."""
+        record = parse_record(cls, data, where, "commit record", MAX_COMMIT_BYTES)
+        unstated = {key: value for key, value in _UNSTATED.items() if key not in record.model_fields_set}
+        return record.model_copy(update=unstated) if unstated else record
+
+
+# What a stored record without these fields means (format v1 wrote neither at first); a
+# record made here gets the current format and time instead.
+_UNSTATED = {"format_version": 1, "committed_at": 0.0}
+
+
+def check_samples(record: CommitRecord, data: bytes, where: str) -> bytes:
+    """`data` (the chunk's samples.jsonl) if its CRC-32C is the one the commit record holds
+    (or the record holds none: written before it was kept). Raises CorruptPartError naming
+    `where` otherwise: an edited samples.jsonl would pair activations with wrong identities."""
+    if record.samples_crc32c is not None:
+        actual = hex32(crc32c(data))
+        if actual != record.samples_crc32c:
+            raise CorruptPartError(f"{where}: crc32c expected {record.samples_crc32c}, actual {actual} "
+                                   "(samples.jsonl changed since its chunk was committed)")
+    return data
 
 
 def useful_token_fraction(records) -> float | None:
@@ -156,6 +138,7 @@ def commit(store: Store, record: CommitRecord) -> bool:
 
 
 def is_committed(store: Store, chunk: int) -> bool:
+    """Whether `chunk` has a commit record (one request; `committed_chunks` for many)."""
     return store.exists(layout.commit_path(chunk))
 
 
@@ -245,32 +228,60 @@ class Heartbeat:
             now = time.monotonic()
             if not force and now - self._last_write < self.interval_s:
                 return False
-            self.store.write_bytes(layout.worker_path(self.worker), (json.dumps(self.snapshot(), sort_keys=True) + "\n").encode())
+            record = HeartbeatRecord.model_validate(self.snapshot())
+            self.store.write_bytes(layout.worker_path(self.worker), record_bytes(record.to_dict()) + b"\n")
             self._last_write = now
             return True
 
 
-# A heartbeat or claim is well under 1 KB: anything past this is not one (and is not parsed).
-MAX_CONTROL_BYTES = 64 * 1024
+class HeartbeatRecord(Record):
+    """workers/<worker>.json as stored. Every field is optional on read (a reader gets back
+    only what the worker wrote, `to_dict`); fields a worker adds (`info`) are kept."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    worker: str = ""
+    host: str = ""
+    pid: int = 0
+    state: str = ""
+    started_at: float = 0.0
+    updated_at: float = 0.0
+    chunks_done: int = 0
+    batches: int = 0
+    samples: int = 0
+    tokens: int = 0
+    bytes: int = 0
+    token_slots: int = 0
+    tokens_per_s: float = 0.0
+    bytes_per_s: float = 0.0
+    useful_fraction: float | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _numbers(cls, fields: Any) -> Any:
+        # Named in one reason (`chunks_done not a number`) rather than pydantic's per-field text.
+        if isinstance(fields, dict):
+            bad = [key for key in _BEAT_NUMBERS if key in fields and not _is_number(fields[key])]
+            if bad:
+                raise ValueError(f"{', '.join(bad)} not a number")
+        return fields
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(exclude_unset=True)
+
+
 _BEAT_NUMBERS = ("started_at", "updated_at", "tokens_per_s", *Heartbeat.COUNTERS)
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def parse_heartbeat(data: bytes, where: str) -> dict[str, Any]:
-    """A heartbeat's fields; ValueError naming `where` unless it is a JSON object of at most
-    MAX_CONTROL_BYTES whose times and counters are numbers (workers write these objects, and
-    a monitor reading them must not be stopped by a bad one)."""
-    if len(data) > MAX_CONTROL_BYTES:
-        raise ValueError(f"{where}: {len(data):,} bytes, over the {MAX_CONTROL_BYTES:,} of a heartbeat")
-    try:
-        beat = json.loads(data)
-    except ValueError as error:
-        raise ValueError(f"{where}: not JSON ({error})") from None
-    if not isinstance(beat, dict):
-        raise ValueError(f"{where}: not a JSON object")
-    bad = [key for key in _BEAT_NUMBERS if key in beat and (isinstance(beat[key], bool) or not isinstance(beat[key], (int, float)))]
-    if bad:
-        raise ValueError(f"{where}: {', '.join(bad)} not a number")
-    return beat
+    """A heartbeat's fields (those the worker wrote); ValueError naming `where` unless it is
+    a HeartbeatRecord of at most MAX_CONTROL_BYTES (workers write these objects, and a
+    monitor reading them must not be stopped by a bad one)."""
+    return parse_record(HeartbeatRecord, data, where, "heartbeat", MAX_CONTROL_BYTES).to_dict()
 
 
 def read_heartbeats(store: Store) -> dict[str, dict[str, Any]]:

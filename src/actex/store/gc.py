@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 
 from actex.store import layout
-from actex.store.commits import read_commit, read_commits
+from actex.store.commits import is_committed, read_commit, read_commits
 from actex.store.folder import Store
 
 DEFAULT_GRACE_S = 24 * 3600.0
@@ -68,7 +68,7 @@ def collect_garbage(store: Store, *, grace_s: float = DEFAULT_GRACE_S, dry_run: 
             deleted.append(attempt)
             continue
         # Fresh look at this chunk's record: never delete what a commit has just claimed.
-        if store.exists(layout.commit_path(attempt.chunk)) and read_commit(store, attempt.chunk).attempt == attempt.attempt:
+        if is_committed(store, attempt.chunk) and read_commit(store, attempt.chunk).attempt == attempt.attempt:
             continue
         for path in attempt.files:
             store.delete(path)

@@ -3,20 +3,23 @@
 The first worker to arrive creates run.json with a conditional create; every later worker
 (and every rerun) reads it back and refuses to run unless its own manifest has the same
 identity: config hash, model / tokenizer / plan fingerprints, hooks and plan. The error
-names each differing field as a dotted path with both values, on one line.
+names each differing field as a dotted path with both values, one field per line. It also
+refuses, in one line naming the file, a checkpoint whose weight files' checksums differ
+from those the run recorded (a checkpoint overwritten mid-run must not mix two models).
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
+
+from pydantic import Field, field_validator
 
 from actex import __version__
 from actex.store import layout
 from actex.store.folder import Store
+from actex.store.records import MAX_MANIFEST_BYTES, Record, differing_fields, parse_record, record_bytes
 
 
 # Config fields that say where a run lives, not what it is (the config hash leaves them out
@@ -30,26 +33,29 @@ PROVENANCE = ("created_at", "actex_version", "skipped_rows", "skipped_row_list")
 
 
 class ManifestMismatchError(ValueError):
-    """This worker's run identity differs from the stored run.json. Message: one line."""
+    """This worker's run identity differs from the stored run.json. Message: one line per
+    differing field."""
 
 
-@dataclass(frozen=True)
-class HookSpec:
+class CheckpointMismatchError(ManifestMismatchError):
+    """The checkpoint this worker loaded is not the one the run was made with. Message: one
+    line naming the weight file."""
+
+
+class HookSpec(Record):
     name: str
     width: int
-    dtype: str          # stored dtype: bfloat16 | float16 | float32
+    dtype: str          # stored dtype: bfloat16 | float16 | float32 | int8
 
 
-@dataclass(frozen=True)
-class PlanSummary:
+class PlanSummary(Record):
     num_samples: int
     chunk_size: int
     num_chunks: int
     fingerprint: str
 
 
-@dataclass(frozen=True)
-class RunManifest:
+class RunManifest(Record):
     config: dict[str, Any]            # the full canonical config
     config_hash: str
     model_fingerprint: str
@@ -59,90 +65,52 @@ class RunManifest:
     kind: str = "extract"             # "extract" or "generate" (greedy decoding, then capture)
     format_version: int = layout.FORMAT_VERSION
     # Provenance only: excluded from the identity check.
-    created_at: float = field(default_factory=time.time)
+    created_at: float = Field(default_factory=time.time)
     actex_version: str = __version__
-    skipped_rows: dict[str, int] = field(default_factory=dict)  # rows skipped by --on-bad-row skip, by reason
+    skipped_rows: dict[str, int] = {}  # rows skipped by --on-bad-row skip, by reason
     # ... and the first SKIPPED_ROWS_LISTED of them, each {source, row, index, reason}, so a
     # user can find them again (the counts above blank the numbers to group alike reasons).
     skipped_row_list: tuple[dict[str, Any], ...] = ()
+    # {weight file: "crc32c:<8 hex>"} of the checkpoint the run was created from (see
+    # model/checksums.py). Checked apart from the identity, so that runs created before it
+    # existed (absent: {}) still resume.
+    weights: dict[str, str] = {}
+
+    @field_validator("format_version")
+    @classmethod
+    def _readable(cls, version: int) -> int:
+        if version not in layout.READABLE_FORMATS:
+            raise ValueError(f"format_version {version!r}, this actex reads {', '.join(map(str, layout.READABLE_FORMATS))}")
+        return version
 
     def identity(self) -> dict[str, Any]:
         """Everything that must agree between workers of one run."""
         full = self.to_dict()
         full["config"] = {k: v for k, v in self.config.items() if k not in LOCATION_FIELDS}
-        return {k: v for k, v in full.items() if k not in PROVENANCE}
+        return {k: v for k, v in full.items() if k not in PROVENANCE and k != "weights"}
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "format_version": self.format_version,
-            "kind": self.kind,
-            "config": self.config,
-            "config_hash": self.config_hash,
-            "model_fingerprint": self.model_fingerprint,
-            "tokenizer_fingerprint": self.tokenizer_fingerprint,
-            "hooks": [{"name": h.name, "width": h.width, "dtype": h.dtype} for h in self.hooks],
-            "plan": {
-                "num_samples": self.plan.num_samples,
-                "chunk_size": self.plan.chunk_size,
-                "num_chunks": self.plan.num_chunks,
-                "fingerprint": self.plan.fingerprint,
-            },
-            "created_at": self.created_at,
-            "actex_version": self.actex_version,
-            "skipped_rows": self.skipped_rows,
-            "skipped_row_list": list(self.skipped_row_list),
-        }
+        """The JSON object run.json holds (`weights` only when recorded)."""
+        return self.model_dump(mode="json", exclude=set() if self.weights else {"weights"})
 
     def to_json(self) -> bytes:
-        return (json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n").encode()
+        return record_bytes(self.to_dict(), indent=2) + b"\n"
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str = layout.MANIFEST) -> RunManifest:
-        version = d.get("format_version")
-        if version not in layout.READABLE_FORMATS:
-            raise ValueError(f"{where}: format_version {version!r}, this actex reads "
-                             f"{', '.join(map(str, layout.READABLE_FORMATS))}")
-        try:
-            return cls(
-                config=dict(d["config"]),
-                config_hash=str(d["config_hash"]),
-                model_fingerprint=str(d["model_fingerprint"]),
-                tokenizer_fingerprint=str(d["tokenizer_fingerprint"]),
-                hooks=tuple(HookSpec(str(h["name"]), int(h["width"]), str(h["dtype"])) for h in d["hooks"]),
-                plan=PlanSummary(**{k: d["plan"][k] for k in ("num_samples", "chunk_size", "num_chunks", "fingerprint")}),
-                kind=str(d.get("kind", "extract")),
-                format_version=version,
-                created_at=float(d.get("created_at", 0.0)),
-                actex_version=str(d.get("actex_version", "")),
-                skipped_rows={str(k): int(v) for k, v in d.get("skipped_rows", {}).items()},
-                skipped_row_list=tuple(dict(row) for row in d.get("skipped_row_list", ())),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"{where}: not a run manifest ({type(exc).__name__}: {exc})") from None
+    def from_json(cls, data: bytes, where: str = layout.MANIFEST) -> RunManifest:
+        """run.json's bytes; ValueError naming `where` if over MAX_MANIFEST_BYTES, not a run
+        manifest, or of a format this actex does not read."""
+        return parse_record(cls, data, where, "run manifest", MAX_MANIFEST_BYTES)
 
 
-def diff_fields(ours: Any, stored: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
-    """(dotted path, ours, stored) for every leaf where two JSON values differ; lists by index."""
-    if isinstance(ours, Mapping) and isinstance(stored, Mapping):
-        out = []
-        for key in sorted(set(ours) | set(stored), key=str):
-            out += diff_fields(ours.get(key), stored.get(key), f"{prefix}{key}.")
-        return out
-    if isinstance(ours, list) and isinstance(stored, list) and len(ours) == len(stored):
-        out = []
-        for i, (a, b) in enumerate(zip(ours, stored)):
-            out += diff_fields(a, b, f"{prefix}{i}.")
-        return out
-    return [] if ours == stored else [(prefix.rstrip("."), ours, stored)]
-
-
-def mismatch_message(url: str, diffs: list[tuple[str, Any, Any]], limit: int = 6) -> str:
-    """One line a person can read: the config fields that differ first (the hashes and
-    fingerprints after them follow from those), long hex digests cut to 12 characters."""
+def mismatch_message(url: str, diffs: list[tuple[str, Any, Any]]) -> str:
+    """One line per differing field, `field: stored -> given`, the config's first (the
+    hashes and fingerprints after them follow from those), long hex digests cut to 12
+    characters."""
     diffs = sorted(diffs, key=lambda diff: not diff[0].startswith("config."))
-    shown = "; ".join(f"{path}: ours {_short(a)!r} vs stored {_short(b)!r}" for path, a, b in diffs[:limit])
-    more = f"; and {len(diffs) - limit} more" if len(diffs) > limit else ""
-    return f"{url} holds a different run: {shown}{more}. Use another --output or --run-name, or the stored config."
+    lines = [f"  {path}: {_short(stored)!r} -> {_short(given)!r}" for path, given, stored in diffs]
+    return "\n".join([f"{url} holds a different run ({len(diffs)} field(s) differ, stored -> given):", *lines,
+                      "Use another --output or --run-name, or the stored config."])
 
 
 def _short(value: Any) -> Any:
@@ -153,26 +121,39 @@ def _short(value: Any) -> Any:
 
 
 def read_manifest(store: Store) -> RunManifest:
-    """The stored run.json; FileNotFoundError if the run was never started."""
-    data = store.read_bytes(layout.MANIFEST)
-    try:
-        raw = json.loads(data)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{store.url_of(layout.MANIFEST)}: bad JSON ({exc.msg} at line {exc.lineno})") from None
-    return RunManifest.from_dict(raw, where=store.url_of(layout.MANIFEST))
+    """The stored run.json; FileNotFoundError if the run was never started, ValueError
+    naming it if it is not one (see RunManifest.from_json)."""
+    return RunManifest.from_json(store.read_bytes(layout.MANIFEST), store.url_of(layout.MANIFEST))
 
 
 def check_manifest(store: Store, ours: RunManifest, stored: RunManifest) -> None:
-    diffs = diff_fields(ours.identity(), stored.identity())
+    """Raise CheckpointMismatchError (one line) if our checkpoint differs from the run's,
+    else ManifestMismatchError (a line per field) if our identity differs from it."""
+    check_weights(store.url_of(layout.MANIFEST), ours.weights, stored.weights)
+    diffs = differing_fields(ours.identity(), stored.identity())
     if diffs:
         raise ManifestMismatchError(mismatch_message(store.url, diffs))
+
+
+def check_weights(where: str, ours: Mapping[str, str], stored: Mapping[str, str]) -> None:
+    """Our weight files' checksums against those `where` (run.json) recorded. A run created
+    before checksums were recorded (`stored` empty) accepts any checkpoint, as it did."""
+    if not ours or not stored:
+        return
+    for name in sorted(set(ours) | set(stored)):
+        if ours.get(name) != stored.get(name):
+            got = "missing" if name not in ours else ours[name]
+            raise CheckpointMismatchError(
+                f"{name}: this checkpoint's file is {got}, but {where} records {stored.get(name, 'no such file')}: "
+                "the weights changed since the run started (join it with the checkpoint it was made from, "
+                "or start another run with --run-name)")
 
 
 def open_or_create_manifest(store: Store, ours: RunManifest) -> RunManifest:
     """Create run.json from `ours`, or validate `ours` against the one already there.
 
-    Returns the stored manifest (ours if we created it). Raises ManifestMismatchError
-    before any work is done when the identities differ.
+    Returns the stored manifest (ours if we created it). Raises CheckpointMismatchError or
+    ManifestMismatchError before any work is done when they differ.
     """
     if store.create_exclusive(layout.MANIFEST, ours.to_json()):
         return ours
