@@ -22,7 +22,7 @@ from actex.fleet.local import LocalFleet
 from actex.fleet.monitor import run_complete
 from actex.store.claims import ClaimedChunks, read_lease
 from actex.store.commits import committed_chunks, read_commits
-from actex.store.folder import RetryPolicy, open_store
+from actex.store import RetryPolicy, open_store
 
 # Fast backoff: the faults are injected at random, not an outage to ride out.
 FAST_RETRY = RetryPolicy(attempts=8, base_delay=0.02, max_delay=0.2)

@@ -77,7 +77,7 @@ def test_a_checkpoint_uploaded_over_the_old_one_is_fetched_again(uploaded, tiny_
 
 
 def test_bytes_corrupted_in_transit_fail_the_store_checksum_and_are_not_kept(uploaded, tmp_path, monkeypatch):
-    from actex.store.folder import Store, StoreError
+    from actex.store import Store, StoreError
 
     honest = Store.read_range
 

@@ -9,6 +9,8 @@ import threading
 import pytest
 
 from actex.store import RetryPolicy, StoreError, open_store
+from actex.store.backends import TEMP_PREFIX
+from actex.store.backends.local import LocalBackend
 
 FAST_RETRY = RetryPolicy(attempts=4, base_delay=0.001, max_delay=0.005)
 
@@ -144,6 +146,18 @@ def test_replace_if_version_race(store):
     assert store.read_bytes("claims/000002.json") == f"taker-{results.index(True)}".encode()
 
 
+def test_a_plain_write_moves_the_version_on(store):
+    """write_bytes (gcsfs on gs://) and the compare-and-swap (google-cloud-storage there)
+    see one object version: a swap holding the version from before the write loses."""
+    store.create_exclusive("claims/000003.json", b"lease-1")
+    _, before = store.read_versioned("claims/000003.json")
+    store.write_bytes("claims/000003.json", b"overwritten")
+    assert not store.replace_if_version("claims/000003.json", b"stale", before)
+    data, after = store.read_versioned("claims/000003.json")
+    assert data == b"overwritten" and after != before
+    assert store.replace_if_version("claims/000003.json", b"lease-2", after)
+
+
 def _flaky(real, failures, error=ConnectionResetError("connection reset by peer")):
     """Wrap `real`: the first `failures` calls raise `error`, then delegate."""
     calls = []
@@ -216,8 +230,6 @@ def test_create_whose_response_was_lost_still_wins(store, monkeypatch):
 def test_local_write_never_exposes_partial_file(tmp_path, monkeypatch, op, publish):
     """Bytes go to a hidden temp name, fully written and fsynced, and appear under the final
     name only by one rename/link: when that step fails, the final name never appears."""
-    from actex.store.folder import TEMP_PREFIX
-
     final = tmp_path / "run" / "p" / "part.bin"
     data = b"a" * 100_000
     seen = []
@@ -253,11 +265,9 @@ def test_local_writes_fsync_every_directory_they_create(tmp_path, monkeypatch, o
     """A commit record must not survive a power cut that loses the directories its parts
     sit in: each new directory's entry is made durable in its parent, up to the first
     directory that already existed."""
-    from actex.store.folder import _LocalBackend
-
     synced = []
-    fsync_dir = _LocalBackend._fsync_dir
-    monkeypatch.setattr(_LocalBackend, "_fsync_dir", staticmethod(lambda d: (synced.append(d), fsync_dir(d))))
+    fsync_dir = LocalBackend._fsync_dir
+    monkeypatch.setattr(LocalBackend, "_fsync_dir", staticmethod(lambda d: (synced.append(d), fsync_dir(d))))
     store = open_store(tmp_path / "run")
     getattr(store, op)("chunks/000001/attempt/part-00000.safetensors", b"x")
     run = tmp_path / "run"

@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 import actex.verify as verify_module
 from actex import open_run
 from actex.cli import app
-from actex.store import folder, layout
-from actex.store.folder import Store, StoreError, open_store
+from actex.store import Store, StoreError, layout, open_store
+from actex.store.backends import TEMP_PREFIX, local, s3
 from actex.store.gc import collect_garbage
 from actex.store.integrity import CorruptPartError
 from actex.store.reader import Run
@@ -165,7 +165,7 @@ def enospc(*args, **kwargs):
 def test_failed_write_removes_its_temp_file_and_names_the_path(tmp_path, monkeypatch, op):
     store = open_store(tmp_path / "run")
     store.write_bytes("chunks/000000/a/keep", b"x")  # the directory exists; only the write fails
-    monkeypatch.setattr(folder.os, "fsync", enospc)  # the disk fills up as the data is flushed
+    monkeypatch.setattr(local.os, "fsync", enospc)  # the disk fills up as the data is flushed
     with pytest.raises(StoreError) as err:
         getattr(store, op)("chunks/000000/a/part-00000.safetensors", b"y" * 1000)
     assert err.value.errno == errno.ENOSPC
@@ -175,8 +175,8 @@ def test_failed_write_removes_its_temp_file_and_names_the_path(tmp_path, monkeyp
 
 def test_gc_removes_stale_temp_files(tmp_path):
     expected = write_run(str(tmp_path / "run"), lengths=LENGTHS)
-    stale = tmp_path / "run" / "commits" / f"{folder.TEMP_PREFIX}dead"
-    fresh = tmp_path / "run" / "chunks" / "000000" / f"{folder.TEMP_PREFIX}live"
+    stale = tmp_path / "run" / "commits" / f"{TEMP_PREFIX}dead"
+    fresh = tmp_path / "run" / "chunks" / "000000" / f"{TEMP_PREFIX}live"
     for temp in (stale, fresh):
         temp.write_bytes(b"half a record")
     old = os.stat(stale).st_mtime - 2 * 3600
@@ -232,7 +232,7 @@ def test_s3_store_must_enforce_if_none_match(s3_emulator, s3_bucket, lax_s3, mon
     lax = open_store(f"{s3_bucket}/other", **lax_s3)
     with pytest.raises(ValueError, match="ignores If-None-Match") as err:
         lax.create_exclusive("run.json", b"{}")
-    assert folder.UNSAFE_S3_ENV in str(err.value) and "\n" not in str(err.value)
+    assert s3.UNSAFE_S3_ENV in str(err.value) and "\n" not in str(err.value)
     assert lax.list() == [] and lax.list_temp() == {}
-    monkeypatch.setenv(folder.UNSAFE_S3_ENV, "1")  # the documented, unsafe override
+    monkeypatch.setenv(s3.UNSAFE_S3_ENV, "1")  # the documented, unsafe override
     assert lax.create_exclusive("run.json", b"{}")

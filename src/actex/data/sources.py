@@ -22,7 +22,7 @@ from typing import Any, Iterator, Sequence
 import fsspec
 
 from actex.data.config import DataConfig
-from actex.store.folder import RetryPolicy, client_retries
+from actex.store.retry import RetryPolicy, client_retries
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 # Suffixes of data files: a name ending in one is a path (perhaps of an unsupported type),

@@ -40,7 +40,7 @@ from actex.model.mesh import RowShare, local_rows
 from actex.store import layout
 from actex.store import quantize as q8
 from actex.store.commits import CommitRecord, PartRecord, commit
-from actex.store.folder import Store, StoreError
+from actex.store import Store, StoreError
 from actex.store.integrity import crc32c, hex32
 from actex.store.shards import encode_samples_jsonl
 from actex.store.stats import HookStats, encode_stats

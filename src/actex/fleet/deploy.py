@@ -36,6 +36,7 @@ from actex.fleet.bootstrap import LAUNCH_KEY, SCRIPT_KEY, DeployRecord, Payload,
 from actex.fleet.tpu import (FleetLayout, NameBook, Placement, create_node, fleet_id, fleet_nodes, foreign, is_dead, members,
                              skipped_event, split_zone, zone_nodes)
 from actex.fleet.tpu_api import NodeSpec, TpuApi
+from actex.store import open_store
 
 log = logging.getLogger("actex.deploy")
 

@@ -24,6 +24,8 @@ import os
 import re
 from pathlib import Path
 
+from actex.store import StoreError, open_store
+
 log = logging.getLogger(__name__)
 
 REMOTE_SCHEMES = ("gs://", "s3://")
@@ -121,8 +123,6 @@ def fetch_checkpoint(url: str, patterns: list[str], *, root: Path | None = None,
     turns through a file lock. Raises FileNotFoundError when the store holds no config.json
     there, StoreError when the store keeps failing or delivers bytes that fail its checksum.
     """
-    from actex.store.folder import open_store
-
     store = open_store(url, **(storage_options or {}))
     names = [n for n in store.list("") if "/" not in n and any(fnmatch.fnmatch(n, p) for p in patterns)]
     if "config.json" not in names:
