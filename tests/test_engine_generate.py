@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from actex.cli import app
 from actex.store.folder import open_store
-from actex.store.reader import Run
+from actex.reader.run import Run
 
 ACTEX = str(Path(sys.executable).parent / "actex")
 MAX_NEW = 6

@@ -55,7 +55,7 @@ def test_generated_draws_of_one_prompt_differ(tmp_path, tiny_model_dir):  # noqa
     from actex.engine.extract import extract, open_run
     from actex.engine.work import StaticChunks
     from actex.store.folder import open_store
-    from actex.store.reader import Run
+    from actex.reader.run import Run
 
     path = write_jsonl(tmp_path / "t.jsonl", [{"text": f"row {i} the quick brown fox"} for i in range(2)])
     fields = {"model": str(tiny_model_dir), "hooks": ["blocks.1.hook_resid_post"], "dtype": "float32",

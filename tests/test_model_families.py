@@ -210,8 +210,8 @@ def test_extract_then_verify_against_transformers(tmp_path, name):
     from actex.engine.extract import extract
     from actex.engine.extract import open_run as open_for_extraction
     from actex.engine.work import StaticChunks
-    from actex.store.reader import open_run
-    from actex.verify import verify
+    from actex.reader.run import open_run
+    from actex.reader.verify import verify
 
     model = tmp_path / "model"
     tokenizer = build_tokenizer(model, vocab_size=300)

@@ -246,7 +246,7 @@ def generate_args(model_dir: Path, dataset: Path, output: Path, *extra: str) -> 
 
 
 def generated_texts(run: Path) -> dict[int, str]:
-    from actex.store.reader import Run
+    from actex.reader.run import Run
 
     stored = Run(open_store(str(run)))
     return {s["sample_id"]: s["generated_text"] for c in range(stored.num_chunks) for s in stored.samples(c)}

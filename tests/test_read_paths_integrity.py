@@ -23,15 +23,15 @@ import torch
 from reader_fixtures import HOOKS, stored_reference, write_run
 from typer.testing import CliRunner
 
-import actex.verify as verify_module
+import actex.reader.verify as verify_module
 from actex import open_run
 from actex.cli import app
-from actex.exports.legacy import export_legacy
-from actex.exports.saelens import export_saelens
-from actex.jax_data import device_batches
+from actex.reader.exports.legacy import export_legacy
+from actex.reader.exports.saelens import export_saelens
+from actex.reader.jax_data import device_batches
 from actex.store import integrity, shards
 from actex.store.integrity import CorruptPartError
-from actex.torch_data import ActivationDataset
+from actex.reader.torch_data import ActivationDataset
 
 HOOK = "blocks.1.mlp.hook_post"  # the last tensor of a part: a truncation cuts only it
 LENGTHS = [[[5, 9], [7]], [[12, 3]], [[4, 4]]]  # the damaged part is chunk 0's first: 14 tokens

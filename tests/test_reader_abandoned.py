@@ -16,7 +16,7 @@ import threading
 from reader_fixtures import write_run
 
 from actex.store.folder import Store, open_store
-from actex.store.reader import Run
+from actex.reader.run import Run
 
 HOOK = "blocks.0.hook_resid_post"
 

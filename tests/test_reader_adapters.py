@@ -7,8 +7,8 @@ import torch
 from reader_fixtures import write_run
 
 from actex import open_run
-from actex.jax_data import device_batches
-from actex.torch_data import ActivationDataset
+from actex.reader.jax_data import device_batches
+from actex.reader.torch_data import ActivationDataset
 
 HOOK = "blocks.0.hook_resid_post"
 LENGTHS = [[[5, 9], [7]], [[12, 3]], [[4, 4]], [[11], [6]]]

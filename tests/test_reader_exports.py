@@ -12,8 +12,8 @@ from datasets import Array2D, load_from_disk
 from reader_fixtures import write_run
 
 from actex import open_run
-from actex.exports.legacy import export_legacy, layer_keys
-from actex.exports.saelens import context_starts, export_saelens, infer_context_size
+from actex.reader.exports.legacy import export_legacy, layer_keys
+from actex.reader.exports.saelens import context_starts, export_saelens, infer_context_size
 
 HOOK = "blocks.0.hook_resid_post"
 

@@ -10,7 +10,7 @@ import pytest
 from reader_fixtures import HOOKS, write_run
 
 from actex import open_run
-from actex.store.reader import spread
+from actex.reader.run import spread
 from actex.store.stats import HookStats
 
 

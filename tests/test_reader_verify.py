@@ -16,7 +16,7 @@ from actex import open_run
 from actex.cli import app
 from actex.store import layout, shards
 from actex.store.commits import PartRecord
-from actex.verify import TOLERANCE, forward_windows, verify
+from actex.reader.verify import TOLERANCE, forward_windows, verify
 
 HOOKS = ["hook_embed", "blocks.0.hook_resid_mid", "blocks.1.mlp.hook_post", "ln_final.hook_normalized",
          "ln_final.hook_out"]
@@ -159,7 +159,7 @@ def test_cli_export_and_gc(engine_run, tmp_path):
 def test_verify_fails_on_nan_in_stored_values(tmp_path, monkeypatch):
     # A NaN is the most common corruption of all (overflow, a bad kernel): it must fail
     # verify, not vanish in a max(). The reference is the clean stored data itself.
-    import actex.verify as verify_module
+    import actex.reader.verify as verify_module
     from reader_fixtures import stored_reference, write_run
 
     expected = write_run(str(tmp_path / "run"), lengths=[[[5, 7]], [[6]]], dtype="float32")
@@ -223,7 +223,7 @@ def _outlier_run(root, *, leak: bool, monkeypatch) -> str:
 
 
 def test_verify_catches_a_segment_leak_behind_a_first_token_outlier(tmp_path, monkeypatch):
-    from actex.verify import load_reference, reference_activations
+    from actex.reader.verify import load_reference, reference_activations
 
     clean_url = _outlier_run(tmp_path, leak=False, monkeypatch=monkeypatch)
     leak_url = _outlier_run(tmp_path, leak=True, monkeypatch=monkeypatch)
@@ -259,7 +259,7 @@ def test_pick_samples_reads_the_indices_of_the_drawn_chunks_only(tmp_path):
     from reader_fixtures import write_run
 
     from actex import open_run
-    from actex.verify import pick_samples
+    from actex.reader.verify import pick_samples
 
     lengths = [[[5, 9], [7]], [[12, 0, 8]], [[30]], [[4]], [[6, 2]], [[0]]]  # chunk 5: no tokens
     run = open_run(write_run(str(tmp_path / "run"), lengths=lengths).url)

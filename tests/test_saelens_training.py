@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from actex import open_run
 from actex.cli import app
-from actex.exports.saelens import context_starts, export_saelens
+from actex.reader.exports.saelens import context_starts, export_saelens
 
 sae_lens = pytest.importorskip("sae_lens")
 

@@ -65,7 +65,7 @@ def arc_folder(tmp_path_factory) -> Path:
 
 
 def test_a_relative_folder_is_read_as_files_and_keeps_its_task_ids(tiny_model_dir, arc_folder, tmp_path):  # noqa: F811
-    from actex.store.reader import open_run
+    from actex.reader.run import open_run
 
     result = extract(tiny_model_dir, "data/evaluation", tmp_path, "--run-name", "r", "--predictions-per-task", "1",
                      "--max-seq-len", "2048", "--chunk-size", "8", cwd=arc_folder)

@@ -147,10 +147,10 @@ def numpy_dequantized(url: str, hook: str) -> np.ndarray:
 def test_reader_adapters_and_exports_return_numpy_dequantized_values(runs, tmp_path):
     import torch
 
-    from actex.exports.legacy import export_legacy
-    from actex.exports.saelens import export_saelens
-    from actex.jax_data import device_batches
-    from actex.torch_data import ActivationDataset
+    from actex.reader.exports.legacy import export_legacy
+    from actex.reader.exports.saelens import export_saelens
+    from actex.reader.jax_data import device_batches
+    from actex.reader.torch_data import ActivationDataset
 
     url, hook = runs["int8"], "blocks.1.hook_resid_post"
     expected = numpy_dequantized(url, hook)
@@ -180,7 +180,7 @@ def test_reader_adapters_and_exports_return_numpy_dequantized_values(runs, tmp_p
 
 
 def test_float16_overflow_is_counted_warned_inspected_and_failed_by_verify(tmp_path, jax_cache, caplog):  # noqa: F811
-    from actex.verify import verify
+    from actex.reader.verify import verify
 
     model = tmp_path / "model"
     random_model(model, 32, 48)

@@ -11,8 +11,8 @@ import pytest
 import torch
 from reader_fixtures import write_run
 
-from actex import torch_data
-from actex.torch_data import ActivationDataset
+from actex.reader import torch_data
+from actex.reader.torch_data import ActivationDataset
 
 HOOK = "blocks.0.hook_resid_post"
 LENGTHS = [[[5, 9], [7]], [[12, 3]], [[4, 4]], [[11], [6]]]

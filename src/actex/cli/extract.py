@@ -32,6 +32,7 @@ from actex.cli.options import collect, extract_options, unknown_variables, with_
 from actex.config import ConfigError, WorkerOptions, check_field_names, load_config_file, merge_fields
 from actex.data.tokenize import long_samples
 from actex.store.manifest import ManifestMismatchError
+from actex.store.manifest import ManifestMismatchError
 
 log = logging.getLogger("actex")
 
@@ -584,7 +585,7 @@ def inspect_command(
     from actex.store.commits import useful_token_fraction
     from actex.engine.generate import answers_summary, generation_totals
     from actex.store.manifest import read_manifest
-    from actex.store.reader import Run
+    from actex.reader.run import Run
 
     with user_errors():
         run = Run(run_store(url))

@@ -49,12 +49,12 @@ def export(
     samples_per_shard: int = typer.Option(64, "--samples-per-shard", min=1, help="legacy-pickle: samples per shard."),
 ) -> None:
     """Export a run for other tools: SAELens cached activations or the legacy pickle layout."""
-    from actex.store.reader import Run
+    from actex.reader.run import Run
 
     with user_errors():
         run = Run(run_store(url))
         if to is ExportFormat.saelens:
-            from actex.exports.saelens import export_saelens
+            from actex.reader.exports.saelens import export_saelens
 
             if not hook or len(hook) != 1:
                 raise UserError(f"--to saelens needs exactly one --hook; stored hooks: {', '.join(run.hooks)}")
@@ -62,7 +62,7 @@ def export(
                                      align=align, seed=seed if shuffle else None, model=model, model_class=model_class)
             _report_saelens(result)
         else:
-            from actex.exports.legacy import export_legacy
+            from actex.reader.exports.legacy import export_legacy
 
             result = export_legacy(run, out, hooks=hook or None, samples_per_shard=samples_per_shard,
                                    dtype=dtype or "float32", decode=_preview_decoder(run))
@@ -74,8 +74,8 @@ def _export_saelens(run, out: str, hook: str, *, model: Optional[str], model_cla
     """Options checked, then the model SAELens will load found, before anything is written."""
     import datasets
 
-    from actex.exports.saelens import check_options, export_saelens
-    from actex.exports.saelens_target import saelens_target
+    from actex.reader.exports.saelens import check_options, export_saelens
+    from actex.reader.exports.saelens_target import saelens_target
 
     datasets.disable_progress_bars()  # the command prints its own summary line
     check_options(run, hook, context_size=options["context_size"], dtype=options["dtype"],
@@ -129,8 +129,8 @@ def verify(
     Hugging Face transformers and compare (needs the torch extra). A corrupt chunk is repaired by
     --repair, then rerunning the run's `actex extract` command."""
     from actex.store.integrity import CorruptPartError
-    from actex.store.reader import Run
-    from actex.verify import verify as run_verify
+    from actex.reader.run import Run
+    from actex.reader.verify import verify as run_verify
 
     with user_errors():
         run = Run(run_store(url))
@@ -159,7 +159,7 @@ def verify(
 def _check_every_part(run, repair: bool) -> None:
     """--integrity-only / --repair: every committed part against its checksums; exit 1 if any
     is corrupt, unless --repair set their chunks aside (then exit 0: rerun extract)."""
-    from actex.verify import check_integrity, set_aside
+    from actex.reader.verify import check_integrity, set_aside
 
     parts = run.parts()
     corrupt = check_integrity(run, parts)

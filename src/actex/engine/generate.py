@@ -46,6 +46,7 @@ from actex.engine.lockstep import split_shares
 from actex.engine.work import SINGLE_PROCESS, ProcessRole
 from actex.model.generate import Sampling, make_continuous_fn, sample_keys
 from actex.model.mesh import process_local
+from actex.reader.run import Run
 from actex.store.folder import Store
 
 log = logging.getLogger(__name__)
@@ -255,8 +256,6 @@ def write_predictions(store: Store) -> dict | None:
     workers finishing together write the same bytes. Returns the accuracy summary, or None
     when the run is not a complete ARC generation run.
     """
-    from actex.store.reader import Run
-
     run = Run(store)
     if not arc_generation(run) or len(run.commits) < run.num_chunks:
         return None

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from actex.model.hooks import parse_hook
-from actex.store.reader import Run
+from actex.reader.run import Run
 
 PREVIEW_CHARS = 200
 

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 
 import jax
 
-from actex.store.reader import Batch
+from actex.reader.batch import Batch
 
 
 def device_batches(batches: Iterable[Batch], *, sharding: jax.sharding.Sharding | None = None,

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from actex.store.reader import Batch, open_run
+from actex.reader.batch import Batch
+from actex.reader.run import open_run
 
 
 # DataLoader worker processes pay off only where cores are spare: the reader already

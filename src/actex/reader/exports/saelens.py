@@ -36,8 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-from actex.exports.saelens_target import SaeLensTarget
-from actex.store.reader import Batch, Run
+from actex.reader.batch import Batch
+from actex.reader.exports.saelens_target import SaeLensTarget
+from actex.reader.run import Run
 
 DTYPES = ("float32", "float16")
 CONTEXTS = ("all", "first")

@@ -41,10 +41,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from actex.reader.parts import Block, PartRef
+from actex.reader.run import Run
 from actex.reference import load_reference, reference_activations
 from actex.store import layout
 from actex.store.integrity import CorruptPartError
-from actex.store.reader import Block, Part, Run
 
 # Per-token relative L2 error allowed per dtype (stored or compute, whichever is looser).
 # bfloat16 rounding alone is ~2^-9 relative per value, ~1e-3 over a token's vector.
@@ -111,7 +112,7 @@ class VerifyReport:
         return all(c.ok for c in self.checks) and not self.corrupt and not self.overflow
 
 
-def check_integrity(run: Run, parts: list[Part]) -> dict[str, str]:
+def check_integrity(run: Run, parts: list[PartRef]) -> dict[str, str]:
     """Check every byte of `parts`: {part path: one line naming file, tensor, expected vs actual}
     for each corrupt part (empty when all are intact)."""
     problems = {}
@@ -151,7 +152,7 @@ def default_tolerance(run: Run) -> float:
     return max(TOLERANCE[run.dtype], TOLERANCE.get(compute, TOLERANCE["bfloat16"]))
 
 
-def pick_samples(run: Run, n: int, seed: int) -> list[tuple[Part, int, int, int]]:
+def pick_samples(run: Run, n: int, seed: int) -> list[tuple[PartRef, int, int, int]]:
     """n random committed samples with tokens, as (part, sample_id, token lo, token hi).
 
     Chunks are drawn first (a seeded permutation), then one random sample of each in turn,
@@ -163,8 +164,8 @@ def pick_samples(run: Run, n: int, seed: int) -> list[tuple[Part, int, int, int]
     rng = np.random.default_rng(seed)
     order = [int(c) for c in rng.permutation(run.chunks)]
     run.records(order[:n])  # the first round's commit records in one batched fetch, not one by one
-    pools: dict[int, list[tuple[Part, int, int, int]]] = {}
-    picked: list[tuple[Part, int, int, int]] = []
+    pools: dict[int, list[tuple[PartRef, int, int, int]]] = {}
+    picked: list[tuple[PartRef, int, int, int]] = []
     while len(picked) < n:
         before = len(picked)
         for chunk in order:
@@ -181,7 +182,7 @@ def pick_samples(run: Run, n: int, seed: int) -> list[tuple[Part, int, int, int]
     return sorted(picked, key=lambda p: (p[0].chunk, p[0].index, p[2]))
 
 
-def _samples_with_tokens(run: Run, chunk: int) -> list[tuple[Part, int, int, int]]:
+def _samples_with_tokens(run: Run, chunk: int) -> list[tuple[PartRef, int, int, int]]:
     out = []
     for part in run.parts([chunk]):
         ids, offsets = run.read_index(part)
