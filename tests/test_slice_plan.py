@@ -3,14 +3,17 @@ lines, when a process joins a slice. (The real thing: tests/test_pod_slice.py.)"
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
 from actex.config import ConfigError, WorkerOptions
 from actex.data import ShapeBudget
 from actex.data.tokenize import TokenizedSample
-from actex.engine.distributed import agreement_error, explicit_settings, wanted
+from actex.engine.distributed import Slice, SliceChunks, agreement_error, explicit_settings, wanted
 from actex.engine.lockstep import lockstep_batches, split_shares
+from actex.engine.work import StaticChunks
 
 
 def sample(i: int, n: int) -> TokenizedSample:
@@ -62,3 +65,64 @@ def test_a_slice_is_joined_only_when_asked_or_on_a_multi_host_tpu():
     assert explicit_settings(none, {"JAX_PROCESS_ID": "3"}) == (None, None, 3)
     with pytest.raises(ConfigError, match="JAX_NUM_PROCESSES='four' is not an integer"):
         explicit_settings(none, {"JAX_NUM_PROCESSES": "four"})
+
+
+class MemoryKeyValues:
+    """The coordination service's key-value store as jax's client sees it: set refuses an
+    existing key, a blocking get waits, delete removes a key and every key under it."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, str] = {}
+        self.changed = threading.Condition()
+
+    def key_value_set(self, key: str, value: str) -> None:
+        with self.changed:
+            if key in self.values:
+                raise RuntimeError(f"ALREADY_EXISTS: {key}")
+            self.values[key] = value
+            self.changed.notify_all()
+
+    def blocking_key_value_get(self, key: str, timeout_ms: int) -> str:
+        with self.changed:
+            if not self.changed.wait_for(lambda: key in self.values, timeout_ms / 1000):
+                raise RuntimeError(f"DEADLINE_EXCEEDED: {key}")
+            return self.values[key]
+
+    def key_value_try_get(self, key: str) -> str:
+        with self.changed:
+            if key not in self.values:
+                raise RuntimeError(f"NOT_FOUND: {key}")
+            return self.values[key]
+
+    def key_value_delete(self, key: str) -> None:
+        with self.changed:
+            for name in [k for k in self.values if k == key or k.startswith(key + "/")]:
+                del self.values[name]
+
+
+def test_the_slice_deletes_each_step_broadcast_once_every_process_read_it():
+    """Three processes follow process 0's chunks (one broadcast per step): every step's key
+    but the last is gone from the coordination service at the end, read marks included, and
+    every process saw every chunk."""
+    client, count, num_chunks = MemoryKeyValues(), 3, 12
+    seen: dict[int, list[int]] = {}
+
+    def follow(index: int) -> None:
+        slice_ = Slice(index, count, client, barrier_timeout_s=30.0)
+        inner = StaticChunks(num_chunks) if index == 0 else None
+        seen[index] = []
+        for chunk in SliceChunks(slice_, inner).chunks(threading.Event()):
+            seen[index].append(chunk)
+            slice_.allgather(f"chunk/{chunk}", str(chunk))  # in step, as the engine's commits keep them
+
+    threads = [threading.Thread(target=follow, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert seen == {i: list(range(num_chunks)) for i in range(count)}
+    left = sorted(key for key in client.values if key.startswith("actex/b/"))
+    # The last step ("no more chunks") is broadcast after the last sweep: 1-2 keys stay, not 13.
+    assert set(left) <= {f"actex/b/step/{num_chunks - 1}", f"actex/b/step/{num_chunks}"} | {
+        f"actex/b/step/{step}/read/{p}" for step in (num_chunks - 1, num_chunks) for p in (1, 2)}
+    assert f"actex/b/step/{num_chunks - 2}" not in client.values

@@ -8,6 +8,7 @@ on. Its key-value store replaces any barrier server or shared /tmp file:
     actex/host/<i>               process i's host name (published at start)
     actex/x/<name>/<i>           process i's value in exchange <name> (config, commit, ...)
     actex/b/<name>               process 0's broadcast <name> (committed set, attempt id, step)
+    actex/b/<name>/read/<i>      process i read it (process 0 then deletes both)
     actex/stop                   the first stop request of any process (SIGTERM, Ctrl-C, GCE)
 
 An exchange is a barrier that carries a value: every process writes its own arrival key
@@ -39,6 +40,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from actex.config import ConfigError, WorkerOptions
+from actex.engine.work import ProcessRole
+from actex.store.records import differing_fields
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +125,7 @@ class Slice:
     hosts: list[str] = field(default_factory=list)
     coordinator: str | None = None
     published: list[str] = field(default_factory=list, repr=False)  # own allgather keys, oldest first
+    broadcasts: list[str] = field(default_factory=list, repr=False)  # process 0's broadcast keys not yet deleted, oldest first
 
     @property
     def primary(self) -> bool:
@@ -185,17 +189,31 @@ class Slice:
         self.exchange(f"barrier/{name}", self.host(self.index), timeout_s=timeout_s)
 
     def broadcast(self, name: str, make: Callable[[], Any], timeout_s: float | None = None) -> Any:
-        """Process 0's `make()` (JSON-serialisable), on every process."""
+        """Process 0's `make()` (JSON-serialisable), on every process.
+
+        Every other process marks its read (`actex/b/<name>/read/<i>`); at each later
+        broadcast process 0 deletes the earlier ones every process has read, so a long run
+        keeps one or two broadcasts in the coordination service's memory, not one per step.
+        """
         key = f"{_PREFIX}/b/{name}"
         if self.primary:
+            self._delete_read_broadcasts()
             value = make()
             self.client.key_value_set(key, json.dumps(value))
+            self.broadcasts.append(key)
             return value
         timeout_s = self.barrier_timeout_s if timeout_s is None else timeout_s
         data = self._wait(key, timeout_s)
         if data is None:
             raise BarrierTimeout(self.missing_message(f"broadcast {name}", [0], timeout_s))
+        self.client.key_value_set(f"{key}/read/{self.index}", "1")
         return json.loads(data)
+
+    def _delete_read_broadcasts(self) -> None:
+        """Delete (with their read marks) the oldest broadcasts that every process has read.
+        Processes read broadcasts in order, so the first one not read by all ends the sweep."""
+        while self.broadcasts and all(self._try(f"{self.broadcasts[0]}/read/{p}") is not None for p in range(1, self.count)):
+            self.client.key_value_delete(self.broadcasts.pop(0))  # the key and everything under it
 
     def allgather(self, name: str, value: str, timeout_s: float | None = None) -> list[str]:
         """Every process's `value` (by index) on every process.
@@ -224,10 +242,8 @@ class Slice:
         """The first stop request of any process, or None."""
         return self._try(f"{_PREFIX}/stop")
 
-    def role(self):
+    def role(self) -> ProcessRole:
         """The engine's ProcessRole for this process."""
-        from actex.engine.work import ProcessRole
-
         return ProcessRole(index=self.index, count=self.count, barrier=self.barrier,
                            gather=self._gather_to_primary, share=self.broadcast, allgather=self.allgather)
 
@@ -236,18 +252,6 @@ class Slice:
 
 
 # --------------------------------------------------------------------------- config agreement
-
-
-def config_differences(mine: dict, theirs: dict, prefix: str = "") -> list[str]:
-    """Dotted names of the fields whose values differ between two canonical configs."""
-    names = []
-    for key in sorted(set(mine) | set(theirs)):
-        a, b = mine.get(key), theirs.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            names += config_differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            names.append(f"{prefix}{key}")
-    return names
 
 
 def agreement_error(payloads: list[dict], hosts: list[str]) -> str | None:
@@ -263,26 +267,19 @@ def agreement_error(payloads: list[dict], hosts: list[str]) -> str | None:
         others = f" (and {len(failed) - 1} other process(es))" if len(failed) > 1 else ""
         return f"process {p} (host {host(p)}) could not resolve the config{others}: {message}"
     reference = payloads[0]["config"]
-    differing = {}
+    differing: dict[str, list[tuple[int, Any, Any]]] = {}  # field -> [(process, its value, process 0's)]
     for p, x in enumerate(payloads[1:], start=1):
-        for name in config_differences(x["config"], reference):
-            differing.setdefault(name, []).append(p)
+        for name, mine, theirs in differing_fields(x["config"], reference):
+            differing.setdefault(name, []).append((p, mine, theirs))
     if not differing:
         return None
     parts = []
-    for name, processes in list(differing.items())[:5]:
-        mine = _lookup(payloads[processes[0]]["config"], name)
-        parts.append(f"{name} on process(es) {', '.join(map(str, processes))} "
-                     f"({mine!r} vs process 0's {_lookup(reference, name)!r})")
+    for name, seen in list(differing.items())[:5]:
+        _, mine, reference_value = seen[0]
+        parts.append(f"{name} on process(es) {', '.join(str(p) for p, _, _ in seen)} "
+                     f"({mine!r} vs process 0's {reference_value!r})")
     more = f" (and {len(differing) - 5} more field(s))" if len(differing) > 5 else ""
     return "the processes of the slice disagree on the config: " + "; ".join(parts) + more
-
-
-def _lookup(config: dict, dotted: str) -> Any:
-    value: Any = config
-    for part in dotted.split("."):
-        value = value.get(part) if isinstance(value, dict) else None
-    return value
 
 
 def agree(slice_: Slice, config: dict | None, error: str | None = None) -> None:
