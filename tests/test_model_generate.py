@@ -129,8 +129,9 @@ def test_continuous_batching_gives_the_static_tokens_with_busy_slots(varied):
         results[slots] = make_continuous_fn(loaded.config, slots, n)(loaded.params, ids, mask, stops, keys,
                                                                      np.int32(rows))
         assert continuations(results[slots], rows) == expected, f"{slots} slots"
-        steps, busy, prefills = (int(v) for v in results[slots][3])
+        steps, busy, prefills, waiting, drained = (int(v) for v in results[slots][3])
         assert busy == sum(lengths) and prefills == rows  # every wanted token, each prompt once
+        assert busy + waiting + drained == steps * slots  # every idle slot-step has a cause
     # 3 slots: the static path (3 rows at a time) would run each trio to its longest answer.
     static_steps = sum(max(lengths[i:i + 3]) for i in range(0, rows, 3))
     occupancy = int(results[3][3].busy) / (3 * int(results[3][3].steps))

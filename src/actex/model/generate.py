@@ -216,12 +216,17 @@ def make_generate_fn(config: ModelConfig, max_new_tokens: int, sampling: Samplin
 
 
 class SlotStats(NamedTuple):
-    """What a continuous run did: decode steps, slot-steps that produced a wanted token
-    (occupancy = busy / (steps * slots)) and prompts prefilled."""
+    """What a continuous run did (int32 scalars): decode steps, slot-steps that produced a
+    wanted token (occupancy = busy / (steps * slots)), prompts prefilled, and the idle
+    slot-steps split by cause: `waiting` (a free slot while the queue still held prompts:
+    refill lag) and `drained` (a free slot after the queue ran out: the queue's tail).
+    busy + waiting + drained = steps * slots."""
 
     steps: jax.Array
     busy: jax.Array
     prefills: jax.Array
+    waiting: jax.Array
+    drained: jax.Array
 
 
 def continuous_generate(params: Params, token_ids: jax.Array, mask: jax.Array, stop_ids: jax.Array,
@@ -233,9 +238,9 @@ def continuous_generate(params: Params, token_ids: jax.Array, mask: jax.Array, s
     length that compiles once (each needs one real token in its last column) and are
     never decoded.
 
-    Each loop step first refills one free slot (a slot whose row stopped, or never held
-    one) with the queue's next prompt: that prompt alone is prefilled (the work a prompt
-    needs, no padding rows) into the slot's region of the KV cache; then every slot
+    Each loop step first refills every free slot (a slot whose row stopped, or never held
+    one) with the queue's next prompts: each prompt alone is prefilled (the work a prompt
+    needs, no padding rows) into its slot's region of the KV cache; then every slot
     decodes one token. So slots stay busy until the queue runs out, instead of a static
     batch decoding until its longest answer ends. Shapes never change: one compile per
     (Q, P, slots).
@@ -278,8 +283,12 @@ def _continuous(params, queue_ids, queue_mask, stop_ids, keys, n_real, config: M
         return (state["head"] < n_real) | ~jnp.all(state["free"])
 
     def body(state):
-        state = jax.lax.cond(jnp.any(state["free"]) & (state["head"] < n_real), refill, lambda s: s, state)
+        # Every free slot takes a prompt before the step decodes (slots freed together by one
+        # step are refilled together: none waits a step per other refill).
+        state = jax.lax.while_loop(lambda s: jnp.any(s["free"]) & (s["head"] < n_real), refill, state)
         owner, t, active = state["owner"], state["t"], ~state["free"]
+        idle = slots - jnp.sum(active).astype(jnp.int32)
+        queued = state["head"] < n_real
         row = jnp.maximum(owner, 0)
         token = jnp.where(active, choose_tokens(state["logits"], keys[row], t, sampling), 0)
         stops = jnp.any(token[:, None] == stop_ids[None, :], axis=1)
@@ -299,6 +308,8 @@ def _continuous(params, queue_ids, queue_mask, stop_ids, keys, n_real, config: M
             "cache": cache, "logits": logits, "t": t + 1, "free": state["free"] | last,
             "owner": jnp.where(last, -1, owner), "tokens": tokens, "n_generated": n_generated,
             "stopped": stopped, "steps": state["steps"] + 1, "busy": state["busy"] + jnp.sum(active),
+            "waiting": state["waiting"] + jnp.where(queued, idle, 0),
+            "drained": state["drained"] + jnp.where(queued, 0, idle),
         }
 
     # The first prompts fill every slot in one batched prefill (slots past the queue's
@@ -314,9 +325,10 @@ def _continuous(params, queue_ids, queue_mask, stop_ids, keys, n_real, config: M
         "tokens": jnp.zeros((n_queue + 1, max_new_tokens), jnp.int32),
         "n_generated": jnp.zeros(n_queue + 1, jnp.int32), "stopped": jnp.zeros(n_queue + 1, bool),
         "steps": jnp.int32(0), "busy": jnp.int32(0), "prefills": first,
+        "waiting": jnp.int32(0), "drained": jnp.int32(0),
     }
     state = jax.lax.while_loop(cond, body, state)
-    stats = SlotStats(state["steps"], state["busy"], state["prefills"])
+    stats = SlotStats(*(state[k] for k in SlotStats._fields))
     return state["tokens"][:n_queue], state["n_generated"][:n_queue], state["stopped"][:n_queue], stats
 
 
