@@ -96,3 +96,39 @@ def test_build_context_holds_what_the_dockerfile_copies():
         if instruction["instruction"] == "COPY" and "--from=" not in instruction["value"]:
             copied.update(shlex.split(instruction["value"])[:-1])
     assert copied == allowed and all((ROOT / path).exists() for path in copied)
+
+
+def _lock(path: Path) -> dict[str, tuple[Version, list[str]]]:
+    """A hash lock's requirements: name -> (pinned version, its sha256s)."""
+    out = {}
+    for requirement in path.read_text().replace("\\\n", " ").splitlines():
+        if requirement.strip() and not requirement.lstrip().startswith("#"):
+            words = requirement.split()
+            name, version = words[0].split("==")
+            out[canonicalize_name(name)] = (Version(version), [w.split("sha256:")[1] for w in words[1:] if w.startswith("--hash=sha256:")])
+    return out
+
+
+def test_the_image_and_the_tpu_vms_install_from_hash_locks_that_agree_with_constraints():
+    """The Dockerfile's install line and the TPU VM bootstrap both use pip --require-hashes
+    with a lock `make lock` wrote; every locked package has a sha256 and, where
+    constraints.txt pins it too, the same version."""
+    from actex.fleet.bootstrap import VM_LOCK, Payload, startup_script
+
+    (install,) = [i["value"] for i in dockerfile().structure if i["instruction"] == "RUN" and "--require-hashes" in i["value"]]
+    assert "-r requirements/build.lock" in install and '-r "$lock"' in install and "--no-build-isolation" in install
+    (default_extras,) = re.findall(r"^ARG EXTRAS=([\w,]+)$", (ROOT / "Dockerfile").read_text(), re.M)
+    assert "make lock LOCKS=${name}" in install and re.search(r"^lock: ", (ROOT / "Makefile").read_text(), re.M)
+    pins = constraints()
+    for accelerator in ("cpu", "tpu", "cuda"):  # requirements/<accelerator>-<extras>.lock for the default EXTRAS
+        lock = _lock(ROOT / "requirements" / f"{accelerator}-{default_extras.replace(',', '-')}.lock")
+        assert lock["jax"][0] == pins["jax"] and "actex" not in lock
+        for name, (version, hashes) in lock.items():
+            assert hashes and all(len(h) == 64 for h in hashes), name
+            assert name not in pins or pins[name] == version, f"{name}: locked {version}, constraints.txt pins {pins[name]}"
+    assert _lock(ROOT / "requirements" / "build.lock")["setuptools"][1]
+    vm_lock = _lock(ROOT / VM_LOCK)
+    assert {"jax", "libtpu", "gcsfs"} <= set(vm_lock) and all(hashes for _, hashes in vm_lock.values())
+    script = startup_script("u", "0" * 64, Payload(wheel_url="gs://b/w/actex-0.1.0-py3-none-any.whl", wheel_sha256="0" * 64,
+                                                    lock_url=f"gs://b/l/{VM_LOCK.name}", lock_sha256="1" * 64))
+    assert f"install -q --require-hashes --only-binary=:all: -r {VM_LOCK.name} -r actex.req" in script

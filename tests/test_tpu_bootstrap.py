@@ -19,7 +19,7 @@ import yaml
 from engine_fixtures import jax_cache, tiny_model_dir  # noqa: F401 (fixtures)
 from fake_tpu_server import FakeTpu
 
-from actex.fleet.bootstrap import Payload, startup_script, upload
+from actex.fleet.bootstrap import Payload, put_addressed, startup_script, upload
 from actex.fleet.deploy import load_fleet
 from actex.fleet.tpu_api import NodeSpec, TpuApi
 from actex.store.folder import open_store
@@ -87,7 +87,8 @@ def test_bad_config_exit_is_not_restarted(venv, tmp_path):
     calls, codes = tmp_path / "calls.txt", tmp_path / "codes.txt"
     codes.write_text("2\n0\n")
     config_url, config_sha, _, _ = upload(open_store(str(tmp_path / "d")), {}, None)
-    script = startup_script(config_url, config_sha, Payload(wheel_url="gs://b/w/actex-0.1.0-py3-none-any.whl", wheel_sha256="0" * 64),
+    script = startup_script(config_url, config_sha, Payload(wheel_url="gs://b/w/actex-0.1.0-py3-none-any.whl", wheel_sha256="0" * 64,
+                                                                      lock_url="gs://b/l/tpu-gcs.lock", lock_sha256="1" * 64),
                             poll_s=1, restart_backoff_s=0.1)
     fake = FakeTpu(vm_env=lambda node: {"ACTEX_VENV": str(venv), "CALLS": str(calls), "CODES": str(codes)}, workdir=tmp_path / "vms", create_s=0.1)
     try:
@@ -99,12 +100,17 @@ def test_bad_config_exit_is_not_restarted(venv, tmp_path):
     assert process.returncode == 2 and len(calls.read_text().splitlines()) == 1
 
 
-def test_wheel_install_is_pinned_by_checksum_and_jax_version():
+def test_wheel_install_is_pinned_by_checksum_and_hash_lock():
     script = startup_script("gs://b/r-fleet/configs/0/run.yaml", "0" * 64, Payload(wheel_url="gs://b/r-fleet/wheels/actex-0.1.0-py3-none-any.whl",
-                                                             wheel_sha256="ab" * 32, jax_version="0.10.2"))
+                                                             wheel_sha256="ab" * 32, lock_url="gs://b/r-fleet/locks/cd/tpu-gcs.lock",
+                                                             lock_sha256="cd" * 32))
     assert "gcloud storage cp gs://b/r-fleet/wheels/actex-0.1.0-py3-none-any.whl actex-0.1.0-py3-none-any.whl" in script
-    assert f"echo '{'ab' * 32}  actex-0.1.0-py3-none-any.whl' | sha256sum -c -" in script
-    assert "'./actex-0.1.0-py3-none-any.whl[gcs]' 'jax[tpu]==0.10.2'" in script
+    assert "gcloud storage cp gs://b/r-fleet/locks/cd/tpu-gcs.lock tpu-gcs.lock" in script
+    assert f"printf '%s\\n' '{'ab' * 32}  actex-0.1.0-py3-none-any.whl' '{'cd' * 32}  tpu-gcs.lock' | sha256sum -c -" in script
+    # jax[tpu] and every other dependency come from the lock, each checked by its sha256.
+    assert f"echo './actex-0.1.0-py3-none-any.whl[gcs] --hash=sha256:{'ab' * 32}' >actex.req" in script
+    assert "pip\" install -q --require-hashes --only-binary=:all: -r tpu-gcs.lock -r actex.req" in script
+    assert "jax-releases" not in script and "jax[tpu]" not in script
     assert not re.search(r"\|\s*(ba)?sh\b", script) and "github" not in script  # no script piped from a branch
 
 
@@ -114,7 +120,7 @@ def test_wheel_install_is_pinned_by_checksum_and_jax_version():
     ({"capacity": "cheap"}, "fleet.yaml: capacity: Input should be 'spot', 'preemptible', 'reserved' or 'on-demand'"),
     ({"workers": 3}, "fleet.yaml: workers: Extra inputs are not permitted"),
     ({"extract": {"output": "gs://b/runs"}}, "fleet.yaml: extract: a fleet's run needs a fixed `run_name`"),
-    ({"image": "example/actex:latest"}, "fleet.yaml: image: Value error, 'example/actex:latest' is not pinned by digest"),
+    ({"image": "Example/Actex:latest"}, "fleet.yaml: image: Value error, 'Example/Actex:latest' is not an image reference"),
 ])
 def test_fleet_file_errors_name_file_and_field(tmp_path, change, message):
     from typer.testing import CliRunner
@@ -268,8 +274,11 @@ def test_a_half_installed_venv_is_installed_again_retrying_a_failed_install(tmp_
         (stubs / name).chmod(0o755)
     wheel = tmp_path / "actex-0.1.0-py3-none-any.whl"
     wheel.write_bytes(b"a wheel")
-    config_url, config_sha, wheel_url, wheel_sha = upload(open_store(str(tmp_path / "deploy")), {"run_name": "r"}, wheel)
-    script = startup_script(config_url, config_sha, Payload(wheel_url=wheel_url, wheel_sha256=wheel_sha), restart_backoff_s=0.05,
+    deploy = open_store(str(tmp_path / "deploy"))
+    config_url, config_sha, wheel_url, wheel_sha = upload(deploy, {"run_name": "r"}, wheel)
+    lock_url, lock_sha = put_addressed(deploy, "locks", "tpu-gcs.lock", b"jax==0.10.2 --hash=sha256:" + b"0" * 64 + b"\n")
+    payload = Payload(wheel_url=wheel_url, wheel_sha256=wheel_sha, lock_url=lock_url, lock_sha256=lock_sha)
+    script = startup_script(config_url, config_sha, payload, restart_backoff_s=0.05,
                             hf_token_secret="projects/p/secrets/hf/versions/latest")
     home = tmp_path / "home"
     (home / "venv" / "bin").mkdir(parents=True)
@@ -287,6 +296,7 @@ def test_a_half_installed_venv_is_installed_again_retrying_a_failed_install(tmp_
     log = (home / "bootstrap.log").read_text()
     assert returncode == 0, log  # the stand-in worker exits 0: the run is complete
     assert len(installs.read_text().splitlines()) == 2 and "install failed (try 1)" in log, log
+    assert all(line.endswith("--require-hashes --only-binary=:all: -r tpu-gcs.lock -r actex.req") for line in installs.read_text().splitlines())
     assert (home / "venv" / INSTALLED_MARKER).read_text().strip() == wheel_sha
     assert calls.read_text().startswith("token=hf_from_secret_manager extract --config run.yaml --claim")
     assert "hf_from_secret_manager" not in script + log

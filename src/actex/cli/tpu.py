@@ -89,13 +89,16 @@ def _fleet_options(f):
         "api_endpoint": typer.Option(None, "--api-endpoint", help=_ENDPOINT_HELP),
     }
     own = inspect.signature(f)
-    params = list(own.parameters.values()) + [
+    # api and layout are made here; a command taking fleet_file gets the shared option's value.
+    params = [p for p in own.parameters.values() if p.name not in ("api", "layout", *extra)] + [
         inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v) for k, v in extra.items()
     ]
 
     @functools.wraps(f)
     def wrapper(**kwargs):
         shared = {k: kwargs.pop(k) for k in extra}
+        if "fleet_file" in own.parameters:  # a command that reads more of the fleet file than its layout
+            kwargs["fleet_file"] = shared["fleet_file"]
         with user_errors():
             capacity = _capacity(shared.pop("spot"), shared.pop("preemptible"), shared.pop("reserved"))
             endpoint = shared.pop("api_endpoint")
@@ -105,7 +108,7 @@ def _fleet_options(f):
         with infra_errors():
             return f(api=api, layout=layout, **kwargs)
 
-    wrapper.__signature__ = own.replace(parameters=[p for p in params if p.name not in ("api", "layout")])
+    wrapper.__signature__ = own.replace(parameters=params)
     return wrapper
 
 
@@ -174,22 +177,54 @@ def status_command(api=None, layout=None, as_json: bool = typer.Option(False, "-
 
 @tpu_app.command("recreate")
 @_fleet_options
-def recreate_command(api=None, layout=None, fallback: bool = typer.Option(True, "--fallback/--no-fallback", help="Place a VM in another listed zone when its own is out of capacity.")) -> None:
-    """Delete and recreate every PREEMPTED / TERMINATED / missing VM of the fleet (keeping its
-    startup script); a dead spot VM cannot be restarted."""
+def recreate_command(api=None, layout=None, fleet_file=None, fallback: bool = typer.Option(True, "--fallback/--no-fallback", help="Place a VM in another listed zone when its own is out of capacity.")) -> None:
+    """Delete and recreate every PREEMPTED / TERMINATED / missing VM of the fleet; a dead spot
+    VM cannot be restarted. A deployed fleet's VMs (--fleet FILE) boot with the startup script
+    of its deploy record (kept beside FILE where `actex deploy` ran), else their own, else a
+    VM of the fleet's; with none of these nothing is touched (exit 2). VMs made by flags keep
+    what they had."""
     from actex.fleet.tpu import NameBook, foreign, is_dead, members, recreate_node, skipped_event, zone_nodes
 
     nodes = zone_nodes(api, layout)
+    slots = members(layout, nodes)
+    dead = [(zone, name, node) for zone, name, node in slots if is_dead(node)]
+    with user_errors():
+        scripts = _recreate_metadata(fleet_file, layout, nodes, dead)
     for node in foreign(layout, nodes):
         _echo_event(skipped_event(layout, node))
-    slots = members(layout, nodes)
     book = NameBook({(n.zone, n.name) for n in nodes} | {(z, n) for z, n, _ in slots} | set(layout.planned()))
-    for zone, name, node in slots:
-        if not is_dead(node):
-            continue
-        placement = recreate_node(api, layout, zone, name, node, fallback=fallback, pick=lambda z: book.pick(layout, z))
+    for (zone, name, node), metadata in zip(dead, scripts):
+        placement = recreate_node(api, layout, zone, name, node, fallback=fallback, pick=lambda z: book.pick(layout, z), metadata=metadata)
         _echo_event({"event": "recreate", "node": placement.name, "zone": placement.zone, "was": node.state if node else "NOT_FOUND",
                      **({"moved_from": f"{zone}/{name}"} if (placement.zone, placement.name) != (zone, name) else {})})
+
+
+def _recreate_metadata(fleet_file: Optional[Path], layout, nodes, dead) -> list[Optional[dict]]:
+    """What each dead VM boots with (None: its own metadata). A fleet given by flags is bare
+    VMs (`actex tpu create` puts no script on them): each keeps what it had. A deployed fleet
+    (--fleet FILE) gets the deploy record's script, else a dead VM keeps its own, else takes
+    a VM of the fleet's, as the TPU API holds it; UserError when a VM would get no script at
+    all (it would boot, bill, and never start a worker)."""
+    from actex.fleet.bootstrap import SCRIPT_KEY
+    from actex.fleet.deploy import fleet_metadata, inherited_metadata, load_fleet, load_record, record_path
+
+    if fleet_file is None:
+        return [None] * len(dead)
+    fleet = load_fleet(Path(fleet_file))
+    record = load_record(fleet)
+    if record is not None:
+        return [fleet_metadata(record.script())] * len(dead)
+    inherited = inherited_metadata(layout, nodes)
+    out = []
+    for zone, name, node in dead:
+        if node is not None and SCRIPT_KEY in node.metadata:
+            out.append(None)
+        elif inherited is None:
+            raise UserError(f"{zone}/{name}: no startup script to recreate it with (no deploy record {record_path(fleet)}, and no VM "
+                            f"of the fleet holds one): run this where `actex deploy {fleet_file}` ran, or run that deploy again")
+        else:
+            out.append(inherited)
+    return out
 
 
 # ----------------------------------------------------------------------------- deploy / monitor
@@ -215,7 +250,10 @@ def deploy_command(
     with user_errors():
         fleet = load_fleet(fleet_file)
         api = _api(fleet.layout.project, api_endpoint)
-        script = prepare(fleet).script()
+        record = prepare(fleet)
+        script = record.script()
+    if fleet.file.image and record.payload.image != fleet.file.image:
+        typer.echo(f"actex deploy: image {fleet.file.image} resolved to {record.payload.image}: the VMs get only the digest", err=True)
     if not fleet.file.service_account:
         typer.echo(f"actex deploy: warning: {fleet_file}: no service_account: the VMs run as the project's default compute "
                    "account, often project Editor; give them one that may only use the bucket (docs/tpu-fleet.md, Permissions)", err=True)

@@ -7,12 +7,14 @@ write (docs/tpu-fleet.md, "Permissions"):
 
     <output>/<run_name>-fleet/configs/<sha256>/run.yaml          the run's config, as the deployer resolved it
     <output>/<run_name>-fleet/wheels/<sha256>/actex-<v>-....whl  the deployer's own actex (unless an image is used)
+    <output>/<run_name>-fleet/locks/<sha256>/tpu-gcs.lock       every dependency of that wheel, with its sha256s
 
 and the startup script, generated from the deployer's own `DeployRecord` (kept on the
-deployer's machine, never fetched from the bucket), carries both sha256s. At boot it installs
-exactly that wheel (checked) plus `jax[tpu]` at the deployer's jax version into a venv, marked
-installed only once the install succeeded (a half install is redone), retrying with backoff;
-or runs the given container image. At every (re)launch it fetches run.yaml and starts no worker
+deployer's machine, never fetched from the bucket), carries their sha256s. At boot it installs
+exactly that wheel and the lock's packages (`pip install --require-hashes`: a package whose
+bytes are not the locked ones fails the install; `make lock` writes the lock) into a venv,
+marked installed only once the install succeeded (a half install is redone), retrying with
+backoff; or runs the given container image (pinned by digest). At every (re)launch it fetches run.yaml and starts no worker
 unless its sha256 is the deployed one. It supervises `actex extract --claim` on the run:
 restarted after a crash (exit 1) or a pre-emption stop (75) after a pause that grows with each
 failure (with jitter), stopped for good on exit 0 (the run is complete) or 2 (bad config).
@@ -36,6 +38,7 @@ from pathlib import Path
 
 import yaml
 
+import actex
 from actex.fleet.tpu import NODE_KEY
 
 LAUNCH_KEY = "actex-launch"  # bumping it relaunches the worker (see the supervisor loop)
@@ -51,31 +54,64 @@ def deploy_dir(run_url: str) -> str:
 
 @dataclass(frozen=True)
 class Payload:
-    """What the VMs install: a wheel in the store (with its sha256), or an image reference."""
+    """What the VMs install: a wheel in the store with the hash lock of its dependencies
+    (each with its sha256), or an image reference pinned by digest."""
 
     wheel_url: str | None = None
     wheel_sha256: str | None = None
     image: str | None = None
-    jax_version: str = ""
+    lock_url: str | None = None
+    lock_sha256: str | None = None
 
     def __post_init__(self) -> None:
         if (self.wheel_url is None) == (self.image is None):
             raise ValueError("a fleet installs either a wheel or an image, exactly one")
+        if self.wheel_url is not None and not (self.wheel_sha256 and self.lock_url and self.lock_sha256):
+            raise ValueError("a wheel is installed with its sha256 and a hash lock of its dependencies (lock_url, lock_sha256): "
+                             "run actex deploy again")
 
 
 def actex_version() -> str:
     return metadata.version("actex")
 
 
+VM_LOCK = Path("requirements") / "tpu-gcs.lock"  # in the source tree: what a TPU VM installs beside the wheel
+
+
+def source_root(wanted: str) -> Path:
+    """The source checkout of the actex this process runs. ValueError if it is not one,
+    naming the fleet file field (`wanted`) to give instead."""
+    root = Path(actex.__file__).resolve().parents[2]
+    if not (root / "pyproject.toml").exists():
+        raise ValueError(f"actex at {root} is not a source checkout: give the fleet file {wanted}")
+    return root
+
+
+def default_lock() -> Path:
+    """requirements/tpu-gcs.lock of this actex's source tree (`make lock` writes it).
+    ValueError (one line) when there is none."""
+    lock = source_root("a `lock:` path") / VM_LOCK
+    if not lock.exists():
+        raise ValueError(f"{lock} does not exist: run `make lock`, or give the fleet file a `lock:` path")
+    return lock
+
+
+def check_lock(path: Path) -> bytes:
+    """A hash lock's bytes; ValueError naming the file when a requirement in it has no
+    sha256 (pip --require-hashes would refuse it on every VM, after the deploy)."""
+    data = path.read_bytes()
+    requirements = [r for r in data.decode(errors="replace").replace("\\\n", " ").splitlines() if r.strip() and not r.lstrip().startswith("#")]
+    unhashed = [r.split()[0] for r in requirements if "--hash=sha256:" not in r]
+    if not requirements or unhashed:
+        raise ValueError(f"{path}: not a hash lock ({'no requirement' if not requirements else f'no --hash for {unhashed[0]}'}): run `make lock`")
+    return data
+
+
 def build_wheel(out_dir: Path) -> Path:
     """Build the wheel of the actex this process runs (its source tree), for a pinned deploy.
 
     ValueError if this actex is not a source checkout (then give `wheel:` or `image:`)."""
-    import actex
-
-    root = Path(actex.__file__).resolve().parents[2]
-    if not (root / "pyproject.toml").exists():
-        raise ValueError(f"actex at {root} is not a source checkout: give the fleet file a `wheel:` path or an `image:`")
+    root = source_root("a `wheel:` path or an `image:`")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out_dir), str(root)],
                    check=True, stdout=subprocess.DEVNULL)
     wheels = sorted(out_dir.glob("actex-*.whl"))
@@ -84,20 +120,21 @@ def build_wheel(out_dir: Path) -> Path:
     return wheels[-1]
 
 
+def put_addressed(store, folder: str, name: str, data: bytes) -> tuple[str, str]:
+    """Write `data` as <folder>/<its sha256>/<name> under the deploy dir `store` (a redeploy
+    never overwrites what running VMs are pinned to); returns (url, sha256)."""
+    sha = hashlib.sha256(data).hexdigest()
+    store.write_bytes(f"{folder}/{sha}/{name}", data)
+    return f"{store.url.rstrip('/')}/{folder}/{sha}/{name}", sha
+
+
 def upload(store, config: dict, wheel: Path | None) -> tuple[str, str, str | None, str | None]:
-    """Write run.yaml (and the wheel) under the deploy dir `store`, each named by its sha256
-    (a redeploy never overwrites what running VMs are pinned to); returns
-    (config url, config sha256, wheel url, wheel sha256), the wheel's None without one."""
-    base = store.url.rstrip("/")
-    text = yaml.safe_dump(config, sort_keys=True).encode()
-    config_sha = hashlib.sha256(text).hexdigest()
-    store.write_bytes(f"configs/{config_sha}/{CONFIG_FILE}", text)
+    """Write run.yaml (and the wheel) under the deploy dir `store`, each named by its sha256;
+    returns (config url, config sha256, wheel url, wheel sha256), the wheel's None without one."""
+    config_url, config_sha = put_addressed(store, "configs", CONFIG_FILE, yaml.safe_dump(config, sort_keys=True).encode())
     if wheel is None:
-        return f"{base}/configs/{config_sha}/{CONFIG_FILE}", config_sha, None, None
-    data = wheel.read_bytes()
-    wheel_sha = hashlib.sha256(data).hexdigest()
-    store.write_bytes(f"wheels/{wheel_sha}/{wheel.name}", data)
-    return f"{base}/configs/{config_sha}/{CONFIG_FILE}", config_sha, f"{base}/wheels/{wheel_sha}/{wheel.name}", wheel_sha
+        return config_url, config_sha, None, None
+    return (config_url, config_sha, *put_addressed(store, "wheels", wheel.name, wheel.read_bytes()))
 
 
 @dataclass(frozen=True)
@@ -214,14 +251,20 @@ INSTALLED_MARKER = ".actex-installed"  # in the venv: the wheel's sha256, writte
 def _install_wheel(payload: Payload) -> str:
     q = shlex.quote
     wheel = payload.wheel_url.rsplit("/", 1)[-1]
-    jax = f"jax[tpu]=={payload.jax_version}" if payload.jax_version else "jax[tpu]"
+    lock = payload.lock_url.rsplit("/", 1)[-1]
     sha = q(payload.wheel_sha256)
+    # The wheel joins the lock as one more hashed requirement: pip --require-hashes then
+    # refuses any package (the wheel's own dependencies included) not locked with its bytes.
+    wheel_requirement = f"./{wheel}[gcs] --hash=sha256:{payload.wheel_sha256}"
     return f"""install() {{
-  rm -rf "$ACTEX_VENV" {q(wheel)} &&
+  rm -rf "$ACTEX_VENV" {q(wheel)} {q(lock)} &&
     gcloud storage cp {q(payload.wheel_url)} {q(wheel)} &&
-    {{ echo {q(f"{payload.wheel_sha256}  {wheel}")} | sha256sum -c - || {{ echo "wheel checksum mismatch"; false; }}; }} &&
+    gcloud storage cp {q(payload.lock_url)} {q(lock)} &&
+    {{ printf '%s\\n' {q(f"{payload.wheel_sha256}  {wheel}")} {q(f"{payload.lock_sha256}  {lock}")} | sha256sum -c - ||
+       {{ echo "wheel or lock checksum mismatch"; false; }}; }} &&
+    echo {q(wheel_requirement)} >actex.req &&
     python3 -m venv "$ACTEX_VENV" &&
-    "$ACTEX_VENV/bin/pip" install -q {q(f"./{wheel}[gcs]")} {q(jax)} -f https://storage.googleapis.com/jax-releases/libtpu_releases.html &&
+    "$ACTEX_VENV/bin/pip" install -q --require-hashes --only-binary=:all: -r {q(lock)} -r actex.req &&
     echo {sha} >"$ACTEX_VENV/{INSTALLED_MARKER}"
 }}
 if [ -z "${{ACTEX_VENV:-}}" ]; then

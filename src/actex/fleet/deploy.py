@@ -9,8 +9,10 @@
     capacity: spot                 # spot | preemptible | reserved | on-demand
     queued: false                  # true: through queued resources (spot / on-demand), which wait for capacity
     extract: run.yaml              # the `actex extract --config` file (relative to this file), or inline fields
-    # image: ghcr.io/you/actex@sha256:<64 hex>   run this image (pinned by digest) instead of the deployer's wheel
+    # image: ghcr.io/you/actex:v1                 run this image instead of the deployer's wheel (a tag is
+    #                                             resolved to its digest at deploy: only the digest reaches the VMs)
     # wheel: dist/actex-0.1.0-py3-none-any.whl   default: built from the deployer's source tree
+    # lock: requirements/tpu-gcs.lock            the wheel's dependencies with sha256s (default: the source tree's, `make lock`)
     # worker_args: [--lease-seconds, '120']      extra `actex extract` flags
     # service_account: actex-worker@my-project.iam.gserviceaccount.com   (default: the compute account)
     # scopes, network, subnetwork, internal_ips_only: the VMs' OAuth scopes and network
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
-import re
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
@@ -32,10 +34,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from actex.config import check_run_name, load_config_file
-from actex.fleet.bootstrap import LAUNCH_KEY, SCRIPT_KEY, DeployRecord, Payload, build_wheel, deploy_dir, upload
+from actex.fleet.bootstrap import (LAUNCH_KEY, SCRIPT_KEY, DeployRecord, Payload, build_wheel, check_lock, default_lock, deploy_dir,
+                                   put_addressed, upload)
+from actex.fleet.registry import parse_image, resolve_digest
 from actex.fleet.tpu import (FleetLayout, NameBook, Placement, create_node, fleet_id, fleet_nodes, foreign, is_dead, members,
                              skipped_event, split_zone, zone_nodes)
-from actex.fleet.tpu_api import NodeSpec, TpuApi
+from actex.fleet.tpu_api import NodeInfo, NodeSpec, TpuApi
 from actex.store import open_store
 
 log = logging.getLogger("actex.deploy")
@@ -55,8 +59,11 @@ class FleetFile(BaseModel):
     queued: bool = Field(False, description="Ask through queued resources (waiting for spot or on-demand capacity) instead of creating nodes directly.")
     prefix: str = Field("tpu", description="Node names are {prefix}-{region}-{zone letter}-{i}.")
     extract: Path | dict[str, Any] = Field(description="`actex extract --config` file (relative to the fleet file) or inline fields.")
-    image: str | None = Field(None, description="Container image with actex to run instead of the deployer's wheel.")
+    image: str | None = Field(None, description="Container image with actex to run instead of the deployer's wheel "
+                                                "(name@sha256:..., or a tag, resolved to its digest at deploy).")
     wheel: Path | None = Field(None, description="actex wheel to install (default: built from the deployer's source tree).")
+    lock: Path | None = Field(None, description="Hash lock of the wheel's dependencies, installed with pip --require-hashes "
+                                                "(default: requirements/tpu-gcs.lock of the deployer's source tree; `make lock`).")
     worker_args: list[str] = Field(default_factory=list, description="Extra `actex extract` flags for every worker, e.g. [--lease-seconds, '120'].")
     service_account: str | None = Field(None, description="Email of the VMs' service account (default: the project's compute account, often Editor).")
     scopes: list[str] = Field(["https://www.googleapis.com/auth/cloud-platform"], min_length=1,
@@ -70,11 +77,11 @@ class FleetFile(BaseModel):
 
     @field_validator("image")
     @classmethod
-    def _pinned_by_digest(cls, image: str | None) -> str | None:
-        # A tag can be moved to other code after the deploy; a digest names these bytes.
-        if image is not None and not re.search(r"@sha256:[0-9a-f]{64}$", image):
-            raise ValueError(f"{image!r} is not pinned by digest: give name@sha256:<64 hex> "
-                             "(`docker buildx imagetools inspect IMAGE` prints it)")
+    def _an_image_reference(cls, image: str | None) -> str | None:
+        # Only checked here: a tag is resolved to its digest by `prepare` (the registry is
+        # asked at deploy, not by every command that reads the fleet file).
+        if image is not None:
+            parse_image(image)
         return image
 
 
@@ -143,28 +150,29 @@ def prepare(fleet: Fleet, *, storage_options: dict | None = None) -> DeployRecor
     """Upload run.yaml (and the wheel), content-addressed, beside the run; keep what was pinned
     in the deployer's record (`save_record`) and return it. Nothing is written for the VMs to
     read back unchecked: the startup script is `record.script()`, put on the VMs through the
-    TPU API only."""
-    from importlib import metadata
-
-    from actex.store.folder import open_store
-
-    store = open_store(fleet.deploy_url, **(storage_options or {}))
+    TPU API only. An image given by tag is resolved to its digest first; a lock that is not
+    one is refused. ValueError (one line) for either, before anything is written."""
     if fleet.file.image:
+        image = resolve_digest(fleet.file.image)
+        store = open_store(fleet.deploy_url, **(storage_options or {}))
         config_url, config_sha, _, _ = upload(store, fleet.fields, None)
-        payload = Payload(image=fleet.file.image)
+        payload = Payload(image=image)
     else:
-        wheel = fleet.file.wheel
-        if wheel is None:
-            import tempfile
-
-            wheel = build_wheel(Path(tempfile.mkdtemp(prefix="actex-wheel-")))
-        elif not wheel.is_absolute():
-            wheel = fleet.path.parent / wheel
+        lock = _beside(fleet, fleet.file.lock) if fleet.file.lock else default_lock()
+        lock_data = check_lock(lock)
+        wheel = _beside(fleet, fleet.file.wheel) if fleet.file.wheel else build_wheel(Path(tempfile.mkdtemp(prefix="actex-wheel-")))
+        store = open_store(fleet.deploy_url, **(storage_options or {}))
         config_url, config_sha, url, sha = upload(store, fleet.fields, wheel)
-        payload = Payload(wheel_url=url, wheel_sha256=sha, jax_version=metadata.version("jax"))
+        lock_url, lock_sha = put_addressed(store, "locks", lock.name, lock_data)
+        payload = Payload(wheel_url=url, wheel_sha256=sha, lock_url=lock_url, lock_sha256=lock_sha)
     record = DeployRecord(config_url, config_sha, payload, tuple(fleet.file.worker_args), fleet.file.hf_token_secret)
     save_record(fleet, record)
     return record
+
+
+def _beside(fleet: Fleet, path: Path) -> Path:
+    """A fleet file's relative path, from the fleet file's folder."""
+    return path if path.is_absolute() else fleet.path.parent / path
 
 
 def record_path(fleet: Fleet) -> Path:
@@ -210,6 +218,12 @@ def update_scripts(api: TpuApi, layout: FleetLayout, script: str, on_event=None)
 
 def fleet_metadata(script: str) -> dict[str, str]:
     return {SCRIPT_KEY: script, LAUNCH_KEY: "0"}
+
+
+def inherited_metadata(layout: FleetLayout, nodes: list[NodeInfo]) -> dict[str, str] | None:
+    """Without the deployer's record: the startup script of a VM of the fleet, as the TPU API
+    holds it (set by a deploy; never the bucket's, which workers can write), or None."""
+    return next((fleet_metadata(n.metadata[SCRIPT_KEY]) for n in nodes if layout.owns(n) and SCRIPT_KEY in n.metadata), None)
 
 
 def create_fleet(api: TpuApi, layout: FleetLayout, metadata: dict[str, str] | None = None, *,

@@ -23,7 +23,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
-from actex.fleet.bootstrap import LAUNCH_KEY, SCRIPT_KEY
+from actex.fleet.bootstrap import LAUNCH_KEY
+from actex.fleet.deploy import inherited_metadata
 from actex.fleet.monitor import read_progress
 from actex.fleet.tpu import FleetLayout, NameBook, foreign, is_dead, members, recreate_node, skipped_event, zone_nodes
 from actex.fleet.tpu_api import PENDING_STATES, NodeInfo, TpuApi, TpuApiError
@@ -215,8 +216,7 @@ class FleetMonitor:
         holds it (set by the deployer; never the bucket's, which workers can write)."""
         if self.metadata is not None or node is not None:
             return self.metadata
-        return next(({SCRIPT_KEY: n.metadata[SCRIPT_KEY], LAUNCH_KEY: "0"} for n in listed
-                     if self.layout.owns(n) and SCRIPT_KEY in n.metadata), None)
+        return inherited_metadata(self.layout, listed)
 
     def _stale(self, slot: Slot, beat: dict | None, now: float) -> bool:
         if slot.ready_since is None or now - slot.ready_since < self.stale_after_s:
