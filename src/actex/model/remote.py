@@ -147,8 +147,6 @@ def fetch_checkpoint(url: str, patterns: list[str], *, root: Path | None = None,
 
 def _fetch_file(store, shown: str, name: str, entry: dict, local: Path) -> None:
     """Copy one object in ranged reads, checking its checksum; renamed into place when whole."""
-    from actex.store.folder import StoreError
-
     log.info("fetching %s (%.1f MB)", shown, entry["size"] / 1e6)
     kind, expected = entry["checksum"] or (None, None)
     digest = _Digest(kind)
