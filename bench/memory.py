@@ -27,7 +27,8 @@ import psutil
 
 from actex.data import build_tokenizer
 from actex.engine import pipeline
-from actex.engine.extract import extract, open_run
+from actex.engine.prepare import prepare_run
+from actex.engine.worker import extract
 from actex.engine.pipeline import PipelineConfig
 from actex.model.random_checkpoint import tiny_hf_config, write_random_checkpoint
 
@@ -105,7 +106,7 @@ def main() -> None:
         "chunk_size": chunk_size, "shard_size": part_bytes,
         "data": {"dataset": str(rows), "format": "text", "max_seq_len": 4096, "long_policy": "truncate"},
     }
-    run = open_run(fields)
+    run = prepare_run(fields)
     config = PipelineConfig(writers=args.writers, parts_in_flight=args.parts_in_flight)
     extract(run, Chunks([0]), worker="warmup", pipeline=config)
     before, peak = peak_rss_during(lambda: extract(run, Chunks([1]), worker="bench", pipeline=config))

@@ -33,7 +33,9 @@ import psutil
 
 from actex.data import build_tokenizer, pack
 from actex.engine.demo import demo_dataset
-from actex.engine.extract import chunk_tokens, extract, open_run
+from actex.engine.extract import chunk_tokens
+from actex.engine.prepare import prepare_run
+from actex.engine.worker import extract
 from actex.engine.assembly import PartBuffer, encode
 from actex.engine.work import StaticChunks
 from actex.model import make_capture_fn
@@ -87,7 +89,7 @@ class PeakRss:
 
 
 def end_to_end(fields: dict, output: str) -> tuple[float, dict, int]:
-    run = open_run({**fields, "output": output})
+    run = prepare_run({**fields, "output": output})
     with PeakRss() as rss:
         start = time.perf_counter()
         summary = extract(run, StaticChunks(run.plan.num_chunks), worker="bench")
@@ -160,7 +162,7 @@ def main() -> None:
             "data": {"dataset": str(demo_dataset(root / "arc.jsonl", args.tasks)), "format": "arc",
                      "predictions_per_task": 2, "max_seq_len": args.max_seq_len},
         }
-        run = open_run({**fields, "output": str(root / "warmup")})
+        run = prepare_run({**fields, "output": str(root / "warmup")})
         compute_only(run)  # compiles every bucket shape once (and fills the persistent cache)
 
         print(f"machine: {os.cpu_count()} CPU cores, jax {jax.__version__} ({jax.default_backend()})")

@@ -19,7 +19,8 @@ from pathlib import Path
 import yaml
 from engine_fixtures import TINY_HOOKS, committed_tensors, write_jsonl
 
-from actex.engine.extract import extract, open_run
+from actex.engine.prepare import prepare_run
+from actex.engine.worker import extract
 from actex.engine.work import StaticChunks
 from actex.fleet.local import LocalFleet, WorkerProcess, actex_command
 from actex.fleet.monitor import run_complete
@@ -70,7 +71,7 @@ def worker_argv(config: Path, *extra: str, lease_s: float = 4.0) -> list[str]:
 
 def reference_tensors(fields: dict, output: Path) -> dict:
     """What one uninterrupted worker stores for the same config (run in this process)."""
-    run = open_run({**fields, "output": str(output)})
+    run = prepare_run({**fields, "output": str(output)})
     extract(run, StaticChunks(run.plan.num_chunks), worker="reference")
     return committed_tensors(run.config.run_url)
 

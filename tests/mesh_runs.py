@@ -44,7 +44,8 @@ def model_dir(work: Path) -> Path:
 def extract_runs(work: Path) -> dict:
     from engine_fixtures import TEXT_ROWS, committed_tensors, write_jsonl
 
-    from actex.engine.extract import extract, open_run
+    from actex.engine.prepare import prepare_run
+    from actex.engine.worker import extract
     from actex.engine.work import StaticChunks
     from actex.store.commits import read_commits
     from actex.store.folder import open_store
@@ -57,7 +58,7 @@ def extract_runs(work: Path) -> dict:
             "hooks": HOOKS, "dtype": "float32", "compute_dtype": "float32", "batch_tokens": 4096, "chunk_size": 5,
             "data": {"dataset": str(dataset), "format": "text", "max_seq_len": 2048}, "mesh": spec,
         }
-        run = open_run(fields)
+        run = prepare_run(fields)
         extract(run, StaticChunks(run.plan.num_chunks), worker="w0")
         stored[spec] = committed_tensors(run.config.run_url)
         records = read_commits(open_store(run.config.run_url)).values()

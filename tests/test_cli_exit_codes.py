@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from engine_fixtures import jax_cache, tiny_model_dir, write_jsonl  # noqa: F401
 
-from actex.engine.extract import pinned_revision
+from actex.engine.prepare import pinned_revision
 from actex.model.random_checkpoint import write_random_checkpoint
 from actex.store.commits import committed_chunks
 from actex.store.folder import open_store

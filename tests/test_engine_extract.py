@@ -10,7 +10,8 @@ import pytest
 from engine_fixtures import TINY_HOOKS, arc_dataset, jax_cache, committed_tensors, run_fields, text_dataset, tiny_model_dir  # noqa: F401
 
 from actex.data import TokenizedSample, tokenize_samples
-from actex.engine.extract import extract, open_run
+from actex.engine.prepare import prepare_run
+from actex.engine.worker import extract
 from actex.engine.assembly import ChunkAssembler
 from actex.engine.work import StaticChunks
 from actex.model import make_capture_fn
@@ -21,7 +22,7 @@ from actex.store.stats import HookStats, decode_stats
 
 
 def extract_all(fields: dict, storage_options: dict | None = None):
-    run = open_run(fields, storage_options=storage_options)
+    run = prepare_run(fields, storage_options=storage_options)
     return run, extract(run, StaticChunks(run.plan.num_chunks), worker="w0")
 
 
@@ -108,16 +109,16 @@ def test_different_config_refuses_before_touching_the_run(tmp_path, tiny_model_d
     run, _ = extract_all(fields)
     before = store_snapshot(run.store)
     with pytest.raises(ManifestMismatchError, match=r"(?s)config\.dtype.*config\.chunk_size|config\.chunk_size.*config\.dtype"):
-        open_run({**fields, "dtype": "bfloat16", "chunk_size": 2})
+        prepare_run({**fields, "dtype": "bfloat16", "chunk_size": 2})
     assert store_snapshot(run.store) == before
 
 
 def test_run_name_derives_from_the_config_hash(tmp_path, tiny_model_dir, text_dataset):
     fields = {**run_fields(tiny_model_dir, text_dataset, str(tmp_path)), "run_name": None}
-    first = open_run(fields).config
+    first = prepare_run(fields).config
     assert first.name == f"run-{first.config_hash[:12]}"
-    assert open_run({**fields, "output": str(tmp_path / "elsewhere")}).config.config_hash == first.config_hash
-    assert open_run({**fields, "dtype": "bfloat16"}).config.name != first.name
+    assert prepare_run({**fields, "output": str(tmp_path / "elsewhere")}).config.config_hash == first.config_hash
+    assert prepare_run({**fields, "dtype": "bfloat16"}).config.name != first.name
 
 
 # --------------------------------------------------------------------------- assembler
@@ -198,8 +199,8 @@ def test_the_same_run_reached_by_another_spelling_of_output_is_accepted(tmp_path
     from actex.store.manifest import LOCATION_FIELDS
 
     fields = {**run_fields(tiny_model_dir, text_dataset, str(tmp_path)), "run_name": None}
-    first = open_run(fields)
-    again = open_run({**fields, "output": str(tmp_path) + "/", "run_name": first.config.name})
+    first = prepare_run(fields)
+    again = prepare_run({**fields, "output": str(tmp_path) + "/", "run_name": first.config.name})
     assert again.config.run_url == first.config.run_url
     # The revision is not hashed either, but it is pinned by run.json's config instead.
     assert LOCATION_FIELDS | {"revision"} == NOT_HASHED

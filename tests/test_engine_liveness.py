@@ -13,7 +13,8 @@ from engine_fixtures import jax_cache, run_fields, text_dataset, tiny_model_dir 
 
 from actex.data import pack
 from actex.data.tokenize import TokenizedSample
-from actex.engine.extract import extract, open_run, worker_heartbeat
+from actex.engine.prepare import prepare_run
+from actex.engine.worker import extract, worker_heartbeat
 from actex.engine.liveness import Liveness
 from actex.engine.assembly import ChunkAssembler
 from actex.store import layout
@@ -85,7 +86,7 @@ class Exits:
 
 
 def test_worker_whose_store_hangs_loses_its_chunks_within_the_stall_timeout(tiny_model_dir, text_dataset, tmp_path):  # noqa: F811
-    run = open_run(run_fields(tiny_model_dir, text_dataset, str(tmp_path)))
+    run = prepare_run(run_fields(tiny_model_dir, text_dataset, str(tmp_path)))
     chunks = run.plan.num_chunks
     release, stop_a = threading.Event(), threading.Event()
     hung = dataclasses.replace(run, store=HangingStore(run.store, release))

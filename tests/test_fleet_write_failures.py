@@ -7,7 +7,8 @@ import logging
 import pytest
 from engine_fixtures import committed_tensors, jax_cache, run_fields, text_dataset, tiny_model_dir  # noqa: F401
 
-from actex.engine.extract import extract, open_run
+from actex.engine.prepare import prepare_run
+from actex.engine.worker import extract
 from actex.engine.work import StaticChunks
 from actex.store import layout
 from actex.store.commits import committed_chunks
@@ -30,7 +31,7 @@ def broken_chunk_1(monkeypatch):
 
 @pytest.mark.parametrize("policy", ["exit", "continue"])
 def test_write_failure_policy(policy, broken_chunk_1, tiny_model_dir, text_dataset, tmp_path, caplog, monkeypatch):  # noqa: F811
-    run = open_run(run_fields(tiny_model_dir, text_dataset, str(tmp_path)))
+    run = prepare_run(run_fields(tiny_model_dir, text_dataset, str(tmp_path)))
     assert run.plan.num_chunks >= 3
     source = StaticChunks(run.plan.num_chunks)
     if policy == "exit":
@@ -45,7 +46,7 @@ def test_write_failure_policy(policy, broken_chunk_1, tiny_model_dir, text_datas
     assert any("chunk 1 not committed" in r.message and "chunks/000001/" in r.message for r in caplog.records)
     # Every other chunk is whole and right: the same tensors as a clean run, less chunk 1's samples.
     monkeypatch.undo()  # the store works again
-    clean = open_run(run_fields(tiny_model_dir, text_dataset, str(tmp_path / "clean")))
+    clean = prepare_run(run_fields(tiny_model_dir, text_dataset, str(tmp_path / "clean")))
     extract(clean, StaticChunks(clean.plan.num_chunks), worker="w0")
     expected = committed_tensors(clean.config.run_url)
     failed = range(*run.plan.chunk_range(1))

@@ -52,7 +52,8 @@ def test_the_default_changes_no_hash_and_extraction_refuses_draws(tmp_path, toke
 
 
 def test_generated_draws_of_one_prompt_differ(tmp_path, tiny_model_dir):  # noqa: F811
-    from actex.engine.extract import extract, open_run
+    from actex.engine.prepare import prepare_run
+    from actex.engine.worker import extract
     from actex.engine.work import StaticChunks
     from actex.store.folder import open_store
     from actex.reader.run import Run
@@ -62,7 +63,7 @@ def test_generated_draws_of_one_prompt_differ(tmp_path, tiny_model_dir):  # noqa
               "output": str(tmp_path / "out"), "chunk_size": 4,
               "data": {"dataset": str(path), "format": "text", "max_seq_len": 64, "samples_per_prompt": 3},
               "generation": {"max_new_tokens": 12, "temperature": 1.0, "stop_tokens": []}}
-    run = open_run(fields)
+    run = prepare_run(fields)
     extract(run, StaticChunks(run.plan.num_chunks), worker="w0")
     stored = Run(open_store(run.config.run_url))
     records = [s for c in range(stored.num_chunks) for s in stored.samples(c)]

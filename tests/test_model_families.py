@@ -207,8 +207,8 @@ def test_extract_then_verify_against_transformers(tmp_path, name):
     """The whole path for a new family: config and weights through the engine into the
     store, then `verify` recomputes stored samples with transformers' own model."""
     from actex.data import build_tokenizer
-    from actex.engine.extract import extract
-    from actex.engine.extract import open_run as open_for_extraction
+    from actex.engine.worker import extract
+    from actex.engine.prepare import prepare_run
     from actex.engine.work import StaticChunks
     from actex.reader.run import open_run
     from actex.reader.verify import verify
@@ -223,7 +223,7 @@ def test_extract_then_verify_against_transformers(tmp_path, name):
              "blocks.1.hook_out"]  # the last: TransformerLens 3's name of hook_resid_post
     fields = {"model": str(model), "hooks": hooks, "dtype": "float32", "output": str(tmp_path / "out"),
               "chunk_size": 2, "data": {"dataset": str(tmp_path / "data.jsonl"), "format": "text", "max_seq_len": 64}}
-    run = open_for_extraction(fields)
+    run = prepare_run(fields)
     extract(run, StaticChunks(run.plan.num_chunks), worker="w0")
     stored = open_run(run.config.run_url)
     assert "blocks.1.hook_resid_post" in stored.hooks

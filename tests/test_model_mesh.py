@@ -125,11 +125,11 @@ def test_mesh_spec_parsing():
 
 
 def test_a_mesh_larger_than_the_host_is_refused_before_the_run_exists(tmp_path, tiny_model_dir, text_dataset):  # noqa: F811
-    from actex.engine.extract import open_run
+    from actex.engine.prepare import prepare_run
 
     fields = run_fields(tiny_model_dir, text_dataset, str(tmp_path / "out"), mesh="data=3,model=1")
     with pytest.raises(ValueError, match="needs 3 devices, 1 available"):
-        open_run(fields)
+        prepare_run(fields)
     assert not (tmp_path / "out").exists()
 
 

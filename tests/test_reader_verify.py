@@ -5,7 +5,6 @@ Also drives `actex export` / `actex gc` through the CLI on the same run.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
@@ -26,8 +25,8 @@ HOOKS = ["hook_embed", "blocks.0.hook_resid_mid", "blocks.1.mlp.hook_post", "ln_
 def engine_run(tmp_path_factory) -> str:
     """A tiny random Qwen2 over five text rows, long ones split into 32-token windows."""
     from actex.data import build_tokenizer
-    from actex.engine.extract import extract
-    from actex.engine.extract import open_run as open_for_extraction
+    from actex.engine.worker import extract
+    from actex.engine.prepare import prepare_run
     from actex.engine.work import StaticChunks
     from actex.model.random_checkpoint import tiny_hf_config, write_random_checkpoint
 
@@ -42,7 +41,7 @@ def engine_run(tmp_path_factory) -> str:
         "model": str(model), "hooks": HOOKS, "dtype": "float32", "output": str(root / "out"), "chunk_size": 2,
         "data": {"dataset": str(root / "data.jsonl"), "format": "text", "max_seq_len": 32, "long_policy": "split"},
     }
-    run = open_for_extraction(fields)
+    run = prepare_run(fields)
     extract(run, StaticChunks(run.plan.num_chunks), worker="w0")
     return run.config.run_url
 
@@ -55,7 +54,7 @@ def rewrite_part(run, part, encoded) -> None:
     parts = list(record.parts)
     parts[part.index] = PartRecord(part.path, len(encoded.data), encoded.sha256, encoded.header_bytes,
                                    encoded.header_crc32c)
-    run.store.write_bytes(layout.commit_path(part.chunk), dataclasses.replace(record, parts=tuple(parts)).to_json())
+    run.store.write_bytes(layout.commit_path(part.chunk), record.model_copy(update={"parts": tuple(parts)}).to_json())
 
 
 def test_forward_windows():
@@ -190,8 +189,8 @@ def _outlier_run(root, *, leak: bool, monkeypatch) -> str:
     from safetensors.numpy import load_file, save_file
 
     from actex.data import build_tokenizer
-    from actex.engine.extract import extract
-    from actex.engine.extract import open_run as open_for_extraction
+    from actex.engine.worker import extract
+    from actex.engine.prepare import prepare_run
     from actex.engine.work import StaticChunks
     from actex.model import attention as kernels
     from actex.model.random_checkpoint import tiny_hf_config, write_random_checkpoint
@@ -217,7 +216,7 @@ def _outlier_run(root, *, leak: bool, monkeypatch) -> str:
         "output": str(root / "out"), "run_name": "leak" if leak else "clean",
         "data": {"dataset": str(root / "data.jsonl"), "format": "text", "max_seq_len": 256},
     }
-    run = open_for_extraction(fields)
+    run = prepare_run(fields)
     extract(run, StaticChunks(run.plan.num_chunks), worker="w0")
     return run.config.run_url
 

@@ -10,18 +10,18 @@ from actex.config import with_model_location
 
 
 def test_a_relative_model_directory_is_recorded_absolute_and_one_run(tmp_path, tiny_model_dir, monkeypatch):  # noqa: F811
-    from actex.engine.extract import open_run
+    from actex.engine.prepare import prepare_run
 
     dataset = write_jsonl(tmp_path / "text.jsonl", [{"text": t} for t in TEXT_ROWS[:2]])
     monkeypatch.chdir(tiny_model_dir.parent)
     fields = {"hooks": ["blocks.0.hook_resid_post"], "output": str(tmp_path / "out"),
               "data": {"dataset": str(dataset), "format": "text", "max_seq_len": 64}}
-    relative = open_run({**fields, "model": tiny_model_dir.name})
+    relative = prepare_run({**fields, "model": tiny_model_dir.name})
     assert relative.config.model == os.path.realpath(tiny_model_dir)
     manifest = json.loads((tmp_path / "out" / relative.config.name / "run.json").read_text())
     assert manifest["config"]["model"] == os.path.realpath(tiny_model_dir)
     monkeypatch.chdir(tmp_path)
-    again = open_run({**fields, "model": f"{tiny_model_dir}/"})  # another spelling, another directory
+    again = prepare_run({**fields, "model": f"{tiny_model_dir}/"})  # another spelling, another directory
     assert again.config.run_url == relative.config.run_url
 
 

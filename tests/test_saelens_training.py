@@ -34,13 +34,13 @@ PARITY = 1e-4
 def run_url(tiny_model_dir, tmp_path_factory) -> str:
     """The tiny random Qwen2 over text rows of many lengths, long ones split into 32-token
     windows, in float32."""
-    from actex.engine.extract import extract
-    from actex.engine.extract import open_run as open_for_extraction
+    from actex.engine.worker import extract
+    from actex.engine.prepare import prepare_run
     from actex.engine.work import StaticChunks
 
     root = tmp_path_factory.mktemp("saelens")
     dataset = write_jsonl(root / "text.jsonl", [{"text": text} for text in TEXT_ROWS])
-    run = open_for_extraction(run_fields(tiny_model_dir, dataset, str(root / "out"), hooks=[HOOK], chunk_size=2,
+    run = prepare_run(run_fields(tiny_model_dir, dataset, str(root / "out"), hooks=[HOOK], chunk_size=2,
                                          data={"max_seq_len": WINDOW}))
     extract(run, StaticChunks(run.plan.num_chunks), worker="w0")
     return run.config.run_url

@@ -35,11 +35,11 @@ OUTLIER, MASSIVE = 5, 9  # residual channels
 
 
 def extract_run(model, dataset, output, dtype: str, hooks=HOOKS) -> str:
-    from actex.engine.extract import extract
-    from actex.engine.extract import open_run as open_for_extraction
+    from actex.engine.worker import extract
+    from actex.engine.prepare import prepare_run
     from actex.engine.work import StaticChunks
 
-    run = open_for_extraction({
+    run = prepare_run({
         "model": str(model), "hooks": hooks, "dtype": dtype, "output": str(output), "run_name": dtype,
         "chunk_size": 4, "batch_tokens": 256,
         "data": {"dataset": str(dataset), "format": "text", "max_seq_len": 64, "long_policy": "split"},

@@ -10,7 +10,7 @@ import typer
 import typer.core
 import typer.rich_utils
 
-from actex.cli import data, extract, fleet, generate, k8s, reader, tpu
+from actex.cli import data, demo, errors, extract, fleet, generate, inspect_run, k8s, reader, tpu
 
 
 def _type_label(option: typer.core.TyperOption, ctx) -> str | None:
@@ -66,13 +66,13 @@ typer.rich_utils.Table = _WholeNamesTable
 app = typer.Typer(
     name="actex",
     help="Extract decoder-LLM activations exactly once into local disk, GCS or S3, and read them back.\n\n"
-    + extract.EXIT_CODES_HELP,
+    + errors.EXIT_CODES_HELP,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
 
-for area in (extract, generate, data, reader, fleet, k8s, tpu):
+for area in (extract, demo, inspect_run, generate, data, reader, fleet, k8s, tpu):
     area.register(app)
 
 

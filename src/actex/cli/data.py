@@ -1,11 +1,11 @@
-"""`actex` subcommands of the data area. Errors as everywhere: one line, exit 2 (cli/extract.py)."""
+"""`actex` subcommands of the data area. Errors as everywhere: one line, exit 2 (cli/errors.py)."""
 
 from typing import Optional
 
 import typer
 from pydantic import ValidationError
 
-from actex.cli.extract import UserError, user_errors
+from actex.cli.errors import UserError, user_errors
 from actex.data.config import DataConfig
 from actex.data.streams import write_streams
 

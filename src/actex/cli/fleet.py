@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from actex.cli.extract import EXIT_STOPPED, user_errors
+from actex.cli.errors import EXIT_STOPPED, user_errors
 
 
 def status_command(

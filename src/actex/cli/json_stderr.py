@@ -1,6 +1,6 @@
 """`--log-json`: every line on stderr is one JSON object, whoever writes it.
 
-Python logging goes through `JsonFormatter` (cli/extract.py) and Python warnings are routed
+Python logging goes through `JsonFormatter` (cli/logs.py) and Python warnings are routed
 into logging. Native code writes to file descriptor 2 directly: XLA, libtpu and absl
 ("I1130 16:26:32.053043 4069 pjrt_client.cc:579] ...", "E0000 ... TPU backend ..."), so
 descriptor 2 is replaced by a pipe whose reader thread passes JSON lines through and wraps

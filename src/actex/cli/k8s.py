@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 import yaml
 
-from actex.cli.extract import user_errors
+from actex.cli.errors import user_errors
 
 app = typer.Typer(help="Kubernetes manifests for actex fleets (GKE, TPU node pools).", no_args_is_help=True)
 

@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from actex.cli.extract import UserError, run_store, user_errors
+from actex.cli.errors import UserError, run_store, user_errors
 
 EXIT_VERIFY_FAILED = 1
 
@@ -171,7 +171,7 @@ def _check_every_part(run, repair: bool) -> None:
     if not repair:
         typer.echo("actex: `actex verify --repair` uncommits their chunks; rerunning `actex extract` then recomputes them")
         raise typer.Exit(EXIT_VERIFY_FAILED)
-    chunks = {part.chunk for part in parts if part.path in corrupt}
+    chunks = {part.chunk for part in parts if part.path in corrupt or run.record(part.chunk).samples_path in corrupt}
     for chunk, aside in set_aside(run, chunks).items():
         typer.echo(f"actex: chunk {chunk} uncommitted: its commit record moved to {run.store.url_of(aside)}")
     typer.echo(f"actex: rerun the run's `actex extract` command to recompute the {len(chunks)} chunk(s); "

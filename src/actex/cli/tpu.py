@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from actex.cli.extract import UserError, user_errors
+from actex.cli.errors import UserError, user_errors
 
 EXIT_INFRA = 1
 EXIT_STOPPED = 75

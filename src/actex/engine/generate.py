@@ -11,6 +11,9 @@ and slot occupancy (logged per chunk).
     generator = ChunkGenerator(run)          # run.config.generation is set
     tokenized = generator.chunk_tokens(k)    # what extract's chunk_tokens gives, plus answers
 
+`GenerateStep` is extraction's step (engine/extract.py) with these tokens: the worker
+(engine/worker.py) runs a generation run exactly as it runs an extraction.
+
 Activations are captured by ONE teacher-forced forward over prompt + generated ids through
 the same packed capture path as `extract` (not during decoding). So a stored activation is
 exactly what `actex extract` computes for those token ids, and the hooks, packing, dtypes
@@ -42,6 +45,7 @@ from actex.data import arc
 from actex.data.arc_answers import accuracy, answer_record, submission, vote
 from actex.data.packing import seq_buckets
 from actex.data.tokenize import TokenizedSample, tokenize_samples
+from actex.engine.extract import ExtractStep
 from actex.engine.lockstep import split_shares
 from actex.engine.work import SINGLE_PROCESS, ProcessRole
 from actex.model.generate import Sampling, make_continuous_fn, sample_keys
@@ -214,6 +218,33 @@ class ChunkGenerator:
             expected = sample.task.test[meta["test_index"]][1] if sample.task is not None else None
             meta["answer"] = answer_record(text, self.encoder, stop_reason, meta["augmentation"], expected)
         return TokenizedSample(prompt.sample_id, token_ids, ((0, len(token_ids)),), meta)
+
+
+class GenerateStep(ExtractStep):
+    """Extraction's step over a chunk's prompts + their generations (ChunkGenerator)."""
+
+    def __init__(self, run, role: ProcessRole = SINGLE_PROCESS):
+        super().__init__(run, role)
+        self.generator = ChunkGenerator(run, role)
+
+    def tokens(self, chunk: int) -> list[TokenizedSample]:
+        tokenized = self.generator.chunk_tokens(chunk)
+        log_decoding(chunk, self.generator.figures, tokenized)
+        return tokenized
+
+
+def log_decoding(chunk: int, figures: DecodeFigures, tokenized: list) -> None:
+    """One line per generated chunk: decode tokens/s, slot occupancy, ARC answers parsed."""
+    answers = [t.meta["answer"] for t in tokenized if t.meta.get("answer") is not None]
+    parsed = sum(answer["grid"] is not None for answer in answers)
+    rate = figures.tokens / figures.seconds if figures.seconds else 0.0
+    log.info("chunk %d: decoded %d tokens in %.1f s (%.0f tokens/s), slot occupancy %.0f%%%s", chunk,
+             figures.tokens, figures.seconds, rate, 100 * figures.occupancy,
+             f", {parsed}/{len(answers)} answers parsed" if answers else "",
+             extra={"data": {"event": "decoded", "chunk": chunk, "tokens": figures.tokens,
+                             "seconds": round(figures.seconds, 3), "tokens_per_s": round(rate, 1),
+                             "occupancy": round(figures.occupancy, 4), "answers": len(answers),
+                             "parsed": parsed}})
 
 
 # --------------------------------------------------------------------------- run level

@@ -2,8 +2,9 @@
 
 Two daemon threads per worker, so that neither a slow store nor a hung XLA call can hide:
 
-* the heartbeat thread writes `workers/<id>.json` every `HEARTBEAT_EVERY_S` with the
-  progress counters, whatever the main thread is doing; `actex status` calls a worker
+* the heartbeat writer writes the worker's heartbeat, `workers/<id>.json` (store/commits.py
+  Heartbeat), every `HEARTBEAT_EVERY_S` with the progress counters, whatever the main
+  thread is doing; `actex status` calls a worker
   silent from the age of that file alone (a healthy worker's is never older than a beat,
   however long its chunks take);
 * the stall watchdog notes when the pipeline last progressed (a batch reached the host, a
@@ -12,6 +13,8 @@ Two daemon threads per worker, so that neither a slow store nor a hung XLA call 
   watchdog ends the process with exit code 1, so a fleet restarts it while another worker
   takes the chunk over when its lease runs out. Only a worker with a chunk in flight can
   stall: one waiting for work (every chunk left is leased to others) is idle, not stuck.
+
+(The third thing once called a heartbeat, the `--claim` lease renewer, is store/claims.py's.)
 
 Why exit rather than raise: the stuck call (an upload that never returns, a device that
 never answers) sits on another thread and cannot be interrupted from Python; the chunk is
@@ -59,6 +62,14 @@ def live_twin(heartbeat: Heartbeat, *, beat_every_s: float = HEARTBEAT_EVERY_S) 
             "own --worker-index with --num-workers N, or start them all with --claim to share the chunks")
 
 
+def write_heartbeat(heartbeat: Heartbeat, *, state: str | None = None, force: bool = False) -> None:
+    """`heartbeat.beat(...)`, a failed write logged: monitoring only, a run never fails over it."""
+    try:
+        heartbeat.beat(state=state, force=force)
+    except OSError as error:
+        log.warning("heartbeat %s not written: %s", heartbeat.worker, error)
+
+
 def _alive(pid) -> bool:
     try:
         os.kill(int(pid), 0)
@@ -70,7 +81,7 @@ def _alive(pid) -> bool:
 
 
 class Liveness:
-    """Progress clock, heartbeat thread and stall watchdog of one worker.
+    """Progress clock, heartbeat writer and stall watchdog of one worker.
 
     `progressed()` is called by the pipeline at every step forward (any thread);
     `took(chunk)` / `done(chunk)` bracket each chunk's time in flight (outside of them the
@@ -139,7 +150,7 @@ class Liveness:
     # -- threads -------------------------------------------------------------------------
 
     def start(self) -> "Liveness":
-        for name, target in (("heartbeat", self._beat_loop), ("stall-watchdog", self._watch_loop)):
+        for name, target in (("heartbeat-writer", self._write_loop), ("stall-watchdog", self._watch_loop)):
             thread = threading.Thread(target=target, name=f"actex-{name}-{self.heartbeat.worker}", daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -152,19 +163,16 @@ class Liveness:
                 # A heartbeat write hung in a dead store must not hold the exit up.
                 thread.join(timeout=self.beat_every_s)
 
-    def _beat_loop(self) -> None:
+    def _write_loop(self) -> None:
         warned = False
         while not self._closed.wait(self.beat_every_s):
-            try:
-                # Another process wrote our heartbeat since our last beat: a twin started
-                # with the same worker id (possibly at the same moment as this one).
-                twin = None if warned else live_twin(self.heartbeat, beat_every_s=self.beat_every_s)
-                if twin is not None:
-                    log.warning(twin)
-                    warned = True
-                self.heartbeat.beat(force=True)
-            except OSError as error:  # monitoring only: a run never fails over its heartbeat
-                log.warning("heartbeat %s not written: %s", self.heartbeat.worker, error)
+            # Another process wrote our heartbeat since our last beat: a twin started
+            # with the same worker id (possibly at the same moment as this one).
+            twin = None if warned else live_twin(self.heartbeat, beat_every_s=self.beat_every_s)
+            if twin is not None:
+                log.warning(twin)
+                warned = True
+            write_heartbeat(self.heartbeat, force=True)
 
     def _watch_loop(self) -> None:
         # Check often enough to act within a few percent of the timeout, at most every 5 s.
@@ -183,7 +191,8 @@ class Liveness:
         log.error(message)
         print(message, flush=True)
         # The last word, written on a helper thread: the store may be what hangs.
-        final = threading.Thread(target=self._final_beat, daemon=True)
+        final = threading.Thread(target=write_heartbeat, args=(self.heartbeat,), kwargs={"state": "stalled", "force": True},
+                                 daemon=True)
         final.start()
         final.join(timeout=min(5.0, self.beat_every_s))
         if self.on_stall is not None:
@@ -192,9 +201,3 @@ class Liveness:
             except Exception as error:  # exiting anyway; say why the hook failed
                 log.error("while giving up after a stall: %s", error)
         self._exit(EXIT_STALLED)
-
-    def _final_beat(self) -> None:
-        try:
-            self.heartbeat.beat(state="stalled", force=True)
-        except OSError as error:
-            log.warning("heartbeat %s not written: %s", self.heartbeat.worker, error)

@@ -40,6 +40,14 @@ class ChunkSource(Protocol):
         ...
 
 
+def check_static_share(worker_index: int, num_workers: int) -> None:
+    """A one-line ValueError for a worker count below 1 or an index outside 0..N-1."""
+    if num_workers < 1:
+        raise ValueError(f"--num-workers must be >= 1, got {num_workers}")
+    if not 0 <= worker_index < num_workers:
+        raise ValueError(f"--worker-index {worker_index} out of range for {num_workers} worker(s)")
+
+
 @dataclass(frozen=True)
 class StaticChunks:
     """Chunk k belongs to worker k mod N: no coordination, and no takeover of dead workers."""
@@ -49,12 +57,7 @@ class StaticChunks:
     num_workers: int = 1
 
     def __post_init__(self) -> None:
-        if self.num_workers < 1:
-            raise ValueError(f"--num-workers must be >= 1, got {self.num_workers}")
-        if not 0 <= self.worker_index < self.num_workers:
-            raise ValueError(
-                f"--worker-index {self.worker_index} out of range for {self.num_workers} worker(s)"
-            )
+        check_static_share(self.worker_index, self.num_workers)
 
     def assigned(self) -> range:
         """This worker's chunks, committed or not."""
