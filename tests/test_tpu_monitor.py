@@ -222,3 +222,37 @@ def test_a_worker_that_never_beats_after_its_relaunch_gets_its_vm_recreated(fake
     started = [(a["event"], a["reason"]) for a in actions if a["outcome"] == "started"]
     assert started == [("relaunch", "no heartbeat"), ("recreate", "no heartbeat since its relaunch")]
     assert fake_tpu.node(A, A0).created_at > first and fake_tpu.states() == {f"{A}/{A0}": "READY"}
+
+
+def test_heartbeats_of_dead_pids_and_old_ones_are_not_shown_as_live(fake_tpu, fleet):
+    """a-0 has a live worker and a restarted one's beat from two hours ago; b-0's only worker
+    was SIGKILLed on this host a moment ago. Only a-0's live worker is shown (its row, tok/s),
+    the others counted as pruned; the work they did still counts in the totals."""
+    import json
+    import subprocess
+    import sys
+
+    api, layout, store = fleet
+    create_fleet(api, layout)
+    now = time.time()
+    killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    killed.kill()
+    killed.wait()
+    beats = {f"{A0}-1": ("running", now - 2.0, None), f"{A0}-2": ("running", now - 7200.0, None),
+             f"{B0}-{killed.pid}": ("running", now - 1.0, killed.pid)}
+    for worker, (state, updated_at, pid) in beats.items():
+        Heartbeat(store, worker).beat(force=True)
+        beat = {**json.loads(store.read_bytes(f"workers/{worker}.json")), "state": state, "updated_at": updated_at,
+                "tokens": 100, "tokens_per_s": 10.0, "host": "here", "pid": pid or 1}
+        store.write_bytes(f"workers/{worker}.json", json.dumps(beat).encode())
+    monitor = _monitor(api, layout, store, clock=lambda: now, host="here")
+    try:
+        snapshot = monitor.tick(repair=False)
+    finally:
+        monitor.close()
+    assert [(vm.name, vm.worker) for vm in snapshot.vms] == [(A0, f"{A0}-1"), (B0, None)]
+    assert snapshot.pruned == (f"{A0}-2", f"{B0}-{killed.pid}")
+    assert snapshot.tokens_per_s == 10.0 and snapshot.tokens == 300
+    console = Console(width=160, record=True, color_system=None, file=io.StringIO())
+    console.print(render(snapshot))
+    assert f"2 heartbeat(s) of gone workers not shown (process gone, or no beat for 1h00m): {A0}-2, {B0}-{killed.pid}" in console.export_text()

@@ -7,7 +7,7 @@ from rich.console import Group
 from rich.table import Column, Table
 from rich.text import Text
 
-from actex.fleet.monitor import printable
+from actex.fleet.monitor import PRUNE_AFTER_S, printable
 from actex.fleet.recovery import FleetSnapshot
 
 _STATE_STYLE = {"READY": "green", "CREATING": "yellow", "PREEMPTED": "red", "TERMINATED": "red", "NOT_FOUND": "red", "DELETING": "magenta"}
@@ -26,7 +26,8 @@ def duration(seconds: float | None) -> str:
 
 
 def render(snapshot: FleetSnapshot) -> Group:
-    """Header (run progress, totals, ETA), one row per VM, then any API or store errors.
+    """Header (run progress, totals, ETA), one row per VM, the count of heartbeats left out
+    as gone (`FleetSnapshot.pruned`), then any API or store errors.
     Names and errors pass through `printable`: no escape sequence reaches the terminal."""
     s = snapshot
     share = f"{100 * s.chunks_committed / s.chunks_total:.1f}%" if s.chunks_total else "-"
@@ -45,5 +46,9 @@ def render(snapshot: FleetSnapshot) -> Group:
             str(vm.chunks), f"{vm.samples:,}", f"{vm.tokens:,}", f"{vm.tokens_per_s:,.0f}", str(vm.repairs), vm.action or "",
         )
     parts = [header, table]
+    if s.pruned:
+        shown = ", ".join(printable(w) for w in s.pruned[:3]) + (", ..." if len(s.pruned) > 3 else "")
+        parts.append(Text(f"{len(s.pruned)} heartbeat(s) of gone workers not shown (process gone, or no beat for "
+                          f"{duration(PRUNE_AFTER_S)}): {shown}", style="dim"))
     parts += [Text(printable(error), style="red") for error in s.errors]
     return Group(*parts)

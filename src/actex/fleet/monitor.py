@@ -25,6 +25,10 @@ from actex.store.manifest import read_manifest
 # A worker whose last heartbeat is older than this is reported as silent (likely dead):
 # six missed beats, so a slow store write of the heartbeat itself is not enough.
 DEFAULT_SILENT_AFTER_S = 6 * HEARTBEAT_EVERY_S
+# A heartbeat this old is a worker that is gone, whatever its last state said: the monitor's
+# dashboard leaves it out of what it shows as live (each process writes its own, so a long
+# run with restarts keeps many; they stay in the store, for `actex status`).
+PRUNE_AFTER_S = 3600.0
 
 
 # C0 and C1 control characters (escape sequences start with one) and bidirectional overrides.
@@ -76,6 +80,18 @@ def process_gone(beat: dict, host: str) -> bool:
     except PermissionError:  # alive, another user's
         return False
     return False
+
+
+def prune_beats(beats: dict[str, dict], *, now: float, host: str,
+                prune_after_s: float = PRUNE_AFTER_S) -> tuple[dict[str, dict], tuple[str, ...]]:
+    """Split heartbeats (worker id -> beat) into those of workers that may be alive and the
+    sorted ids of those that are not: a "running" beat of this host whose pid is gone
+    (`process_gone`), or any beat older than `prune_after_s` seconds."""
+    gone = sorted(worker for worker, beat in beats.items()
+                  if now - float(beat.get("updated_at", 0.0)) > prune_after_s
+                  or (beat.get("state") == "running" and process_gone(beat, host)))
+    left_out = set(gone)
+    return {w: b for w, b in beats.items() if w not in left_out}, tuple(gone)
 
 
 def read_progress(store: Store, *, silent_after_s: float = DEFAULT_SILENT_AFTER_S, now: float | None = None,

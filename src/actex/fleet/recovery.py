@@ -10,6 +10,9 @@ Repairs, per VM slot (a slot is one of the fleet's `zones x workers_per_zone` pl
 * READY but its worker's heartbeat is older than `stale_after_s` (or it never beat that long
   after boot): bump its `actex-launch` metadata; the VM's supervisor restarts the worker.
   Still no heartbeat `stale_after_s` after that relaunch: delete and create the VM again.
+The dashboard shows as live only heartbeats of workers that may be alive: one whose process
+is gone (on this machine) or that is older than `prune_after_s` is left out of the VM rows,
+tok/s and the ETA, and counted in `FleetSnapshot.pruned`; repairs still see every heartbeat.
 Each repair runs in a background thread (the dashboard keeps refreshing), is one JSON log
 line when it starts and when it ends, backs off exponentially per slot, and a slot stops
 being repaired after `max_repairs`. Nothing here deletes or rewrites a run's data: the store
@@ -18,6 +21,7 @@ is only read (the commit records and heartbeats), never written.
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,7 +29,7 @@ from dataclasses import asdict, dataclass
 
 from actex.fleet.bootstrap import LAUNCH_KEY
 from actex.fleet.deploy import inherited_metadata
-from actex.fleet.monitor import read_progress
+from actex.fleet.monitor import PRUNE_AFTER_S, prune_beats, read_progress
 from actex.fleet.tpu import FleetLayout, NameBook, foreign, is_dead, members, recreate_node, skipped_event, zone_nodes
 from actex.fleet.tpu_api import PENDING_STATES, NodeInfo, TpuApi, TpuApiError
 from actex.store.commits import read_heartbeats
@@ -64,6 +68,7 @@ class FleetSnapshot:
     complete: bool
     vms: tuple[VmView, ...]
     errors: tuple[str, ...] = ()
+    pruned: tuple[str, ...] = ()  # worker ids whose heartbeats are not shown: process gone, or too old
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -87,7 +92,8 @@ class FleetMonitor:
     def __init__(self, api: TpuApi, layout: FleetLayout, store: Store, *, run_url: str = "",
                  metadata: dict[str, str] | None = None, creating_timeout_s: float = 900.0,
                  stale_after_s: float = 600.0, max_repairs: int = 10, backoff_s: float = 30.0,
-                 on_action: Callable[[dict], None] | None = None, clock: Callable[[], float] = time.time):
+                 on_action: Callable[[dict], None] | None = None, clock: Callable[[], float] = time.time,
+                 prune_after_s: float = PRUNE_AFTER_S, host: str | None = None):
         self.api = api
         self.layout = layout
         self.store = store
@@ -99,6 +105,8 @@ class FleetMonitor:
         self.backoff_s = backoff_s
         self.on_action = on_action or (lambda entry: None)
         self.clock = clock
+        self.prune_after_s = prune_after_s
+        self.host = socket.gethostname() if host is None else host  # its workers' pids are checked
         self.slots: list[Slot] = []  # from the first look at the fleet (some VMs may have moved zone)
         self._pool = ThreadPoolExecutor(max_workers=max(1, min(8, layout.size)), thread_name_prefix="repair")
         self._first: tuple[float, int] | None = None  # (time, committed) at the first tick: the ETA's rate
@@ -125,7 +133,7 @@ class FleetMonitor:
         progress, beats = None, {}
         try:
             beats = read_heartbeats(self.store)
-            progress = read_progress(self.store, now=now, beats=beats)
+            progress = read_progress(self.store, now=now, beats=beats, host=self.host)
         except FileNotFoundError:
             pass  # no worker created run.json yet
         except (OSError, ValueError) as error:
@@ -140,7 +148,8 @@ class FleetMonitor:
             if repair and not errors and not complete and not reaped:
                 latest = _latest_beat(beats, slot.name)
                 self._repair(slot, nodes.get((slot.zone, slot.name)), latest[1] if latest else None, now, listed)
-        return self._snapshot(nodes, progress, beats, errors, now)
+        live, pruned = prune_beats(beats, now=now, host=self.host, prune_after_s=self.prune_after_s)
+        return self._snapshot(nodes, progress, beats, live, errors, now, pruned)
 
     def _reap(self, slot: Slot) -> bool:
         """Log the slot's finished repair, if any; True when there was one."""
@@ -231,11 +240,13 @@ class FleetMonitor:
 
     # ------------------------------------------------------------------ the picture
 
-    def _snapshot(self, nodes, progress, beats, errors, now: float) -> FleetSnapshot:
+    def _snapshot(self, nodes, progress, beats, live, errors, now: float, pruned: tuple[str, ...]) -> FleetSnapshot:
+        """Totals of samples and tokens from every heartbeat (work done); what is live (VM
+        rows, tok/s, the ETA's fallback rate) from `live` alone."""
         vms = []
         for slot in self.slots:
             node = nodes.get((slot.zone, slot.name))
-            worker, beat = _latest_beat(beats, slot.name) or (None, None)
+            worker, beat = _latest_beat(live, slot.name) or (None, None)
             vms.append(VmView(
                 name=slot.name, zone=slot.zone, state=node.state if node else "NOT_FOUND",
                 worker=worker, heartbeat_age_s=None if beat is None else round(now - float(beat.get("updated_at", 0.0)), 1),
@@ -252,9 +263,9 @@ class FleetMonitor:
             chunks_total=total, chunks_committed=committed, chunks_leased=len(progress.leased) if progress else 0,
             samples=sum(int(b.get("samples", 0)) for b in beats.values()),
             tokens=sum(int(b.get("tokens", 0)) for b in beats.values()),
-            tokens_per_s=round(sum(float(b.get("tokens_per_s", 0.0)) for b in beats.values() if b.get("state") == "running"), 1),
-            eta_s=self._eta(beats, total, committed, now), complete=progress is not None and progress.complete,
-            vms=tuple(vms), errors=tuple(errors),
+            tokens_per_s=round(sum(float(b.get("tokens_per_s", 0.0)) for b in live.values() if b.get("state") == "running"), 1),
+            eta_s=self._eta(live, total, committed, now), complete=progress is not None and progress.complete,
+            vms=tuple(vms), errors=tuple(errors), pruned=pruned,
         )
 
     def _eta(self, beats: dict, total: int, committed: int, now: float) -> float | None:
