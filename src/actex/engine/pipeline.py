@@ -274,7 +274,8 @@ class Pipeline:
         written = [(PartRecord(**p), n) for value in gathered for p, n in json.loads(value)]
         written.sort(key=lambda item: item[0].path)
         samples = job.records if job.records is not None else job.assembler.records
-        self.store.write_bytes(layout.samples_path(job.chunk, job.attempt), encode_samples_jsonl(samples))
+        samples_jsonl = encode_samples_jsonl(samples)
+        self.store.write_bytes(layout.samples_path(job.chunk, job.attempt), samples_jsonl)
         tokens = sum(n for _, n in written)
         # Statistics get their own object, so the commit record stays small (format v2).
         merged = {hook: job.stats.get(hook, HookStats.empty(width)) for hook, width in self.widths.items()}
@@ -295,6 +296,7 @@ class Pipeline:
             worker=self.worker,
             stats_path=stats_path,
             stats_crc32c=hex32(crc32c(stats)),
+            samples_crc32c=hex32(crc32c(samples_jsonl)),  # checked on read: store/commits.check_samples
             timings={"chunk_s": time.time() - job.started},
             token_slots=job.token_slots,
             overflow=overflow,

@@ -38,7 +38,7 @@ from actex.reader.prefetch import prefetched
 from actex.reader.ranges import aligned, check_whole_part, fetch_header
 from actex.reader.shuffle import mix
 from actex.store import integrity, quantize, shards
-from actex.store.commits import CommitRecord, committed_chunks, read_commits
+from actex.store.commits import CommitRecord, check_samples, committed_chunks, read_commits
 from actex.store.folder import Store, open_store
 from actex.store.integrity import CorruptPartError
 from actex.store.manifest import RunManifest, read_manifest
@@ -243,9 +243,11 @@ class Run:
         return total
 
     def samples(self, chunk: int) -> list[dict]:
-        """Per-sample metadata of a committed chunk (samples.jsonl of its committed attempt)."""
-        path = self.record(chunk).samples_path
-        return shards.decode_samples_jsonl(self.store.read_bytes(path), self.store.url_of(path))
+        """Per-sample metadata of a committed chunk (samples.jsonl of its committed attempt).
+        CorruptPartError when the file is not the one committed (CRC-32C in the record)."""
+        record = self.record(chunk)
+        where = self.store.url_of(record.samples_path)
+        return shards.decode_samples_jsonl(check_samples(record, self.store.read_bytes(record.samples_path), where), where)
 
     def summary(self, stats_chunks: int | None = SUMMARY_STATS_CHUNKS) -> dict:
         """What `actex inspect` prints: counts, hooks and merged stats where recorded.

@@ -27,7 +27,8 @@ overflow of float16, say) anywhere in the run fails verify, named by hook and ch
 
 Integrity comes first: every part whose samples are recomputed is read whole and checked
 against the checksums recorded at write time (size and sha256 from the commit record,
-CRC-32C of the header and of every tensor); each corrupt part is one line of the report
+CRC-32C of the header and of every tensor), and so is its chunk's samples.jsonl (CRC-32C from
+the commit record, where recorded); each corrupt file is one line of the report
 naming the file, the tensor and expected vs actual, and its samples are not recomputed.
 `check_integrity(run, run.parts())` checks a whole run without a model.
 
@@ -113,14 +114,20 @@ class VerifyReport:
 
 
 def check_integrity(run: Run, parts: list[PartRef]) -> dict[str, str]:
-    """Check every byte of `parts`: {part path: one line naming file, tensor, expected vs actual}
-    for each corrupt part (empty when all are intact)."""
+    """Check every byte of `parts`, and their chunks' samples.jsonl: {path: one line naming
+    file (and tensor), expected vs actual} for each corrupt part or samples.jsonl (empty when
+    all are intact)."""
     problems = {}
     for part in parts:
         try:
             run.check_part(part)
         except CorruptPartError as error:
             problems[part.path] = str(error)
+    for chunk in sorted({part.chunk for part in parts}):
+        try:
+            run.samples(chunk)
+        except CorruptPartError as error:
+            problems[run.record(chunk).samples_path] = str(error)
     return problems
 
 
