@@ -25,6 +25,14 @@ useful tokens/s counts its own answers.
 
 Prints per path: wall seconds, useful tokens (the answers' tokens), useful decode tokens/s,
 and slot occupancy (useful tokens / (decode steps x slots)) for the two actex paths.
+
+    python bench/continuous.py --long-queue 64,256,512 [--slots 8 --mean-answer 96 --new 384]
+
+Occupancy on long queues instead: a tiny random model (occupancy depends on the queue, the
+slots and the answer lengths, not on the model's width), one bucket of random prompts of
+16-128 tokens, the same stop-token rig; per queue length the continuous path's occupancy
+and its idle slot-steps by cause (SlotStats: refill lag vs the queue's drained tail),
+beside the static batch's occupancy for the same answers.
 """
 
 from __future__ import annotations
@@ -120,6 +128,38 @@ def run_transformers(layers, queues, slots, stops, new):
     return answers, time.perf_counter() - start
 
 
+def long_queues(lengths: list[int], slots: int, mean_answer: int, new: int) -> dict:
+    """Occupancy of one bucket's queue of each length, continuous vs static (tiny model)."""
+    from actex.model import write_random_checkpoint
+    from actex.model.random_checkpoint import tiny_hf_config
+
+    path = write_random_checkpoint(Path(tempfile.mkdtemp()) / "tiny", tiny_hf_config(vocab_size=4096))
+    loaded = load_model(path, dtype="float32", lm_head=True)
+    vocab, prompt_len = loaded.config.vocab_size, 128
+    stops = np.sort(np.random.default_rng(0).choice(vocab, vocab // mean_answer, replace=False)).astype(np.int32)
+    generate = make_continuous_fn(loaded.config, slots, new, SAMPLED)
+    report = {}
+    for n in lengths:
+        rng = np.random.default_rng(n)
+        ids = np.zeros((n, prompt_len), np.int32)
+        mask = np.zeros((n, prompt_len), np.int32)
+        for r, length in enumerate(rng.integers(16, prompt_len + 1, n)):
+            ids[r, prompt_len - length:] = rng.integers(0, vocab, length)
+            mask[r, prompt_len - length:] = 1
+        start = time.perf_counter()
+        _, generated, _, stats = jax.device_get(generate(loaded.params, ids, mask, stops, sample_keys(0, range(n)),
+                                                         np.int32(n)))
+        seconds = time.perf_counter() - start
+        slot_steps = int(stats.steps) * slots
+        static_steps = sum(int(generated[i:i + slots].max()) for i in range(0, n, slots)) * slots
+        report[n] = {"answer_tokens": int(generated.sum()), "mean_answer": float(generated.mean()),
+                     "max_answer": int(generated.max()), "steps": int(stats.steps),
+                     "occupancy": int(stats.busy) / slot_steps, "static_occupancy": int(generated.sum()) / static_steps,
+                     "idle_refill_lag": int(stats.waiting) / slot_steps, "idle_drained_tail": int(stats.drained) / slot_steps,
+                     "seconds_with_compile": seconds}
+    return {"slots": slots, "mean_answer": mean_answer, "new": new, "queues": report}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", type=int, default=8)
@@ -130,7 +170,12 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=384)
     parser.add_argument("--max-seq-len", type=int, default=8192)
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--long-queue", help="comma-separated queue lengths: occupancy on a tiny model instead")
     args = parser.parse_args()
+    if args.long_queue:
+        lengths = [int(n) for n in args.long_queue.split(",")]
+        print(json.dumps(long_queues(lengths, args.slots, args.mean_answer, args.new), indent=2))
+        return
 
     checkpoint()
     loaded = load_model(CHECKPOINT, dtype="float32", max_layers=args.layers, lm_head=True)
