@@ -110,7 +110,8 @@ def _manifest_digest(url: str, ref: ImageRef, timeout_s: float) -> str:
             raise
         headers["Authorization"] = f"Bearer {_anonymous_token(challenge, ref, timeout_s)}"
         response = _request(url, headers, timeout_s)
-    digest = response.headers.get("Docker-Content-Digest") or f"sha256:{hashlib.sha256(response.read()).hexdigest()}"
+    with response:
+        digest = response.headers.get("Docker-Content-Digest") or f"sha256:{hashlib.sha256(response.read()).hexdigest()}"
     if not DIGEST.match(digest):
         raise ValueError(f"the registry answered digest {digest[:80]!r}, not sha256:<64 hex>")
     return digest
