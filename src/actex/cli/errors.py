@@ -21,6 +21,7 @@ from collections.abc import Iterator
 import typer
 
 from actex.config import ConfigError
+from actex.store.errors import StoreError, exception_chain
 from actex.store.manifest import ManifestMismatchError
 
 log = logging.getLogger("actex")
@@ -61,12 +62,9 @@ _USER_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADi
 
 
 def _caused_by_user(error: BaseException) -> bool:
-    cause = error.__cause__
-    while cause is not None:
-        if isinstance(cause, _USER_OS_ERRORS):
-            return True
-        cause = cause.__cause__
-    return False
+    # `raise ... from` links only: what the store raised while handling something else
+    # (its context) is not what the user pointed it at.
+    return any(isinstance(cause, _USER_OS_ERRORS) for cause in exception_chain(error, explicit_only=True)[1:])
 
 
 def error_line(message: str, exit_code: int, log_json: bool = False) -> None:
@@ -83,8 +81,6 @@ def user_errors(log_json: bool = False) -> Iterator[None]:
     record with `log_json`) and exit 2; other I/O errors (a reset connection, a full disk,
     a store failing after retries) one line and exit 1; Ctrl-C exit 75. Anything else is a
     bug and keeps its traceback."""
-    from actex.store.folder import StoreError
-
     try:
         yield
     except StoreError as error:
@@ -116,7 +112,6 @@ def infrastructure_errors(log_json: bool = False) -> Iterator[None]:
     config and never restarts. One line naming what failed. Everything else, ValueError
     included, is a bug and keeps its traceback."""
     from actex.engine.distributed import BarrierTimeout
-    from actex.store.folder import StoreError
 
     try:
         yield

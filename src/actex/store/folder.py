@@ -29,12 +29,8 @@ from typing import TypeVar
 import fsspec
 
 from actex.store.backends import PROVEN_PROTOCOLS, TEMP_PREFIX, Backend, backend_for, unproven
-from actex.store.errors import StoreError, TransientStoreError, exception_chain, http_status, s3_error_code
+from actex.store.errors import exception_chain, http_status, s3_error_code
 from actex.store.retry import RetryPolicy, client_retries
-
-# Transitional: cli/errors.py (being written beside this split) still imports StoreError
-# from here; import it from actex.store. Removed once no caller uses this path.
-_MOVED = (StoreError, TransientStoreError)
 
 T = TypeVar("T")
 
