@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import safetensors.numpy
 
-from actex.store import integrity, layout, shards
+from actex.store import integrity, layout, quantize, shards
 from actex.store.commits import CommitRecord, PartRecord, commit
 from actex.store.folder import Store, open_store
 from actex.store.manifest import HookSpec, PlanSummary, RunManifest
@@ -68,7 +68,7 @@ def write_run(url: str, storage_options: dict | None = None, *, lengths: list[li
             ids = np.arange(sample_id, sample_id + len(sample_lengths), dtype=np.int64)
             sample_id += len(sample_lengths)
             n = int(sum(sample_lengths))
-            acts = {h: rng.standard_normal((n, w)).astype(shards.activation_dtype(dtype)) for h, w in hooks.items()}
+            acts = random_hooks(rng, n, hooks, dtype)
             token_ids = rng.integers(0, 500, n).astype(np.int32)
             positions = np.concatenate([_positions(m, window) for m in sample_lengths] or [np.zeros(0)]).astype(np.int32)
             offsets = np.concatenate([[0], np.cumsum(sample_lengths)]).astype(np.int64)
@@ -81,7 +81,7 @@ def write_run(url: str, storage_options: dict | None = None, *, lengths: list[li
                 data = part.data
                 records.append(PartRecord(path, len(data), part.sha256, part.header_bytes, part.header_crc32c))
             store.write_bytes(path, data)
-            stats.append({h: HookStats.from_array(a) for h, a in acts.items()})
+            stats.append({h: HookStats.from_array(stored_values(acts, h)) for h in hooks})
             metas += [{"sample_id": int(i), "n_tokens": int(m)} for i, m in zip(ids, sample_lengths)]
             tokens += n
             if chunk not in uncommitted:
@@ -103,6 +103,28 @@ def write_run(url: str, storage_options: dict | None = None, *, lengths: list[li
     cat = lambda key: np.concatenate([k[key] for k in kept])  # noqa: E731
     return Expected(url, storage_options, {h: cat(h) for h in hooks}, cat("token_ids"), cat("positions"),
                     cat("sample_ids"), cat("chunk"))
+
+
+def random_hooks(rng: np.random.Generator, n: int, hooks: dict[str, int], dtype: str) -> dict[str, np.ndarray]:
+    """Random values of each hook for `n` tokens in the stored dtype; int8: codes with
+    random steps and block exponents beside them (store/quantize.py's three tensors)."""
+    if dtype != quantize.INT8:
+        return {h: rng.standard_normal((n, w)).astype(shards.activation_dtype(dtype)) for h, w in hooks.items()}
+    out = {}
+    for h, w in hooks.items():
+        out[h] = rng.integers(-quantize.CODE_MAX, quantize.CODE_MAX + 1, (n, w)).astype(np.int8)
+        out[quantize.companion(h, quantize.SCALE)] = rng.uniform(0.01, 1.0, n).astype(np.float32)
+        exps = rng.integers(0, quantize.LEVELS, (n, quantize.num_blocks(w)))
+        out[quantize.companion(h, quantize.BLOCK_EXP)] = quantize.pack_exponents(exps)
+    return out
+
+
+def stored_values(acts: dict[str, np.ndarray], hook: str) -> np.ndarray:
+    """A hook's values as a reader returns them (int8: dequantized from its three tensors)."""
+    if acts[hook].dtype != np.int8:
+        return acts[hook]
+    return quantize.dequantize(acts[hook], acts[quantize.companion(hook, quantize.SCALE)],
+                               acts[quantize.companion(hook, quantize.BLOCK_EXP)])
 
 
 def stored_reference(expected: Expected):

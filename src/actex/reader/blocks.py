@@ -3,7 +3,13 @@
 A block is one ranged read of the hook's rows plus one of the matching rows of
 `token_ids`/`positions` and the part's small sample index (the small gaps between those
 are read too; they never hold another hook's bytes). Other hooks' bytes are never
-requested. int8 codes come back dequantized (store/quantize.py).
+requested. int8 codes come back dequantized (store/quantize.py), tile by tile when the
+result is not float32, so no full-size intermediate is made.
+
+Every range is checked against its CRC-32C before a row of it is decoded, and the check
+runs with the GIL released (store/integrity.py): while one prefetch thread checks block
+n, the others read and decode blocks n+1, n+2, ... on the other cores, so the check
+overlaps the next reads instead of following them.
 """
 
 from __future__ import annotations
@@ -19,6 +25,9 @@ from actex.store.shards import TensorInfo
 
 # Index tensors every part holds besides one tensor per hook (docs/store.md, "Parts").
 TOKEN_IDS, POSITIONS, SAMPLE_OFFSETS, SAMPLE_IDS = shards.INDEX_TENSORS
+# int8 rows are dequantized this many bytes of float32 at a time when the result is not
+# float32 (`dequantized`): about an L2 cache, so the tile is cast while it is still there.
+DEQUANTIZE_TILE_BYTES = 1 << 20
 
 
 def read_block(store: Store, block: Block, hook: str, spec: dict[str, TensorInfo], value_dtype: np.dtype) -> Batch:
@@ -63,7 +72,28 @@ def read_values(store: Store, block: Block, hook: str, spec: dict[str, TensorInf
         return codes
     scale, exps = (read_rows(store, block, quantize.companion(hook, what), spec)
                    for what in (quantize.SCALE, quantize.BLOCK_EXP))
-    return quantize.dequantize(codes, scale, exps, value_dtype)
+    return dequantized(codes, scale, exps, value_dtype)
+
+
+def dequantized(codes: np.ndarray, scale: np.ndarray, packed: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Values [tokens, W] as `dtype` from int8 codes [tokens, W], scales [tokens] and packed
+    exponents (store/quantize.py), with no full-size intermediate.
+
+    float32 of a width divisible by 8 is one pass of quantize.dequantize already. Any other
+    result (bfloat16, float16, a ragged width) is made DEQUANTIZE_TILE_BYTES of float32 at a
+    time and cast into the one output array: the float32 tile stays in cache, where one call
+    for the block would write a float32 copy of the whole block and then cast it.
+    """
+    dtype = np.dtype(dtype)
+    tokens, width = codes.shape
+    if dtype == np.float32 and width % quantize.BLOCK == 0:
+        return quantize.dequantize(codes, scale, packed)
+    out = np.empty((tokens, width), dtype)
+    rows = max(1, DEQUANTIZE_TILE_BYTES // (4 * max(width, 1)))
+    for lo in range(0, tokens, rows):
+        hi = lo + rows
+        out[lo:hi] = quantize.dequantize(codes[lo:hi], scale[lo:hi], packed[lo:hi])
+    return out
 
 
 def read_index(store: Store, part: PartRef, spec: dict[str, TensorInfo]) -> tuple[np.ndarray, np.ndarray]:
