@@ -358,3 +358,37 @@ def test_two_arc_tasks_of_one_id_are_refused_by_generate_before_anything_is_writ
         f"actex: error: {dataset}:row 1 (line 2): ARC task id 't' is also the id of {dataset}:row 0 (line 1); "
         "answers are voted and submitted per task id, so give each task its own id (a 'task_id' or 'id' field)")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+
+def test_a_checkpoint_with_other_weights_is_refused_on_join_naming_the_file(tiny_model_dir, tmp_path):  # noqa: F811
+    """Same config.json, same safetensors header (so the same model fingerprint), one weight
+    changed: the second worker refuses in one line naming the file, before writing. A run
+    whose run.json predates the checksums resumes as before."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    write_jsonl(tmp_path / "text.jsonl", [TEXT_ROWS[0], TEXT_ROWS[4]])
+    args = ("--format", "text", "--chunk-size", "1", "--run-name", "r", "--limit", "1")
+    first = extract(model, str(tmp_path / "text.jsonl"), tmp_path / "out", *args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    manifest = json.loads((tmp_path / "out" / "r" / "run.json").read_text())
+    assert manifest["weights"] == {"model.safetensors": manifest["weights"]["model.safetensors"]}
+    assert manifest["weights"]["model.safetensors"].startswith("crc32c:")
+
+    weights = model / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # the last weight's lowest bits: same size, same header
+    weights.write_bytes(bytes(data))
+    before = sorted(p.name for p in (tmp_path / "out" / "r").rglob("*"))
+    swapped = extract(model, str(tmp_path / "text.jsonl"), tmp_path / "out", *args)
+    assert swapped.returncode == 2
+    line = error_line(swapped)
+    assert line.startswith("actex: error: model.safetensors: this checkpoint's file is crc32c:") and "run.json records" in line
+    assert sorted(p.name for p in (tmp_path / "out" / "r").rglob("*")) == before
+
+    data[-1] ^= 0x01
+    weights.write_bytes(bytes(data))
+    del manifest["weights"]  # as an actex before the checksums wrote it
+    (tmp_path / "out" / "r" / "run.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    older = extract(model, str(tmp_path / "text.jsonl"), tmp_path / "out", *args)
+    assert older.returncode == 0 and "1 already committed" in older.stdout, older.stderr[-3000:]

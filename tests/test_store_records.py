@@ -9,7 +9,9 @@ from actex.store import layout, open_store
 from actex.store import commits as commits_module
 from actex.store.claims import Lease, read_lease
 from actex.store.commits import CommitRecord, Heartbeat, HeartbeatRecord, PartRecord, parse_heartbeat, read_commits
-from actex.store.manifest import HookSpec, PlanSummary, RunManifest, read_manifest
+from actex.model.checksums import file_checksum, weight_checksums
+from actex.store.manifest import (CheckpointMismatchError, HookSpec, PlanSummary, RunManifest, check_weights,
+                                  open_or_create_manifest, read_manifest)
 from actex.store.records import MAX_COMMIT_BYTES, MAX_CONTROL_BYTES, MAX_MANIFEST_BYTES, differing_fields
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -146,3 +148,24 @@ def test_differing_fields_walks_objects_by_key_and_equal_lists_by_index():
     theirs = {"a": 1, "b": {"c": [1, 3]}, "e": [1, 2]}
     assert differing_fields(ours, theirs) == [("b.c.1", 2, 3), ("b.d", "x", None), ("e", [1], [1, 2])]
     assert differing_fields(ours, ours) == []
+
+
+def test_weights_are_checked_apart_from_the_identity_and_only_when_recorded(tmp_path):
+    store = open_store(tmp_path / "run")
+    stored = golden_manifest().model_copy(update={"weights": {"a.safetensors": "crc32c:00000001"}})
+    open_or_create_manifest(store, stored)
+    assert open_or_create_manifest(store, stored.model_copy(update={"created_at": 1.0})) == stored
+    with pytest.raises(CheckpointMismatchError) as error:
+        open_or_create_manifest(store, stored.model_copy(update={"weights": {"a.safetensors": "crc32c:00000002"}}))
+    assert str(error.value).startswith("a.safetensors: this checkpoint's file is crc32c:00000002, but ")
+    assert "\n" not in str(error.value)
+    with pytest.raises(CheckpointMismatchError, match="b.safetensors: this checkpoint's file is missing"):
+        check_weights("run.json", {"a.safetensors": "x"}, {"a.safetensors": "x", "b.safetensors": "y"})
+    check_weights("run.json", {"a.safetensors": "x"}, {})  # a run.json from before the checksums
+
+
+def test_file_checksum_is_the_crc32c_of_the_bytes(tmp_path):
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(b"123456789")
+    assert file_checksum(path) == "crc32c:e3069283"  # the CRC-32C check value
+    assert weight_checksums([path]) == {"w.safetensors": "crc32c:e3069283"}

@@ -27,6 +27,7 @@ from actex.data.plan import Plan, plan_fingerprint, plan_from_index, valid_rows
 from actex.data.sources import check_source
 from actex.model import LoadedModel, ModelConfig, hook_width, layers_needed, load_model, load_tokenizer
 from actex.model.attention import resolve_backend
+from actex.model.checksums import weight_checksums
 from actex.model.mesh import choose_mesh, describe, model_within_process
 from actex.model.weights import param_dtype, read_model_config, resolve_model_dir
 from actex.store.folder import Store, open_store
@@ -244,6 +245,7 @@ def run_manifest(config: RunConfig, model: LoadedModel, tokenizer, plan: Plan, w
         skipped_rows=plan.skipped_by_reason(),
         skipped_row_list=plan.skipped_rows[:SKIPPED_ROWS_LISTED],
         kind=config.kind,
+        weights=weight_checksums(model.files),
     )
 
 

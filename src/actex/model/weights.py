@@ -110,6 +110,7 @@ class LoadedModel:
     path: Path  # local directory holding config, weights and tokenizer
     fingerprint: str  # sha256 of config.json + safetensors headers/index + revision
     dtype: str  # parameter dtype: "float32" or "bfloat16"
+    files: tuple[Path, ...] = ()  # the weight files read (their checksums go in run.json: model/checksums.py)
 
 
 class HubUnreachableError(ConnectionError):
@@ -458,6 +459,7 @@ def load_model(
         path=model_dir,
         fingerprint=fingerprint(model_dir, files, index_bytes, resolved_revision),
         dtype=chosen,
+        files=tuple(sorted(files)),
     )
 
 
