@@ -154,3 +154,17 @@ def test_recreate_of_a_deployed_fleet_uses_its_record_or_refuses_in_one_line(fak
     assert refused.exit_code == 2 and refused.stderr.count("\n") == 1, refused.output
     assert "no startup script to recreate it with (no deploy record" in refused.stderr and "actex deploy" in refused.stderr
     assert api.list(ZONE) == []  # nothing created
+
+
+def test_a_record_pinning_a_wheel_without_its_lock_is_refused_naming_the_fix(tmp_path):
+    """A deploy record of an older actex (wheel + jax version, no lock) would install unlocked."""
+    path = _fleet_file(tmp_path)
+    record = {"config_url": f"{tmp_path}/runs/r-fleet/configs/0/run.yaml", "config_sha256": "0" * 64,
+              "payload": {"wheel_url": "gs://b/w.whl", "wheel_sha256": "1" * 64, "image": None, "jax_version": "0.10.2"}}
+    path.with_name("fleet.yaml.deploy.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="fleet.yaml.deploy.json: not a deploy record of this actex .*: run actex deploy again"):
+        load_record(load_fleet(path))
+    record["payload"] = {"wheel_url": "gs://b/w.whl", "wheel_sha256": "1" * 64}
+    path.with_name("fleet.yaml.deploy.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="hash lock of its dependencies .*: run actex deploy again"):
+        load_record(load_fleet(path))

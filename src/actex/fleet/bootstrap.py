@@ -163,7 +163,8 @@ class DeployRecord:
             return cls(str(data["config_url"]), str(data["config_sha256"]), Payload(**data["payload"]),
                        tuple(str(a) for a in data.get("extract_args", ())), data.get("hf_token_secret"))
         except (KeyError, TypeError) as error:
-            raise ValueError(f"not an actex deploy record ({type(error).__name__}: {error})") from None
+            # A record of an older actex (a wheel pinned without its hash lock) lands here too.
+            raise ValueError(f"not a deploy record of this actex ({type(error).__name__}: {error}): run actex deploy again") from None
 
 
 # Fetches run.yaml and writes it only if its sha256 is the deployed one (argv: url, sha256).
