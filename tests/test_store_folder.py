@@ -11,6 +11,7 @@ import pytest
 from actex.store import RetryPolicy, StoreError, open_store
 from actex.store.backends import TEMP_PREFIX
 from actex.store.backends.local import LocalBackend
+from actex.store.retry import client_retries, is_transient
 
 FAST_RETRY = RetryPolicy(attempts=4, base_delay=0.001, max_delay=0.005)
 
@@ -195,6 +196,22 @@ def test_errors_the_client_retried_are_not_retried_again(store, monkeypatch):
     with pytest.raises(StoreError, match=r"read .*x\.bin failed after \d+ attempts?.*: TimeoutError: read timed out"):
         store.read_bytes("x.bin")
     assert len(calls) == (1 if store.url.startswith("s3://") else FAST_RETRY.attempts)
+
+
+def test_google_cloud_storage_errors_are_retried_once_over(gcs_emulator):
+    """gs:// conditional writes go through google-cloud-storage, which retries 5xx and
+    resets itself and raises RetryError when it gives up: that is not retried again (six
+    tries of its own tries), while a 503 it raised without retrying is."""
+    from google.api_core.exceptions import PreconditionFailed, RetryError, ServiceUnavailable
+
+    fs = open_store("gs://bucket/run", **gcs_emulator.storage_options).fs
+    already_retried = client_retries(fs)
+    try:
+        raise RetryError("Timeout of 120.0s exceeded", None) from ServiceUnavailable("backend down")
+    except RetryError as gave_up:
+        assert is_transient(gave_up) and already_retried(gave_up)
+    assert is_transient(ServiceUnavailable("backend down")) and not already_retried(ServiceUnavailable("down"))
+    assert not is_transient(PreconditionFailed("generation moved on"))
 
 
 def test_permanent_errors_are_not_retried(store, monkeypatch):
