@@ -6,10 +6,11 @@ Writes a synthetic run per storage dtype (two hooks: the one read, width 896 = Q
 residual, and a narrow one whose bytes sit between and must NOT be read), then times
 `Run.iter_batches` over every token of the first hook, in order and shuffled. GB/s counts
 the values delivered to the caller (`batch.activations.nbytes`: int8 runs deliver float32,
-dequantized, so their GB/s is of float32 values). Each setting is timed twice per epoch
-round, interleaved: as the reader runs (every byte checked against its CRC-32C) and with
-the CRC comparison replaced by a length check (`unchecked`), so the ratio of the two is
-taken under the same load. `--local-mb` is the read hook's stored size per dtype.
+dequantized, so their GB/s is of float32 values). Each setting is timed in rounds of
+interleaved epochs: as the reader runs (every byte checked against its CRC-32C), with the
+CRC comparison replaced by a length check (`unchecked`), and with `--gil-held` also with
+every check holding the GIL (the reader before its checks overlapped the reads), so the
+ratios are taken under the same load. `--local-mb` is the read hook's stored size per dtype.
 """
 
 from __future__ import annotations
@@ -50,40 +51,48 @@ def length_only(raw, *, where: str, tensor: str, row_bytes: int, lo: int, hi: in
         raise CorruptPartError(f"{where}: truncated: tensor {tensor}")
 
 
+# How an epoch is read: as the reader does; with every check holding the GIL (what
+# google_crc32c.value does with a slice of a read: the reader before its checks moved to
+# ctypes); with no CRC comparison at all.
+CHECKED, GIL_HELD, UNCHECKED = "checked", "GIL held", "unchecked"
+
+
 @contextmanager
-def checks(on: bool):
-    if on:
+def checks(mode: str):
+    if mode == CHECKED:
         yield
-        return
-    with mock.patch.object(integrity, "check_rows", length_only):
-        yield
+    elif mode == GIL_HELD:
+        with mock.patch.object(integrity, "_C_VALUE", None):
+            yield
+    else:
+        with mock.patch.object(integrity, "check_rows", length_only):
+            yield
 
 
-def epoch(url: str, options: dict, checked: bool, **kwargs) -> tuple[int, float]:
+def epoch(url: str, options: dict, mode: str, **kwargs) -> tuple[int, float]:
     """Value bytes delivered and wall seconds for one epoch (a fresh Run: headers fetched again)."""
-    with checks(checked):
+    with checks(mode):
         run = open_run(url, **options)
         start = time.perf_counter()
         delivered = sum(batch.activations.nbytes for batch in run.iter_batches(HOOK, 4096, **kwargs))
         return delivered, time.perf_counter() - start
 
 
-def measure(url: str, options: dict, label: str, repeat: int, **kwargs) -> dict[bool, float]:
-    """Median GB/s of `repeat` epochs, checked and unchecked epochs interleaved."""
-    seconds: dict[bool, list[float]] = {True: [], False: []}
+def measure(url: str, options: dict, label: str, repeat: int, modes: tuple[str, ...], **kwargs) -> None:
+    """Median (and best) GB/s of `repeat` epochs per mode, the modes interleaved."""
+    seconds: dict[str, list[float]] = {mode: [] for mode in modes}
     delivered = 0
     loads = []
     for _ in range(repeat):
-        for checked in (True, False):
-            delivered, s = epoch(url, options, checked, **kwargs)
-            seconds[checked].append(s)
+        for mode in modes:
+            delivered, s = epoch(url, options, mode, **kwargs)
+            seconds[mode].append(s)
         loads.append(os.getloadavg()[0])
-    rate = {c: delivered / sorted(s)[len(s) // 2] / 1e9 for c, s in seconds.items()}
-    best = {c: delivered / min(s) / 1e9 for c, s in seconds.items()}
-    print(f"{label:40s} {delivered / 1e9:5.2f} GB  checked {rate[True]:5.2f} GB/s (best {best[True]:5.2f})"
-          f"  unchecked {rate[False]:5.2f} GB/s (best {best[False]:5.2f})  ratio {rate[True] / rate[False]:4.2f}"
+    rate = {m: delivered / sorted(s)[len(s) // 2] / 1e9 for m, s in seconds.items()}
+    best = {m: delivered / min(s) / 1e9 for m, s in seconds.items()}
+    columns = "  ".join(f"{m} {rate[m]:5.2f} GB/s (best {best[m]:5.2f})" for m in modes)
+    print(f"{label:40s} {delivered / 1e9:5.2f} GB  {columns}  checked/unchecked {rate[CHECKED] / rate[UNCHECKED]:4.2f}"
           f"  (load {min(loads):.1f}-{max(loads):.1f})", flush=True)
-    return rate
 
 
 def main() -> None:
@@ -92,7 +101,9 @@ def main() -> None:
     parser.add_argument("--gcs-mb", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=3, help="epochs per setting and mode (median reported)")
     parser.add_argument("--dtypes", default="float32,bfloat16,int8")
+    parser.add_argument("--gil-held", action="store_true", help="also time the checks holding the GIL (before)")
     args = parser.parse_args()
+    modes = (CHECKED, GIL_HELD, UNCHECKED) if args.gil_held else (CHECKED, UNCHECKED)
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start", flush=True)
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         gcs = None
@@ -103,13 +114,13 @@ def main() -> None:
         for dtype in args.dtypes.split(","):
             url = f"{tmp}/{dtype}"
             write_run(url, lengths=lengths_for(args.local_mb, 16, dtype), hooks=WIDTHS, dtype=dtype)
-            measure(url, {}, f"{dtype}: local, in order", args.repeat, shuffle=False)
-            measure(url, {}, f"{dtype}: local, shuffled (256 MB buffer)", args.repeat, shuffle=True,
+            measure(url, {}, f"{dtype}: local, in order", args.repeat, modes, shuffle=False)
+            measure(url, {}, f"{dtype}: local, shuffled (256 MB buffer)", args.repeat, modes, shuffle=True,
                     shuffle_bytes=256 << 20)
             if gcs is not None:
                 gcs_url = f"{gcs[0]}/{dtype}"
                 write_run(gcs_url, gcs[1], lengths=lengths_for(args.gcs_mb, 8, dtype), hooks=WIDTHS, dtype=dtype)
-                measure(gcs_url, gcs[1], f"{dtype}: fake-gcs-server, shuffled", args.repeat, shuffle=True,
+                measure(gcs_url, gcs[1], f"{dtype}: fake-gcs-server, shuffled", args.repeat, modes, shuffle=True,
                         threads=16, prefetch=16)
 
 

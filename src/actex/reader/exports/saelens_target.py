@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from actex.model.hooks import HOOK_EMBED, HOOK_LN_FINAL_OUT, parse_hook
+from actex.model.weights import load_tokenizer, resolve_model_dir
 
 MODEL_CLASSES = ("AutoModelForCausalLM", "HookedTransformer")
 # Families whose blocks add a post-norm's output to the residual stream (Gemma 2 and 3):
@@ -71,8 +72,6 @@ def saelens_target(config: dict, hook: str, *, model: str | None = None,
     model: a local copy of the checkpoint to name instead of run.json's. Raises ValueError
     (one line) for a model it cannot find or a hook the model class cannot hook.
     """
-    from actex.model.weights import load_tokenizer, resolve_model_dir
-
     if model_class_name not in MODEL_CLASSES:
         raise ValueError(f"--model-class must be one of {', '.join(MODEL_CLASSES)}, got {model_class_name!r}")
     name = model or config["model"]
