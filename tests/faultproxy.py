@@ -1,8 +1,8 @@
 """A small HTTP proxy on 127.0.0.1 that breaks a seeded fraction of requests.
 
-It sits between a storage client (gcsfs, s3fs) and an emulator (fake-gcs-server, moto) and
-makes the network behave like a bad day on a real cloud: some requests answer 503, some
-have their TCP connection reset, some are delayed. The fault for the n-th request is drawn
+It sits between a storage client (gcsfs, google-cloud-storage, s3fs) and an emulator
+(fake-gcs-server, moto) and makes the network behave like a bad day on a real cloud: some
+requests answer 503, some have their TCP connection reset, some are delayed. The fault for the n-th request is drawn
 from a `random.Random(seed)`, so a failing run can be replayed with the same seed.
 
 Two kinds of reset matter and are counted apart:
