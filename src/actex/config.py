@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from actex.data.config import DataConfig, without_later_defaults
+from actex.data.positions import ALL as ALL_POSITIONS, check_positions
 from actex.flag import Flag
 from actex.model.hooks import ACTIVATIONS, BLOCK_HOOKS, hooks_for_layers, parse_hooks
 from actex.store.layout import SAFE_NAME
@@ -123,6 +124,10 @@ class RunConfig(BaseModel):
     hooks: Annotated[tuple[str, ...], Flag(panel="Hooks")] = Field(
         min_length=1, description="Comma-separated hook names, e.g. blocks.12.hook_resid_post,blocks.12.mlp.hook_post.")
     dtype: Annotated[StoredDtype, Flag(panel="Hooks")] = Field("bfloat16", description="Stored activation dtype (int8: 8-bit codes with per-token, per-8-channel scales).")
+    positions: Annotated[str, Flag(panel="Hooks")] = Field(
+        ALL_POSITIONS, description="Tokens stored: all | skip-first:K (drop positions 0..K-1 of every window: the "
+        "attention sinks) | sample:R (a random fraction R of each sample's tokens, drawn from data.seed and the "
+        "sample id: the same on every rerun, resume and mesh).")
     compute_dtype: Annotated[ComputeDtype, Flag(panel="Hooks")] = Field(description="Forward dtype (default: the checkpoint's).")
     batch_tokens: Annotated[int, Flag(panel="Performance")] = Field(16384, ge=16, description="Tokens per packed batch.")
     chunk_size: Annotated[int, Flag(panel="Performance")] = Field(64, ge=1, description="Samples per chunk, the unit of commit and of resume.")
@@ -131,6 +136,11 @@ class RunConfig(BaseModel):
     output: Annotated[str, Flag(panel="Run")] = Field(description="Where runs go: a local dir, file://, gs://, s3:// or memory:// URL.")
     run_name: Annotated[str | None, Flag(panel="Run")] = Field(
         None, description="Run directory name under --output (default: run-<config hash>); one path segment.")
+
+    @field_validator("positions")
+    @classmethod
+    def _token_selection(cls, text: str) -> str:
+        return check_positions(text)
 
     @field_validator("run_name")
     @classmethod
@@ -166,10 +176,12 @@ class RunConfig(BaseModel):
 
         An extraction run leaves out `generation` (None), so its hash is what it was
         before generation existed and older runs still resume; likewise generation fields
-        added later (sampling) are left out at their defaults.
+        added later (sampling) and `positions` are left out at their defaults.
         """
         fields = self.model_dump(mode="json")
         fields["data"] = without_later_defaults(fields["data"])
+        if fields["positions"] == ALL_POSITIONS:
+            del fields["positions"]  # every token, as every run stored before the field existed
         if fields["generation"] is None:
             del fields["generation"]
         else:

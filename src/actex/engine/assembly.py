@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from actex.data.positions import EVERY_POSITION, PositionSelection
 from actex.store import quantize as q8
 from actex.store.shards import EncodedPart, encode_part, split_samples, token_bytes
 
@@ -41,14 +42,22 @@ class PartBuffer:
         return self.filled == self.num_tokens
 
 
-def stored_tokens(tokenized) -> tuple[np.ndarray, dict[int, int]]:
-    """A sample's stored token ids (its windows, in order) and where each window starts there."""
-    offsets, pieces, at = {}, [], 0
+# A window's place in its part: its first stored row, and which of its tokens are stored
+# ([window length] bool; None: every one).
+WindowRows = tuple[int, np.ndarray | None]
+
+
+def stored_tokens(tokenized, select: PositionSelection = EVERY_POSITION) -> tuple[np.ndarray, dict[int, WindowRows]]:
+    """A sample's stored token ids (its windows' selected tokens, in order) and, per window
+    start in the sample, where the window's rows start there and which tokens it keeps."""
+    windows, pieces, at = {}, [], 0
     for start, stop in tokenized.windows:
-        offsets[start] = at
-        pieces.append(np.asarray(tokenized.token_ids[start:stop], dtype=np.int32))
-        at += stop - start
-    return (np.concatenate(pieces) if pieces else np.zeros(0, np.int32)), offsets
+        keep = select.keep(tokenized.sample_id, start, stop - start)
+        ids = np.asarray(tokenized.token_ids[start:stop], dtype=np.int32)
+        pieces.append(ids if keep is None else ids[keep])
+        windows[start] = (at, keep)
+        at += len(pieces[-1])
+    return (np.concatenate(pieces) if pieces else np.zeros(0, np.int32)), windows
 
 
 def fill_order(tokenized: Sequence, batches: Sequence | None) -> list:
@@ -73,14 +82,15 @@ class ChunkAssembler:
     taking the samples in the order the batches complete them (`fill_order`), so parts fill
     one after another; within a part samples are in id order. A sample never spans two
     parts, and a part stays under `shard_size` bytes unless one sample alone is larger. A
-    part is handed out as soon as all of its rows have arrived.
+    part is handed out as soon as all of its rows have arrived. `select` (--positions)
+    says which tokens of each window are stored; the others are computed and dropped here.
     """
 
     def __init__(self, tokenized: Sequence, widths: dict[str, int], dtype: str, shard_size: int,
-                 batches: Sequence | None = None, *, part_base: int = 0):
+                 batches: Sequence | None = None, *, part_base: int = 0, select: PositionSelection = EVERY_POSITION):
         self.tensors = part_tensors(widths, dtype)
         arrival = fill_order(tokenized, batches)
-        arrival_stored = [stored_tokens(t) for t in arrival]
+        arrival_stored = [stored_tokens(t, select) for t in arrival]
         spans = split_samples([len(ids) for ids, _ in arrival_stored], token_bytes(list(widths.values()), dtype), shard_size)
         # Within each part, samples in id order (readers and samples.jsonl list them so).
         order = [i for span in spans for i in sorted(span, key=lambda i: arrival[i].sample_id)]
@@ -89,8 +99,8 @@ class ChunkAssembler:
         lengths = [len(ids) for ids, _ in stored]
         self.records = sample_records(ordered, lengths)
         self.parts: list[PartBuffer] = []
-        # sample id -> (its part, {window start in the sample -> row in the part})
-        self.rows: dict[int, tuple[PartBuffer, dict[int, int]]] = {}
+        # sample id -> (its part, {window start in the sample -> (row in the part, kept tokens)})
+        self.rows: dict[int, tuple[PartBuffer, dict[int, WindowRows]]] = {}
         for index, span in enumerate(spans):
             offsets = np.concatenate([[0], np.cumsum([lengths[i] for i in span], dtype=np.int64)]).astype(np.int64)
             token_ids = np.concatenate([stored[i][0] for i in span]) if span else np.zeros(0, np.int32)
@@ -100,7 +110,8 @@ class ChunkAssembler:
             )
             self.parts.append(part)
             for i, base in zip(span, offsets):
-                self.rows[ordered[i].sample_id] = (part, {start: int(base) + at for start, at in stored[i][1].items()})
+                self.rows[ordered[i].sample_id] = (
+                    part, {start: (int(base) + at, keep) for start, (at, keep) in stored[i][1].items()})
         self._handed_out: set[int] = set()
 
     def add(self, placements, token_positions: np.ndarray, host: dict[str, np.ndarray]) -> None:
@@ -111,11 +122,14 @@ class ChunkAssembler:
             part, window_rows = self.rows[sample_id]
             if not part.acts:
                 part.acts = empty_tensors(self.tensors, part.num_tokens)
-            at = window_rows[start]
+            at, keep = window_rows[start]
+            # The window's stored columns: a slice (no copy of the index) when all are kept.
+            cols = slice(col, col + length) if keep is None else col + np.flatnonzero(keep)
+            n = length if keep is None else len(cols)
             for hook, values in host.items():
-                part.acts[hook][at : at + length] = values[row, col : col + length]
-            part.positions[at : at + length] = token_positions[row, col : col + length]
-            part.filled += length
+                part.acts[hook][at : at + n] = values[row, cols]
+            part.positions[at : at + n] = token_positions[row, cols]
+            part.filled += n
 
     def ready_parts(self, final: bool = False) -> list[PartBuffer]:
         """Complete parts not handed out yet; with `final`, every part must be complete."""
@@ -135,10 +149,10 @@ def sample_records(ordered: Sequence, lengths: Sequence[int]) -> list[dict]:
     return [{"sample_id": t.sample_id, **t.meta, "n_tokens": n} for t, n in zip(ordered, lengths)]
 
 
-def chunk_records(tokenized: Sequence) -> list[dict]:
+def chunk_records(tokenized: Sequence, select: PositionSelection = EVERY_POSITION) -> list[dict]:
     """samples.jsonl's lines for a whole chunk (what process 0 of a slice writes)."""
     ordered = sorted(tokenized, key=lambda t: t.sample_id)
-    return sample_records(ordered, [len(stored_tokens(t)[0]) for t in ordered])
+    return sample_records(ordered, [len(stored_tokens(t, select)[0]) for t in ordered])
 
 
 def part_tensors(widths: dict[str, int], dtype: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:

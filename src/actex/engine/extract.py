@@ -12,6 +12,7 @@ import dataclasses
 import logging
 
 from actex.data import ShapeBudget, pack, tokenize_samples
+from actex.data.positions import PositionSelection
 from actex.engine.assembly import ChunkAssembler, chunk_records
 from actex.engine.lockstep import lockstep_batches, split_shares
 from actex.engine.pipeline import ChunkJob, Pipeline
@@ -50,13 +51,14 @@ class ExtractStep:
         self.run = run
         self.role = role
         config = run.config
-        # int8 is coded from float32 on the device, after the capture (pipeline.quantize_batch).
+        # int8 is coded from float32 on the device, after the capture (moments.quantize_batch).
         captured = "float32" if config.dtype == "int8" else config.dtype
         self.capture = make_capture_fn(run.model.config, config.hooks, captured, mesh=run.mesh, attention=run.attention)
         self.data_shards = run.mesh.shape[DATA] if run.mesh is not None else 1
         self.rows = row_share(run)
         # One per share, kept alike by every process; caps the programs compiled for partial batches.
         self.budgets = [ShapeBudget() for _ in range(self.rows.count)]
+        self.select = PositionSelection(config.positions, config.data.seed)
 
     def tokens(self, chunk: int) -> list:
         return chunk_tokens(self.run, chunk)
@@ -65,13 +67,14 @@ class ExtractStep:
         """Capture every batch of `chunk` and end its job in `pipe` (the commit follows there)."""
         job, batches = self._begin(chunk, tokenized, pipe)
         for batch in batches:
-            inputs = (batch.token_ids, batch.positions, batch.segment_ids)
+            # The stored-token mask travels with the batch: statistics cover those tokens.
+            inputs = (batch.token_ids, batch.positions, batch.segment_ids, self.select.mask(batch))
             if self.run.mesh is not None:
                 inputs = global_batch(inputs, self.run.mesh)
             # Async dispatch: returns at once with device arrays; the host lane fetches
             # them while this thread already dispatches the next batch.
-            outputs = self.capture(self.run.model.params, *inputs)
-            pipe.add(job, batch, outputs, inputs[2])
+            outputs = self.capture(self.run.model.params, *inputs[:3])
+            pipe.add(job, batch, outputs, inputs[3])
         pipe.end(job)
 
     def _begin(self, chunk: int, tokenized: list, pipe: Pipeline) -> tuple[ChunkJob, list]:
@@ -80,7 +83,7 @@ class ExtractStep:
         config = self.run.config
         batches = pack(tokenized, config.batch_tokens, config.data.max_seq_len,
                        row_multiple=self.data_shards, budget=self.budgets[0])
-        return pipe.begin(chunk, tokenized, batches), batches
+        return pipe.begin(chunk, tokenized, batches, select=self.select), batches
 
     def _begin_slice(self, chunk: int, tokenized: list, pipe: Pipeline) -> tuple[ChunkJob, list]:
         """This process's job and step-aligned batches for `chunk` in a slice (engine/lockstep.py).
@@ -93,9 +96,10 @@ class ExtractStep:
         """
         rows, config = self.rows, self.run.config
         shares = split_shares(tokenized, rows.count)
-        part_base = sum(len(ChunkAssembler(s, self.run.widths, config.dtype, config.shard_size).parts)
-                        for s in shares[: rows.index])
-        job = pipe.begin(chunk, shares[rows.index], part_base=part_base, records=chunk_records(tokenized))
+        part_base = sum(len(ChunkAssembler(s, self.run.widths, config.dtype, config.shard_size,
+                                           select=self.select).parts) for s in shares[: rows.index])
+        job = pipe.begin(chunk, shares[rows.index], part_base=part_base, records=chunk_records(tokenized, self.select),
+                         select=self.select)
         local_shards = max(1, self.data_shards // rows.count)
         batches = lockstep_batches(shares, rows.index, max(16, config.batch_tokens // rows.count),
                                    config.data.max_seq_len, row_multiple=local_shards, budgets=self.budgets)

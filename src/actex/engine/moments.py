@@ -19,7 +19,8 @@ from actex.store.stats import HookStats
 
 
 def hook_moments(x: jax.Array, real: jax.Array, first: jax.Array) -> dict:
-    """Moments of x [rows, seq, width] (float32) over the real tokens: count, shift, sum of
+    """Moments of x [rows, seq, width] (float32) over the stored tokens (`real`, [rows, seq]
+    bool): count, shift, sum of
     x - shift, sum of (x - shift)^2, sum of L2 norms, and how many values are not finite.
 
     The sums are of deviations from a shift, the batch's first real token: a feature at 3e4
@@ -37,9 +38,15 @@ def hook_moments(x: jax.Array, real: jax.Array, first: jax.Array) -> dict:
     }
 
 
+def stored_tokens(stored: jax.Array) -> jax.Array:
+    """[rows, seq] bool from the stored-token mask (PositionSelection.mask), or from segment
+    ids (> 0: every real token, where every position is stored)."""
+    return stored if stored.dtype == jnp.bool_ else stored > 0
+
+
 @jax.jit
-def batch_moments(outputs: dict, segment_ids: jax.Array) -> dict:
-    """Per hook, over the real tokens of a packed batch, `hook_moments` of the stored values;
+def batch_moments(outputs: dict, stored: jax.Array) -> dict:
+    """Per hook, over the stored tokens of a packed batch, `hook_moments` of their values;
     `to_stats` turns them into HookStats.
 
     Reduced on the device, in float32 from the stored-dtype values: only a few vectors per
@@ -47,20 +54,20 @@ def batch_moments(outputs: dict, segment_ids: jax.Array) -> dict:
     cost more host CPU than encoding, hashing and writing the parts together). A value the
     cast to the stored dtype made infinite (float16 holds at most 65504) is counted.
     """
-    real = segment_ids > 0
+    real = stored_tokens(stored)
     first = jnp.argmax(real.reshape(-1))  # any index when the batch has no token: count 0
     return {hook: hook_moments(x.astype(jnp.float32), real, first) for hook, x in outputs.items()}
 
 
 @jax.jit
-def quantize_batch(outputs: dict, segment_ids: jax.Array) -> tuple[dict, dict]:
+def quantize_batch(outputs: dict, stored: jax.Array) -> tuple[dict, dict]:
     """int8 storage: ({tensor: array} to store, moments) for float32 outputs.
 
     Moments are of the dequantized values (what readers get), plus the quantization error:
     the largest and the summed per-token relative L2 error against the float32 values. A
     value that is not finite cannot be coded: it is counted (as `nonfinite`) and stored as 0.
     """
-    real = segment_ids > 0
+    real = stored_tokens(stored)
     first = jnp.argmax(real.reshape(-1))
     stored, moments = {}, {}
     for hook, x in outputs.items():

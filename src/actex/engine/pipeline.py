@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import jax
 import numpy as np
 
+from actex.data.positions import EVERY_POSITION, PositionSelection
 from actex.engine.assembly import ChunkAssembler, PartBuffer, encode, part_tensors
 from actex.engine.moments import batch_moments, quantize_batch, to_stats
 from actex.engine.work import SINGLE_PROCESS, ProcessRole
@@ -104,6 +105,7 @@ class ChunkJob:
     stats: dict[str, HookStats] = field(default_factory=dict)  # merged over the chunk's batches
     records: list[dict] | None = None  # samples.jsonl of the whole chunk (default: the assembler's)
     token_slots: int = 0  # [rows x seq] slots of the chunk's packed batches, padding included
+    select: PositionSelection = EVERY_POSITION  # the tokens stored (--positions)
 
 
 class Pipeline:
@@ -161,33 +163,34 @@ class Pipeline:
     # -- main thread
 
     def begin(self, chunk: int, tokenized: Sequence, batches: Sequence | None = None, *, part_base: int = 0,
-              records: list[dict] | None = None) -> ChunkJob:
+              records: list[dict] | None = None, select: PositionSelection = EVERY_POSITION) -> ChunkJob:
         """Start a chunk. tokenized: the samples whose rows this process holds (all of the
         chunk on one process); batches: their packed batches in dispatch order, which let the
         parts be cut in the order they fill and so bound host memory (see `fill_order`);
         part_base: the index of this process's first part; records: samples.jsonl of the
-        whole chunk when `tokenized` is only a share."""
+        whole chunk when `tokenized` is only a share; select: the tokens stored (--positions)."""
         # Where this process does not write its rows (its model group's first process does),
         # there is nothing to assemble: not even the empty part a share without samples gets.
         assembler = ChunkAssembler(tokenized, self.widths, self.dtype_name, self.shard_size, batches,
-                                   part_base=part_base) if self.rows.writes else None
+                                   part_base=part_base, select=select) if self.rows.writes else None
         self._begun += 1
         # One attempt id for the chunk across a slice: process 0's, shared with the others.
         attempt = self.role.share(f"attempt/{chunk}/{self._begun}", lambda: layout.new_attempt_id(self.worker))
-        return ChunkJob(chunk, attempt, assembler, time.time(), records=records)
+        return ChunkJob(chunk, attempt, assembler, time.time(), records=records, select=select)
 
-    def add(self, job: ChunkJob, batch, outputs: dict, segment_ids=None) -> None:
+    def add(self, job: ChunkJob, batch, outputs: dict, stored=None) -> None:
         """Queue batch's device outputs {hook: [rows, seq, width]} for the host lane.
 
-        batch: this process's packed rows; outputs: the global arrays; segment_ids: the
-        global segment ids (default: batch's, right on one process)."""
-        segment_ids = batch.segment_ids if segment_ids is None else segment_ids
+        batch: this process's packed rows; outputs: the global arrays; stored: the global
+        [rows, seq] bool mask of the tokens stored, the ones the statistics cover (default:
+        `job.select.mask(batch)`, right on one process)."""
+        stored = job.select.mask(batch) if stored is None else stored
         # Async, like the capture itself; every process dispatches it, writer or not: a step
         # over global arrays is a collective.
         if self.quantized:
-            outputs, moments = quantize_batch(outputs, segment_ids)
+            outputs, moments = quantize_batch(outputs, stored)
         else:
-            moments = batch_moments(outputs, segment_ids)
+            moments = batch_moments(outputs, stored)
         # Every share packs the same shape each step, so the global slots are count x ours.
         job.token_slots += batch.token_ids.size * self.rows.count
         self._host.submit(lambda: self._to_host(job, batch, outputs, moments))
