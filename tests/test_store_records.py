@@ -169,3 +169,23 @@ def test_file_checksum_is_the_crc32c_of_the_bytes(tmp_path):
     path.write_bytes(b"123456789")
     assert file_checksum(path) == "crc32c:e3069283"  # the CRC-32C check value
     assert weight_checksums([path]) == {"w.safetensors": "crc32c:e3069283"}
+
+
+def test_status_skips_an_oversized_or_garbage_commit_record_naming_it(tmp_path, caplog):
+    from typer.testing import CliRunner
+
+    from actex.cli import app
+
+    store = open_store(tmp_path / "run")
+    store.create_exclusive(layout.MANIFEST, golden_manifest().to_json())
+    good = golden_commit_v2().model_copy(update={"chunk": 0})
+    store.create_exclusive(layout.commit_path(0), good.to_json())
+    store.create_exclusive(layout.commit_path(1), b" " * (MAX_COMMIT_BYTES + 1))
+    store.create_exclusive(layout.commit_path(2), b'{"chunk": "two"}')
+    with pytest.raises(ValueError, match="commits/000001.json: 16,777,217 bytes"):
+        read_commits(store)
+    assert list(read_commits(store, skip_bad=True)) == [0]
+    result = CliRunner().invoke(app, ["status", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert "commits/000001.json: 16,777,217 bytes, over the 16,777,216 of a commit record: skipped" in caplog.text
+    assert "commits/000002.json: not a commit record (chunk: " in caplog.text

@@ -33,7 +33,7 @@ def status_command(
             progress = read_progress(store, silent_after_s=silent_after)
         except FileNotFoundError:
             raise FileNotFoundError(f"{store.url}: no run.json here (not an actex run, or no worker started yet)") from None
-        committed_by = Counter(record.worker for record in read_commits(store).values())
+        committed_by = Counter(record.worker for record in read_commits(store, skip_bad=True).values())
     if as_json:
         typer.echo(json.dumps({**asdict(progress), "complete": progress.complete,
                                "committed_by_worker": dict(committed_by)}, indent=2))

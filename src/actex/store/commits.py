@@ -152,18 +152,28 @@ def read_commit(store: Store, chunk: int) -> CommitRecord:
     return read_commits(store, [chunk])[chunk]
 
 
-def read_commits(store: Store, chunks: Sequence[int] | None = None) -> dict[int, CommitRecord]:
-    """All commit records (or those of `chunks`), by chunk id."""
+def read_commits(store: Store, chunks: Sequence[int] | None = None, *, skip_bad: bool = False) -> dict[int, CommitRecord]:
+    """All commit records (or those of `chunks`), by chunk id. A record that is not one
+    (over MAX_COMMIT_BYTES, malformed, another chunk's) raises ValueError naming it; with
+    `skip_bad` (monitoring: `actex status`) it is left out with a warning instead."""
     wanted = sorted(committed_chunks(store) if chunks is None else chunks)
     raw = store.read_many([layout.commit_path(chunk) for chunk in wanted])
     records = {}
     for chunk in wanted:
-        path = layout.commit_path(chunk)
-        record = CommitRecord.from_json(raw[path], store.url_of(path))
-        if record.chunk != chunk:
-            raise ValueError(f"{store.url_of(path)}: record says chunk {record.chunk}")
-        records[chunk] = record
+        try:
+            records[chunk] = _record_of(chunk, raw[layout.commit_path(chunk)], store.url_of(layout.commit_path(chunk)))
+        except ValueError as error:
+            if not skip_bad:
+                raise
+            log.warning("%s: skipped", error)
     return records
+
+
+def _record_of(chunk: int, data: bytes, where: str) -> CommitRecord:
+    record = CommitRecord.from_json(data, where)
+    if record.chunk != chunk:
+        raise ValueError(f"{where}: record says chunk {record.chunk}")
+    return record
 
 
 # ----------------------------------------------------------------------------- heartbeat
