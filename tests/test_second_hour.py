@@ -360,7 +360,6 @@ def test_two_arc_tasks_of_one_id_are_refused_by_generate_before_anything_is_writ
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
-
 def test_a_checkpoint_with_other_weights_is_refused_on_join_naming_the_file(tiny_model_dir, tmp_path):  # noqa: F811
     """Same config.json, same safetensors header (so the same model fingerprint), one weight
     changed: the second worker refuses in one line naming the file, before writing. A run
@@ -392,3 +391,13 @@ def test_a_checkpoint_with_other_weights_is_refused_on_join_naming_the_file(tiny
     (tmp_path / "out" / "r" / "run.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     older = extract(model, str(tmp_path / "text.jsonl"), tmp_path / "out", *args)
     assert older.returncode == 0 and "1 already committed" in older.stdout, older.stderr[-3000:]
+
+
+def test_inspect_keeps_hook_names_whole_in_a_narrow_terminal(text_run):
+    from typer.testing import CliRunner
+
+    from actex.cli import app
+
+    _, run, _ = text_run
+    shown = CliRunner().invoke(app, ["inspect", str(run)], env={"COLUMNS": "60"}).stdout
+    assert f" {HOOK} " in shown and "…" not in shown.split("{")[0], shown  # (the config JSON below may wrap)

@@ -36,7 +36,7 @@ def inspect_command(
         typer.echo(json.dumps(summary, indent=2, default=str))
         return
     from rich.console import Console
-    from rich.table import Table
+    from rich.table import Column, Table
 
     console = Console()
     console.print(f"[bold]{summary['url']}[/bold]")
@@ -56,8 +56,12 @@ def inspect_command(
     # int8 runs: the stats' worst and mean per-token error of the stored values vs float32.
     fields = ("mean_abs_mean", "mean_variance", "mean_l2_norm") + (
         ("quant_error_max", "quant_error_mean") if summary["dtype"] == "int8" else ())
-    table = Table("hook", "width", "mean |mean|", "mean var", "mean L2 norm", *(
+    # Nothing is cut at 80 columns: hook names stay whole (blocks.23.ln1.hook_normalized) and
+    # a figure that does not fit folds onto a second line (rich's default clips both with "…").
+    longest = max(map(len, summary["hooks"]), default=4)
+    figures = ("width", "mean |mean|", "mean var", "mean L2 norm", *(
         ("int8 error max", "int8 error mean") if summary["dtype"] == "int8" else ()))
+    table = Table(Column("hook", no_wrap=True, min_width=longest), *(Column(f, overflow="fold") for f in figures))
     for hook, entry in summary["hooks"].items():
         stats = entry.get("stats")
         cells = [f"{stats[k]:.4g}" for k in fields] if stats else ["-"] * len(fields)
