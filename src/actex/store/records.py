@@ -33,6 +33,8 @@ class Record(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="ignore")
 
+    # With an __init__ of its own, pydantic validates stored bytes through it too (as
+    # keywords), which drops any validation context: so no record validator relies on one.
     def __init__(self, *args: Any, **fields: Any) -> None:
         names = list(type(self).model_fields)
         if len(args) > len(names):
