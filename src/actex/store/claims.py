@@ -2,7 +2,8 @@
 
 A fleet of pre-emptible workers shares one run without a coordinator: each worker takes
 any chunk that has no commit record by creating `claims/<chunk>.json` with a conditional
-create, keeps it alive with a heartbeat, and takes over leases whose owner stopped beating.
+create, keeps it alive with a lease renewer (a thread), and takes over leases whose owner
+stopped renewing them.
 
     claims/<chunk>.json = {"chunk", "owner", "expiry" (unix s), "attempt" (1, 2, ...)}
 
@@ -101,7 +102,7 @@ class ClaimedChunks:
     holder may still die and its chunk must then be taken over. It ends once every chunk is
     committed (or given up here) or `stop` is set. `finished(chunk)` releases the lease once
     the chunk is no longer in flight here; this worker never takes that chunk again.
-    A heartbeat thread renews held leases every `lease_s / 3` until `close()`, so chunks
+    The lease renewer (a thread) renews held leases every `lease_s / 3` until `close()`, so chunks
     still being written after `chunks()` ended (the engine commits in the background) keep
     their leases until the caller closes the source. `renew_while()`, when given, is asked
     before each renewal: once it says False (the worker stopped progressing, see
@@ -135,20 +136,20 @@ class ClaimedChunks:
         self._finished: set[int] = set()  # committed or given up while this source ran
         self._lock = threading.Lock()
         # Serialises our own conditional writes of one claim (renew vs release): otherwise a
-        # release could read a version the heartbeat just replaced and fail to release.
+        # release could read a version the renewer just replaced and fail to release.
         self._writing = threading.Lock()
         self._closed = threading.Event()
         # Held for a whole claim attempt, so close() waits for one in flight to land in
         # `_held` (and be released) rather than leave a claim behind that nobody works on.
         self._claiming = threading.Lock()
-        self._heartbeat: threading.Thread | None = None
+        self._renewer: threading.Thread | None = None
         # Workers start scanning at different places so they rarely race for one chunk.
         self._rng = random.Random(owner)
 
     # -- ChunkSource ---------------------------------------------------------------------
 
     def chunks(self, stop: threading.Event) -> Iterator[int]:
-        self._start_heartbeat()
+        self._start_renewer()
         while not stop.is_set():
             pending = self._uncommitted()
             if not pending:
@@ -177,14 +178,14 @@ class ClaimedChunks:
             return sorted(self._held)
 
     def close(self) -> None:
-        """Stop the heartbeat and release every lease still held (pre-emption, errors)."""
+        """Stop the lease renewer and release every lease still held (pre-emption, errors)."""
         self._closed.set()
         with self._claiming:
             pass
         for chunk in self.held:
             self._release(chunk)
-        if self._heartbeat is not None and self._heartbeat is not threading.current_thread():
-            self._heartbeat.join(timeout=self.lease_s)
+        if self._renewer is not None and self._renewer is not threading.current_thread():
+            self._renewer.join(timeout=self.lease_s)
 
     # -- claiming ------------------------------------------------------------------------
 
@@ -255,14 +256,14 @@ class ClaimedChunks:
                 # The lease simply runs out instead; the commit record already decided.
                 log.warning("chunk %d: could not release lease (%s); it expires on its own", chunk, err)
 
-    # -- heartbeat -----------------------------------------------------------------------
+    # -- lease renewer --------------------------------------------------------------------
 
-    def _start_heartbeat(self) -> None:
-        if self._heartbeat is None:
-            self._heartbeat = threading.Thread(target=self._beat, name=f"lease-heartbeat-{self.owner}", daemon=True)
-            self._heartbeat.start()
+    def _start_renewer(self) -> None:
+        if self._renewer is None:
+            self._renewer = threading.Thread(target=self._renew_loop, name=f"lease-renewer-{self.owner}", daemon=True)
+            self._renewer.start()
 
-    def _beat(self) -> None:
+    def _renew_loop(self) -> None:
         while not self._closed.wait(self.lease_s / 3):
             self.renew()
 
@@ -281,15 +282,15 @@ class ClaimedChunks:
     def _renew_one(self, lease: Lease) -> None:
         with self._lock:
             if lease.chunk not in self._held:
-                return  # released since the heartbeat listed it
+                return  # released since the renewer listed it
         fresh = Lease(lease.chunk, self.owner, self.clock() + self.lease_s, lease.attempt)
         try:
             ok = self.store.replace_if_version(layout.claim_path(lease.chunk), fresh.to_json(), lease.version)
             current = read_lease(self.store, lease.chunk) if ok else None
         except OSError as err:
-            # Transient after the store's own retries: the next beat tries again, and the
-            # lease has two more beats of slack before it expires.
-            log.warning("chunk %d: lease renewal failed (%s); retrying next beat", lease.chunk, err)
+            # Transient after the store's own retries: the next renewal tries again, and the
+            # lease has two more renewals of slack before it expires.
+            log.warning("chunk %d: lease renewal failed (%s); retrying at the next renewal", lease.chunk, err)
             return
         with self._lock:
             if ok and current is not None and current.owner == self.owner:
