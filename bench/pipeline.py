@@ -36,7 +36,7 @@ from actex.engine.demo import demo_dataset
 from actex.engine.extract import chunk_tokens
 from actex.engine.prepare import prepare_run
 from actex.engine.worker import extract
-from actex.engine.assembly import PartBuffer, encode
+from actex.engine.assembly import PartBuffer, encode, part_tensors
 from actex.engine.work import StaticChunks
 from actex.model import make_capture_fn
 from actex.model.random_checkpoint import tiny_hf_config, write_random_checkpoint
@@ -109,12 +109,12 @@ def writer_bench(samples: int, tokens: int, hooks: int, width: int, root: Path, 
         {h: rng.standard_normal((total, width), np.float32).astype(ml_dtypes.bfloat16) for h in widths}, total,
     )
     activation_bytes = total * width * hooks * 2
-    dtype = np.dtype(ml_dtypes.bfloat16)
+    tensors = part_tensors(widths, "bfloat16")
 
     store = open_store(root / "actex")
 
     def write_part(index: int) -> None:  # the engine's writer path: encode, hash, write
-        encoded = encode(part, widths, dtype, chunk=0, attempt="bench")
+        encoded = encode(part, tensors, chunk=0, attempt="bench")
         store.write_bytes(f"part-{index:05d}.safetensors", encoded.data)
 
     start = time.perf_counter()
