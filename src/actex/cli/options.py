@@ -22,10 +22,10 @@ import typing
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import typer
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic_core import PydanticUndefined
 
 from actex.config import ConfigError, DeviceConfig, HookSelection, RunConfig, WorkerOptions
@@ -62,6 +62,19 @@ class ConfigOption:
     split: bool
     default: Any
     target: str
+    # The field's type with its own limits and parsers (Ge, Le, a size parser): a flag's value
+    # is checked against it alone; None when the field has none.
+    checked_as: Any = None
+
+    def check(self, value: Any) -> None:
+        """Raise ConfigError naming the flag when `value` (a flag's or variable's, already of
+        `kind`) is outside the field's limits: the model would name the config field."""
+        if self.checked_as is None:
+            return
+        try:
+            TypeAdapter(self.checked_as).validate_python(value)
+        except ValidationError as error:
+            raise ConfigError(f"{self.flag} (or {self.envvar}): {error.errors()[0]['msg']}") from None
 
     @property
     def required(self) -> bool:
@@ -128,10 +141,13 @@ def model_options(model: type[BaseModel], *, target: str, panel: str, path: tupl
         taken.add(name)
         kind, choices, split = (str, None, False) if flag.text else _kind(annotation)
         default = info.default if info.default_factory is None else info.default_factory()
+        own = [m for m in info.metadata if not isinstance(m, Flag)]
+        checked_as = Annotated[annotation, *own] if own and not split else None
         options.append(ConfigOption(
             path=(*path, field_name), name=name, flag="--" + name.replace("_", "-"),
             envvar=ENV_PREFIX + name.upper(), description=info.description or field_name.replace("_", " "),
             panel=flag.panel or panel, kind=kind, choices=choices, split=split, default=default, target=target,
+            checked_as=checked_as,
         ))
     for field_name, sub in nested:
         options += model_options(sub, target=target, panel=field_name.replace("_", " ").capitalize(),
@@ -217,7 +233,7 @@ def with_extract_options(body: Callable[[dict], None], *, doc: str,
 def collect(values: Mapping[str, Any], options: Iterable[ConfigOption]) -> ExtractInputs:
     """Click's values (flag or variable, None when neither) -> run fields and worker options.
 
-    Raises ConfigError (one line, naming the flag) for worker options out of range.
+    Raises ConfigError (one line, naming the flag) for a value out of its field's range.
     """
     fields: dict = {}
     worker: dict = {}
@@ -237,6 +253,7 @@ def collect(values: Mapping[str, Any], options: Iterable[ConfigOption]) -> Extra
         if option.target == "worker":
             worker[option.path[-1]] = value
         else:
+            option.check(value)
             place = fields
             for part in option.path[:-1]:
                 place = place.setdefault(part, {})
