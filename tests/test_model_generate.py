@@ -106,20 +106,29 @@ def varied(tmp_path_factory):
     return loaded, left_pad(prompts)
 
 
+@pytest.fixture(scope="module")
+def greedy24(varied):
+    """The greedy static decoder of 24 tokens and its free-running continuations (three
+    stop slots of -1: the rigged stops below fit the same compile), compiled once here."""
+    loaded, (ids, mask) = varied
+    generate = make_generate_fn(loaded.config, 24)
+    return generate, continuations(generate(loaded.params, ids, mask, np.int32([-1, -1, -1])), len(ids))
+
+
 def continuations(result, n_rows):
     tokens, n_generated = np.asarray(result[0]), np.asarray(result[1])
     return [tokens[r, : n_generated[r]].tolist() for r in range(n_rows)]
 
 
-def test_continuous_batching_gives_the_static_tokens_with_busy_slots(varied):
+def test_continuous_batching_gives_the_static_tokens_with_busy_slots(varied, greedy24):
     """Stops rigged at chosen steps (a token each row emits at a different point of its
     free run) make answers of very different lengths; every slot count gives the static
     path's tokens per prompt, and the measured occupancy beats the static batch's."""
     loaded, (ids, mask) = varied
     n, rows = 24, len(ids)
-    free = continuations(make_generate_fn(loaded.config, n)(loaded.params, ids, mask, np.int32([-1])), rows)
+    generate, free = greedy24
     stops = np.int32(sorted({free[0][2], free[3][9], free[6][15]}))
-    static = make_generate_fn(loaded.config, n)(loaded.params, ids, mask, stops)
+    static = generate(loaded.params, ids, mask, stops)
     expected = continuations(static, rows)
     lengths = [len(t) for t in expected]
     assert min(lengths) <= 4 and max(lengths) == n, lengths  # the rig gives short and long answers
@@ -139,24 +148,24 @@ def test_continuous_batching_gives_the_static_tokens_with_busy_slots(varied):
     assert occupancy > sum(lengths) / (3 * static_steps) + 0.1 and occupancy >= 0.8, occupancy
 
 
-def test_sampled_tokens_depend_only_on_seed_and_sample_id(varied):
+def test_sampled_tokens_depend_only_on_seed_and_sample_id(varied, greedy24):
     loaded, (ids, mask) = varied
     rows, n = len(ids), 12
     hot = Sampling(temperature=1.5, top_k=50, top_p=0.95)
     keys = sample_keys(7, np.arange(100, 100 + rows))
-    static = continuations(make_generate_fn(loaded.config, n, hot)(loaded.params, ids, mask, np.int32([-1]), keys),
-                           rows)
+    sampled = make_generate_fn(loaded.config, n, hot)
+    static = continuations(sampled(loaded.params, ids, mask, np.int32([-1]), keys), rows)
     for slots in (2, 5):  # another batch composition, as another mesh or a resumed chunk has
         result = make_continuous_fn(loaded.config, slots, n, hot)(loaded.params, ids, mask, np.int32([-1]), keys,
                                                                  np.int32(rows))
         assert continuations(result, rows) == static
     # One prompt alone, with its own key, draws what it drew in the batch.
-    alone = make_generate_fn(loaded.config, n, hot)(loaded.params, ids[2:3], mask[2:3], np.int32([-1]), keys[2:3])
+    alone = sampled(loaded.params, ids[2:3], mask[2:3], np.int32([-1]), keys[2:3])
     assert continuations(alone, 1)[0] == static[2]
-    other = continuations(make_generate_fn(loaded.config, n, hot)(
-        loaded.params, ids, mask, np.int32([-1]), sample_keys(8, np.arange(100, 100 + rows))), rows)
+    other = continuations(sampled(loaded.params, ids, mask, np.int32([-1]), sample_keys(8, np.arange(100, 100 + rows))),
+                          rows)
     assert other != static
-    greedy = continuations(make_generate_fn(loaded.config, n)(loaded.params, ids, mask, np.int32([-1])), rows)
+    greedy = [tokens[:n] for tokens in greedy24[1]]  # greedy: the first n of 24 free-running tokens
     cold = continuations(make_generate_fn(loaded.config, n, Sampling(temperature=0.0))(
         loaded.params, ids, mask, np.int32([-1]), keys), rows)
     assert cold == greedy and static != greedy
