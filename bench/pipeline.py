@@ -97,33 +97,71 @@ def end_to_end(fields: dict, output: str) -> tuple[float, dict, int]:
     return seconds, summary.progress, rss.peak
 
 
+def chunk_part(acts: dict[str, np.ndarray], samples: int, tokens: int, rng: np.random.Generator) -> PartBuffer:
+    """A part of `samples` samples of `tokens` tokens each holding `acts` ({tensor: [rows, ...]})."""
+    total = samples * tokens
+    return PartBuffer(
+        0, np.arange(samples, dtype=np.int64), np.arange(0, total + 1, tokens, dtype=np.int64),
+        rng.integers(0, 512, total, dtype=np.int32), np.tile(np.arange(tokens, dtype=np.int32), samples), acts, total,
+    )
+
+
+def time_part_writes(part: PartBuffer, tensors: dict, root: Path, threads: int) -> tuple[float, float, int]:
+    """(seconds for one part on one thread, seconds per part with `threads` writing at once,
+    the part's bytes), written the engine's way: encode, hash, local write."""
+    store = open_store(root)
+    sizes = []
+
+    def write_part(index: int) -> None:
+        encoded = encode(part, tensors, chunk=0, attempt="bench")
+        store.write_bytes(f"part-{index:05d}.safetensors", encoded.data)
+        sizes.append(len(encoded.data))
+
+    start = time.perf_counter()
+    write_part(0)
+    one_s = time.perf_counter() - start
+    with ThreadPoolExecutor(threads) as pool:
+        start = time.perf_counter()
+        list(pool.map(write_part, range(1, threads + 1)))
+        pool_s = (time.perf_counter() - start) / threads
+    return one_s, pool_s, sizes[0]
+
+
+def bench_arguments(description: str, tasks: int, reps: int) -> argparse.Namespace:
+    """The model and data options every pipeline benchmark takes."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--tasks", type=int, default=tasks, help="ARC evaluation tasks (2 prompts each)")
+    parser.add_argument("--hidden", type=int, default=384)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--max-seq-len", type=int, default=2048)
+    parser.add_argument("--reps", type=int, default=reps)
+    return parser.parse_args()
+
+
+def bench_fields(root: Path, args: argparse.Namespace) -> dict:
+    """Run fields (no dtype, no output) for a random Qwen2 over ARC tasks, built under root;
+    compiled programs are cached under root too, so warm-up runs fill the cache once."""
+    jax.config.update("jax_compilation_cache_dir", str(root / "jax-cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    model = build_model(root / "model", args.hidden, args.layers)
+    return {
+        "model": str(model), "run_name": "bench", "layers": "all", "activation": "residual",
+        "batch_tokens": 8192, "chunk_size": 4,
+        "data": {"dataset": str(demo_dataset(root / "arc.jsonl", args.tasks)), "format": "arc",
+                 "predictions_per_task": 2, "max_seq_len": args.max_seq_len},
+    }
+
+
 def writer_bench(samples: int, tokens: int, hooks: int, width: int, root: Path, threads: int = 4) -> dict[str, float]:
     """MB/s of activation bytes: one actex part on one thread, `threads` parts on the
     engine's writer pool size, and the legacy gzip-9 pickle of the same chunk."""
     rng = np.random.default_rng(0)
     widths = {f"blocks.{layer}.hook_resid_post": width for layer in range(hooks)}
     total = samples * tokens
-    part = PartBuffer(
-        0, np.arange(samples, dtype=np.int64), np.arange(0, total + 1, tokens, dtype=np.int64),
-        rng.integers(0, 512, total, dtype=np.int32), np.tile(np.arange(tokens, dtype=np.int32), samples),
-        {h: rng.standard_normal((total, width), np.float32).astype(ml_dtypes.bfloat16) for h in widths}, total,
-    )
+    acts = {h: rng.standard_normal((total, width), np.float32).astype(ml_dtypes.bfloat16) for h in widths}
+    part = chunk_part(acts, samples, tokens, rng)
     activation_bytes = total * width * hooks * 2
-    tensors = part_tensors(widths, "bfloat16")
-
-    store = open_store(root / "actex")
-
-    def write_part(index: int) -> None:  # the engine's writer path: encode, hash, write
-        encoded = encode(part, tensors, chunk=0, attempt="bench")
-        store.write_bytes(f"part-{index:05d}.safetensors", encoded.data)
-
-    start = time.perf_counter()
-    write_part(0)
-    actex_s = time.perf_counter() - start
-    with ThreadPoolExecutor(threads) as pool:
-        start = time.perf_counter()
-        list(pool.map(write_part, range(1, threads + 1)))
-        pool_s = (time.perf_counter() - start) / threads
+    actex_s, pool_s, _ = time_part_writes(part, part_tensors(widths, "bfloat16"), root / "actex", threads)
 
     start = time.perf_counter()
     rows = [slice(part.sample_offsets[i], part.sample_offsets[i + 1]) for i in range(samples)]
@@ -138,30 +176,10 @@ def writer_bench(samples: int, tokens: int, hooks: int, width: int, root: Path, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", type=int, default=12, help="ARC evaluation tasks (2 prompts each)")
-    parser.add_argument("--hidden", type=int, default=384)
-    parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--max-seq-len", type=int, default=2048)
-    parser.add_argument("--reps", type=int, default=3)
-    args = parser.parse_args()
-
+    args = bench_arguments(__doc__.splitlines()[0], tasks=12, reps=3)
     with tempfile.TemporaryDirectory(prefix="actex-bench-") as tmp:
         root = Path(tmp)
-        jax.config.update("jax_compilation_cache_dir", str(root / "jax-cache"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        model = build_model(root / "model", args.hidden, args.layers)
-        fields = {
-            "model": str(model),
-            "run_name": "bench",
-            "layers": "all",
-            "activation": "residual",
-            "dtype": "bfloat16",
-            "batch_tokens": 8192,
-            "chunk_size": 4,
-            "data": {"dataset": str(demo_dataset(root / "arc.jsonl", args.tasks)), "format": "arc",
-                     "predictions_per_task": 2, "max_seq_len": args.max_seq_len},
-        }
+        fields = {**bench_fields(root, args), "dtype": "bfloat16"}
         run = prepare_run({**fields, "output": str(root / "warmup")})
         compute_only(run)  # compiles every bucket shape once (and fills the persistent cache)
 

@@ -18,22 +18,18 @@ The load average is printed before and after: the machine may be shared.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
 import tempfile
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
 import ml_dtypes
 import numpy as np
-from pipeline import build_model, end_to_end
+from pipeline import bench_arguments, bench_fields, chunk_part, end_to_end, time_part_writes
 
-from actex.engine.assembly import PartBuffer, encode, part_tensors
-from actex.engine.demo import demo_dataset
+from actex.engine.assembly import part_tensors
 from actex.engine.quantize import quantize
 from actex.store import quantize as q8
 from actex.store.commits import read_commits
@@ -62,31 +58,12 @@ def writer_bench(dtype: str, samples: int, tokens: int, widths: dict[str, int], 
                  threads: int = 4) -> dict[str, float]:
     """Seconds per part on one thread and on a `threads` pool, and the part's bytes."""
     rng = np.random.default_rng(0)
-    total = samples * tokens
     acts: dict[str, np.ndarray] = {}
     for hook, width in widths.items():
-        acts |= coded(planted(total, width, rng), hook, dtype)
-    part = PartBuffer(
-        0, np.arange(samples, dtype=np.int64), np.arange(0, total + 1, tokens, dtype=np.int64),
-        rng.integers(0, 512, total, dtype=np.int32), np.tile(np.arange(tokens, dtype=np.int32), samples), acts, total,
-    )
-    tensors = part_tensors(widths, dtype)
-    store = open_store(root / f"writer-{dtype}")
-    sizes = []
-
-    def write_part(index: int) -> None:  # the engine's writer path: encode, hash, write
-        encoded = encode(part, tensors, chunk=0, attempt="bench")
-        store.write_bytes(f"part-{index:05d}.safetensors", encoded.data)
-        sizes.append(len(encoded.data))
-
-    start = time.perf_counter()
-    write_part(0)
-    one_s = time.perf_counter() - start
-    with ThreadPoolExecutor(threads) as pool:
-        start = time.perf_counter()
-        list(pool.map(write_part, range(1, threads + 1)))
-        pool_s = (time.perf_counter() - start) / threads
-    return {"one_s": one_s, "pool_s": pool_s, "part_bytes": sizes[0], "tokens": total}
+        acts |= coded(planted(samples * tokens, width, rng), hook, dtype)
+    part = chunk_part(acts, samples, tokens, rng)
+    one_s, pool_s, part_bytes = time_part_writes(part, part_tensors(widths, dtype), root / f"writer-{dtype}", threads)
+    return {"one_s": one_s, "pool_s": pool_s, "part_bytes": part_bytes, "tokens": samples * tokens}
 
 
 def part_bytes_per_token(url: str) -> tuple[float, int]:
@@ -101,26 +78,11 @@ def load() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", type=int, default=6, help="ARC evaluation tasks (2 prompts each)")
-    parser.add_argument("--hidden", type=int, default=384)
-    parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--max-seq-len", type=int, default=2048)
-    parser.add_argument("--reps", type=int, default=2)
-    args = parser.parse_args()
+    args = bench_arguments(__doc__.splitlines()[0], tasks=6, reps=2)
     logging.getLogger("actex").setLevel(logging.ERROR)  # one truncation line per run otherwise
-
     with tempfile.TemporaryDirectory(prefix="actex-bench-") as tmp:
         root = Path(tmp)
-        jax.config.update("jax_compilation_cache_dir", str(root / "jax-cache"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        model = build_model(root / "model", args.hidden, args.layers)
-        fields = {
-            "model": str(model), "run_name": "bench", "layers": "all", "activation": "residual",
-            "compute_dtype": "float32", "batch_tokens": 8192, "chunk_size": 4,
-            "data": {"dataset": str(demo_dataset(root / "arc.jsonl", args.tasks)), "format": "arc",
-                     "predictions_per_task": 2, "max_seq_len": args.max_seq_len},
-        }
+        fields = {**bench_fields(root, args), "compute_dtype": "float32"}
         print(f"machine: {os.cpu_count()} CPU cores, jax {jax.__version__} ({jax.default_backend()}); {load()}")
         print(f"model: random Qwen2 hidden {args.hidden}, {args.layers} layers, float32 compute; "
               f"{args.layers} hooks x {args.hidden}; {args.tasks} ARC tasks x 2 prompts, chunks of 4")
