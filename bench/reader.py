@@ -19,10 +19,14 @@ import argparse
 import os
 import sys
 import tempfile
+import threading
 import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from unittest import mock
+
+import google_crc32c
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import servers  # noqa: E402  (emulator helpers shared with the tests)
@@ -69,30 +73,67 @@ def checks(mode: str):
             yield
 
 
-def epoch(url: str, options: dict, mode: str, **kwargs) -> tuple[int, float]:
-    """Value bytes delivered and wall seconds for one epoch (a fresh Run: headers fetched again)."""
+def epoch(url: str, options: dict, mode: str, **kwargs) -> tuple[int, float, float]:
+    """Value bytes delivered, wall seconds and this process's CPU seconds (every thread) for
+    one epoch (a fresh Run: headers fetched again)."""
     with checks(mode):
         run = open_run(url, **options)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         delivered = sum(batch.activations.nbytes for batch in run.iter_batches(HOOK, 4096, **kwargs))
-        return delivered, time.perf_counter() - start
+        return delivered, time.perf_counter() - start, time.process_time() - cpu
 
 
 def measure(url: str, options: dict, label: str, repeat: int, modes: tuple[str, ...], **kwargs) -> None:
     """Median (and best) GB/s of `repeat` epochs per mode, the modes interleaved."""
     seconds: dict[str, list[float]] = {mode: [] for mode in modes}
+    cpu: dict[str, list[float]] = {mode: [] for mode in modes}
     delivered = 0
     loads = []
     for _ in range(repeat):
         for mode in modes:
-            delivered, s = epoch(url, options, mode, **kwargs)
+            delivered, s, c = epoch(url, options, mode, **kwargs)
             seconds[mode].append(s)
+            cpu[mode].append(c)
         loads.append(os.getloadavg()[0])
     rate = {m: delivered / sorted(s)[len(s) // 2] / 1e9 for m, s in seconds.items()}
     best = {m: delivered / min(s) / 1e9 for m, s in seconds.items()}
-    columns = "  ".join(f"{m} {rate[m]:5.2f} GB/s (best {best[m]:5.2f})" for m in modes)
+    # CPU seconds per GB delivered: what the load on a shared machine changes least.
+    cost = {m: sorted(c)[len(c) // 2] / (delivered / 1e9) for m, c in cpu.items()}
+    columns = "  ".join(f"{m} {rate[m]:5.2f} GB/s (best {best[m]:5.2f}, {cost[m]:4.2f} CPU s/GB)" for m in modes)
     print(f"{label:40s} {delivered / 1e9:5.2f} GB  {columns}  checked/unchecked {rate[CHECKED] / rate[UNCHECKED]:4.2f}"
           f"  (load {min(loads):.1f}-{max(loads):.1f})", flush=True)
+
+
+def overlap(repeat: int = 7) -> None:
+    """1,500 checks of a 1 MiB block on one thread beside 3M Python additions on this one:
+    the wall time together is the sum when the checks hold the GIL, less when they do not."""
+    block = np.random.default_rng(0).integers(0, 256, 1 << 20, dtype=np.uint8)
+
+    def checks(value) -> None:
+        for _ in range(1500):
+            value(block)
+
+    def python_work() -> None:
+        total = 0
+        for i in range(3_000_000):
+            total += i
+
+    def timed(*work) -> float:
+        start = time.perf_counter()
+        threads = [threading.Thread(target=w) for w in work[1:]]
+        for thread in threads:
+            thread.start()
+        work[0]()
+        for thread in threads:
+            thread.join()
+        return time.perf_counter() - start
+
+    settings = {"checks alone": (lambda: checks(integrity.crc32c),), "python alone": (python_work,),
+                "together, GIL held": (python_work, lambda: checks(google_crc32c.value)),
+                "together, GIL released": (python_work, lambda: checks(integrity.crc32c))}
+    seconds = {name: sorted(timed(*work) for _ in range(repeat)) for name, work in settings.items()}
+    for name, s in seconds.items():
+        print(f"{name:24s} median {s[len(s) // 2]:.3f} s  (load {os.getloadavg()[0]:.1f})", flush=True)
 
 
 def main() -> None:
@@ -102,7 +143,11 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="epochs per setting and mode (median reported)")
     parser.add_argument("--dtypes", default="float32,bfloat16,int8")
     parser.add_argument("--gil-held", action="store_true", help="also time the checks holding the GIL (before)")
+    parser.add_argument("--overlap", action="store_true", help="only time checks beside Python work, GIL held vs not")
     args = parser.parse_args()
+    if args.overlap:
+        overlap()
+        return
     modes = (CHECKED, GIL_HELD, UNCHECKED) if args.gil_held else (CHECKED, UNCHECKED)
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start", flush=True)
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
