@@ -16,10 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from engine_fixtures import committed_tensors, jax_cache, tiny_model_dir, write_jsonl  # noqa: F401
+from engine_fixtures import arc_dataset, committed_tensors, jax_cache, tiny_model_dir, write_jsonl  # noqa: F401
 
 from actex.config import check_positions
 from actex.data.positions import PositionSelection
+from actex.store import layout
 from actex.store.commits import read_commits
 from actex.store.folder import open_store
 from actex.store.stats import HookStats, decode_stats
@@ -170,3 +171,26 @@ def test_a_bad_spelling_is_one_line_exit_2_before_anything_is_written(tmp_path, 
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("actex: error: ") and "sample:2" in lines[0], result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_generation_run_selects_over_prompt_and_answer_alike(tmp_path, tiny_model_dir, arc_dataset):  # noqa: F811
+    args = [ACTEX, "generate", "--model", str(tiny_model_dir), "--dataset", str(arc_dataset), "--output", str(tmp_path),
+            "--run-name", "r", "--hooks", HOOK, "--dtype", "float32", "--compute-dtype", "float32",
+            "--predictions-per-task", "1", "--chunk-size", "2", "--batch-tokens", "2048", "--max-new-tokens", "4",
+            "--no-progress", "--positions", "skip-first:3"]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    store = open_store(str(tmp_path / "r"))
+    records = {}
+    for record in read_commits(store).values():
+        lines = store.read_bytes(layout.samples_path(record.chunk, record.attempt)).decode().splitlines()
+        records |= {line["sample_id"]: line for line in map(json.loads, lines)}
+    stored_rows = stored(tmp_path)
+    assert sorted(stored_rows) == sorted(records) and records
+    for sample, rows in stored_rows.items():
+        record = records[sample]
+        # One window of prompt + answer; positions 0-2 dropped, every later one stored,
+        # the generated tokens (positions from n_prompt_tokens on) among them.
+        assert rows["positions"].tolist() == list(range(3, 3 + record["n_tokens"])), sample
+        if record["stop_reason"] is not None:  # not skipped
+            assert 3 + record["n_tokens"] > record["n_prompt_tokens"], record
