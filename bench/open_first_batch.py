@@ -32,11 +32,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import servers  # noqa: E402  (emulator helpers shared with the tests)
 
+from actex.reader.run import Run  # noqa: E402
 from actex.store import integrity, layout, shards  # noqa: E402
 from actex.store.commits import CommitRecord, PartRecord  # noqa: E402
 from actex.store.folder import Store, open_store  # noqa: E402
 from actex.store.manifest import HookSpec, PlanSummary, RunManifest  # noqa: E402
-from actex.reader.run import Run  # noqa: E402
 from actex.store.stats import HookStats, encode_stats  # noqa: E402
 
 HOOKS = {f"blocks.{layer}.hook_resid_post": 896 for layer in range(24)}

@@ -18,8 +18,8 @@ from transformers import AutoTokenizer, Qwen2ForCausalLM
 from typer.testing import CliRunner
 
 from actex.cli import app
-from actex.store.folder import open_store
 from actex.reader.run import Run
+from actex.store.folder import open_store
 
 ACTEX = str(Path(sys.executable).parent / "actex")
 MAX_NEW = 6

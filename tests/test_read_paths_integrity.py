@@ -29,9 +29,9 @@ from actex.cli import app
 from actex.reader.exports.legacy import export_legacy
 from actex.reader.exports.saelens import export_saelens
 from actex.reader.jax_data import device_batches
+from actex.reader.torch_data import ActivationDataset
 from actex.store import integrity, shards
 from actex.store.integrity import CorruptPartError
-from actex.reader.torch_data import ActivationDataset
 
 HOOK = "blocks.1.mlp.hook_post"  # the last tensor of a part: a truncation cuts only it
 LENGTHS = [[[5, 9], [7]], [[12, 3]], [[4, 4]]]  # the damaged part is chunk 0's first: 14 tokens

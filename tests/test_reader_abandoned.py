@@ -15,8 +15,8 @@ import threading
 
 from reader_fixtures import write_run
 
-from actex.store.folder import Store, open_store
 from actex.reader.run import Run
+from actex.store.folder import Store, open_store
 
 HOOK = "blocks.0.hook_resid_post"
 

@@ -7,10 +7,10 @@ import pytest
 from reader_fixtures import HOOKS, CountingStore, write_run
 
 from actex import open_run
-from actex.store import integrity
-from actex.store.folder import open_store
 from actex.reader.ranges import only_index_between, read_ranges, row_range, whole
 from actex.reader.run import Run
+from actex.store import integrity
+from actex.store.folder import open_store
 from actex.store.shards import TensorInfo
 
 HOOK = "blocks.1.mlp.hook_post"

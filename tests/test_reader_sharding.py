@@ -15,9 +15,9 @@ import torch
 from reader_fixtures import write_run
 
 from actex import open_run
+from actex.reader.torch_data import ActivationDataset
 from actex.store import layout
 from actex.store.folder import open_store
-from actex.reader.torch_data import ActivationDataset
 
 HOOK = "blocks.0.hook_resid_post"
 WIDTH_BYTES = 16 * 2

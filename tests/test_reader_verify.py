@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 
 from actex import open_run
 from actex.cli import app
+from actex.reader.verify import TOLERANCE, forward_windows, verify
 from actex.store import layout, shards
 from actex.store.commits import PartRecord
-from actex.reader.verify import TOLERANCE, forward_windows, verify
 
 HOOKS = ["hook_embed", "blocks.0.hook_resid_mid", "blocks.1.mlp.hook_post", "ln_final.hook_normalized",
          "ln_final.hook_out"]

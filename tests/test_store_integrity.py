@@ -19,11 +19,11 @@ from typer.testing import CliRunner
 import actex.reader.verify as verify_module
 from actex import open_run
 from actex.cli import app
+from actex.reader.run import Run
 from actex.store import Store, StoreError, layout, open_store
 from actex.store.backends import TEMP_PREFIX, local, s3
 from actex.store.gc import collect_garbage
 from actex.store.integrity import CorruptPartError
-from actex.reader.run import Run
 
 HOOK, OTHER = "blocks.1.mlp.hook_post", "blocks.0.hook_resid_post"
 LENGTHS = [[[5, 9], [7]], [[12, 3]], [[4, 4]]]
