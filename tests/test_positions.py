@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from engine_fixtures import arc_dataset, committed_tensors, jax_cache, tiny_model_dir, write_jsonl  # noqa: F401
+from typer.testing import CliRunner
 
+from actex.cli import app
 from actex.config import check_positions
 from actex.data.positions import PositionSelection
 from actex.store import layout
@@ -132,6 +134,10 @@ def test_skip_first_stores_exactly_positions_from_k(tmp_path, tiny_model_dir, da
     values = np.concatenate([rows["acts"] for rows in selected.values()]).astype(np.float64)
     assert stats.count == len(values)
     np.testing.assert_allclose(stats.mean, values.mean(0), rtol=1e-5, atol=1e-6)
+    # verify cannot recompute a window whose first tokens were dropped: refused in one line.
+    result = CliRunner().invoke(app, ["verify", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "stores --positions skip-first:2" in result.stderr, result.output
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_sample_is_the_same_on_a_rerun_a_resume_and_a_mesh(tmp_path, tiny_model_dir, dataset, everything):  # noqa: F811

@@ -205,7 +205,14 @@ def forward_windows(positions: np.ndarray) -> list[tuple[int, int]]:
 
 def verify(run: Run, n_samples: int, *, seed: int = 0, tolerance: float | None = None,
            model: str | None = None, device: str = "cpu", reference=None) -> VerifyReport:
-    """Recompute n_samples random stored samples and compare every stored hook."""
+    """Recompute n_samples random stored samples and compare every stored hook.
+
+    ValueError for a run that stores selected positions only (--positions): the dropped
+    tokens were context its forward saw, and a window is recomputed from stored tokens."""
+    selected = run.config.get("positions", "all")
+    if selected != "all":
+        raise ValueError(f"{run.url} stores --positions {selected}: verify recomputes each window from its stored "
+                         "tokens, and the dropped ones were context the model saw; use --integrity-only")
     hooks = list(run.hooks)
     chosen = pick_samples(run, n_samples, seed)
     corrupt = check_integrity(run, list({part.path: part for part, _, _, _ in chosen}.values()))
