@@ -168,7 +168,7 @@ def test_the_same_file_by_two_spellings_is_one_run(tiny_model_dir, text_run, tmp
 
 
 # The actex before issue 25, for the resume test: run identity from the path as typed.
-ACTEX_BEFORE = ("import sys; import actex.engine.extract as e; e.with_dataset_location = lambda fields: fields; "
+ACTEX_BEFORE = ("import sys; import actex.engine.prepare as e; e.with_dataset_location = lambda fields: fields; "
                 "from actex.cli import app; sys.argv[0] = 'actex'; app()")
 
 
