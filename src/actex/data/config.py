@@ -46,7 +46,7 @@ class DataConfig(BaseModel):
         "GridShapeEncoder(RowNumberEncoder(MinimalGridEncoder())).")
     template: Annotated[str, Flag(panel="ARC prompts")] = Field("output-from-examples-v1", description="ARC prompt template.")
     predictions_per_task: Annotated[int, Flag(panel="ARC prompts")] = Field(8, ge=1, description="Augmented prompts per ARC test input.")
-    seed: Annotated[int, Flag(panel="ARC prompts")] = Field(0, ge=0, description="Augmentation seed.")
+    seed: Annotated[int, Flag(panel="ARC prompts")] = Field(0, ge=0, description="Seed of the ARC augmentations and of --positions sample:R.")
     samples_per_prompt: Annotated[int, Flag(panel="Generation")] = Field(
         1, ge=1, description="Samples of every prompt (actex generate: each draws its own tokens from its own "
         "sample id; ARC votes count them all).")
