@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import servers  # noqa: E402  (emulator helpers shared with the tests)
 
 from actex.reader.run import Run  # noqa: E402
-from actex.store import integrity, layout, shards  # noqa: E402
+from actex.store import dtypes, integrity, layout, shards  # noqa: E402
 from actex.store.commits import CommitRecord, PartRecord  # noqa: E402
 from actex.store.folder import Store, open_store  # noqa: E402
 from actex.store.manifest import HookSpec, PlanSummary, RunManifest  # noqa: E402
@@ -54,7 +54,7 @@ def build_run(url: str, options: dict, chunks: int) -> int:
         plan=PlanSummary(num_samples=chunks * 2, chunk_size=2, num_chunks=chunks, fingerprint="p"),
     )
     store.write_bytes(layout.MANIFEST, manifest.to_json())
-    acts = {h: rng.standard_normal((TOKENS, w)).astype(shards.activation_dtype("bfloat16")) for h, w in HOOKS.items()}
+    acts = {h: rng.standard_normal((TOKENS, w)).astype(dtypes.activation_dtype("bfloat16")) for h, w in HOOKS.items()}
     part = shards.encode_part(acts, np.arange(TOKENS, dtype=np.int32), np.arange(TOKENS, dtype=np.int32) % 4,
                               np.array([0, 4, TOKENS]), np.array([0, 1]), chunk=0, attempt="shared", part=0)
     part_path, stats_path = "shared/part-00000.safetensors", "shared/stats.safetensors"
@@ -138,7 +138,7 @@ def integrity_cost() -> None:
     """What the checksums add to writing and reading one 128 MiB part of these hooks."""
     rng = np.random.default_rng(0)
     tokens = 128 * 2**20 // (len(HOOKS) * 896 * 2)
-    acts = {h: rng.standard_normal((tokens, w)).astype(shards.activation_dtype("bfloat16")) for h, w in HOOKS.items()}
+    acts = {h: rng.standard_normal((tokens, w)).astype(dtypes.activation_dtype("bfloat16")) for h, w in HOOKS.items()}
     ids = np.arange(tokens, dtype=np.int32)
     start = time.perf_counter()
     part = shards.encode_part(acts, ids, ids, np.array([0, tokens]), np.array([0]), chunk=0, attempt="a", part=0)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import safetensors.numpy
 
-from actex.store import integrity, layout, quantize, shards
+from actex.store import dtypes, integrity, layout, quantize, shards
 from actex.store.commits import CommitRecord, PartRecord, commit
 from actex.store.folder import Store, open_store
 from actex.store.manifest import HookSpec, PlanSummary, RunManifest
@@ -109,7 +109,7 @@ def random_hooks(rng: np.random.Generator, n: int, hooks: dict[str, int], dtype:
     """Random values of each hook for `n` tokens in the stored dtype; int8: codes with
     random steps and block exponents beside them (store/quantize.py's three tensors)."""
     if dtype != quantize.INT8:
-        return {h: rng.standard_normal((n, w)).astype(shards.activation_dtype(dtype)) for h, w in hooks.items()}
+        return {h: rng.standard_normal((n, w)).astype(dtypes.activation_dtype(dtype)) for h, w in hooks.items()}
     out = {}
     for h, w in hooks.items():
         out[h] = rng.integers(-quantize.CODE_MAX, quantize.CODE_MAX + 1, (n, w)).astype(np.int8)

@@ -37,7 +37,7 @@ from actex.reader.parts import Block, PartRef, cut_blocks, deal_chunks, parts_of
 from actex.reader.prefetch import prefetched
 from actex.reader.ranges import aligned, check_whole_part, fetch_header
 from actex.reader.shuffle import mix
-from actex.store import integrity, quantize, shards
+from actex.store import dtypes, integrity, quantize, shards
 from actex.store.commits import CommitRecord, check_samples, committed_chunks, read_commits
 from actex.store.folder import Store, open_store
 from actex.store.integrity import CorruptPartError
@@ -121,7 +121,7 @@ class Run:
         """The dtype batches come in: `dtype` if given, else the stored one (float32 for int8)."""
         if dtype is not None:
             return np.dtype(dtype)
-        return np.dtype(np.float32) if self.quantized else shards.activation_dtype(self.dtype)
+        return np.dtype(np.float32) if self.quantized else dtypes.activation_dtype(self.dtype)
 
     @property
     def num_chunks(self) -> int:

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from actex.store.dtypes import activation_dtype
+
 INT8 = "int8"
 BLOCK = 8  # channels per block
 LEVELS = 16  # exponents 0..15, one nibble
@@ -63,8 +65,6 @@ def token_bytes(width: int) -> int:
 def stored_tensors(hook: str, width: int, dtype: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """{tensor name: (shape after the token axis, numpy dtype)} a hook puts in a part."""
     if dtype != INT8:
-        from actex.store.shards import activation_dtype
-
         return {hook: ((width,), activation_dtype(dtype))}
     return {
         hook: ((width,), np.dtype(np.int8)),

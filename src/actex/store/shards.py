@@ -32,15 +32,11 @@ import safetensors
 import safetensors.numpy
 
 from actex.store import integrity, quantize
+from actex.store.dtypes import ACTIVATION_DTYPES, activation_dtype
 from actex.store.integrity import CorruptPartError
 from actex.store.layout import FORMAT_VERSION
 
-# Stored activation dtypes by name, and safetensors' dtype codes for every tensor we write.
-ACTIVATION_DTYPES: dict[str, np.dtype] = {
-    "bfloat16": np.dtype(ml_dtypes.bfloat16),
-    "float16": np.dtype(np.float16),
-    "float32": np.dtype(np.float32),
-}
+# safetensors' dtype codes for every tensor we write.
 _FROM_SAFETENSORS: dict[str, np.dtype] = {
     "BF16": np.dtype(ml_dtypes.bfloat16),
     "F16": np.dtype(np.float16),
@@ -58,13 +54,6 @@ INDEX_TENSORS = ("token_ids", "positions", "sample_offsets", "sample_ids")
 HEADER_ALLOWANCE = 64 * 1024
 # safetensors' own limit on a header: a length field above it is corruption, not a part.
 MAX_HEADER_BYTES = 100_000_000
-
-
-def activation_dtype(name: str) -> np.dtype:
-    try:
-        return ACTIVATION_DTYPES[name]
-    except KeyError:
-        raise ValueError(f"unknown activation dtype {name!r}; expected one of {sorted(ACTIVATION_DTYPES)}") from None
 
 
 @dataclass(frozen=True)
