@@ -20,7 +20,7 @@ demo: install
 	$(BIN)/actex demo
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 bench: install
 	$(BIN)/python bench/forward.py
