@@ -228,3 +228,13 @@ def test_heartbeat_abandoned_is_the_last_word(tmp_path):
     assert beat.beat(state="abandoned", force=True)
     assert not beat.beat(state="stopped", force=True)
     assert read_heartbeats(store)["w-1"]["state"] == "abandoned"
+
+
+def test_the_version_run_json_records_is_the_package_version():
+    import tomllib
+    from pathlib import Path
+
+    from actex.version import __version__
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert __version__ == pyproject["project"]["version"]

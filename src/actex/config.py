@@ -29,6 +29,7 @@ from pydantic import (
 
 from actex.data.config import DataConfig, without_later_defaults
 from actex.data.positions import ALL as ALL_POSITIONS, check_positions
+from actex.data.sources import canonical_location
 from actex.flag import Flag
 from actex.model.hooks import ACTIVATIONS, BLOCK_HOOKS, hooks_for_layers, parse_hooks
 from actex.store.layout import SAFE_NAME
@@ -367,8 +368,6 @@ def with_dataset_location(fields: dict) -> dict:
     """`fields` with a local data.dataset at its canonical absolute location: the run's
     identity (hash, name) then follows the file, not how its path was spelt or where the
     command ran. The content is pinned separately, by the plan fingerprint in run.json."""
-    from actex.data.sources import canonical_location
-
     data = fields.get("data")
     if not isinstance(data, dict) or not isinstance(data.get("dataset"), str):
         return fields  # resolve_config reports what is missing

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from actex import __version__
+from actex.version import __version__
 from actex.store import layout
 from actex.store.folder import Store
 from actex.store.records import MAX_MANIFEST_BYTES, Record, differing_fields, parse_record, record_bytes
