@@ -102,6 +102,16 @@ def test_dtype_conversion_and_bad_arguments(run_dir):
         next(run.iter_batches("blocks.9.hook_resid_post", 4))
     with pytest.raises(ValueError, match="rank must be in"):
         next(run.iter_batches(HOOK, 4, rank=2, world_size=2))
+    # An integer dtype would keep the values' integer part (mostly zeros): refused.
+    for integer in ("int8", np.int32, "uint8"):
+        with pytest.raises(ValueError, match="batches hold floating values"):
+            next(run.iter_batches(HOOK, 4, dtype=integer))
+    assert next(run.iter_batches(HOOK, 4, shuffle=False, dtype="bfloat16")).activations.dtype.name == "bfloat16"
+
+
+def test_a_folder_without_run_json_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nope: no run.json here \(not an actex run"):
+        open_run(str(tmp_path / "nope"))
 
 
 @pytest.mark.parametrize("crc", ["coarse", "fine"])

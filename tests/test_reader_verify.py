@@ -150,6 +150,10 @@ def test_cli_export_and_gc(engine_run, tmp_path):
         np.testing.assert_array_equal(entry["activation"], values)
     result = runner.invoke(app, ["export", engine_run, str(tmp_path / "x"), "--to", "saelens", "--hook", "nope"])
     assert result.exit_code == 2 and "no hook 'nope'" in result.output
+    # An output folder that holds something already is the user's to change: exit 2, not 1.
+    for to, out in (("saelens", "sae"), ("legacy-pickle", "legacy")):
+        result = runner.invoke(app, ["export", engine_run, str(tmp_path / out), "--to", to, "--hook", "hook_embed"])
+        assert result.exit_code == 2 and f"{tmp_path / out}: " in result.output, result.output
     result = runner.invoke(app, ["gc", engine_run, "--dry-run"])
     assert result.exit_code == 0 and "would delete 0 orphaned attempt(s) and 0 stale temp file(s); kept 3 committed" \
         in result.output

@@ -44,7 +44,9 @@ class UserError(Exception):
 
 
 # Errors that come from what the user asked for, while a command opens its inputs.
-_USER_ERRORS = (ConfigError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, UserError)
+# FileExistsError: an output the user named holds something already (an export's folder).
+_USER_ERRORS = (ConfigError, ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
+                NotADirectoryError, UserError)
 
 
 def _first_line(error: BaseException) -> str:

@@ -82,7 +82,11 @@ class Run:
 
     def __init__(self, store: Store):
         self.store = store
-        self.manifest: RunManifest = read_manifest(store)
+        try:
+            self.manifest: RunManifest = read_manifest(store)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{store.url}: no run.json here (not an actex run, or no worker "
+                                    "has started it yet)") from None
         # One listing: the committed chunks at open time (a record never disappears).
         self.chunks: list[int] = sorted(committed_chunks(store))
         self._committed = frozenset(self.chunks)
@@ -118,10 +122,18 @@ class Run:
         return self.dtype == quantize.INT8
 
     def value_dtype(self, dtype: np.dtype | str | None = None) -> np.dtype:
-        """The dtype batches come in: `dtype` if given, else the stored one (float32 for int8)."""
-        if dtype is not None:
-            return np.dtype(dtype)
-        return np.dtype(np.float32) if self.quantized else dtypes.activation_dtype(self.dtype)
+        """The dtype batches come in: `dtype` if given, else the stored one (float32 for int8).
+
+        Raises ValueError for a dtype that is not floating (int8 included: an int8 run's
+        codes are always dequantized, and a cast of values to an integer type would keep
+        only their integer part, mostly zeros)."""
+        if dtype is None:
+            return np.dtype(np.float32) if self.quantized else dtypes.activation_dtype(self.dtype)
+        wanted = np.dtype(dtype)
+        if wanted.kind != "f" and wanted != dtypes.ACTIVATION_DTYPES["bfloat16"]:
+            raise ValueError(f"dtype {wanted}: batches hold floating values; ask for one of "
+                             "float32, bfloat16, float16, float64 (int8 runs come dequantized)")
+        return wanted
 
     @property
     def num_chunks(self) -> int:
