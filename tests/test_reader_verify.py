@@ -276,3 +276,9 @@ def test_pick_samples_reads_the_indices_of_the_drawn_chunks_only(tmp_path):
     assert sorted((p.chunk, sid) for p, sid, *_ in everything) == sorted(
         (p.chunk, sid) for p in run.parts() for sid, lo, hi in zip(honest(p)[0].tolist(), honest(p)[1][:-1].tolist(), honest(p)[1][1:].tolist()) if hi > lo)
     assert len(everything) == 9
+
+
+def test_verify_refuses_a_negative_tolerance(tmp_path):
+    # Every hook would fail it (exit 1, as for a bad model): the user's mistake is exit 2.
+    result = CliRunner().invoke(app, ["verify", str(tmp_path), "--tolerance", "-1"])
+    assert result.exit_code == 2 and "--tolerance" in result.output

@@ -113,7 +113,7 @@ def verify(
     url: str = typer.Argument(..., help="Run URL."),
     samples: int = typer.Option(8, "--samples", min=1, help="Random committed samples to recompute."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sample choice."),
-    tolerance: Optional[float] = typer.Option(None, "--tolerance", help="Max per-token relative L2 error "
+    tolerance: Optional[float] = typer.Option(None, "--tolerance", min=0.0, help="Max per-token relative L2 error "
                                               "||stored - reference|| / ||reference|| (default by dtype: f32 1e-3, "
                                               "f16 5e-3, bf16 and int8 2e-2)."),
     model: Optional[str] = typer.Option(None, "--model", help="Checkpoint to use instead of run.json's "

@@ -13,10 +13,7 @@ from typing import Optional
 
 import typer
 
-from actex.cli.errors import UserError, user_errors
-
-EXIT_INFRA = 1
-EXIT_STOPPED = 75
+from actex.cli.errors import EXIT_INFRASTRUCTURE, EXIT_STOPPED, UserError, user_errors
 
 tpu_app = typer.Typer(help="Create, delete, list, check and recreate a fleet's TPU VMs (names tpu-{region}-{zone letter}-{i}).",
                       no_args_is_help=True)
@@ -33,7 +30,7 @@ def infra_errors() -> Iterator[None]:
         yield
     except TpuApiError as error:
         typer.echo(f"actex: error: {error}", err=True)
-        raise typer.Exit(EXIT_INFRA) from None
+        raise typer.Exit(EXIT_INFRASTRUCTURE) from None
 
 
 def _api(project: str, endpoint: Optional[str], **kwargs):
