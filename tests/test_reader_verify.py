@@ -282,3 +282,35 @@ def test_verify_refuses_a_negative_tolerance(tmp_path):
     # Every hook would fail it (exit 1, as for a bad model): the user's mistake is exit 2.
     result = CliRunner().invoke(app, ["verify", str(tmp_path), "--tolerance", "-1"])
     assert result.exit_code == 2 and "--tolerance" in result.output
+
+
+def test_verify_cli_words_the_int8_error_as_its_own_figure(tmp_path):
+    """The int8 figure (stats: every token of the chunks read vs float32) and the error vs
+    transformers (the sampled tokens) are separate worst cases: the first can exceed the
+    second, so the line must not read it as a part of it ("of which int8")."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from actex.data import build_tokenizer
+    from actex.engine.prepare import prepare_run
+    from actex.engine.work import StaticChunks
+    from actex.engine.worker import extract
+    from actex.model.random_checkpoint import tiny_hf_config, write_random_checkpoint
+
+    model = tmp_path / "model"
+    tokenizer = build_tokenizer(model, vocab_size=300)
+    write_random_checkpoint(model, tiny_hf_config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48,
+                                                  num_hidden_layers=2), seed=0)
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps({"text": f"row {i} jumps"}) + "\n" for i in range(3)))
+    run = prepare_run({"model": str(model), "hooks": ["blocks.0.hook_resid_mid"], "dtype": "int8",
+                       "output": str(tmp_path / "out"), "chunk_size": 4,
+                       "data": {"dataset": str(tmp_path / "data.jsonl"), "format": "text", "max_seq_len": 32}})
+    extract(run, StaticChunks(run.plan.num_chunks), worker="w0")
+    actex = str(Path(sys.executable).parent / "actex")
+    result = subprocess.run([actex, "verify", run.config.run_url, "--samples", "2"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    line = next(line for line in result.stdout.splitlines() if "blocks.0.hook_resid_mid" in line)
+    assert "of which" not in line
+    assert "error vs reference " in line and " (int8 rounding alone " in line, line

@@ -147,9 +147,11 @@ def verify(
         typer.echo(f"  FAIL  {line}")
     for check in report.checks:
         verdict = "ok" if check.ok else "FAIL"
-        # int8: how much of the error the quantization alone accounts for (the run's stats).
-        quant = "" if check.quant_error is None else f"  of which int8 {check.quant_error:.3e}"
-        typer.echo(f"  {verdict:4}  {check.hook:32}  error {check.error:.3e}{quant}  cosine {check.cosine:.6f}  "
+        # int8: the rounding error the run's stats recorded (stored vs the float32 computed) over
+        # every token of the chunks read, beside the error of the sampled tokens vs transformers:
+        # two separate worst cases, so the first may exceed the second (it is no share of it).
+        quant = "" if check.quant_error is None else f" (int8 rounding alone {check.quant_error:.1e})"
+        typer.echo(f"  {verdict:4}  {check.hook:32}  error vs reference {check.error:.1e}{quant}  cosine {check.cosine:.6f}  "
                    f"(tolerance {check.tolerance:.0e}; worst token: sample {check.worst_sample} "
                    f"token {check.worst_index} position {check.worst_position})")
     if not report.ok:

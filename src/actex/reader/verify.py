@@ -22,7 +22,10 @@ and on the compute dtype the run used; `--tolerance` overrides them.
 int8 runs are compared after dequantization, like any reader sees them; each hook's line
 also gives the quantization error the run's stats recorded for the chunks read (the
 stored values against the float32 the model computed), so what int8 costs is told apart
-from what the model computation differs by. A value that is not finite as stored (an
+from what the model computation differs by. The two are separate worst cases (the sampled
+tokens vs transformers; every token of those chunks vs float32), so the int8 figure is no
+part of the other and may exceed it: the CLI prints "error vs reference E (int8 rounding
+alone Q)". A value that is not finite as stored (an
 overflow of float16, say) anywhere in the run fails verify, named by hook and chunks.
 
 Integrity comes first: every part whose samples are recomputed is read whole and checked
