@@ -168,7 +168,7 @@ def snapshot(run: Path) -> dict[str, tuple[bytes, int]]:
         (["--mesh", "data=3,model=1"], "--mesh data=3,model=1 needs 3 devices, 1 available"),
         (["--mesh", "3x1"], "--mesh '3x1': expected 'auto' or 'data=D,model=M'"),
         (["--attention", "cudnn"], "--attention cudnn needs an NVIDIA GPU; this host's platform is cpu"),
-        (["--run-name", "../../escaped"], "run_name: Value error, '../../escaped' must be one directory name"),
+        (["--run-name", "../../escaped"], "--run-name (or ACTEX_RUN_NAME): '../../escaped' must be one directory name"),
         (["--run-name", "a/b"], "'a/b' must be one directory name under output"),
     ],
     ids=["unknown-hook", "layer-out-of-range", "missing-dataset", "unwritable-output",
@@ -403,3 +403,44 @@ def test_float16_compute_is_refused_before_the_plan(tiny_model_dir, tmp_path):
     flag = runner.invoke(app, ["extract", "--config", str(config), "--compute-dtype", "float16"])
     assert flag.exit_code == 2 and "'float16' is not one of 'bfloat16', 'float32'" in flag.stderr
     assert not list(tmp_path.glob("run-*"))
+
+
+@pytest.mark.parametrize("flags, env, line", [
+    (["--positions", "skip_first:1"], {}, "--positions (or ACTEX_POSITIONS): 'skip_first:1' is not a token selection"),
+    ([], {"ACTEX_POSITIONS": "skip_first:1"}, "--positions (or ACTEX_POSITIONS): 'skip_first:1' is not a token selection"),
+    (["--run-name", "a/b"], {}, "--run-name (or ACTEX_RUN_NAME): 'a/b' must be one directory name under output"),
+    (["--shard-size", "12XB"], {}, "--shard-size (or ACTEX_SHARD_SIZE): '12XB' is not a size (e.g. 1GB, 512MB, 4096)"),
+    (["--dtype", "int4"], {}, "--dtype (or ACTEX_DTYPE): 'int4' is not one of 'bfloat16', 'float16', 'float32', 'int8'."),
+    ([], {"ACTEX_DTYPE": "int4"}, "--dtype (or ACTEX_DTYPE): 'int4' is not one of 'bfloat16', 'float16', 'float32', 'int8'."),
+], ids=["positions-flag", "positions-variable", "run-name", "shard-size", "dtype-flag", "dtype-variable"])
+def test_a_refused_flag_is_named_as_given_without_pydantic_wording(tmp_path, flags, env, line):
+    """Refused in collect(), before the model is looked at (it does not exist here)."""
+    args = [ACTEX, "extract", "--model", str(tmp_path / "m"), "--dataset", str(tmp_path / "d.jsonl"),
+            "--output", str(tmp_path / "out"), "--layers", "0", *flags]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=120, env={**os.environ, **env})
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"actex: error: {line}") and len(result.stderr.splitlines()) == 1, result.stderr
+    assert "Value error" not in result.stderr and "env var:" not in result.stderr and "config field" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_config_file_value_is_named_by_its_field_without_pydantic_wording(tiny_model_dir, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {tiny_model_dir}\noutput: {tmp_path / 'out'}\nlayers: '0'\npositions: skip_first:1\n"
+                      f"data: {{dataset: {tmp_path / 'missing.jsonl'}}}\n")
+    result = subprocess.run([ACTEX, "extract", "--config", str(config)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.startswith("actex: error: invalid config field positions: 'skip_first:1' is not a token selection")
+    assert not (tmp_path / "out").exists()
+
+
+def test_layer_and_hook_refusals_name_the_flag_and_only_this_models_hooks(tiny_model_dir, tmp_path):
+    base = [ACTEX, "extract", "--model", str(tiny_model_dir), "--dataset", str(tmp_path / "d.jsonl"),
+            "--output", str(tmp_path / "out")]
+    layers = subprocess.run([*base, "--layers", "0-9"], capture_output=True, text=True, timeout=300)
+    assert layers.returncode == 2
+    assert layers.stderr == "actex: error: --layers 0-9: layer 2 out of range: model has 2 layers (0-1)\n"
+    hook = subprocess.run([*base, "--hooks", "blocks.0.hook_foo"], capture_output=True, text=True, timeout=300)
+    assert hook.returncode == 2 and "unknown hook 'blocks.0.hook_foo'" in hook.stderr, hook.stderr
+    assert "mlp.hook_post" in hook.stderr and "router_logits" not in hook.stderr  # a dense Qwen2
+    assert not (tmp_path / "out").exists()

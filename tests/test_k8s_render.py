@@ -171,7 +171,7 @@ def test_multi_host_slices_become_a_jobset_of_gangs(tmp_path):
 
 @pytest.mark.parametrize("change, expected", [
     ({"extract": {"batch_tokenz": 5}}, "extract.batch_tokenz: not an option of actex extract"),
-    ({"name": "Qwen_ARC"}, "field name: Value error, must be lower-case"),
+    ({"name": "Qwen_ARC"}, "field name: must be lower-case"),
     ({"tpu": {"accelerator": "tpu-v5p-slice", "topology": "2x2x4"}, "claim": False}, "multi-host slices need claim: true"),
     ({"replicas": 3}, "field replicas: Extra inputs are not permitted"),
 ])

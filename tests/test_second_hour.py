@@ -406,7 +406,7 @@ def test_inspect_keeps_hook_names_whole_in_a_narrow_terminal(text_run):
 @pytest.mark.parametrize("flags, line", [
     (["--batch-tokens", "-1"], "--batch-tokens (or ACTEX_BATCH_TOKENS): Input should be greater than or equal to 16"),
     (["--colour-all-prob", "2"], "--colour-all-prob (or ACTEX_COLOUR_ALL_PROB): Input should be less than or equal to 1"),
-    (["--shard-size", "abc"], "--shard-size (or ACTEX_SHARD_SIZE): Value error, 'abc' is not a size (e.g. 1GB, 512MB, 4096)"),
+    (["--shard-size", "abc"], "--shard-size (or ACTEX_SHARD_SIZE): 'abc' is not a size (e.g. 1GB, 512MB, 4096)"),
 ])
 def test_a_flag_out_of_range_is_refused_by_its_flag_name(tmp_path, flags, line):
     """Not as 'invalid config field data.colour_all_prob' (what a --config file is told)."""

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -31,7 +32,7 @@ from actex.data.config import DataConfig, without_later_defaults
 from actex.data.positions import ALL as ALL_POSITIONS, check_positions
 from actex.data.sources import canonical_location
 from actex.flag import Flag
-from actex.model.hooks import ACTIVATIONS, BLOCK_HOOKS, hooks_for_layers, parse_hooks
+from actex.model.hooks import ACTIVATIONS, BLOCK_HOOKS, hooks_for_layers, parse_hooks, parse_layers
 from actex.store.layout import SAFE_NAME
 
 # int8: codes with a step per token and per block of 8 channels (docs/store.md, "int8 parts").
@@ -392,11 +393,13 @@ def respelt(config: RunConfig, dataset: str, model: str | None = None) -> RunCon
     return config.model_copy(update=update)
 
 
-def resolve_config(fields: dict, *, n_layers: int, checkpoint_dtype: str) -> RunConfig:
+def resolve_config(fields: dict, *, n_layers: int, checkpoint_dtype: str,
+                   hook_kinds: tuple[str, ...] = BLOCK_HOOKS) -> RunConfig:
     """Turn user fields into a RunConfig for a checkpoint with `n_layers` blocks.
 
     `hooks` (list or comma-separated) or `layers` + `activation` (default residual) name the
-    hook points; a missing `compute_dtype` is the checkpoint's. Raises ConfigError (one line).
+    hook points; a missing `compute_dtype` is the checkpoint's. `hook_kinds`: the block hooks
+    the checkpoint has (named when a hook is unknown). Raises ConfigError (one line).
     """
     fields = dict(fields)
     layers = fields.pop("layers", None)
@@ -405,10 +408,10 @@ def resolve_config(fields: dict, *, n_layers: int, checkpoint_dtype: str) -> Run
         if fields.get("hooks") and layers is not None:
             raise ConfigError("give either hooks or layers/activation, not both")
         if layers is not None:
-            fields["hooks"] = hooks_for_layers(layers, activation or "residual", n_layers)
+            fields["hooks"] = _layer_hooks(layers, activation or "residual", n_layers)
         elif not fields.get("hooks"):
             raise ConfigError("no hooks given: pass --hooks NAMES or --layers RANGE")
-        fields["hooks"] = parse_hooks(fields["hooks"], n_layers)
+        fields["hooks"] = parse_hooks(fields["hooks"], n_layers, hook_kinds)
     except ValueError as error:
         raise ConfigError(str(error)) from None
     fields.setdefault("compute_dtype", None)
@@ -420,9 +423,24 @@ def resolve_config(fields: dict, *, n_layers: int, checkpoint_dtype: str) -> Run
         raise ConfigError(one_line(error)) from None
 
 
+def _layer_hooks(layers: Any, activation: str, n_layers: int) -> list[str]:
+    """hooks_for_layers, a refused layer selection naming --layers as given."""
+    try:
+        picked = parse_layers(layers, n_layers)
+    except ValueError as error:
+        raise ConfigError(f"--layers {layers}: {error}") from None
+    return hooks_for_layers(picked, activation, n_layers)
+
+
 def one_line(error: ValidationError) -> str:
     """A pydantic error as one line: the first problem, with the field it is about."""
     first = error.errors()[0]
     where = ".".join(str(part) for part in first["loc"]) or "config"
     more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
-    return f"invalid config field {where}: {first['msg']}{more}"
+    return f"invalid config field {where}: {reason(first)}{more}"
+
+
+def reason(problem: Mapping[str, Any]) -> str:
+    """One pydantic problem's message without pydantic's "Value error, " label: the reason
+    our validators gave, as they gave it."""
+    return problem["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")

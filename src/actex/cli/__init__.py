@@ -27,7 +27,13 @@ typer.core.TyperOption.display_type_rich = _type_label
 def _usage_error_line(error: click.ClickException) -> None:
     # A mistyped flag, value or variable is the user's input like any other: one line
     # `actex: error: ...` (exit 2, click's code), not typer's boxed panel.
-    message = " ".join(error.format_message().split()).replace("Value error, ", "")
+    message = error.format_message()
+    param = getattr(error, "param", None)
+    if isinstance(error, typer.BadParameter) and getattr(param, "envvar", None) and param.opts:
+        # Click says "Invalid value for '--dtype' (env var: 'ACTEX_DTYPE')" whichever was
+        # given: name both the way every other refused value is named.
+        message = f"{param.opts[0]} (or {param.envvar}): {error.message}"
+    message = " ".join(message.split()).replace("Value error, ", "")
     ctx = getattr(error, "ctx", None)
     hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
     typer.echo(f"actex: error: {message}{hint}", err=True)

@@ -22,13 +22,13 @@ import typing
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import typer
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticUndefined
 
-from actex.config import ConfigError, DeviceConfig, HookSelection, RunConfig, WorkerOptions
+from actex.config import ConfigError, DeviceConfig, HookSelection, RunConfig, WorkerOptions, reason
 from actex.flag import Flag
 
 ENV_PREFIX = "ACTEX_"
@@ -62,19 +62,10 @@ class ConfigOption:
     split: bool
     default: Any
     target: str
-    # The field's type with its own limits and parsers (Ge, Le, a size parser): a flag's value
-    # is checked against it alone; None when the field has none.
-    checked_as: Any = None
-
-    def check(self, value: Any) -> None:
-        """Raise ConfigError naming the flag when `value` (a flag's or variable's, already of
-        `kind`) is outside the field's limits: the model would name the config field."""
-        if self.checked_as is None:
-            return
-        try:
-            TypeAdapter(self.checked_as).validate_python(value)
-        except ValidationError as error:
-            raise ConfigError(f"{self.flag} (or {self.envvar}): {error.errors()[0]['msg']}") from None
+    # The model that validates this field, and where its fields start in the fields dict:
+    # a flag's value is checked by it alone, so a refusal can name the flag (see collect).
+    owner: type[BaseModel] | None = None
+    owner_path: tuple[str, ...] = ()
 
     @property
     def required(self) -> bool:
@@ -116,7 +107,8 @@ def _kind(annotation: Any) -> tuple[type, tuple[str, ...] | None, bool]:
 
 
 def model_options(model: type[BaseModel], *, target: str, panel: str, path: tuple[str, ...] = (),
-                  taken: set[str] | None = None) -> list[ConfigOption]:
+                  taken: set[str] | None = None,
+                  owner: tuple[type[BaseModel], tuple[str, ...]] | None = None) -> list[ConfigOption]:
     """The options of `model`'s fields, nested models flattened (their fields under `path`).
 
     A nested field whose name is taken already (data.revision after revision) is prefixed
@@ -124,6 +116,7 @@ def model_options(model: type[BaseModel], *, target: str, panel: str, path: tupl
     the models of one command) are a bug: ValueError.
     """
     taken = set() if taken is None else taken
+    owner = (model, path) if owner is None else owner
     options: list[ConfigOption] = []
     nested: list[tuple[str, type[BaseModel]]] = []
     for field_name, info in model.model_fields.items():
@@ -141,17 +134,15 @@ def model_options(model: type[BaseModel], *, target: str, panel: str, path: tupl
         taken.add(name)
         kind, choices, split = (str, None, False) if flag.text else _kind(annotation)
         default = info.default if info.default_factory is None else info.default_factory()
-        own = [m for m in info.metadata if not isinstance(m, Flag)]
-        checked_as = Annotated[annotation, *own] if own and not split else None
         options.append(ConfigOption(
             path=(*path, field_name), name=name, flag="--" + name.replace("_", "-"),
             envvar=ENV_PREFIX + name.upper(), description=info.description or field_name.replace("_", " "),
             panel=flag.panel or panel, kind=kind, choices=choices, split=split, default=default, target=target,
-            checked_as=checked_as,
+            owner=owner[0], owner_path=owner[1],
         ))
     for field_name, sub in nested:
         options += model_options(sub, target=target, panel=field_name.replace("_", " ").capitalize(),
-                                 path=(*path, field_name), taken=taken)
+                                 path=(*path, field_name), taken=taken, owner=owner)
     return options
 
 
@@ -233,7 +224,7 @@ def with_extract_options(body: Callable[[dict], None], *, doc: str,
 def collect(values: Mapping[str, Any], options: Iterable[ConfigOption]) -> ExtractInputs:
     """Click's values (flag or variable, None when neither) -> run fields and worker options.
 
-    Raises ConfigError (one line, naming the flag) for a value out of its field's range.
+    Raises ConfigError (one line, naming the flag) for a value its field refuses.
     """
     fields: dict = {}
     worker: dict = {}
@@ -253,19 +244,48 @@ def collect(values: Mapping[str, Any], options: Iterable[ConfigOption]) -> Extra
         if option.target == "worker":
             worker[option.path[-1]] = value
         else:
-            option.check(value)
             place = fields
             for part in option.path[:-1]:
                 place = place.setdefault(part, {})
             place[option.path[-1]] = value
+    check_given(fields, [o for o in options if o.target == "config"])
     try:
         worker_options = WorkerOptions.model_validate(worker)
     except ValidationError as error:
         first = error.errors()[0]
         option = worker_flags.get(str(first["loc"][0])) if first["loc"] else None
         where = f"{option.flag} (or {option.envvar})" if option else "worker options"
-        raise ConfigError(f"{where}: {first['msg']}") from None
+        raise ConfigError(f"{where}: {reason(first)}") from None
     return ExtractInputs(fields, worker_options, values.get("config_file"), bool(values.get("show_config")))
+
+
+def check_given(fields: dict, options: list[ConfigOption]) -> None:
+    """Validate the flag and variable values in `fields` by their models, each model given
+    only these: ConfigError '--flag (or ACTEX_VAR): reason' for the first value refused.
+
+    A field's own checks (limits, parsers, field validators) need no other field, so a
+    refusal here is the flag's; what is missing, or wrong only in combination, is judged
+    later with the --config file's fields (and named by field).
+    """
+    by_path = {option.path: option for option in options}
+    for owner, path in dict.fromkeys((o.owner, o.owner_path) for o in options if o.owner is not None):
+        given = fields
+        for part in path:
+            given = given.get(part) if isinstance(given, dict) else None
+        if not given:
+            continue
+        try:
+            owner.model_validate(given)
+        except ValidationError as error:
+            for problem in error.errors():
+                option = _option_at((*path, *map(str, problem["loc"])), by_path)
+                if option is not None and problem["type"] not in ("missing", "extra_forbidden"):
+                    raise ConfigError(f"{option.flag} (or {option.envvar}): {reason(problem)}") from None
+
+
+def _option_at(loc: tuple[str, ...], by_path: Mapping[tuple[str, ...], ConfigOption]) -> ConfigOption | None:
+    """The option whose field `loc` is, or is inside (an item of a list field)."""
+    return next((by_path[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in by_path), None)
 
 
 def with_defaults(fields: dict, options: Iterable[ConfigOption]) -> dict:

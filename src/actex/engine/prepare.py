@@ -28,6 +28,7 @@ from actex.data.sources import check_source
 from actex.model import LoadedModel, ModelConfig, hook_width, layers_needed, load_model, load_tokenizer
 from actex.model.attention import resolve_backend
 from actex.model.checksums import weight_checksums
+from actex.model.hooks import model_block_hooks
 from actex.model.mesh import choose_mesh, describe, model_within_process
 from actex.model.weights import param_dtype, read_model_config, resolve_model_dir
 from actex.store.folder import Store, open_store
@@ -108,7 +109,8 @@ def prepare_run(fields: dict, *, storage_options: dict | None = None,
     typed_model = fields.get("model")
     fields = with_model_location(with_dataset_location(fields))
     ckpt = checkpoint_config(fields["model"], fields.get("revision"))
-    config = resolve_config(fields, n_layers=ckpt.n_layers, checkpoint_dtype=param_dtype(ckpt, None))
+    config = resolve_config(fields, n_layers=ckpt.n_layers, checkpoint_dtype=param_dtype(ckpt, None),
+                            hook_kinds=model_block_hooks(ckpt.moe is not None))
     check_model_serves(ckpt, config)
     check_source(spelt)  # a missing local dataset fails now, named as typed, before devices and model
     config = earlier_spelling(config, spelt, typed_model, storage_options)

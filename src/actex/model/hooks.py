@@ -45,6 +45,12 @@ BLOCK_HOOKS = (
 DENSE_MLP_HOOKS = ("mlp.hook_pre", "mlp.hook_post")  # not on routed-expert (MoE) layers
 MOE_HOOKS = ("mlp.hook_router_logits",)  # only on MoE layers
 
+
+def model_block_hooks(moe: bool) -> tuple[str, ...]:
+    """The BLOCK_HOOKS a dense (`moe` False) or mixture-of-experts model computes."""
+    absent = DENSE_MLP_HOOKS if moe else MOE_HOOKS
+    return tuple(kind for kind in BLOCK_HOOKS if kind not in absent)
+
 # TransformerLens 3's component names (TransformerBridge: `hook_in` / `hook_out` on each
 # component) for the same tensors, accepted as input and stored under the names above.
 ALIASES = {
@@ -80,17 +86,17 @@ class HookPoint(NamedTuple):
     kind: str  # a BLOCK_HOOKS suffix or one of GLOBAL_HOOKS
 
 
-def _expected_names(n_layers: int) -> str:
+def _expected_names(n_layers: int, kinds: tuple[str, ...]) -> str:
     return (
         f"{', '.join(GLOBAL_HOOKS)}, or blocks.{{0..{n_layers - 1}}}."
-        f"{{{', '.join(BLOCK_HOOKS)}}}"
+        f"{{{', '.join(kinds)}}}"
     )
 
 
-def _did_you_mean(name: str, match: re.Match | None) -> str:
+def _did_you_mean(name: str, match: re.Match | None, kinds: tuple[str, ...]) -> str:
     """' (did you mean 'blocks.3.hook_resid_post'?)' for a near miss of a hook name, else ''."""
     if match is not None:
-        close = difflib.get_close_matches(match.group(2), BLOCK_HOOKS, n=1, cutoff=0.8)
+        close = difflib.get_close_matches(match.group(2), kinds, n=1, cutoff=0.8)
         return f" (did you mean 'blocks.{match.group(1)}.{close[0]}'?)" if close else ""
     close = difflib.get_close_matches(name, GLOBAL_HOOKS, n=1, cutoff=0.8)
     return f" (did you mean {close[0]!r}?)" if close else ""
@@ -113,16 +119,18 @@ def canonical_name(name: str) -> str:
     return name
 
 
-def parse_hook(name: str, n_layers: int) -> HookPoint:
+def parse_hook(name: str, n_layers: int, kinds: tuple[str, ...] = BLOCK_HOOKS) -> HookPoint:
     """Validate one hook name against a model with `n_layers` blocks; a TransformerLens 3
-    alias comes back under its canonical name (`blocks.3.hook_out` -> `blocks.3.hook_resid_post`)."""
+    alias comes back under its canonical name (`blocks.3.hook_out` -> `blocks.3.hook_resid_post`).
+    `kinds`: the block hooks the model has (model_block_hooks), listed when a name is unknown."""
     name = canonical_name(name)
     if name in GLOBAL_HOOKS:
         return HookPoint(name, None, name)
     match = _BLOCK_RE.fullmatch(name)
     kind = match and match.group(2)
     if match is None or kind not in BLOCK_HOOKS:
-        raise ValueError(f"unknown hook {name!r}{_did_you_mean(name, match)}; expected one of {_expected_names(n_layers)}")
+        raise ValueError(f"unknown hook {name!r}{_did_you_mean(name, match, kinds)}; "
+                         f"expected one of {_expected_names(n_layers, kinds)}")
     layer = int(match.group(1))
     _check_layer(layer, n_layers)
     return HookPoint(f"blocks.{layer}.{kind}", layer, kind)
@@ -137,14 +145,14 @@ def _order_key(point: HookPoint, n_layers: int) -> tuple[int, int]:
     return (point.layer, BLOCK_HOOKS.index(point.kind))
 
 
-def parse_hooks(names, n_layers: int) -> tuple[str, ...]:
+def parse_hooks(names, n_layers: int, kinds: tuple[str, ...] = BLOCK_HOOKS) -> tuple[str, ...]:
     """Validated, de-duplicated hook names in canonical (computation) order.
 
-    `names` is an iterable of hook names or one comma-separated string.
+    `names` is an iterable of hook names or one comma-separated string; `kinds` as in parse_hook.
     """
     if isinstance(names, str):
         names = [part.strip() for part in names.split(",") if part.strip()]
-    points = {point.name: point for point in (parse_hook(name, n_layers) for name in names)}
+    points = {point.name: point for point in (parse_hook(name, n_layers, kinds) for name in names)}
     if not points:
         raise ValueError("no hooks given: name at least one hook point")
     ordered = sorted(points.values(), key=lambda p: _order_key(p, n_layers))
