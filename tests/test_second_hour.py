@@ -309,12 +309,14 @@ def test_a_run_with_another_config_is_refused_with_one_line_per_field(tiny_model
     cwd, run, _ = text_run
     before = (run / "run.json").read_bytes()
     result = extract(tiny_model_dir, "text.jsonl", cwd / "out", *TEXT_ARGS, "--run-name", run.name,
-                     "--dtype", "bfloat16", "--chunk-size", "2", cwd=cwd)
+                     "--dtype", "bfloat16", "--chunk-size", "2", "--positions", "sample:0.5", cwd=cwd)
     assert result.returncode == 2, result.stderr[-3000:]
     lines = result.stderr.strip().splitlines()
-    assert lines[0].startswith("actex: error: ") and lines[0].endswith("field(s) differ, stored -> given):")
-    assert lines[1:3] == ["  config.chunk_size: 1 -> 2", "  config.dtype: 'float32' -> 'bfloat16'"]
-    assert all(len(line) < 80 for line in lines[1:-1]), lines  # digests cut to 12 characters
+    assert lines[0].startswith("actex: error: ") and lines[0].endswith("3 field(s) differ, stored -> given):")
+    # The fields a user changes, by flag; not what follows from them (config_hash,
+    # hooks.0.dtype, plan.fingerprint); a field run.json leaves out at its default as that default.
+    assert lines[1:-1] == ["  --chunk-size: 1 (stored) -> 2 (given)", "  --dtype: float32 (stored) -> bfloat16 (given)",
+                           "  --positions: all (stored) -> sample:0.5 (given)"], lines
     assert "Traceback" not in result.stderr and (run / "run.json").read_bytes() == before
 
 
@@ -419,3 +421,11 @@ def test_a_flag_out_of_range_is_refused_by_its_flag_name(tmp_path, flags, line):
     assert result.exit_code == 2
     assert result.stderr == f"actex: error: {line}\n"
     assert not (tmp_path / "out").exists()
+
+
+def test_a_mismatch_names_a_generation_field_by_its_flag_and_an_omitted_one_by_its_default():
+    from actex.cli.errors import mismatch_by_flag
+    from actex.store.manifest import ManifestMismatchError
+
+    error = ManifestMismatchError("run.json differs", "out/r", (("config.generation.temperature", 0.8, None),))
+    assert mismatch_by_flag(error).splitlines()[1] == "  --temperature: 0.8 (stored) -> 0 (given)"

@@ -146,11 +146,17 @@ def test_manifest_mismatch_lists_the_differing_fields(tmp_path):
     before = store.read_bytes("run.json")
     with pytest.raises(ManifestMismatchError) as err:
         open_or_create_manifest(store, other)
-    # One field per line (issue 25 item 7), stored -> given, the config's fields first.
+    # One field per line (issue 25 item 7), stored -> given: the config's own fields, not the
+    # hashes and fingerprints that follow from them.
     lines = str(err.value).splitlines()
-    assert lines[0].endswith("holds a different run (3 field(s) differ, stored -> given):")
-    assert lines[1:4] == ["  config.data.seed: 0 -> 1", "  config_hash: 'abc' -> 'def'", "  model_fingerprint: 'm1' -> 'm2'"]
+    assert lines[0].endswith("holds a different run (1 field(s) differ, stored -> given):")
+    assert lines[1:-1] == ["  config.data.seed: 0 (stored) -> 1 (given)"]
+    assert err.value.diffs == (("config.data.seed", 0, 1),)
     assert store.read_bytes("run.json") == before  # nothing touched
+    # Only derived fields differ (another checkpoint, the same config): those are listed.
+    with pytest.raises(ManifestMismatchError) as err:
+        open_or_create_manifest(store, manifest(model_fingerprint="m2"))
+    assert str(err.value).splitlines()[1:-1] == ["  model_fingerprint: m1 (stored) -> m2 (given)"]
 
 
 def test_manifest_refuses_another_format_version(tmp_path):

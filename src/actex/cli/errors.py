@@ -22,7 +22,7 @@ import typer
 
 from actex.config import ConfigError
 from actex.store.errors import StoreError, exception_chain
-from actex.store.manifest import ManifestMismatchError
+from actex.store.manifest import ManifestMismatchError, mismatch_message, spelt_value
 
 log = logging.getLogger("actex")
 
@@ -77,6 +77,30 @@ def error_line(message: str, exit_code: int, log_json: bool = False) -> None:
         typer.echo(f"actex: error: {message}", err=True)
 
 
+def mismatch_by_flag(error: ManifestMismatchError) -> str:
+    """A run mismatch's lines with each config field spelt as its flag (--temperature, not
+    config.generation.temperature) and a value left out of run.json (at its default) as
+    that default, not none."""
+    if not error.diffs:
+        return str(error).strip()
+    # generate's options are extract's and GenerationConfig's; cli.generate imports this
+    # module, so it is imported when a mismatch is shown, not at the top.
+    from actex.cli.generate import GENERATE_OPTIONS
+
+    by_path = {".".join(("config", *o.path)): o for o in GENERATE_OPTIONS if o.target == "config"}
+
+    def name(path: str) -> str:
+        return by_path[path].flag if path in by_path else path.removeprefix("config.")
+
+    def shown(path: str, value: object) -> str:
+        option = by_path.get(path)
+        if value is None and option is not None and not option.required:
+            value = option.default
+        return spelt_value(value)
+
+    return mismatch_message(error.url, error.diffs, name=name, shown=shown)
+
+
 @contextlib.contextmanager
 def user_errors(log_json: bool = False) -> Iterator[None]:
     """The input boundary of a command: user-caused exceptions become one line (a JSON
@@ -93,7 +117,7 @@ def user_errors(log_json: bool = False) -> Iterator[None]:
         raise typer.Exit(code) from None
     except _USER_ERRORS as error:
         # A run mismatch lists each differing field on its own line (issue 25 item 7).
-        message = str(error).strip() if isinstance(error, ManifestMismatchError) else _first_line(error)
+        message = mismatch_by_flag(error) if isinstance(error, ManifestMismatchError) else _first_line(error)
         if isinstance(error, PermissionError) and error.filename:
             message = f"{error.filename}: permission denied (is the output writable?)"
         error_line(message, EXIT_USER_ERROR, log_json)

@@ -3,15 +3,17 @@
 The first worker to arrive creates run.json with a conditional create; every later worker
 (and every rerun) reads it back and refuses to run unless its own manifest has the same
 identity: config hash, model / tokenizer / plan fingerprints, hooks and plan. The error
-names each differing field as a dotted path with both values, one field per line. It also
+names each differing field of the config (else, when only derived fields differ, those) with
+both values, one field per line. It also
 refuses, in one line naming the file, a checkpoint whose weight files' checksums differ
 from those the run recorded (a checkpoint overwritten mid-run must not mix two models).
 """
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from pydantic import Field, field_validator
@@ -34,7 +36,12 @@ PROVENANCE = ("created_at", "actex_version", "skipped_rows", "skipped_row_list")
 
 class ManifestMismatchError(ValueError):
     """This worker's run identity differs from the stored run.json. Message: one line per
-    differing field."""
+    differing field. `url`: the run's; `diffs`: (path, stored, given) of the fields listed
+    (see mismatch_diffs), for a caller that names them its own way (the CLI, by flag)."""
+
+    def __init__(self, message: str, url: str = "", diffs: tuple[tuple[str, Any, Any], ...] = ()) -> None:
+        super().__init__(message)
+        self.url, self.diffs = url, diffs
 
 
 class CheckpointMismatchError(ManifestMismatchError):
@@ -103,14 +110,43 @@ class RunManifest(Record):
         return parse_record(cls, data, where, "run manifest", MAX_MANIFEST_BYTES)
 
 
-def mismatch_message(url: str, diffs: list[tuple[str, Any, Any]]) -> str:
-    """One line per differing field, `field: stored -> given`, the config's first (the
-    hashes and fingerprints after them follow from those), long hex digests cut to 12
-    characters."""
-    diffs = sorted(diffs, key=lambda diff: not diff[0].startswith("config."))
-    lines = [f"  {path}: {_short(stored)!r} -> {_short(given)!r}" for path, given, stored in diffs]
+def mismatch_diffs(ours: Mapping[str, Any], stored: Mapping[str, Any]) -> tuple[tuple[str, Any, Any], ...]:
+    """(path, stored, given) of what differs between two identities: the config's own
+    fields ("config.chunk_size", a list as a whole) when any differ, as those are what a
+    user changes; else the fields derived from the config and checkpoint (hashes,
+    fingerprints, hook widths), which then are what tells the runs apart."""
+    config = differing_fields(ours.get("config"), stored.get("config"), "config.", whole_lists=True)
+    diffs = config or differing_fields(ours, stored)
+    return tuple((path, theirs, given) for path, given, theirs in diffs)
+
+
+def mismatch_message(url: str, diffs: tuple[tuple[str, Any, Any], ...], *,
+                     name: Callable[[str], str] = lambda path: path,
+                     shown: Callable[[str, Any], str] | None = None) -> str:
+    """One line per differing field, `name: stored (stored) -> given (given)`, long hex
+    digests cut to 12 characters. `name(path)` spells a field (the CLI: as its flag);
+    `shown(path, value)` spells a value (the CLI: an omitted one as its default)."""
+    shown = shown or (lambda path, value: spelt_value(value))
+    lines = [f"  {name(path)}: {shown(path, stored)} (stored) -> {shown(path, given)} (given)"
+             for path, stored, given in diffs]
     return "\n".join([f"{url} holds a different run ({len(diffs)} field(s) differ, stored -> given):", *lines,
                       "Use another --output or --run-name, or the stored config."])
+
+
+def spelt_value(value: Any) -> str:
+    """A stored JSON value as a user types it: 0.8, float32, a,b (a list), none."""
+    value = _short(value)
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(spelt_value, value))
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True)
+    return str(value) if value != "" else "''"
 
 
 def _short(value: Any) -> Any:
@@ -130,9 +166,9 @@ def check_manifest(store: Store, ours: RunManifest, stored: RunManifest) -> None
     """Raise CheckpointMismatchError (one line) if our checkpoint differs from the run's,
     else ManifestMismatchError (a line per field) if our identity differs from it."""
     check_weights(store.url_of(layout.MANIFEST), ours.weights, stored.weights)
-    diffs = differing_fields(ours.identity(), stored.identity())
+    diffs = mismatch_diffs(ours.identity(), stored.identity())
     if diffs:
-        raise ManifestMismatchError(mismatch_message(store.url, diffs))
+        raise ManifestMismatchError(mismatch_message(store.url, diffs), store.url, diffs)
 
 
 def check_weights(where: str, ours: Mapping[str, str], stored: Mapping[str, str]) -> None:

@@ -74,15 +74,16 @@ def record_bytes(fields: Mapping[str, Any], *, indent: int | None = None) -> byt
     return json.dumps(fields, indent=indent, sort_keys=True).encode()
 
 
-def differing_fields(ours: Any, theirs: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+def differing_fields(ours: Any, theirs: Any, prefix: str = "", *, whole_lists: bool = False) -> list[tuple[str, Any, Any]]:
     """(dotted path, ours, theirs) for every leaf where two JSON values differ; nested
-    objects by key (sorted), lists of equal length by index, anything else as a whole."""
+    objects by key (sorted), lists of equal length by index (as a whole with
+    `whole_lists`: a list-valued setting), anything else as a whole."""
     if isinstance(ours, Mapping) and isinstance(theirs, Mapping):
         out = []
         for key in sorted(set(ours) | set(theirs), key=str):
-            out += differing_fields(ours.get(key), theirs.get(key), f"{prefix}{key}.")
+            out += differing_fields(ours.get(key), theirs.get(key), f"{prefix}{key}.", whole_lists=whole_lists)
         return out
-    if isinstance(ours, list) and isinstance(theirs, list) and len(ours) == len(theirs):
+    if isinstance(ours, list) and isinstance(theirs, list) and len(ours) == len(theirs) and not whole_lists:
         out = []
         for i, (a, b) in enumerate(zip(ours, theirs)):
             out += differing_fields(a, b, f"{prefix}{i}.")
