@@ -5,6 +5,8 @@ inspect, and the worker modes of extract (static split, --claim) giving every ch
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -131,8 +133,6 @@ def test_generation_fields_are_validated_before_anything_is_written(tiny_model_d
 def test_generate_on_a_data_by_model_mesh_equals_one_device(reference, tiny_model_dir, arc_dataset, tmp_path):
     """4 host devices as a 2 x 2 (data, model) mesh: the same generations and predictions,
     activations within float32 rounding (the model axis sums partial products per device)."""
-    import os
-
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     result = subprocess.run([ACTEX, *generate_args(tiny_model_dir, arc_dataset, tmp_path, "m", "--mesh", "data=2,model=2")],
                             capture_output=True, text=True, env=env, timeout=300)
@@ -146,3 +146,36 @@ def test_generate_on_a_data_by_model_mesh_equals_one_device(reference, tiny_mode
         got, want = (np.concatenate([b.activations.astype(np.float32) for b in run.iter_batches(hook, 256, shuffle=False)])
                      for run in (ours, theirs))
         assert got.shape == want.shape and np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), hook
+
+
+def test_prompts_without_room_are_warned_voted_and_counted_on_their_own(tiny_model_dir, arc_dataset, tmp_path):
+    """--max-seq-len 384 leaves 378 tokens of room: task d631b094's 402-token prompts (both
+    of chunk 2) are skipped. A real process says so in a warning per chunk, predictions.json
+    still names the task ([[0]]), and the summary and inspect count them as skipped, not as
+    unparsed answers. With --positions sample:0.5, inspect tells selection from padding."""
+    result = subprocess.run([ACTEX, *generate_args(tiny_model_dir, arc_dataset, tmp_path, "r", "--max-seq-len", "384",
+                                                   "--positions", "sample:0.5")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    warning = next(line for line in result.stderr.splitlines() if "skipped (prompt too long" in line)
+    assert "chunk 2: 2 prompt(s) skipped" in warning and "sample 4 " in warning and "402 tokens" in warning
+    assert "3 test inputs, 0/4 answers parsed, 2 skipped (prompt too long), pass@2 0/2" in result.stdout
+    predictions = json.loads((tmp_path / "r" / "predictions.json").read_text())
+    assert predictions["d631b094"] == [{"attempt_1": [[0]], "attempt_2": [[0]]}] and len(predictions) == 3
+    records = [s for c in range(3) for s in Run(open_store(str(tmp_path / "r"))).samples(c)]
+    assert [r["skipped"].split(":")[0] for r in records if r["skipped"]] == ["prompt too long"] * 2
+    shown = subprocess.run([ACTEX, "inspect", str(tmp_path / "r")], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "COLUMNS": "400"})
+    assert shown.returncode == 0, shown.stderr
+    decoded = [r for r in records if not r["skipped"]]
+    stops = {reason: sum(r["stop_reason"] == reason for r in decoded) for reason in ("stop_token", "max_new_tokens")}
+    assert f"stop reasons {', '.join(f'{k} {n}' for k, n in stops.items() if n)}, skipped 2;" in shown.stdout
+    assert "{" not in shown.stdout.split("stop reasons")[1].splitlines()[0]
+    assert "answers: 0/4 parsed (2 skipped: prompt too long)" in shown.stdout
+    # Tokens computed: every decoded prompt + generation; stored: about half of them.
+    computed = sum(r["n_prompt_tokens"] + r["n_generated_tokens"] for r in decoded)
+    stored = sum(r["n_tokens"] for r in records)
+    selected = re.search(r"--positions sample:0.5 selected ([\d.]+)% of the tokens computed; padding ([\d.]+)% of the slots",
+                         shown.stdout)
+    assert selected and float(selected[1]) == round(100 * stored / computed, 1), shown.stdout
+    assert "(the rest: padding)" not in shown.stdout

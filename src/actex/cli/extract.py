@@ -79,8 +79,11 @@ def _print_answers(run_url: str, accuracy: dict) -> None:
     """A complete generation run's predictions.json line: answers parsed, pass@2."""
     known = accuracy["test_inputs_known"]
     scored = f"pass@2 {accuracy['pass_at_2']}/{known} test inputs" if known else "no known test outputs"
+    # Prompts skipped for room generated nothing: counted on their own, not as unparsed answers.
+    skipped = accuracy["stop_reasons"].get("skipped", 0)
     typer.echo(f"actex: {run_url}/predictions.json: {accuracy['test_inputs']} test inputs, "
-               f"{accuracy['parsed']}/{accuracy['samples']} answers parsed, {scored}")
+               f"{accuracy['parsed']}/{accuracy['samples'] - skipped} answers parsed, "
+               + (f"{skipped} skipped (prompt too long), " if skipped else "") + scored)
 
 
 def extract_body(values: dict, options: list | None = None, generating: bool = False) -> None:

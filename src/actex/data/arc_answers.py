@@ -162,10 +162,11 @@ class Vote:
 
 
 def vote(samples: Iterable[dict]) -> list[Vote]:
-    """Votes per (task id, test index), from samples.jsonl records with an `answer`.
+    """Votes per (task id, test index), from ARC samples.jsonl records.
 
-    Every sample of a test input counts, parsed or not, so a test input with no parsed
-    answer still appears (and submits NO_ANSWER). Order: task id, then test index.
+    Every sample of a test input counts, parsed or not, and so does one with no `answer`
+    (its prompt was skipped), so a test input with no parsed answer still appears (and
+    submits NO_ANSWER). Order: task id, then test index.
     """
     groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
     for record in samples:
@@ -197,10 +198,16 @@ def submission(votes: Iterable[Vote]) -> dict:
 
 
 def accuracy(samples: list[dict]) -> dict:
-    """The accuracy summary of a generation run, from its samples.jsonl records."""
+    """The accuracy summary of a generation run, from its samples.jsonl records.
+
+    `samples` counts every record, `parsed` the answers read; `stop_reasons` counts
+    "stop_token", "max_new_tokens" and "skipped" (a prompt with no room to generate: no
+    answer, and no parse failure either). Test inputs count every test input, skipped ones
+    included; pass@k counts those with known outputs.
+    """
     answered = [s for s in samples if s.get("answer") is not None]
     known = [s for s in answered if s["answer"].get("correct") is not None]
-    votes = vote(answered)
+    votes = vote(samples)
     known_votes = [v for v in votes if v.known]
     by_task: dict[str, list[Vote]] = defaultdict(list)
     for v in known_votes:
@@ -217,7 +224,7 @@ def accuracy(samples: list[dict]) -> dict:
         "pass_at_2": sum(bool(v.correct_at(2)) for v in known_votes),
         "tasks_known": len(by_task),
         "tasks_solved": sum(all(v.correct_at(2) for v in vs) for vs in by_task.values()),
-        "stop_reasons": dict(Counter(str(s.get("stop_reason")) for s in samples)),
+        "stop_reasons": dict(Counter(s.get("stop_reason") or "skipped" for s in samples)),
         "parse_failures": dict(failures),
     }
 

@@ -23,11 +23,14 @@ different places, so the recomputed activations can differ slightly from the one
 tokens were chosen with, and at a near-tie of the top two logits a stored generated token
 need not be the argmax of the recomputed forward.
 
-Every sample's samples.jsonl record gains `n_prompt_tokens`, `generated_text`,
-`stop_reason` ("stop_token" | "max_new_tokens", None when skipped), `stop_token`, and for
-ARC samples `answer` ({grid, reason, correct}; see data/arc_answers.py). A prompt that
-leaves less than max_new_tokens of room under max_seq_len is skipped (no tokens, with the
-reason), as the long-sample policy "skip" does: generating after a cut prompt is meaningless.
+Every sample's samples.jsonl record gains `n_prompt_tokens`, `n_generated_tokens`,
+`generated_text`, `stop_reason` ("stop_token" | "max_new_tokens", None when skipped),
+`stop_token`, and for ARC samples `answer` ({grid, reason, correct}; see
+data/arc_answers.py). A prompt that leaves less than max_new_tokens of room under
+max_seq_len is skipped (no tokens, `skipped` says "prompt too long: ...", answer None), as
+the long-sample policy "skip" does: generating after a cut prompt is meaningless. Each
+chunk logs one warning naming its skipped prompts, as extraction does for long samples;
+the run's predictions.json still has the test input (voted from no grid: [[0]]).
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ import numpy as np
 from actex.data import arc
 from actex.data.arc_answers import accuracy, answer_record, submission, vote
 from actex.data.packing import seq_buckets
-from actex.data.tokenize import TokenizedSample, tokenize_samples
+from actex.data.tokenize import TokenizedSample, long_samples, tokenize_samples
 from actex.engine.extract import ExtractStep
 from actex.engine.lockstep import split_shares
 from actex.engine.work import SINGLE_PROCESS, ProcessRole
@@ -57,6 +60,7 @@ log = logging.getLogger(__name__)
 
 PREDICTIONS = "predictions.json"  # ARC Prize submission layout, written once the run is complete
 ACCURACY = "accuracy.json"  # arc_answers.accuracy of the whole run, beside it
+TOO_LONG = "prompt too long"  # the category of a prompt's `skipped` reason: no room to generate
 
 
 def stop_token_ids(tokenizer, stop_tokens: Sequence[str]) -> dict[int, str]:
@@ -203,16 +207,17 @@ class ChunkGenerator:
         meta = {**prompt.meta, "source_row": sample.source_row, "n_prompt_tokens": len(prompt.token_ids)}
         if generation is None:
             reason = "empty prompt" if len(prompt.token_ids) == 0 else (
-                f"prompt {len(prompt.token_ids)} tokens + max_new_tokens {self.settings.max_new_tokens} "
+                f"{TOO_LONG}: {len(prompt.token_ids)} tokens + max_new_tokens {self.settings.max_new_tokens} "
                 f"> max_seq_len {self.data.max_seq_len}")
-            meta.update(n_tokens=0, windows=0, skipped=reason, generated_text=None, stop_reason=None,
-                        stop_token=None, **({"answer": None} if self.encoder else {}))
+            meta.update(n_tokens=0, windows=0, skipped=reason, n_generated_tokens=0, generated_text=None,
+                        stop_reason=None, stop_token=None, **({"answer": None} if self.encoder else {}))
             return TokenizedSample(prompt.sample_id, prompt.token_ids[:0], (), meta)
         ids, stopped = generation
         text = self.run.tokenizer.decode(ids.tolist(), skip_special_tokens=False)
         stop_reason = "stop_token" if stopped else "max_new_tokens"
         token_ids = np.concatenate([prompt.token_ids, ids])
-        meta.update(n_tokens=len(token_ids), windows=1, generated_text=text, stop_reason=stop_reason,
+        meta.update(n_tokens=len(token_ids), windows=1, n_generated_tokens=len(ids), generated_text=text,
+                    stop_reason=stop_reason,
                     stop_token=self.stop[int(ids[-1])] if stopped else None)
         if self.encoder is not None:
             expected = sample.task.test[meta["test_index"]][1] if sample.task is not None else None
@@ -229,6 +234,8 @@ class GenerateStep(ExtractStep):
 
     def tokens(self, chunk: int) -> list[TokenizedSample]:
         tokenized = self.generator.chunk_tokens(chunk)
+        settings = self.generator.settings
+        warn_no_room(chunk, tokenized, self.generator.data.max_seq_len, settings.max_new_tokens)
         log_decoding(chunk, self.generator.figures, tokenized)
         return tokenized
 
@@ -247,6 +254,22 @@ def log_decoding(chunk: int, figures: DecodeFigures, tokenized: list) -> None:
                              "parsed": parsed}})
 
 
+def warn_no_room(chunk: int, tokenized: list[TokenizedSample], max_seq_len: int, max_new_tokens: int,
+                 shown: int = 3) -> None:
+    """One warning naming the chunk's prompts skipped for having no room to generate."""
+    metas = [{"sample_id": t.sample_id, **t.meta} for t in tokenized
+             if str(t.meta.get("skipped") or "").startswith(TOO_LONG)]
+    entry = long_samples(metas, limit=shown).get("skipped")
+    if entry is None:
+        return
+    where = ", ".join(f"sample {m['sample_id']} ({m['source']}:row {m['row']}, {m['n_source_tokens']:,} tokens)"
+                      for m in entry["samples"])
+    more = f" and {entry['count'] - shown} more" if entry["count"] > shown else ""
+    log.warning("chunk %d: %d prompt(s) skipped (%s: over --max-seq-len %d - --max-new-tokens %d = %d tokens; "
+                "nothing generated or stored, an ARC answer counts as none): %s%s", chunk, entry["count"], TOO_LONG,
+                max_seq_len, max_new_tokens, max_seq_len - max_new_tokens, where, more)
+
+
 # --------------------------------------------------------------------------- run level
 
 
@@ -255,11 +278,19 @@ def run_samples(run) -> list[dict]:
     return [record for chunk in sorted(run.commits) for record in run.samples(chunk)]
 
 
+def generated_tokens(record: dict) -> int:
+    """Tokens a sample generated (records written before `n_generated_tokens` was kept
+    stored every token, so n_tokens - n_prompt_tokens is the count there)."""
+    if "n_generated_tokens" in record:
+        return record["n_generated_tokens"]
+    return record["n_tokens"] - record["n_prompt_tokens"]
+
+
 def generation_totals(samples: list[dict]) -> dict:
     """A generation run's totals from its samples.jsonl records: samples decoded, tokens
     generated, how the answers ended, prompts skipped for room."""
     decoded = [s for s in samples if s.get("stop_reason") is not None]
-    generated = sum(s["n_tokens"] - s["n_prompt_tokens"] for s in decoded)
+    generated = sum(generated_tokens(s) for s in decoded)
     return {
         "samples": len(decoded),
         "generated_tokens": generated,
@@ -291,8 +322,8 @@ def write_predictions(store: Store) -> dict | None:
     if not arc_generation(run) or len(run.commits) < run.num_chunks:
         return None
     samples = run_samples(run)
-    store.write_bytes(PREDICTIONS, json.dumps(submission(vote(s for s in samples if s.get("answer") is not None)),
-                                              separators=(",", ":")).encode())
+    # Every sample votes, skipped ones too (with no grid), so every test input has its entry.
+    store.write_bytes(PREDICTIONS, json.dumps(submission(vote(samples)), separators=(",", ":")).encode())
     summary = accuracy(samples)
     store.write_bytes(ACCURACY, (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
     return summary
