@@ -7,6 +7,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -444,3 +445,39 @@ def test_layer_and_hook_refusals_name_the_flag_and_only_this_models_hooks(tiny_m
     assert hook.returncode == 2 and "unknown hook 'blocks.0.hook_foo'" in hook.stderr, hook.stderr
     assert "mlp.hook_post" in hook.stderr and "router_logits" not in hook.stderr  # a dense Qwen2
     assert not (tmp_path / "out").exists()
+
+
+def test_inspect_without_a_terminal_keeps_numbers_whole_and_says_what_it_leaves_out(tiny_model_dir, tmp_path):
+    rows = write_jsonl(tmp_path / "rows.jsonl", [*ROWS[:6], {"text": ""}, {"other": 1}, {"text": ""}])
+    out = tmp_path / "out"
+    made = subprocess.run([ACTEX, *extract_args(tiny_model_dir, rows, out, "--activation", "ln1.hook_normalized",
+                                                "--dtype", "int8", "--on-bad-row", "skip")],
+                          capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr[-3000:]
+    shown = subprocess.run([ACTEX, "inspect", str(out / "r")], capture_output=True, text=True, timeout=120)  # no TTY: 80 columns
+    assert shown.returncode == 0, shown.stderr
+    text = shown.stdout.split("\n{")[0]  # (the config JSON below)
+    assert all(len(line) <= 80 for line in text.splitlines()), text
+    rows_of_tables = [[cell.strip() for cell in line.strip("│").split("│")] for line in text.splitlines() if line.startswith("│")]
+    assert len(rows_of_tables) == 4, text  # 2 hooks x (figures, int8 errors): one line each
+    for hook, *figures in rows_of_tables:
+        assert hook in ("blocks.0.ln1.hook_normalized", "blocks.1.ln1.hook_normalized"), text
+        assert all(float(figure) >= 0 for figure in figures), text  # whole numbers, none split
+    words = " ".join(text.split())  # (a long path wraps)
+    assert f"{rows}:row 6: column 'text' is empty (and 1 more like it)" in words
+    assert f"{rows}:row 7: no text column 'text'" in words
+
+    for copy in range(2, 7):  # an --output folder of 6 runs
+        shutil.copytree(out / "r", out / f"r{copy}")
+    folder = subprocess.run([ACTEX, "inspect", str(out)], capture_output=True, text=True, timeout=120)
+    assert folder.returncode == 2
+    assert folder.stderr.strip().endswith(f"{out}/r5 ... and 1 more (actex inspect {out}/<run>)"), folder.stderr
+
+
+def test_skipped_rows_are_summed_up_by_kind_with_a_real_example():
+    from actex.cli.inspect_run import skipped_row_lines
+
+    listed = [{"source": "a.json", "row": 3, "reason": "train[0].input: cell (2,3) = 11 is outside 0-9"},
+              {"source": "a.json", "row": 5, "reason": "train[1].input: cell (0,0) = 12 is outside 0-9"}]
+    assert skipped_row_lines({"train[N].input: cell (N,N) = N is outside N-N": 7, "bad JSON": 2}, listed) == [
+        "a.json:row 3: train[0].input: cell (2,3) = 11 is outside 0-9 (and 6 more like it)", "2 x bad JSON"]

@@ -156,17 +156,23 @@ def run_store(url: str):
     store = open_store(url)
     if not store.exists("run.json"):
         runs = _runs_inside(store)
-        inside = f"; the runs in it: {', '.join(runs)}" if runs else ""
+        inside = f"; the runs in it: {', '.join(runs[:RUNS_NAMED])}" if runs else ""
+        if len(runs) > RUNS_NAMED:
+            inside += f" ... and {len(runs) - RUNS_NAMED} more (actex inspect {store.url.rstrip('/')}/<run>)"
         raise UserError(f"{store.url}: no run.json here (not an actex run){inside}")
     return store
 
 
-def _runs_inside(store, most: int = 5) -> list[str]:
+# Runs a "not a run" refusal names by URL; the rest are counted.
+RUNS_NAMED = 5
+
+
+def _runs_inside(store) -> list[str]:
     """URLs of the run folders right under `store` (an --output folder holds its runs): one
     listing of its children, not of everything below them."""
     try:
         children = sorted(child.rstrip("/").rpartition("/")[2] for child in store.fs.ls(store.path(""), detail=False))
     except OSError:
         return []
-    return [store.url_of(name) for name in children if store.exists(f"{name}/run.json")][:most]
+    return [store.url_of(name) for name in children if store.exists(f"{name}/run.json")]
 
