@@ -7,6 +7,7 @@ import json
 import typer
 
 from actex.cli.errors import run_store, user_errors
+from actex.data.plan import reason_kind
 from actex.data.tokenize import long_samples
 
 def inspect_command(
@@ -37,36 +38,23 @@ def inspect_command(
         typer.echo(json.dumps(summary, indent=2, default=str))
         return
     from rich.console import Console
-    from rich.table import Column, Table
 
     console = Console()
     console.print(f"[bold]{summary['url']}[/bold]")
-    console.print(
-        f"{summary['kind']} run, chunks {summary['chunks_committed']}/{summary['chunks_total']} committed, "
-        f"{summary['samples']:,} samples, {summary['tokens']:,} tokens, {summary['bytes'] / 1e6:,.1f} MB, dtype {summary['dtype']}"
-    )
+    # Two lines, each a phrase that fits 80 columns at any size (one line wrapped mid-phrase).
+    console.print(f"{summary['kind']} run, dtype {summary['dtype']}, chunks {summary['chunks_committed']:,}/"
+                  f"{summary['chunks_total']:,} committed")
+    console.print(f"{summary['samples']:,} samples, {summary['tokens']:,} tokens, {summary['bytes'] / 1e6:,.1f} MB")
     _print_token_use(console, summary)
     _print_skipped(console, summary)
     if summary["stats_chunks"] < summary["chunks_committed"]:
-        console.print(f"statistics below: over {summary['stats_chunks']} of the {summary['chunks_committed']} committed chunks, "
-                      "spread evenly (--stats-chunks 0 for all)")
+        console.print(f"statistics below: over {summary['stats_chunks']:,} of the {summary['chunks_committed']:,} "
+                      "committed chunks,\n  spread evenly (--stats-chunks 0 for all)")
     for hook, count in summary["overflow"].items():
         console.print(f"overflow: {hook}: {count:,} value(s) not finite as stored {summary['dtype']} "
                       "(`actex verify` fails; store float32 or int8)", markup=False)
-    # int8 runs: the stats' worst and mean per-token error of the stored values vs float32.
-    fields = ("mean_abs_mean", "mean_variance", "mean_l2_norm") + (
-        ("quant_error_max", "quant_error_mean") if summary["dtype"] == "int8" else ())
-    # Nothing is cut at 80 columns: hook names stay whole (blocks.23.ln1.hook_normalized) and
-    # a figure that does not fit folds onto a second line (rich's default clips both with "…").
-    longest = max(map(len, summary["hooks"]), default=4)
-    figures = ("width", "mean |mean|", "mean var", "mean L2 norm", *(
-        ("int8 error max", "int8 error mean") if summary["dtype"] == "int8" else ()))
-    table = Table(Column("hook", no_wrap=True, min_width=longest), *(Column(f, overflow="fold") for f in figures))
-    for hook, entry in summary["hooks"].items():
-        stats = entry.get("stats")
-        cells = [f"{stats[k]:.4g}" for k in fields] if stats else ["-"] * len(fields)
-        table.add_row(hook, str(entry["width"]), *cells)
-    console.print(table)
+    for table in stats_tables(summary):
+        console.print(table)
     if summary.get("generation"):
         totals = summary["generation"]
         console.print(f"generated {totals['generated_tokens']:,} tokens over {totals['samples']:,} samples "
@@ -76,6 +64,29 @@ def inspect_command(
     if summary.get("answers"):
         _print_answers(console, summary["answers"])
     console.print_json(json.dumps(summary["config"]))
+
+
+def stats_tables(summary: dict) -> list:
+    """The hooks' statistics as rich tables: widths and activation figures, then (int8 runs)
+    the stored values' worst and mean per-token error vs float32 in a table of its own, so
+    that each fits 80 columns with hook names and numbers whole (rich folds a cell that
+    does not fit, splitting a number across lines: only a terminal too narrow for the
+    name and three numbers still does)."""
+    from rich.table import Column, Table
+
+    tables = [("width", "mean |mean|", "mean var", "mean L2 norm"), ("int8 error max", "int8 error mean")]
+    keys = {"mean |mean|": "mean_abs_mean", "mean var": "mean_variance", "mean L2 norm": "mean_l2_norm",
+            "int8 error max": "quant_error_max", "int8 error mean": "quant_error_mean"}
+    longest = max(map(len, summary["hooks"]), default=4)
+    out = []
+    for figures in tables[:2 if summary["dtype"] == "int8" else 1]:
+        table = Table(Column("hook", no_wrap=True, min_width=longest), *(Column(f, overflow="fold", justify="right") for f in figures))
+        for hook, entry in summary["hooks"].items():
+            stats = entry.get("stats")
+            cells = [str(entry["width"]) if f == "width" else f"{stats[keys[f]]:.4g}" if stats else "-" for f in figures]
+            table.add_row(hook, *cells)
+        out.append(table)
+    return out
 
 
 def committed_sample_metas(run) -> list[dict]:
@@ -90,16 +101,30 @@ def committed_sample_metas(run) -> list[dict]:
 def _print_skipped(console, summary: dict, shown: int = 10) -> None:
     """Rows skipped as bad, and samples cut or dropped for length: counts, then where."""
     if summary["skipped_rows"]:
-        reasons = ", ".join(f"{count} x {reason}" for reason, count in summary["skipped_rows"].items())
-        console.print(f"skipped rows (--on-bad-row skip): {sum(summary['skipped_rows'].values()):,}: {reasons}", markup=False)
-        for row in summary["skipped_row_list"][:shown]:
-            console.print(f"  {row['source']}:row {row['row']}: {row['reason']}", markup=False)
+        console.print(f"skipped rows (--on-bad-row skip): {sum(summary['skipped_rows'].values()):,}", markup=False)
+        for line in skipped_row_lines(summary["skipped_rows"], summary["skipped_row_list"]):
+            console.print(f"  {line}", markup=False)
     for kind, entry in summary["long_samples"].items():
         what = "truncated to --max-seq-len" if kind == "truncated" else "skipped for length (no tokens stored)"
         console.print(f"samples {what}: {entry['count']:,} of the committed ones", markup=False)
         for meta in entry["samples"][:shown]:
             console.print(f"  sample {meta['sample_id']} ({meta['source']}:row {meta['row']}): "
                           f"{meta['n_source_tokens']:,} tokens, {meta['n_tokens']:,} stored", markup=False)
+
+
+def skipped_row_lines(by_kind: dict[str, int], listed: list[dict]) -> list[str]:
+    """One line per kind of reason (run.json counts them with numbers blanked: "cell (N,N)
+    = N is outside N-N"), shown by its first listed row, whose reason has its numbers:
+    'arc.json:row 3: cell (2,3) = 11 is outside 0-9 (and 4 more like it)'."""
+    lines = []
+    for kind, count in by_kind.items():
+        example = next((row for row in listed if reason_kind(row["reason"]) == kind), None)
+        if example is None:  # past the rows run.json lists
+            lines.append(f"{count:,} x {kind}")
+            continue
+        more = f" (and {count - 1:,} more like it)" if count > 1 else ""
+        lines.append(f"{example['source']}:row {example['row']}: {example['reason']}{more}")
+    return lines
 
 
 def _print_answers(console, answers: dict) -> None:
