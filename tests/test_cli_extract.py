@@ -346,7 +346,7 @@ def test_log_json_stderr_holds_only_json_lines(tiny_model_dir, dataset, tmp_path
     assert bad.exit_code == 2
     records = [json.loads(line) for line in bad.stderr.splitlines()]
     errors = [r for r in records if r["level"] == "error"]
-    assert errors == [{**errors[0], "message": "layer 2 out of range: model has 2 layers (0-1)", "event": "error",
+    assert errors == [{**errors[0], "message": "--layers 0-5: layer 2 out of range: model has 2 layers (0-1)", "event": "error",
                        "exit_code": 2}]
 
 
