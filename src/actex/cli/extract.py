@@ -69,7 +69,7 @@ def _report(worker, summary, log_json: bool) -> None:
     snap = summary.progress
     typer.echo(
         f"actex: {run.config.run_url}: committed {summary.committed} chunk(s) "
-        f"({snap['samples']} samples, {snap['tokens']} tokens, {snap['bytes'] / 1e6:.1f} MB, "
+        f"({snap['samples']:,} samples, {snap['tokens']:,} tokens, {snap['bytes'] / 1e6:.1f} MB, "
         f"{snap['tokens_per_s']:,.0f} tokens/s); "
         f"{summary.skipped} already committed"
     )
