@@ -120,7 +120,7 @@ def test_wheel_install_is_pinned_by_checksum_and_hash_lock():
     ({"capacity": "cheap"}, "fleet.yaml: capacity: Input should be 'spot', 'preemptible', 'reserved' or 'on-demand'"),
     ({"workers": 3}, "fleet.yaml: workers: Extra inputs are not permitted"),
     ({"extract": {"output": "gs://b/runs"}}, "fleet.yaml: extract: a fleet's run needs a fixed `run_name`"),
-    ({"image": "Example/Actex:latest"}, "fleet.yaml: image: Value error, 'Example/Actex:latest' is not an image reference"),
+    ({"image": "Example/Actex:latest"}, "fleet.yaml: image: 'Example/Actex:latest' is not an image reference"),
 ])
 def test_fleet_file_errors_name_file_and_field(tmp_path, change, message):
     from typer.testing import CliRunner

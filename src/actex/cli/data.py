@@ -6,6 +6,7 @@ import typer
 from pydantic import ValidationError
 
 from actex.cli.errors import UserError, user_errors
+from actex.config import reason
 from actex.data.config import DataConfig
 from actex.data.streams import write_streams
 
@@ -31,7 +32,7 @@ def streams(
             )
         except ValidationError as e:
             first = e.errors()[0]
-            raise UserError(f"--{'.'.join(map(str, first['loc'])).replace('_', '-')}: {first['msg']}") from None
+            raise UserError(f"--{'.'.join(map(str, first['loc'])).replace('_', '-')}: {reason(first)}") from None
         report = write_streams(cfg, out_dir, num_streams, id_prefix=id_prefix)
     typer.echo(f"actex: wrote {sum(report['rows'])} rows into {num_streams} streams under {out_dir}; "
                f"skipped {len(report['skipped_rows'])} bad rows")

@@ -33,7 +33,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from actex.config import check_run_name, load_config_file
+from actex.config import check_run_name, load_config_file, reason
 from actex.fleet.bootstrap import (LAUNCH_KEY, SCRIPT_KEY, DeployRecord, Payload, build_wheel, check_lock, default_lock, deploy_dir,
                                    put_addressed, upload)
 from actex.fleet.registry import parse_image, resolve_digest
@@ -121,7 +121,7 @@ def load_fleet(path: Path) -> Fleet:
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise ValueError(f"{path}: {where}: {first['msg']}") from None
+        raise ValueError(f"{path}: {where}: {reason(first)}") from None
     for zone in file.zones:
         try:
             split_zone(zone)
