@@ -34,6 +34,7 @@ from actex.data.sources import canonical_location
 from actex.flag import Flag
 from actex.model.hooks import ACTIVATIONS, BLOCK_HOOKS, hooks_for_layers, parse_hooks, parse_layers
 from actex.store.layout import SAFE_NAME
+from actex.store.records import reason
 
 # int8: codes with a step per token and per block of 8 channels (docs/store.md, "int8 parts").
 StoredDtype = Literal["bfloat16", "float16", "float32", "int8"]
@@ -438,9 +439,3 @@ def one_line(error: ValidationError) -> str:
     where = ".".join(str(part) for part in first["loc"]) or "config"
     more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
     return f"invalid config field {where}: {reason(first)}{more}"
-
-
-def reason(problem: Mapping[str, Any]) -> str:
-    """One pydantic problem's message without pydantic's "Value error, " label: the reason
-    our validators gave, as they gave it."""
-    return problem["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")

@@ -6,9 +6,9 @@ import typer
 from pydantic import ValidationError
 
 from actex.cli.errors import UserError, user_errors
-from actex.config import reason
 from actex.data.config import DataConfig
 from actex.data.streams import write_streams
+from actex.store.records import reason
 
 
 def streams(

@@ -28,8 +28,9 @@ import typer
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticUndefined
 
-from actex.config import ConfigError, DeviceConfig, HookSelection, RunConfig, WorkerOptions, reason
+from actex.config import ConfigError, DeviceConfig, HookSelection, RunConfig, WorkerOptions
 from actex.flag import Flag
+from actex.store.records import reason
 
 ENV_PREFIX = "ACTEX_"
 CONFIG_ENV = f"{ENV_PREFIX}CONFIG"

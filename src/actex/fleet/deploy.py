@@ -33,7 +33,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from actex.config import check_run_name, load_config_file, reason
+from actex.config import check_run_name, load_config_file
 from actex.fleet.bootstrap import (LAUNCH_KEY, SCRIPT_KEY, DeployRecord, Payload, build_wheel, check_lock, default_lock, deploy_dir,
                                    put_addressed, upload)
 from actex.fleet.registry import parse_image, resolve_digest
@@ -41,6 +41,7 @@ from actex.fleet.tpu import (FleetLayout, NameBook, Placement, create_node, flee
                              skipped_event, split_zone, zone_nodes)
 from actex.fleet.tpu_api import NodeInfo, NodeSpec, TpuApi
 from actex.store import open_store
+from actex.store.records import reason
 
 log = logging.getLogger("actex.deploy")
 

@@ -57,16 +57,16 @@ def validation_reason(error: ValidationError, kind: str) -> str:
     """Why a record is not a `kind`, in one line: 'not JSON (...)', a record validator's own
     reason, or 'not a <kind> (field.path: why)' for the first failing field."""
     first = error.errors(include_url=False)[0]
-    reason = str(first["msg"]).removeprefix("Value error, ")
+    why = reason(first)
     if first["type"] == "json_invalid":
-        return f"not JSON ({reason})"
+        return f"not JSON ({why})"
     if not first["loc"]:  # a whole-record check (model validator) says what is wrong itself
-        return reason
+        return why
     field = ".".join(str(part) for part in first["loc"])
-    if not reason.startswith(field):  # a field validator's message may name its field already
-        reason = f"{field}: {reason}"
+    if not why.startswith(field):  # a field validator's message may name its field already
+        why = f"{field}: {why}"
     more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
-    return f"not a {kind} ({reason}{more})"
+    return f"not a {kind} ({why}{more})"
 
 
 def record_bytes(fields: Mapping[str, Any], *, indent: int | None = None) -> bytes:
@@ -89,3 +89,10 @@ def differing_fields(ours: Any, theirs: Any, prefix: str = "", *, whole_lists: b
             out += differing_fields(a, b, f"{prefix}{i}.")
         return out
     return [] if ours == theirs else [(prefix.rstrip("."), ours, theirs)]
+
+
+def reason(problem: Mapping[str, Any]) -> str:
+    """One pydantic problem's message without pydantic's "Value error, " / "Assertion
+    failed, " label: the reason our validators gave, as they gave it (config fields and
+    stored records alike)."""
+    return str(problem["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
